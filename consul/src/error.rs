@@ -1,0 +1,107 @@
+//! The client's one error type.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Everything a Consul call can fail with.
+///
+/// The variants keep apart the cases callers act on differently: a transport
+/// failure or a timeout means "Consul may be fine, we could not reach it" (serve
+/// the last good state, retry with back-off); [`Error::NotFound`] means the
+/// thing is gone (a session expired, a check was forgotten by a restarted
+/// agent: re-create it); [`Error::InvalidSession`] means a lock call named a
+/// session Consul no longer knows (make a new session). An `acquire` that loses
+/// the race is *not* an error: it returns `Ok(false)`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client's configuration cannot be used (bad address, bad token).
+    #[error("invalid Consul client configuration: {0}")]
+    Config(String),
+
+    /// The request never got an HTTP answer: connection refused or reset,
+    /// DNS failure, a body cut short.
+    #[error("cannot reach Consul for {method} {path}: {source}")]
+    Transport {
+        /// The HTTP method of the failed call.
+        method: http::Method,
+        /// The API path of the failed call, without the query string.
+        path: String,
+        /// What the HTTP stack reported.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// No complete answer arrived within the call's deadline.
+    #[error("Consul did not answer {method} {path} within {after:?}")]
+    Timeout {
+        /// The HTTP method of the failed call.
+        method: http::Method,
+        /// The API path of the failed call, without the query string.
+        path: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+
+    /// HTTP 404, or the equivalent answer of older agents: the session,
+    /// service or check named in the call does not exist (any more).
+    #[error("Consul has no such object for {path}: {message}")]
+    NotFound {
+        /// The API path of the failed call, without the query string.
+        path: String,
+        /// Consul's message, possibly empty.
+        message: String,
+    },
+
+    /// HTTP 500 "invalid session" from a lock call: the session named in
+    /// `?acquire=` or `?release=` is gone. Create a new session.
+    #[error("Consul rejected session {session} for {path}: {message}")]
+    InvalidSession {
+        /// The API path of the failed call, without the query string.
+        path: String,
+        /// The session ID the call named.
+        session: String,
+        /// Consul's message.
+        message: String,
+    },
+
+    /// Any other non-2xx answer, with Consul's message.
+    #[error("Consul answered {status} to {method} {path}: {message}")]
+    Status {
+        /// The HTTP method of the failed call.
+        method: http::Method,
+        /// The API path of the failed call, without the query string.
+        path: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// Consul's message (the response body), trimmed.
+        message: String,
+    },
+
+    /// A 2xx answer whose body is not what the API documents.
+    #[error("cannot decode Consul's answer to {path}: {reason}")]
+    Decode {
+        /// The API path of the call, without the query string.
+        path: String,
+        /// What did not fit.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// True for errors that say nothing about Consul's state, only about our
+    /// ability to reach it: transport failures, timeouts and 5xx answers other
+    /// than an invalid session. Watchers keep their last good state on these.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Transport { .. } | Error::Timeout { .. } => true,
+            Error::Status { status, .. } => status.is_server_error(),
+            _ => false,
+        }
+    }
+
+    /// True when the object the call named does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::NotFound { .. })
+    }
+}

@@ -1,0 +1,268 @@
+//! `halo-testkit`: real Consul agents for halo's tests (dev-only).
+//!
+//! Every test that needs Consul starts its own: [`ConsulAgent::start`] runs
+//! `consul agent -dev` on free loopback ports, [`ConsulCluster::start`] runs
+//! three (or N) servers on their own 127.0.0.x addresses, and
+//! [`ConsulCluster::add_client`] a client agent joined to them. Processes are
+//! killed when their handle drops, even when the test panics. No fixed ports
+//! and no shared state, so tests run in parallel.
+//!
+//! The Consul binary comes from `scripts/consul.sh`, which provisions Debian
+//! bullseye's `consul` 1.8.7 on first use; a plain `cargo test` on a fresh
+//! machine therefore needs nothing installed by hand.
+//!
+//! # Layout
+//! - `process`: one Consul process: ports, arguments, log file, kill on drop.
+//! - `ports`: free-port allocation on a loopback address.
+//! - `http`: a tiny HTTP/1.0 GET for readiness polling, with no client crate.
+//! - [`eventually`]: poll a condition until a generous deadline.
+
+mod http;
+mod ports;
+mod process;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use ports::free_port;
+use process::{Member, MemberSpec, Role};
+
+/// How long an agent may take to start and elect a leader before the test
+/// fails. Generous: CI machines have two cores and tests run in parallel.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The Consul binary, provisioned once per test process by
+/// `scripts/consul.sh` (which serialises concurrent provisioning itself).
+pub fn consul_binary() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = workspace_root().join("scripts/consul.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok(PathBuf::from(path))
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("no Consul binary for tests: {e}"))
+}
+
+/// The workspace root (where `scripts/` lives).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics naming `what`
+/// after `timeout`. Tests wait for conditions with this, never with bare
+/// sleeps.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A single `consul agent -dev` (server and client in one, in memory) on free
+/// loopback ports. Killed on drop.
+#[derive(Debug)]
+pub struct ConsulAgent {
+    member: Member,
+}
+
+impl ConsulAgent {
+    /// Starts a dev agent on 127.0.0.1 and waits until it has elected itself
+    /// leader and registered its node, so sessions can be created at once.
+    pub async fn start() -> ConsulAgent {
+        let spec = MemberSpec::new(Role::Dev, Ipv4Addr::LOCALHOST);
+        let mut member = Member::new(spec);
+        member.start().await;
+        ConsulAgent { member }
+    }
+
+    /// `127.0.0.1:<port>` of the HTTP API.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.member.http_addr()
+    }
+
+    /// `http://127.0.0.1:<port>`, ready for a client config.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr())
+    }
+
+    /// The DNS interface (UDP and TCP on the same port).
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.member.dns_addr()
+    }
+
+    /// The agent's node name.
+    pub fn node_name(&self) -> &str {
+        self.member.node_name()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.member.pid()
+    }
+
+    /// Kills the agent (SIGKILL), as a crash would.
+    pub fn stop(&mut self) {
+        self.member.kill();
+    }
+
+    /// Starts the agent again on the same ports. A dev agent keeps no state:
+    /// registrations, sessions and KV are gone.
+    pub async fn restart(&mut self) {
+        self.member.kill();
+        self.member.start().await;
+    }
+
+    /// The path of the agent's log file, for debugging a failed test.
+    pub fn log_path(&self) -> PathBuf {
+        self.member.log_path()
+    }
+}
+
+/// N Consul servers, each on its own 127.0.0.x address, joined into one
+/// datacenter with a persistent data dir so a member can be stopped and
+/// restarted. Killed on drop.
+#[derive(Debug)]
+pub struct ConsulCluster {
+    servers: Vec<Member>,
+}
+
+impl ConsulCluster {
+    /// Starts `n` servers (`n` ≥ 1; use 3 or 5) and waits until they have
+    /// elected a leader that every server knows.
+    pub async fn start(n: usize) -> ConsulCluster {
+        assert!(n >= 1, "a cluster needs at least one server");
+        let base = ports::random_loopback_block(n + 8);
+        let mut specs: Vec<MemberSpec> = (0..n)
+            .map(|i| MemberSpec::new(Role::Server { expect: n }, base.nth(i)))
+            .collect();
+        let joins: Vec<SocketAddr> = specs.iter().map(|s| s.serf_lan_addr()).collect();
+        for spec in &mut specs {
+            spec.retry_join = joins.clone();
+        }
+        let mut servers: Vec<Member> = specs.into_iter().map(Member::new).collect();
+        for server in &mut servers {
+            server.spawn();
+        }
+        for server in &mut servers {
+            server.wait_ready().await;
+        }
+        let cluster = ConsulCluster { servers };
+        cluster.wait_for_leader().await;
+        cluster
+    }
+
+    /// The number of servers.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Always false: a cluster has at least one server.
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    /// HTTP address of server `i`.
+    pub fn http_addr(&self, i: usize) -> SocketAddr {
+        self.servers[i].http_addr()
+    }
+
+    /// `http://…` of server `i`.
+    pub fn http_url(&self, i: usize) -> String {
+        format!("http://{}", self.http_addr(i))
+    }
+
+    /// DNS address of server `i`.
+    pub fn dns_addr(&self, i: usize) -> SocketAddr {
+        self.servers[i].dns_addr()
+    }
+
+    /// Node name of server `i`.
+    pub fn node_name(&self, i: usize) -> &str {
+        self.servers[i].node_name()
+    }
+
+    /// Whether server `i` is running.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.servers[i].pid().is_some()
+    }
+
+    /// Index of the current leader, asked of the first running server.
+    pub async fn leader(&self) -> Option<usize> {
+        for server in self.servers.iter().filter(|s| s.pid().is_some()) {
+            if let Some(leader) = server.leader().await {
+                return self.servers.iter().position(|s| s.server_rpc_addr() == leader);
+            }
+        }
+        None
+    }
+
+    /// Kills server `i` (SIGKILL), as a crash would.
+    pub fn stop(&mut self, i: usize) {
+        self.servers[i].kill();
+    }
+
+    /// Starts server `i` again with its data dir; it rejoins the cluster.
+    pub async fn restart(&mut self, i: usize) {
+        self.servers[i].kill();
+        self.servers[i].spawn();
+        self.servers[i].wait_ready().await;
+        self.wait_for_leader().await;
+    }
+
+    /// Waits until every running server reports the same leader.
+    pub async fn wait_for_leader(&self) {
+        eventually(START_TIMEOUT, "the Consul cluster to agree on a leader", || async {
+            let mut seen = None;
+            for server in self.servers.iter().filter(|s| s.pid().is_some()) {
+                let leader = server.leader().await?;
+                if seen.get_or_insert(leader) != &leader {
+                    return None;
+                }
+            }
+            seen
+        })
+        .await;
+    }
+
+    /// Starts a client agent on a new 127.0.0.x address, joined to the
+    /// servers, and waits until it is a catalog node. Halo instances talk to
+    /// a local client agent, as in production; stopping that agent cuts an
+    /// instance off from Consul without touching the servers.
+    pub async fn add_client(&self) -> ConsulAgent {
+        let ip = ports::random_loopback_block(1).nth(0);
+        let mut spec = MemberSpec::new(Role::Client, ip);
+        spec.retry_join = self.servers.iter().map(|s| s.serf_lan_addr()).collect();
+        let mut member = Member::new(spec);
+        member.start().await;
+        ConsulAgent { member }
+    }
+}
