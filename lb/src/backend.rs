@@ -1,0 +1,263 @@
+//! Backends: identity, and the live state the data plane keeps about each one
+//! (connection count, passive ejection).
+//!
+//! A backend's state outlives table swaps: the table builder hands the same
+//! [`BackendState`] to every table that contains the same address, so live
+//! connection counts and ejections carry over, and connections that are
+//! already running keep their backend whatever the current table says.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge};
+use tokio::time::Instant;
+
+use crate::config::PassiveConfig;
+
+/// A backend as discovery or the config file describes it.
+///
+/// Equality covers address, weight and zone, so a change of any of them makes
+/// a new table; hashing for consistent selection uses the address only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Relative share of new connections, ≥ 1.
+    pub weight: u32,
+    /// Fault domain (zone), if known.
+    pub zone: Option<String>,
+}
+
+impl Backend {
+    /// A backend of weight 1 with no zone.
+    pub fn new(addr: SocketAddr) -> Self {
+        Backend {
+            addr,
+            weight: 1,
+            zone: None,
+        }
+    }
+}
+
+/// What the data plane currently thinks of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Takes new connections.
+    Healthy,
+    /// Refused connections recently; skipped until its ejection runs out.
+    Ejected,
+}
+
+/// Live, shared state of one backend of one VIP.
+#[derive(Debug)]
+pub struct BackendState {
+    addr: SocketAddr,
+    active: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Consecutive ejections without a successful connect in between; the
+    /// exponent of the back-off.
+    ejections_in_a_row: AtomicU32,
+    /// Ejected until this many nanoseconds after [`epoch`]; 0 = not ejected.
+    ejected_until: AtomicU64,
+    metrics: BackendMetrics,
+}
+
+#[derive(Debug)]
+struct BackendMetrics {
+    connections: Counter,
+    active: Gauge,
+    up: Gauge,
+    connect_failures: Counter,
+    ejections: Counter,
+}
+
+/// Process-wide origin of the nanosecond timestamps kept in atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(t: Instant) -> u64 {
+    // Saturating: 0 means "not ejected", so never store a real 0.
+    u64::try_from(t.saturating_duration_since(epoch()).as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl BackendState {
+    /// Fresh state for `addr` of VIP `vip`.
+    pub fn new(vip: &str, addr: SocketAddr) -> Self {
+        let labels = [("vip", vip.to_owned()), ("backend", addr.to_string())];
+        let metrics = BackendMetrics {
+            connections: metrics::counter!("halo_backend_connections_total", &labels),
+            active: metrics::gauge!("halo_backend_active_connections", &labels),
+            up: metrics::gauge!("halo_backend_up", &labels),
+            connect_failures: metrics::counter!("halo_backend_connect_failures_total", &labels),
+            ejections: metrics::counter!("halo_backend_ejections_total", &labels),
+        };
+        metrics.up.set(1.0);
+        epoch();
+        BackendState {
+            addr,
+            active: AtomicUsize::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections_in_a_row: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// The backend's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Live proxied connections to this backend.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether the backend is ejected at `now`.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && nanos_since_epoch(now) < until
+    }
+
+    /// Health at `now`, and for how much longer an ejection lasts.
+    pub fn health(&self, now: Instant) -> (Health, Duration) {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        let now = nanos_since_epoch(now);
+        if until != 0 && now < until {
+            (Health::Ejected, Duration::from_nanos(until - now))
+        } else {
+            (Health::Healthy, Duration::ZERO)
+        }
+    }
+
+    /// A connect succeeded: the backend is healthy and its back-off resets.
+    pub fn connect_succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.ejections_in_a_row.swap(0, Ordering::Relaxed) > 0 {
+            tracing::info!(backend = %self.addr, "backend re-admitted after a successful connect");
+        }
+        self.ejected_until.store(0, Ordering::Relaxed);
+        self.metrics.up.set(1.0);
+    }
+
+    /// A connect failed at `now`. Ejects the backend after
+    /// `policy.eject_after` failures in a row, or at once if it was ejected
+    /// before and has not connected since (then for twice as long as last
+    /// time, up to `policy.max_ejection`). Returns the ejection time if it
+    /// ejected.
+    pub fn connect_failed(&self, now: Instant, policy: &PassiveConfig) -> Option<Duration> {
+        self.metrics.connect_failures.increment(1);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if policy.eject_after == 0 || self.is_ejected(now) {
+            return None;
+        }
+        let previous = self.ejections_in_a_row.load(Ordering::Relaxed);
+        if failures < policy.eject_after && previous == 0 {
+            return None;
+        }
+        let exponent = previous.min(16);
+        let ejection = policy
+            .base_ejection
+            .saturating_mul(1u32 << exponent)
+            .min(policy.max_ejection);
+        self.ejections_in_a_row.store(previous + 1, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejected_until
+            .store(nanos_since_epoch(now + ejection), Ordering::Relaxed);
+        self.metrics.ejections.increment(1);
+        self.metrics.up.set(0.0);
+        tracing::warn!(backend = %self.addr, ?ejection, failures, "backend ejected after failed connects");
+        Some(ejection)
+    }
+
+    /// Counts a proxied connection until the guard drops.
+    pub fn start_connection(self: &std::sync::Arc<Self>) -> ActiveConnection {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connections.increment(1);
+        self.metrics.active.increment(1.0);
+        ActiveConnection {
+            state: std::sync::Arc::clone(self),
+        }
+    }
+}
+
+/// One live connection to a backend; dropping it ends the count.
+#[derive(Debug)]
+pub struct ActiveConnection {
+    state: std::sync::Arc<BackendState>,
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Ordering::Relaxed);
+        self.state.metrics.active.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> PassiveConfig {
+        PassiveConfig {
+            eject_after: 2,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_backs_off_exponentially_and_a_success_resets_it() {
+        let s = BackendState::new("t", "127.0.0.1:1".parse().unwrap());
+        let p = policy();
+        let now = Instant::now();
+        assert_eq!(s.connect_failed(now, &p), None, "one failure is not enough");
+        assert_eq!(s.connect_failed(now, &p), Some(Duration::from_secs(1)));
+        assert!(s.is_ejected(now));
+        assert!(!s.is_ejected(now + Duration::from_secs(1)));
+
+        // Re-admitted on probation: one more failure ejects for twice as long.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(s.connect_failed(later, &p), Some(Duration::from_secs(2)));
+        let later = later + Duration::from_secs(2);
+        assert_eq!(s.connect_failed(later, &p), Some(Duration::from_secs(4)));
+        let later = later + Duration::from_secs(4);
+        assert_eq!(s.connect_failed(later, &p), Some(Duration::from_secs(5)), "capped");
+
+        s.connect_succeeded();
+        assert!(!s.is_ejected(later));
+        assert_eq!(s.connect_failed(later, &p), None, "back to needing two failures");
+        assert_eq!(s.connect_failed(later, &p), Some(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_can_be_disabled() {
+        let s = BackendState::new("t", "127.0.0.1:1".parse().unwrap());
+        let p = PassiveConfig {
+            eject_after: 0,
+            ..policy()
+        };
+        for _ in 0..10 {
+            assert_eq!(s.connect_failed(Instant::now(), &p), None);
+        }
+    }
+
+    #[test]
+    fn active_connections_are_counted_by_guards() {
+        let s = std::sync::Arc::new(BackendState::new("t", "127.0.0.1:1".parse().unwrap()));
+        let a = s.start_connection();
+        let b = s.start_connection();
+        assert_eq!(s.active(), 2);
+        drop(a);
+        assert_eq!(s.active(), 1);
+        drop(b);
+        assert_eq!(s.active(), 0);
+    }
+}

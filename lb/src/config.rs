@@ -1,0 +1,515 @@
+//! halo-lb's configuration file (TOML): parsing, defaults, validation.
+//!
+//! Validation reports every bad field at once, each named by its path
+//! (`vip[1].backends[0]`), before anything starts; a reload that fails it
+//! leaves the running configuration in place.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use halo_consul::duration::serde_str as go_duration;
+use serde::Deserialize;
+
+/// Default admin listener.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Default time a new backend connection may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time a proxied connection may sit with no bytes either way.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default per-VIP connection limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default extra backends tried after a failed connect.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Default listen backlog.
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Default time live connections get to finish on SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default consecutive connect failures that eject a backend.
+pub const DEFAULT_EJECT_AFTER: u32 = 2;
+/// Default first ejection time; it doubles on each consecutive ejection.
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(1);
+/// Default longest ejection time.
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(60);
+/// Default backend weight.
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The admin HTTP listener. Unset: [`DEFAULT_ADMIN_LISTEN`].
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// How long live connections may take to finish on SIGTERM. Unset:
+    /// [`DEFAULT_DRAIN_TIMEOUT`].
+    #[serde(default = "default_drain_timeout", with = "go_duration")]
+    pub drain_timeout: Duration,
+    /// The virtual IPs to serve (`[[vip]]` tables).
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<VipConfig>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin API (`/metrics`, `/status`, `/health`).
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// How a VIP picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Weighted round robin (smooth interleaving).
+    #[default]
+    RoundRobin,
+    /// Fewest live connections relative to weight.
+    LeastConn,
+    /// Power of two choices: the less loaded of two random backends.
+    P2c,
+    /// Maglev consistent hashing on the client address.
+    Maglev,
+}
+
+/// PROXY protocol header sent to backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    /// No header.
+    #[default]
+    Off,
+    /// Text header, version 1.
+    V1,
+    /// Binary header, version 2.
+    V2,
+}
+
+/// How bytes are moved between client and backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMode {
+    /// Through a user-space buffer (read/write). Lowest latency for small
+    /// messages.
+    #[default]
+    Buffered,
+    /// Zero-copy through a kernel pipe with splice(2). Highest bulk
+    /// throughput.
+    Splice,
+}
+
+/// Passive health: what the data plane does with backends that refuse
+/// connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveConfig {
+    /// Consecutive connect failures that eject a backend. 0 disables ejection.
+    #[serde(default = "default_eject_after")]
+    pub eject_after: u32,
+    /// First ejection time; doubles on each consecutive ejection.
+    #[serde(default = "default_base_ejection", with = "go_duration")]
+    pub base_ejection: Duration,
+    /// Longest ejection time.
+    #[serde(default = "default_max_ejection", with = "go_duration")]
+    pub max_ejection: Duration,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        PassiveConfig {
+            eject_after: DEFAULT_EJECT_AFTER,
+            base_ejection: DEFAULT_BASE_EJECTION,
+            max_ejection: DEFAULT_MAX_EJECTION,
+        }
+    }
+}
+
+/// One backend as written in the file: `"host:port"` or
+/// `{ address = "host:port", weight = 5, zone = "zone-a" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum BackendSpec {
+    /// Just the address; weight 1, no zone.
+    Address(String),
+    /// Address with weight and zone.
+    Detailed {
+        /// `ip:port`.
+        address: String,
+        /// Relative share of connections; unset: 1.
+        #[serde(default = "default_weight")]
+        weight: u32,
+        /// Fault domain; unset: none.
+        #[serde(default)]
+        zone: Option<String>,
+    },
+}
+
+/// `[[vip]]`: one virtual IP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    /// Unique name, used in metrics, `/status` and admin paths.
+    pub name: String,
+    /// `ip:port` to accept on.
+    pub listen: String,
+    /// Balancing algorithm. Unset: round robin.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// Static backends.
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+    /// Deadline of one backend connect. Unset: 1 s.
+    #[serde(default = "default_connect_timeout", with = "go_duration")]
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed. Unset: 5 m.
+    #[serde(default = "default_idle_timeout", with = "go_duration")]
+    pub idle_timeout: Duration,
+    /// Most live client connections; beyond it, accepting pauses (clients
+    /// wait in the listen backlog). Unset: 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// PROXY protocol header sent to backends. Unset: off.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    /// Copy strategy. Unset: buffered.
+    #[serde(default)]
+    pub copy: CopyMode,
+    /// Other backends tried after a failed connect. Unset: 2.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Listen backlog. Unset: 4096.
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+    /// Passive ejection settings.
+    #[serde(default)]
+    pub passive: PassiveConfig,
+}
+
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_owned()
+}
+fn default_drain_timeout() -> Duration {
+    DEFAULT_DRAIN_TIMEOUT
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_retries() -> u32 {
+    DEFAULT_RETRIES
+}
+fn default_backlog() -> u32 {
+    DEFAULT_BACKLOG
+}
+fn default_eject_after() -> u32 {
+    DEFAULT_EJECT_AFTER
+}
+fn default_base_ejection() -> Duration {
+    DEFAULT_BASE_EJECTION
+}
+fn default_max_ejection() -> Duration {
+    DEFAULT_MAX_EJECTION
+}
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+/// A validated backend: address, weight and zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticBackend {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Relative share, ≥ 1.
+    pub weight: u32,
+    /// Fault domain.
+    pub zone: Option<String>,
+}
+
+/// A validated configuration: the file plus parsed addresses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    /// The file as written.
+    pub config: Config,
+    /// The admin address.
+    pub admin: SocketAddr,
+    /// Per VIP (same order as `config.vips`): listen address and backends.
+    pub vips: Vec<ValidatedVip>,
+}
+
+/// One validated VIP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedVip {
+    /// The VIP as written.
+    pub config: VipConfig,
+    /// The listen address.
+    pub listen: SocketAddr,
+    /// Its static backends.
+    pub backends: Vec<StaticBackend>,
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// Where the config came from.
+    pub source_name: String,
+    /// Each problem: `field: reason`.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}: ", self.source_name)?;
+        if let [one] = self.problems.as_slice() {
+            return f.write_str(one);
+        }
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Validated, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?;
+        Config::parse(&text, &name)
+    }
+
+    /// Parses and validates TOML text; `name` appears in errors.
+    pub fn parse(text: &str, name: &str) -> Result<Validated, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            source_name: name.to_owned(),
+            problems: vec![describe_toml_error(&e)],
+        })?;
+        config.validate().map_err(|problems| ConfigError {
+            source_name: name.to_owned(),
+            problems,
+        })
+    }
+
+    /// Checks every field; returns all problems, each naming its field.
+    pub fn validate(self) -> Result<Validated, Vec<String>> {
+        let mut problems = Vec::new();
+        let admin = match self.admin.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(format!(
+                    "admin.listen: {:?} is not an ip:port address",
+                    self.admin.listen
+                ));
+                None
+            }
+        };
+        if self.vips.is_empty() {
+            problems.push("vip: at least one [[vip]] is required".to_owned());
+        }
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut vips = Vec::new();
+        for (i, vip) in self.vips.iter().enumerate() {
+            let at = format!("vip[{i}]");
+            if vip.name.is_empty() || !vip.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                problems.push(format!(
+                    "{at}.name: {:?} must be non-empty and use only letters, digits, '-', '_', '.'",
+                    vip.name
+                ));
+            } else if !names.insert(vip.name.clone()) {
+                problems.push(format!("{at}.name: {:?} is used by another vip", vip.name));
+            }
+            let listen = match vip.listen.parse::<SocketAddr>() {
+                Ok(a) => {
+                    if !listens.insert(a) {
+                        problems.push(format!("{at}.listen: {a} is used by another vip"));
+                    }
+                    if Some(a) == admin {
+                        problems.push(format!("{at}.listen: {a} is the admin address"));
+                    }
+                    Some(a)
+                }
+                Err(_) => {
+                    problems.push(format!("{at}.listen: {:?} is not an ip:port address", vip.listen));
+                    None
+                }
+            };
+            if vip.backends.is_empty() {
+                problems.push(format!("{at}.backends: at least one backend is required"));
+            }
+            let mut backends = Vec::new();
+            let mut seen = HashSet::new();
+            for (j, spec) in vip.backends.iter().enumerate() {
+                let (address, weight, zone) = match spec {
+                    BackendSpec::Address(a) => (a, DEFAULT_WEIGHT, None),
+                    BackendSpec::Detailed { address, weight, zone } => (address, *weight, zone.clone()),
+                };
+                let Ok(addr) = address.parse::<SocketAddr>() else {
+                    problems.push(format!("{at}.backends[{j}]: {address:?} is not an ip:port address"));
+                    continue;
+                };
+                if addr.port() == 0 {
+                    problems.push(format!("{at}.backends[{j}]: port 0 is not a backend port"));
+                }
+                if weight == 0 || weight > 1000 {
+                    problems.push(format!("{at}.backends[{j}].weight: {weight} is not in 1..=1000"));
+                }
+                if !seen.insert(addr) {
+                    problems.push(format!("{at}.backends[{j}]: {addr} is listed twice"));
+                }
+                backends.push(StaticBackend { addr, weight, zone });
+            }
+            if vip.connect_timeout.is_zero() {
+                problems.push(format!("{at}.connect_timeout: must be above zero"));
+            }
+            if vip.idle_timeout.is_zero() {
+                problems.push(format!("{at}.idle_timeout: must be above zero"));
+            }
+            if vip.max_connections == 0 {
+                problems.push(format!("{at}.max_connections: must be at least 1"));
+            }
+            if vip.backlog == 0 {
+                problems.push(format!("{at}.backlog: must be at least 1"));
+            }
+            if vip.passive.base_ejection.is_zero() && vip.passive.eject_after > 0 {
+                problems.push(format!("{at}.passive.base_ejection: must be above zero"));
+            }
+            if vip.passive.max_ejection < vip.passive.base_ejection {
+                problems.push(format!("{at}.passive.max_ejection: must be at least base_ejection"));
+            }
+            if let Some(listen) = listen {
+                vips.push(ValidatedVip {
+                    config: vip.clone(),
+                    listen,
+                    backends,
+                });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Validated {
+            admin: admin.expect("checked above"),
+            vips,
+            config: self,
+        })
+    }
+}
+
+/// toml's errors carry a span and a message; render them as
+/// "line L, column C: message" plus the offending line.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    // toml's Display already shows line, column and the source line; keep it
+    // but on one logical message.
+    e.to_string().trim().replace("\n\n", "\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [admin]
+        listen = "127.0.0.1:9901"
+
+        [[vip]]
+        name = "web"
+        listen = "127.0.0.1:8080"
+        algorithm = "maglev"
+        backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3, zone = "zone-b" }]
+        connect_timeout = "250ms"
+        idle_timeout = "5m"
+        max_connections = 100
+        proxy_protocol = "v2"
+    "#;
+
+    #[test]
+    fn a_good_file_parses_with_defaults_filled_in() {
+        let v = Config::parse(GOOD, "good.toml").unwrap();
+        assert_eq!(v.admin, "127.0.0.1:9901".parse().unwrap());
+        let vip = &v.vips[0];
+        assert_eq!(vip.config.algorithm, Algorithm::Maglev);
+        assert_eq!(vip.config.connect_timeout, Duration::from_millis(250));
+        assert_eq!(vip.config.idle_timeout, Duration::from_secs(300));
+        assert_eq!(vip.config.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(vip.config.retries, DEFAULT_RETRIES);
+        assert_eq!(vip.config.copy, CopyMode::Buffered);
+        assert_eq!(
+            vip.backends[1],
+            StaticBackend {
+                addr: "127.0.0.1:9002".parse().unwrap(),
+                weight: 3,
+                zone: Some("zone-b".into())
+            }
+        );
+        assert_eq!(vip.backends[0].weight, 1);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "bad.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn type_and_syntax_errors_name_the_key() {
+        let e = err(
+            "[[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\nalgorithm = \"random\"\n",
+        );
+        assert!(e.contains("algorithm") || e.contains("line 5"), "{e}");
+        assert!(e.contains("random"), "{e}");
+        let e = err("[[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\nidle_timeout = \"5 minutes\"\n");
+        assert!(e.contains("idle_timeout") || e.contains("line 5"), "{e}");
+        assert!(e.contains("invalid duration"), "{e}");
+        let e = err(
+            "[[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\nalgoritm = \"p2c\"\n",
+        );
+        assert!(e.contains("unknown field `algoritm`"), "{e}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_field() {
+        let e = err(r#"
+            [admin]
+            listen = "nowhere"
+            [[vip]]
+            name = "web"
+            listen = "127.0.0.1:8080"
+            backends = ["127.0.0.1:9001", "not-an-address", { address = "127.0.0.1:9003", weight = 0 }]
+            max_connections = 0
+            [[vip]]
+            name = "web"
+            listen = "127.0.0.1:8080"
+            backends = []
+        "#);
+        for needle in [
+            "admin.listen",
+            "vip[0].backends[1]: \"not-an-address\"",
+            "vip[0].backends[2].weight",
+            "vip[0].max_connections",
+            "vip[1].name: \"web\" is used",
+            "vip[1].listen: 127.0.0.1:8080 is used",
+            "vip[1].backends: at least one",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        }
+        assert!(err("").contains("at least one [[vip]]"));
+    }
+}

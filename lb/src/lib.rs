@@ -1,0 +1,99 @@
+//! `halo-lb`: halo's layer-4 (TCP) load balancer for virtual IPs.
+//!
+//! Each VIP has an accept loop and one immutable backend table published
+//! through an `ArcSwap`. A connection loads the current table once, picks a
+//! backend with the VIP's algorithm (round robin, least connections, power of
+//! two choices, or Maglev), retries other backends if the connect fails, and
+//! copies bytes both ways with half-close and an idle timeout. Tables are
+//! rebuilt off the data path (config reload, admin API; Consul discovery in a
+//! later step) and swapped only when their inputs changed.
+//!
+//! Data flows one way: backend source → table builder ([`table::Vip`]) →
+//! published snapshot ([`table::Table`]) → accept loop ([`proxy`]).
+//!
+//! # Layout
+//! - [`config`]: the TOML file, defaults, validation naming every bad field.
+//! - [`backend`]: backend identity and live state (connection counts,
+//!   passive ejection with exponential back-off).
+//! - [`selection`]: the algorithms' precomputed state and the pick.
+//! - [`table`]: immutable tables, the per-VIP publisher and its metrics.
+//! - [`proxy`]: listeners, the accept loop, connect-with-retry.
+//! - [`copy`]: buffered and splice(2) copying, half-close, idle timeout.
+//! - [`proxy_protocol`]: PROXY v1/v2 headers.
+//! - [`server`]: the running set of VIPs, reload, status, drain.
+//! - [`admin`]: `/health`, `/status`, `/metrics`, backend enable/disable.
+
+pub mod admin;
+pub mod backend;
+pub mod config;
+pub mod copy;
+pub mod proxy;
+pub mod proxy_protocol;
+pub mod selection;
+pub mod server;
+pub mod table;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Validated};
+use crate::server::Server;
+
+/// Runs the balancer until SIGTERM or SIGINT, then drains. SIGHUP reloads
+/// `config_path`; a bad file is logged and the running config kept.
+pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<PrometheusHandle>) -> anyhow::Result<()> {
+    let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+
+    let server = Server::new(&config, prometheus.clone());
+    let admin_listener = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("cannot listen on admin.listen {}", config.admin))?;
+    server.apply(&config).context("cannot start the configured vips")?;
+    let stop_admin = CancellationToken::new();
+    tokio::spawn(admin::serve(admin_listener, Arc::clone(&server), stop_admin.clone()));
+    if let Some(handle) = prometheus {
+        // Histograms need periodic upkeep to drain their buckets.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
+    tracing::info!(admin = %config.admin, vips = config.vips.len(), "halo-lb started");
+
+    loop {
+        tokio::select! {
+            _ = sighup.recv() => reload(&server, &config_path),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    tracing::info!("shutdown requested");
+    let left = server.drain().await;
+    stop_admin.cancel();
+    if left > 0 {
+        tracing::warn!(left, "exiting with connections still open");
+    }
+    Ok(())
+}
+
+fn reload(server: &Server, path: &std::path::Path) {
+    tracing::info!(path = %path.display(), "SIGHUP: reloading");
+    match Config::load(path) {
+        Ok(config) => match server.apply(&config) {
+            Ok(()) => tracing::info!(vips = config.vips.len(), "reload applied"),
+            Err(e) => tracing::error!(error = %e, "reload failed; the running config stays in force"),
+        },
+        Err(e) => tracing::error!(error = %e, "reload rejected; the running config stays in force"),
+    }
+}

@@ -1,0 +1,173 @@
+//! The accept loop of one VIP and the life of one proxied connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::copy::{self, Ended, Meters};
+use crate::proxy_protocol;
+use crate::selection::PickContext;
+use crate::table::Vip;
+
+/// TCP keepalive on both legs: notice peers that vanished without a FIN.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Binds a VIP listener: SO_REUSEADDR (restart without waiting out
+/// TIME_WAIT), IP_FREEBIND (bind an address not yet on the host, for the
+/// floating VIP), and the given backlog.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        socket.set_freebind(true)?;
+    } else {
+        socket.set_freebind_ipv6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(socket.into())
+}
+
+fn tune(stream: &TcpStream) {
+    let sock = SockRef::from(stream);
+    let keepalive = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    if let Err(e) = sock.set_nodelay(true).and_then(|()| sock.set_tcp_keepalive(&keepalive)) {
+        tracing::debug!(error = %e, "cannot tune socket");
+    }
+}
+
+/// Accepts on `listener` until `stop` is cancelled, handing each connection
+/// to a task on `tracker`. Pauses at the VIP's connection limit.
+pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
+    let local = listener.local_addr().ok();
+    tracing::info!(vip = vip.name(), listen = ?local, "accepting");
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = vip.wait_for_slot() => {}
+        }
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let slot = vip.start_client();
+                let vip = Arc::clone(&vip);
+                tracker.spawn(async move {
+                    handle(&vip, stream, peer).await;
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning;
+                // the connection stays in the backlog.
+                tracing::warn!(vip = vip.name(), error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    tracing::info!(vip = vip.name(), listen = ?local, "stopped accepting");
+}
+
+/// Connects `client` to a backend (retrying others on failure) and proxies
+/// until the connection ends.
+async fn handle(vip: &Vip, client: TcpStream, peer: SocketAddr) {
+    tune(&client);
+    // One snapshot for the whole set-up: swaps meanwhile don't affect it.
+    let table = vip.table();
+    let settings = Arc::clone(&table.settings);
+    let metrics = vip.metrics();
+    let mut tried: Vec<usize> = Vec::new();
+    let mut connected = None;
+    for attempt in 0..=settings.retries {
+        let ctx = PickContext {
+            client: peer,
+            cursor: vip.cursor(),
+            now: Vip::now(),
+            tried: &tried,
+        };
+        let Some(i) = table.pick(&ctx) else { break };
+        let entry = &table.entries[i];
+        if attempt > 0 {
+            metrics.retries.increment(1);
+        }
+        match connect(entry.backend.addr, settings.connect_timeout).await {
+            Ok(stream) => {
+                entry.state.connect_succeeded();
+                connected = Some((stream, Arc::clone(&entry.state)));
+                break;
+            }
+            Err(e) => {
+                metrics.connect_failures.increment(1);
+                entry.state.connect_failed(Vip::now(), &settings.passive);
+                tracing::debug!(vip = vip.name(), backend = %entry.backend.addr, error = %e, attempt, "backend connect failed");
+                tried.push(i);
+            }
+        }
+    }
+    let Some((mut backend, state)) = connected else {
+        metrics.no_backend.increment(1);
+        tracing::warn!(vip = vip.name(), client = %peer, tried = tried.len(), "no backend reachable; closing client");
+        return;
+    };
+    let _active = state.start_connection();
+    drop(table);
+
+    let result = async {
+        let header = proxy_protocol::header(settings.proxy_protocol, peer, client.local_addr()?);
+        if !header.is_empty() {
+            backend.write_all(&header).await?;
+        }
+        copy::proxy(
+            &client,
+            &backend,
+            settings.copy,
+            settings.idle_timeout,
+            Meters {
+                bytes_in: &metrics.bytes_in,
+                bytes_out: &metrics.bytes_out,
+            },
+        )
+        .await
+    }
+    .await;
+    match result {
+        Ok(Ended::Closed) => {}
+        Ok(Ended::IdleTimeout) => {
+            metrics.idle_timeouts.increment(1);
+            tracing::debug!(vip = vip.name(), client = %peer, "idle timeout");
+        }
+        Err(e) => tracing::debug!(vip = vip.name(), client = %peer, error = %e, "connection ended with an error"),
+    }
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    let stream = tokio::time::timeout(timeout, socket.connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out after {timeout:?}"),
+            )
+        })??;
+    tune(&stream);
+    Ok(stream)
+}

@@ -1,0 +1,120 @@
+//! PROXY protocol headers (HAProxy's spec, versions 1 and 2) sent to backends
+//! ahead of the client's bytes, so they see the real client address.
+
+use std::net::SocketAddr;
+
+use crate::config::ProxyProtocol;
+
+/// The v2 signature.
+const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+
+/// The header for a connection from `client` to `local` (the VIP address it
+/// arrived on); empty when the protocol is off.
+pub fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    // Mixed families (an IPv4 client on a dual-stack IPv6 listener) are
+    // reported with the mapped address normalised to the client's family.
+    let (client, local) = match (client, local) {
+        (SocketAddr::V4(_), SocketAddr::V6(l)) => match l.ip().to_ipv4_mapped() {
+            Some(ip) => (client, SocketAddr::from((ip, l.port()))),
+            None => (client, local),
+        },
+        (SocketAddr::V6(c), SocketAddr::V4(_)) => match c.ip().to_ipv4_mapped() {
+            Some(ip) => (SocketAddr::from((ip, c.port())), local),
+            None => (client, local),
+        },
+        _ => (client, local),
+    };
+    match version {
+        ProxyProtocol::Off => Vec::new(),
+        ProxyProtocol::V1 => v1(client, local),
+        ProxyProtocol::V2 => v2(client, local),
+    }
+}
+
+fn v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    match (client, local) {
+        (SocketAddr::V4(c), SocketAddr::V4(l)) => {
+            format!("PROXY TCP4 {} {} {} {}\r\n", c.ip(), l.ip(), c.port(), l.port()).into_bytes()
+        }
+        (SocketAddr::V6(c), SocketAddr::V6(l)) => {
+            format!("PROXY TCP6 {} {} {} {}\r\n", c.ip(), l.ip(), c.port(), l.port()).into_bytes()
+        }
+        _ => b"PROXY UNKNOWN\r\n".to_vec(),
+    }
+}
+
+fn v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let mut h = V2_SIGNATURE.to_vec();
+    h.push(0x21); // version 2, PROXY command
+    match (client, local) {
+        (SocketAddr::V4(c), SocketAddr::V4(l)) => {
+            h.push(0x11); // TCP over IPv4
+            h.extend_from_slice(&12u16.to_be_bytes());
+            h.extend_from_slice(&c.ip().octets());
+            h.extend_from_slice(&l.ip().octets());
+            h.extend_from_slice(&c.port().to_be_bytes());
+            h.extend_from_slice(&l.port().to_be_bytes());
+        }
+        (SocketAddr::V6(c), SocketAddr::V6(l)) => {
+            h.push(0x21); // TCP over IPv6
+            h.extend_from_slice(&36u16.to_be_bytes());
+            h.extend_from_slice(&c.ip().octets());
+            h.extend_from_slice(&l.ip().octets());
+            h.extend_from_slice(&c.port().to_be_bytes());
+            h.extend_from_slice(&l.port().to_be_bytes());
+        }
+        _ => {
+            h.push(0x00); // UNSPEC
+            h.extend_from_slice(&0u16.to_be_bytes());
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_is_the_text_line_of_the_spec() {
+        let h = header(
+            ProxyProtocol::V1,
+            "192.0.2.1:56324".parse().unwrap(),
+            "198.18.0.10:443".parse().unwrap(),
+        );
+        assert_eq!(h, b"PROXY TCP4 192.0.2.1 198.18.0.10 56324 443\r\n");
+        let h = header(
+            ProxyProtocol::V1,
+            "[2001:db8::1]:1000".parse().unwrap(),
+            "[2001:db8::2]:80".parse().unwrap(),
+        );
+        assert_eq!(h, b"PROXY TCP6 2001:db8::1 2001:db8::2 1000 80\r\n");
+        assert!(header(
+            ProxyProtocol::Off,
+            "1.2.3.4:1".parse().unwrap(),
+            "1.2.3.4:2".parse().unwrap()
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn v2_is_the_binary_layout_of_the_spec() {
+        let h = header(
+            ProxyProtocol::V2,
+            "192.0.2.1:56324".parse().unwrap(),
+            "198.18.0.10:443".parse().unwrap(),
+        );
+        let mut want = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        want.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 18, 0, 10]);
+        want.extend_from_slice(&56324u16.to_be_bytes());
+        want.extend_from_slice(&443u16.to_be_bytes());
+        assert_eq!(h, want);
+        let h6 = header(
+            ProxyProtocol::V2,
+            "[2001:db8::1]:1".parse().unwrap(),
+            "[2001:db8::2]:2".parse().unwrap(),
+        );
+        assert_eq!(h6.len(), 16 + 36);
+        assert_eq!(&h6[12..16], &[0x21, 0x21, 0, 36]);
+    }
+}

@@ -1,0 +1,256 @@
+//! The running balancer: VIP listeners, reloads, status, and the drain on
+//! shutdown.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::Backend;
+use crate::config::{Validated, ValidatedVip};
+use crate::proxy;
+use crate::table::{Vip, VipSettings};
+
+/// One VIP being served.
+#[derive(Debug)]
+struct Running {
+    vip: Arc<Vip>,
+    listen: SocketAddr,
+    /// Cancels this VIP's accept loop (its connections carry on).
+    stop: CancellationToken,
+}
+
+/// The balancer's state, shared by the accept loops, the admin API and the
+/// signal handlers.
+#[derive(Debug)]
+pub struct Server {
+    vips: Mutex<BTreeMap<String, Running>>,
+    /// Every proxied connection, so a drain can wait for them.
+    connections: TaskTracker,
+    draining: AtomicBool,
+    admin: SocketAddr,
+    drain_timeout: Mutex<Duration>,
+    prometheus: Option<PrometheusHandle>,
+}
+
+/// Why a configuration could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} for vip {vip:?}: {source}")]
+    Bind {
+        /// The VIP.
+        vip: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn static_backends(vip: &ValidatedVip) -> Vec<Backend> {
+    vip.backends
+        .iter()
+        .map(|b| Backend {
+            addr: b.addr,
+            weight: b.weight,
+            zone: b.zone.clone(),
+        })
+        .collect()
+}
+
+impl Server {
+    /// A server with no VIPs yet; [`Server::apply`] adds them.
+    pub fn new(config: &Validated, prometheus: Option<PrometheusHandle>) -> Arc<Server> {
+        Arc::new(Server {
+            vips: Mutex::new(BTreeMap::new()),
+            connections: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            admin: config.admin,
+            drain_timeout: Mutex::new(config.config.drain_timeout),
+            prometheus,
+        })
+    }
+
+    /// Applies a validated configuration: adds, changes and removes VIPs.
+    /// All-or-nothing for listeners: every new listener is bound before
+    /// anything changes, so a bind failure leaves the running config intact.
+    pub fn apply(&self, config: &Validated) -> Result<(), ApplyError> {
+        if config.admin != self.admin {
+            tracing::warn!(running = %self.admin, configured = %config.admin, "admin.listen changes take effect only on restart");
+        }
+        let mut vips = self.vips.lock().expect("vip registry poisoned");
+
+        // 1. Bind whatever needs a new listener.
+        let mut new_listeners: BTreeMap<String, TcpListener> = BTreeMap::new();
+        for v in &config.vips {
+            let needs_bind = vips.get(&v.config.name).is_none_or(|r| r.listen != v.listen);
+            if needs_bind {
+                let listener = proxy::bind(v.listen, v.config.backlog).map_err(|source| ApplyError::Bind {
+                    vip: v.config.name.clone(),
+                    addr: v.listen,
+                    source,
+                })?;
+                new_listeners.insert(v.config.name.clone(), listener);
+            }
+        }
+
+        // 2. Remove VIPs no longer configured: stop accepting, let their
+        // connections finish.
+        let keep: Vec<&str> = config.vips.iter().map(|v| v.config.name.as_str()).collect();
+        vips.retain(|name, running| {
+            let stays = keep.contains(&name.as_str());
+            if !stays {
+                tracing::info!(vip = %name, "vip removed by reload; live connections continue");
+                running.stop.cancel();
+            }
+            stays
+        });
+
+        // 3. Update or start the rest.
+        *self.drain_timeout.lock().expect("poisoned") = config.config.drain_timeout;
+        for v in &config.vips {
+            let name = &v.config.name;
+            let settings = VipSettings::from_config(v);
+            let backends = static_backends(v);
+            match vips.get_mut(name) {
+                Some(running) => {
+                    running.vip.set_settings(settings);
+                    running.vip.set_backends(backends);
+                    if let Some(listener) = new_listeners.remove(name) {
+                        running.stop.cancel();
+                        running.stop = CancellationToken::new();
+                        running.listen = v.listen;
+                        self.spawn_accept(&running.vip, listener, running.stop.clone());
+                    }
+                }
+                None => {
+                    let vip = Vip::new(name, settings, backends);
+                    let stop = CancellationToken::new();
+                    let listener = new_listeners.remove(name).expect("bound in step 1");
+                    self.spawn_accept(&vip, listener, stop.clone());
+                    vips.insert(
+                        name.clone(),
+                        Running {
+                            vip,
+                            listen: v.listen,
+                            stop,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_accept(&self, vip: &Arc<Vip>, listener: TcpListener, stop: CancellationToken) {
+        tokio::spawn(proxy::accept_loop(
+            Arc::clone(vip),
+            listener,
+            stop,
+            self.connections.clone(),
+        ));
+    }
+
+    /// The VIP named `name`.
+    pub fn vip(&self, name: &str) -> Option<Arc<Vip>> {
+        let vips = self.vips.lock().expect("vip registry poisoned");
+        vips.get(name).map(|r| Arc::clone(&r.vip))
+    }
+
+    /// Whether a drain is under way.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text, if a recorder is installed.
+    pub fn render_metrics(&self) -> Option<String> {
+        self.prometheus.as_ref().map(PrometheusHandle::render)
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        let vips = self.vips.lock().expect("vip registry poisoned");
+        let now = Vip::now();
+        let list: Vec<serde_json::Value> = vips
+            .values()
+            .map(|r| {
+                let table = r.vip.table();
+                let backends: Vec<serde_json::Value> = table
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        let (health, remaining) = e.state.health(now);
+                        let state = if e.disabled {
+                            "disabled"
+                        } else {
+                            match health {
+                                crate::backend::Health::Healthy => "healthy",
+                                crate::backend::Health::Ejected => "ejected",
+                            }
+                        };
+                        json!({
+                            "address": e.backend.addr.to_string(),
+                            "weight": e.backend.weight,
+                            "zone": e.backend.zone,
+                            "state": state,
+                            "ejected_for_ms": remaining.as_millis() as u64,
+                            "active_connections": e.state.active(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": r.vip.name(),
+                    "listen": r.listen.to_string(),
+                    "algorithm": table.settings.algorithm,
+                    "copy": table.settings.copy,
+                    "proxy_protocol": table.settings.proxy_protocol,
+                    "max_connections": table.settings.max_connections,
+                    "active_connections": r.vip.active(),
+                    "table_version": table.version,
+                    "backends": backends,
+                })
+            })
+            .collect();
+        json!({
+            "draining": self.is_draining(),
+            "admin": self.admin.to_string(),
+            "vips": list,
+        })
+    }
+
+    /// Stops accepting on every VIP and waits for live connections to end,
+    /// up to the drain timeout. Returns how many were still open.
+    pub async fn drain(&self) -> usize {
+        self.draining.store(true, Ordering::Relaxed);
+        let timeout = *self.drain_timeout.lock().expect("poisoned");
+        {
+            let vips = self.vips.lock().expect("vip registry poisoned");
+            for running in vips.values() {
+                running.stop.cancel();
+            }
+        }
+        self.connections.close();
+        let live = self.connections.len();
+        tracing::info!(
+            live,
+            ?timeout,
+            "draining: accepting stopped, waiting for live connections"
+        );
+        if tokio::time::timeout(timeout, self.connections.wait()).await.is_ok() {
+            tracing::info!("drained: every connection finished");
+            0
+        } else {
+            let left = self.connections.len();
+            tracing::warn!(left, "drain timeout: closing the remaining connections");
+            left
+        }
+    }
+}

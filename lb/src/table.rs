@@ -1,0 +1,399 @@
+//! Backend tables: one immutable snapshot per VIP, published through a single
+//! `ArcSwap`, and the builder that makes new ones off the data path.
+//!
+//! A [`Table`] holds everything a connection needs to pick a backend: the
+//! backends, their shared live state, the selector's precomputed state and
+//! the VIP's settings. Readers load it with one atomic operation and can
+//! never see half an update. Writers (config reload, discovery, the admin
+//! API) go through [`Vip`]'s builder lock, rebuild, and swap only when the
+//! result differs from what is published.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant as StdInstant};
+
+use arc_swap::ArcSwap;
+use metrics::{Counter, Gauge, Histogram};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::backend::{Backend, BackendState};
+use crate::config::{Algorithm, CopyMode, PassiveConfig, ProxyProtocol, ValidatedVip};
+use crate::selection::{self, PickContext, Selector};
+
+/// The per-VIP settings a connection reads from its table snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipSettings {
+    /// Balancing algorithm.
+    pub algorithm: Algorithm,
+    /// Deadline of one backend connect.
+    pub connect_timeout: Duration,
+    /// Idle timeout of a proxied connection.
+    pub idle_timeout: Duration,
+    /// Live connection limit.
+    pub max_connections: usize,
+    /// PROXY protocol header to send.
+    pub proxy_protocol: ProxyProtocol,
+    /// Copy strategy.
+    pub copy: CopyMode,
+    /// Extra backends tried after a failed connect.
+    pub retries: u32,
+    /// Passive ejection policy.
+    pub passive: PassiveConfig,
+}
+
+impl VipSettings {
+    /// The settings of a validated `[[vip]]`.
+    pub fn from_config(vip: &ValidatedVip) -> Self {
+        let c = &vip.config;
+        VipSettings {
+            algorithm: c.algorithm,
+            connect_timeout: c.connect_timeout,
+            idle_timeout: c.idle_timeout,
+            max_connections: c.max_connections,
+            proxy_protocol: c.proxy_protocol,
+            copy: c.copy,
+            retries: c.retries,
+            passive: c.passive,
+        }
+    }
+}
+
+/// One backend in a table.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Identity and metadata.
+    pub backend: Backend,
+    /// Live state shared with every other table holding this address.
+    pub state: Arc<BackendState>,
+    /// Disabled by an operator: listed, never picked.
+    pub disabled: bool,
+}
+
+/// An immutable backend table.
+#[derive(Debug)]
+pub struct Table {
+    /// Rises by one with every published table of this VIP.
+    pub version: u64,
+    /// Settings in force for connections picked from this table.
+    pub settings: Arc<VipSettings>,
+    /// Every backend, sorted by address, disabled ones included.
+    pub entries: Vec<Entry>,
+    /// Indices of entries that may be picked.
+    selectable: Vec<u32>,
+    selector: Selector,
+}
+
+impl Table {
+    /// Builds a table (version 0; the publisher numbers it).
+    pub fn build(settings: Arc<VipSettings>, entries: Vec<Entry>) -> Table {
+        let selectable: Vec<u32> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.disabled)
+            .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 backends"))
+            .collect();
+        let selector = Selector::build(settings.algorithm, &entries, &selectable);
+        Table {
+            version: 0,
+            settings,
+            entries,
+            selectable,
+            selector,
+        }
+    }
+
+    /// Picks a backend for a connection; `None` when every selectable
+    /// backend is in `ctx.tried` (or there are none).
+    pub fn pick(&self, ctx: &PickContext<'_>) -> Option<usize> {
+        selection::pick(&self.selector, &self.entries, &self.selectable, ctx)
+    }
+
+    /// Number of backends that may be picked.
+    pub fn selectable_len(&self) -> usize {
+        self.selectable.len()
+    }
+
+    /// The inputs this table was built from, to tell whether a rebuild would
+    /// change anything.
+    fn inputs(&self) -> (Vec<(Backend, bool)>, &VipSettings) {
+        (
+            self.entries.iter().map(|e| (e.backend.clone(), e.disabled)).collect(),
+            &self.settings,
+        )
+    }
+}
+
+/// What the builder keeps between rebuilds.
+#[derive(Debug)]
+struct BuilderState {
+    settings: Arc<VipSettings>,
+    /// The current backend set, from config or discovery.
+    backends: Vec<Backend>,
+    /// Addresses an operator disabled; kept across reloads and discovery.
+    disabled: BTreeSet<SocketAddr>,
+    /// Live state by address, reused by every table that lists the address.
+    states: HashMap<SocketAddr, Arc<BackendState>>,
+}
+
+/// A VIP at run time: its published table and everything that outlives one.
+#[derive(Debug)]
+pub struct Vip {
+    name: String,
+    table: ArcSwap<Table>,
+    builder: Mutex<BuilderState>,
+    /// Round-robin position; survives swaps.
+    cursor: AtomicUsize,
+    /// Live client connections, and a wake-up for the accept loop when one
+    /// ends below the limit.
+    active: AtomicUsize,
+    slot_freed: Notify,
+    next_version: AtomicU64,
+    metrics: VipMetrics,
+}
+
+/// Per-VIP metric handles, registered once.
+#[derive(Debug)]
+pub struct VipMetrics {
+    /// Accepted client connections.
+    pub connections: Counter,
+    /// Live client connections.
+    pub active: Gauge,
+    /// Bytes from clients to backends.
+    pub bytes_in: Counter,
+    /// Bytes from backends to clients.
+    pub bytes_out: Counter,
+    /// Failed backend connects.
+    pub connect_failures: Counter,
+    /// Connects retried on another backend.
+    pub retries: Counter,
+    /// Client connections closed because no backend could be reached.
+    pub no_backend: Counter,
+    /// Connections closed by the idle timeout.
+    pub idle_timeouts: Counter,
+    /// Times accepting paused at the connection limit.
+    pub limit_reached: Counter,
+    /// Published table version.
+    pub table_version: Gauge,
+    /// Tables swapped in.
+    pub swaps: Counter,
+    /// Time to build a table.
+    pub build_seconds: Histogram,
+    /// Backends that may be picked.
+    pub selectable: Gauge,
+}
+
+impl VipMetrics {
+    fn new(vip: &str) -> Self {
+        let l = [("vip", vip.to_owned())];
+        VipMetrics {
+            connections: metrics::counter!("halo_vip_connections_total", &l),
+            active: metrics::gauge!("halo_vip_active_connections", &l),
+            bytes_in: metrics::counter!(
+                "halo_vip_bytes_total",
+                &[("vip", vip.to_owned()), ("direction", "in".to_owned())]
+            ),
+            bytes_out: metrics::counter!(
+                "halo_vip_bytes_total",
+                &[("vip", vip.to_owned()), ("direction", "out".to_owned())]
+            ),
+            connect_failures: metrics::counter!("halo_vip_connect_failures_total", &l),
+            retries: metrics::counter!("halo_vip_retries_total", &l),
+            no_backend: metrics::counter!("halo_vip_no_backend_total", &l),
+            idle_timeouts: metrics::counter!("halo_vip_idle_timeouts_total", &l),
+            limit_reached: metrics::counter!("halo_vip_connection_limit_reached_total", &l),
+            table_version: metrics::gauge!("halo_table_version", &l),
+            swaps: metrics::counter!("halo_table_swaps_total", &l),
+            build_seconds: metrics::histogram!("halo_table_build_seconds", &l),
+            selectable: metrics::gauge!("halo_table_selectable_backends", &l),
+        }
+    }
+}
+
+/// Why an admin change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// The address is not a backend of this VIP.
+    #[error("{0} is not a backend of this vip")]
+    UnknownBackend(SocketAddr),
+}
+
+impl Vip {
+    /// A VIP with its first table.
+    pub fn new(name: &str, settings: VipSettings, backends: Vec<Backend>) -> Arc<Vip> {
+        let builder = BuilderState {
+            settings: Arc::new(settings),
+            backends: Vec::new(),
+            disabled: BTreeSet::new(),
+            states: HashMap::new(),
+        };
+        let metrics = VipMetrics::new(name);
+        let empty = Table::build(Arc::clone(&builder.settings), Vec::new());
+        let vip = Arc::new(Vip {
+            name: name.to_owned(),
+            table: ArcSwap::from_pointee(empty),
+            builder: Mutex::new(builder),
+            cursor: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            slot_freed: Notify::new(),
+            next_version: AtomicU64::new(1),
+            metrics,
+        });
+        vip.set_backends(backends);
+        vip
+    }
+
+    /// The VIP's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The published table. Hold it for a whole connection set-up; it stays
+    /// valid (and unchanged) however many swaps happen meanwhile.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// The round-robin cursor.
+    pub fn cursor(&self) -> &AtomicUsize {
+        &self.cursor
+    }
+
+    /// Metric handles.
+    pub fn metrics(&self) -> &VipMetrics {
+        &self.metrics
+    }
+
+    /// Replaces the backend set; rebuilds and swaps only if it changed.
+    /// Returns whether a new table was published.
+    pub fn set_backends(&self, mut backends: Vec<Backend>) -> bool {
+        backends.sort();
+        backends.dedup_by(|a, b| a.addr == b.addr);
+        let mut b = self.builder.lock().expect("builder lock poisoned");
+        b.backends = backends;
+        self.rebuild(&mut b)
+    }
+
+    /// Replaces the settings (a reload); rebuilds if they changed.
+    pub fn set_settings(&self, settings: VipSettings) -> bool {
+        let mut b = self.builder.lock().expect("builder lock poisoned");
+        if *b.settings == settings {
+            return false;
+        }
+        b.settings = Arc::new(settings);
+        self.rebuild(&mut b)
+    }
+
+    /// Disables (or re-enables) a backend by hand. The choice survives
+    /// reloads and discovery updates until undone.
+    pub fn set_disabled(&self, addr: SocketAddr, disabled: bool) -> Result<bool, AdminError> {
+        let mut b = self.builder.lock().expect("builder lock poisoned");
+        if !b.backends.iter().any(|x| x.addr == addr) {
+            return Err(AdminError::UnknownBackend(addr));
+        }
+        if disabled {
+            b.disabled.insert(addr);
+        } else {
+            b.disabled.remove(&addr);
+        }
+        Ok(self.rebuild(&mut b))
+    }
+
+    fn rebuild(&self, b: &mut BuilderState) -> bool {
+        let started = StdInstant::now();
+        let current = self.table.load();
+        let unchanged = {
+            let (entries, settings) = current.inputs();
+            *settings == *b.settings
+                && entries.len() == b.backends.len()
+                && entries
+                    .iter()
+                    .zip(&b.backends)
+                    .all(|((e, dis), n)| e == n && *dis == b.disabled.contains(&n.addr))
+        };
+        if unchanged && current.version != 0 {
+            return false;
+        }
+        // Keep live state for addresses that stay; forget the rest (tables
+        // and connections still holding them keep them alive).
+        let keep: BTreeSet<SocketAddr> = b.backends.iter().map(|x| x.addr).collect();
+        b.states.retain(|addr, _| keep.contains(addr));
+        let entries: Vec<Entry> = b
+            .backends
+            .iter()
+            .map(|backend| Entry {
+                state: Arc::clone(
+                    b.states
+                        .entry(backend.addr)
+                        .or_insert_with(|| Arc::new(BackendState::new(&self.name, backend.addr))),
+                ),
+                disabled: b.disabled.contains(&backend.addr),
+                backend: backend.clone(),
+            })
+            .collect();
+        let mut table = Table::build(Arc::clone(&b.settings), entries);
+        table.version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        let version = table.version;
+        let selectable = table.selectable_len();
+        self.table.store(Arc::new(table));
+        let took = started.elapsed();
+        self.metrics.swaps.increment(1);
+        self.metrics.table_version.set(version as f64);
+        self.metrics.build_seconds.record(took.as_secs_f64());
+        self.metrics.selectable.set(selectable as f64);
+        tracing::info!(vip = %self.name, version, backends = b.backends.len(), selectable, ?took, "backend table swapped");
+        true
+    }
+
+    /// Live client connections.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the VIP is below its connection limit.
+    pub async fn wait_for_slot(&self) {
+        let mut counted = false;
+        loop {
+            let notified = self.slot_freed.notified();
+            let limit = self.table.load().settings.max_connections;
+            if self.active.load(Ordering::Acquire) < limit {
+                return;
+            }
+            if !counted {
+                counted = true;
+                self.metrics.limit_reached.increment(1);
+                tracing::warn!(vip = %self.name, limit, "connection limit reached; accepting paused");
+            }
+            notified.await;
+        }
+    }
+
+    /// Counts a client connection until the guard drops.
+    pub fn start_client(self: &Arc<Self>) -> ClientSlot {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.metrics.connections.increment(1);
+        self.metrics.active.increment(1.0);
+        ClientSlot { vip: Arc::clone(self) }
+    }
+
+    /// Now, for ejection decisions.
+    pub fn now() -> Instant {
+        Instant::now()
+    }
+}
+
+/// One live client connection of a VIP.
+#[derive(Debug)]
+pub struct ClientSlot {
+    vip: Arc<Vip>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.vip.active.fetch_sub(1, Ordering::AcqRel);
+        self.vip.metrics.active.decrement(1.0);
+        self.vip.slot_freed.notify_waiters();
+    }
+}
