@@ -278,3 +278,281 @@ fn hash64(bytes: &[u8], seed: u64) -> u64 {
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::backend::{Backend, BackendState};
+
+    fn entries(n: usize, weight: impl Fn(usize) -> u32) -> Vec<Entry> {
+        (0..n)
+            .map(|i| {
+                let addr: SocketAddr = format!("10.0.{}.{}:80", i / 250, i % 250 + 1).parse().unwrap();
+                Entry {
+                    backend: Backend {
+                        addr,
+                        weight: weight(i),
+                        zone: None,
+                    },
+                    state: Arc::new(BackendState::new("t", addr)),
+                    disabled: false,
+                }
+            })
+            .collect()
+    }
+
+    fn all(entries: &[Entry]) -> Vec<u32> {
+        (0..entries.len() as u32).collect()
+    }
+
+    fn client(i: u32) -> SocketAddr {
+        SocketAddr::from(([100, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40000))
+    }
+
+    fn counts(algorithm: Algorithm, e: &[Entry], picks: u32) -> HashMap<usize, u32> {
+        let sel = all(e);
+        let s = Selector::build(algorithm, e, &sel);
+        let cursor = AtomicUsize::new(0);
+        let mut counts = HashMap::new();
+        for i in 0..picks {
+            let ctx = PickContext {
+                client: client(i),
+                cursor: &cursor,
+                now: Instant::now(),
+                tried: &[],
+            };
+            *counts.entry(pick(&s, e, &sel, &ctx).unwrap()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_is_exact_and_honours_weights() {
+        let e = entries(3, |i| [1, 2, 3][i]);
+        let c = counts(Algorithm::RoundRobin, &e, 600);
+        assert_eq!((c[&0], c[&1], c[&2]), (100, 200, 300));
+        // Interleaved, not bursty: in any window of 6 picks each backend appears by weight.
+        let sel = all(&e);
+        let Selector::RoundRobin { wheel } = Selector::build(Algorithm::RoundRobin, &e, &sel) else {
+            unreachable!()
+        };
+        assert_eq!(wheel.len(), 6);
+        assert_ne!(wheel[0], wheel[1], "smooth interleaving: {wheel:?}");
+    }
+
+    #[test]
+    fn least_conn_prefers_the_least_loaded_per_weight() {
+        let e = entries(3, |_| 1);
+        let _busy: Vec<_> = (0..3).map(|_| e[0].state.start_connection()).collect();
+        let _one = e[1].state.start_connection();
+        let c = counts(Algorithm::LeastConn, &e, 50);
+        assert_eq!(c.get(&2), Some(&50), "the idle backend wins every time: {c:?}");
+        // With weights, load is judged per weight: 4 conns on weight 4 beats 2 on weight 1.
+        let e = entries(2, |i| [4, 1][i]);
+        let _a: Vec<_> = (0..4).map(|_| e[0].state.start_connection()).collect();
+        let _b: Vec<_> = (0..2).map(|_| e[1].state.start_connection()).collect();
+        assert_eq!(counts(Algorithm::LeastConn, &e, 20).get(&0), Some(&20));
+    }
+
+    #[test]
+    fn p2c_spreads_evenly_and_avoids_the_loaded_backend() {
+        let e = entries(4, |_| 1);
+        let c = counts(Algorithm::P2c, &e, 40_000);
+        for i in 0..4 {
+            let share = f64::from(c[&i]) / 40_000.0;
+            assert!((share - 0.25).abs() < 0.02, "backend {i}: {share}");
+        }
+        // A backend with many live connections loses every comparison it enters.
+        let _busy: Vec<_> = (0..100).map(|_| e[0].state.start_connection()).collect();
+        let c = counts(Algorithm::P2c, &e, 4000);
+        assert_eq!(c.get(&0), None, "{c:?}");
+    }
+
+    #[test]
+    fn maglev_is_balanced_and_deterministic() {
+        let e = entries(10, |_| 1);
+        let sel = all(&e);
+        let Selector::Maglev { lookup } = Selector::build(Algorithm::Maglev, &e, &sel) else {
+            unreachable!()
+        };
+        assert_eq!(lookup.len(), 65_537);
+        let mut slots = [0usize; 10];
+        for &b in &lookup {
+            slots[b as usize] += 1;
+        }
+        let ideal = 65_537.0 / 10.0;
+        for (i, &s) in slots.iter().enumerate() {
+            assert!((s as f64 / ideal - 1.0).abs() < 0.03, "backend {i} owns {s} slots");
+        }
+        // Same inputs, same table: both instances of a pair agree.
+        assert_eq!(
+            Selector::build(Algorithm::Maglev, &e, &sel),
+            Selector::build(Algorithm::Maglev, &e, &sel)
+        );
+        // Weights shift shares.
+        let w = entries(2, |i| [3, 1][i]);
+        let c = counts(Algorithm::Maglev, &w, 40_000);
+        let share = f64::from(c[&0]) / 40_000.0;
+        assert!((share - 0.75).abs() < 0.03, "weighted share {share}");
+    }
+
+    /// For each of many clients, the backend address Maglev maps it to.
+    fn maglev_map(e: &[Entry], sel: &[u32], clients: u32) -> Vec<SocketAddr> {
+        let s = Selector::build(Algorithm::Maglev, e, sel);
+        let cursor = AtomicUsize::new(0);
+        (0..clients)
+            .map(|i| {
+                let ctx = PickContext {
+                    client: client(i),
+                    cursor: &cursor,
+                    now: Instant::now(),
+                    tried: &[],
+                };
+                e[pick(&s, e, sel, &ctx).unwrap()].backend.addr
+            })
+            .collect()
+    }
+
+    #[test]
+    fn maglev_removing_one_of_n_remaps_about_one_nth() {
+        for n in [5usize, 10, 30] {
+            let e = entries(n, |_| 1);
+            let before = maglev_map(&e, &all(&e), 20_000);
+            let removed = e[n / 2].backend.addr;
+            let sel: Vec<u32> = all(&e).into_iter().filter(|&i| i as usize != n / 2).collect();
+            let after = maglev_map(&e, &sel, 20_000);
+            let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+            let moved_from_others = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| b != a && **b != removed)
+                .count();
+            let share = moved as f64 / 20_000.0;
+            let ideal = 1.0 / n as f64;
+            assert!(share < ideal * 1.25 + 0.01, "n={n}: {share} moved, ideal {ideal}");
+            assert!(
+                (moved_from_others as f64 / 20_000.0) < 0.02,
+                "n={n}: clients of remaining backends mostly stay: {moved_from_others}"
+            );
+        }
+    }
+
+    #[test]
+    fn tried_and_ejected_backends_are_skipped_with_panic_mode_as_last_resort() {
+        let e = entries(3, |_| 1);
+        let sel = all(&e);
+        let now = Instant::now();
+        let policy = crate::config::PassiveConfig {
+            eject_after: 1,
+            base_ejection: std::time::Duration::from_secs(60),
+            max_ejection: std::time::Duration::from_secs(60),
+        };
+        e[0].state.connect_failed(now, &policy);
+        for algorithm in [
+            Algorithm::RoundRobin,
+            Algorithm::LeastConn,
+            Algorithm::P2c,
+            Algorithm::Maglev,
+        ] {
+            let s = Selector::build(algorithm, &e, &sel);
+            let cursor = AtomicUsize::new(0);
+            for i in 0..200 {
+                let ctx = PickContext {
+                    client: client(i),
+                    cursor: &cursor,
+                    now,
+                    tried: &[1],
+                };
+                assert_eq!(pick(&s, &e, &sel, &ctx), Some(2), "{algorithm:?}");
+            }
+            // Everything else tried: the ejected backend is still better than nothing.
+            let ctx = PickContext {
+                client: client(0),
+                cursor: &cursor,
+                now,
+                tried: &[1, 2],
+            };
+            assert_eq!(pick(&s, &e, &sel, &ctx), Some(0), "{algorithm:?} panic mode");
+            let ctx = PickContext {
+                client: client(0),
+                cursor: &cursor,
+                now,
+                tried: &[0, 1, 2],
+            };
+            assert_eq!(pick(&s, &e, &sel, &ctx), None);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn never_picks_an_ejected_backend_while_a_healthy_one_remains(
+            n in 2usize..12,
+            ejected in proptest::collection::vec(any::<bool>(), 12),
+            algo in 0usize..4,
+            clients in proptest::collection::vec(any::<u32>(), 1..50),
+        ) {
+            let e = entries(n, |i| (i % 3 + 1) as u32);
+            let now = Instant::now();
+            let policy = crate::config::PassiveConfig {
+                eject_after: 1,
+                base_ejection: std::time::Duration::from_secs(60),
+                max_ejection: std::time::Duration::from_secs(60),
+            };
+            let mut any_healthy = false;
+            for i in 0..n {
+                if ejected[i] { e[i].state.connect_failed(now, &policy); } else { any_healthy = true; }
+            }
+            let algorithm = [Algorithm::RoundRobin, Algorithm::LeastConn, Algorithm::P2c, Algorithm::Maglev][algo];
+            let sel = all(&e);
+            let s = Selector::build(algorithm, &e, &sel);
+            let cursor = AtomicUsize::new(0);
+            for c in clients {
+                let ctx = PickContext { client: client(c), cursor: &cursor, now, tried: &[] };
+                let i = pick(&s, &e, &sel, &ctx).expect("a pick");
+                if any_healthy {
+                    prop_assert!(!ejected[i], "{:?} picked ejected {}", algorithm, i);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn p2c_compares_two_distinct_backends() {
+        // Load every backend but one: if p2c ever compared a backend with
+        // itself, a loaded backend could win; the idle one must win every draw
+        // it is in, which is 1 - (1 - 1/n)(1 - 1/(n-1)) = 2/n of them.
+        fastrand::seed(7);
+        for n in 2usize..20 {
+            let e = entries(n, |_| 1);
+            let _load: Vec<_> = (1..n)
+                .flat_map(|i| (0..5).map(move |_| i))
+                .map(|i| e[i].state.start_connection())
+                .collect();
+            let sel = all(&e);
+            let cursor = AtomicUsize::new(0);
+            let ctx = PickContext {
+                client: client(0),
+                cursor: &cursor,
+                now: Instant::now(),
+                tried: &[],
+            };
+            let draws = 20_000;
+            let idle_wins = (0..draws)
+                .filter(|_| pick(&Selector::P2c, &e, &sel, &ctx) == Some(0))
+                .count();
+            let share = idle_wins as f64 / f64::from(draws);
+            let expected = 2.0 / n as f64;
+            assert!(
+                (share - expected).abs() < 0.02,
+                "n={n}: idle share {share}, expected {expected}"
+            );
+        }
+    }
+}

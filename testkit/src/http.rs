@@ -9,9 +9,15 @@ use tokio::net::TcpStream;
 
 /// GETs `path` from `addr`; `None` on any failure or after 2 s.
 pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    request(addr, "GET", path).await
+}
+
+/// Sends a body-less `method` request for `path` to `addr` and returns the
+/// status and body; `None` on any failure or after 2 s.
+pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.ok()?;

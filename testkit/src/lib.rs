@@ -14,10 +14,11 @@
 //! # Layout
 //! - `process`: one Consul process: ports, arguments, log file, kill on drop.
 //! - `ports`: free-port allocation on a loopback address.
-//! - `http`: a tiny HTTP/1.0 GET for readiness polling, with no client crate.
+//! - [`http`]: a tiny HTTP/1.0 client for readiness polling and admin APIs,
+//!   independent of the code under test.
 //! - [`eventually`]: poll a condition until a generous deadline.
 
-mod http;
+pub mod http;
 mod ports;
 mod process;
 

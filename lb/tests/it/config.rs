@@ -1,0 +1,60 @@
+use std::process::Command;
+
+fn check(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lb.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_halo-lb"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_accepts_the_shipped_example() {
+    let example = halo_testkit::workspace_root().join("packaging/examples/lb.toml");
+    let (ok, text) = check(&std::fs::read_to_string(example).unwrap());
+    assert!(ok, "{text}");
+    assert!(text.contains("is valid (1 vip)"), "{text}");
+}
+
+#[test]
+fn check_refuses_bad_files_naming_the_key_and_reason() {
+    let (ok, text) = check("[[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nbackends = [\"127.0.0.1:1\"]\nconnect_timeout = \"soon\"\n");
+    assert!(!ok);
+    assert!(
+        text.contains("connect_timeout") && text.contains("invalid duration"),
+        "{text}"
+    );
+
+    let (ok, text) = check("[[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:99999\"\nbackends = [\"127.0.0.1:1\"]\n");
+    assert!(!ok);
+    assert!(
+        text.contains("vip[0].listen") && text.contains("not an ip:port"),
+        "{text}"
+    );
+
+    let (ok, text) = check(
+        "[[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nbackends = [\"127.0.0.1:1\"]\nalgorithm = \"fastest\"\n",
+    );
+    assert!(!ok);
+    assert!(text.contains("fastest") && text.contains("round_robin"), "{text}");
+
+    let (ok, text) = check("[admin]\nlisten = \"127.0.0.1:1\"\n");
+    assert!(!ok);
+    assert!(text.contains("at least one [[vip]]"), "{text}");
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_halo-lb"))
+        .args(["check", "--config", "/nonexistent/halo.toml"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the file"));
+}

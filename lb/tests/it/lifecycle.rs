@@ -1,0 +1,88 @@
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn sighup_applies_a_good_file_and_keeps_serving_on_a_bad_one() {
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let b = TestBackend::start("b", Behavior::GreetEcho).await;
+    let (admin, vip) = addrs();
+    let lb = Lb::start(&one_vip(admin, vip, &[a.addr], ""), admin, &[vip]).await;
+    assert_eq!(greeting(vip).await.unwrap().0, "a");
+
+    // A good file: now only b, and a second VIP appears.
+    let vip2 = std::net::SocketAddr::from(([127, 0, 0, 1], port()));
+    let good = format!(
+        "{}\n[[vip]]\nname = \"second\"\nlisten = \"{vip2}\"\nbackends = [\"{}\"]\n",
+        one_vip(admin, vip, &[b.addr], ""),
+        a.addr
+    );
+    lb.write_config(&good);
+    lb.signal(Signal::SIGHUP);
+    halo_testkit::eventually(DEADLINE, "the reload to route to b", || async {
+        (greeting(vip).await.ok()?.0 == "b").then_some(())
+    })
+    .await;
+    assert_eq!(greeting(vip2).await.unwrap().0, "a", "the new vip serves");
+
+    // A bad file: logged, and the running config keeps serving.
+    lb.write_config("[[vip]]\nname = \"web\"\nlisten = \"nowhere\"\n");
+    lb.signal(Signal::SIGHUP);
+    halo_testkit::eventually(DEADLINE, "the rejection to be logged", || async {
+        lb.log().contains("reload rejected").then_some(())
+    })
+    .await;
+    let log = lb.log();
+    assert!(log.contains("vip[0].listen"), "the log names the field:\n{log}");
+    for _ in 0..5 {
+        assert_eq!(greeting(vip).await.unwrap().0, "b");
+    }
+    assert_eq!(greeting(vip2).await.unwrap().0, "a");
+}
+
+#[tokio::test]
+async fn sigterm_drains_live_connections_then_exits_cleanly() {
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let (admin, vip) = addrs();
+    let mut lb = Lb::start(&one_vip(admin, vip, &[a.addr], ""), admin, &[vip]).await;
+    let (_, mut live) = greeting(vip).await.unwrap();
+
+    lb.signal(Signal::SIGTERM);
+    // New connections are refused once the listener is closed...
+    halo_testkit::eventually(DEADLINE, "the listener to close", || async {
+        TcpStream::connect(vip).await.is_err().then_some(())
+    })
+    .await;
+    let (code, _) = halo_testkit::http::get(admin, "/health").await.unwrap();
+    assert_eq!(code, 503, "health says draining");
+    // ...while the live one keeps working.
+    live.get_mut().write_all(b"still here\n").await.unwrap();
+    let mut line = String::new();
+    live.read_line(&mut line).await.unwrap();
+    assert_eq!(line, "still here\n");
+    assert!(lb.is_running(), "waits for the live connection");
+
+    drop(live);
+    let status = lb.wait_exit().await;
+    assert!(status.success(), "{status}");
+    assert!(lb.log().contains("drained: every connection finished"));
+}
+
+#[tokio::test]
+async fn the_drain_timeout_bounds_the_wait() {
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let (admin, vip) = addrs();
+    let cfg = one_vip(admin, vip, &[a.addr], "").replace("drain_timeout = \"10s\"", "drain_timeout = \"300ms\"");
+    let mut lb = Lb::start(&cfg, admin, &[vip]).await;
+    let (_, _live) = greeting(vip).await.unwrap();
+    lb.signal(Signal::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(30), lb.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success());
+    assert!(lb.log().contains("drain timeout"));
+}

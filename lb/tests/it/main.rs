@@ -1,0 +1,8 @@
+//! halo-lb end to end: the real binary, real sockets, backends the tests run.
+
+mod support;
+
+mod admin;
+mod config;
+mod data_plane;
+mod lifecycle;
