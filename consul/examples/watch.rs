@@ -1,6 +1,6 @@
 //! Registers a service instance with a TTL check on the local agent, flips its
 //! health a few times, and prints what a blocking health watch sees: the same
-//! path halo-lb's discovery takes. Run it with `scripts/demo.sh`, or against
+//! path halo-lb's discovery takes. Run it against
 //! any agent: `CONSUL_HTTP_ADDR=127.0.0.1:8500 cargo run -p halo-consul --example watch`.
 
 use std::time::Duration;
