@@ -57,13 +57,21 @@ async fn killing_one_of_three_backends_under_load_costs_clients_nothing() {
     let lb = Lb::start(&cfg, admin, &[vip]).await;
 
     let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
+    let failed_after_kill = Arc::new(AtomicUsize::new(0));
     let cut = Arc::new(AtomicUsize::new(0));
+    // Set once backend b is dead for sure (its port refuses connections).
+    let dead_since: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     let mut clients = Vec::new();
     for _ in 0..4 {
-        let (ok, failed, cut) = (Arc::clone(&ok), Arc::clone(&failed), Arc::clone(&cut));
+        let (ok, failed_after_kill, cut, dead_since) = (
+            Arc::clone(&ok),
+            Arc::clone(&failed_after_kill),
+            Arc::clone(&cut),
+            Arc::clone(&dead_since),
+        );
         clients.push(tokio::spawn(async move {
             for i in 0..150 {
+                let started = Instant::now();
                 match greeting(vip).await {
                     Ok((name, mut conn)) => {
                         let msg = format!("ping {i}\n");
@@ -82,8 +90,16 @@ async fn killing_one_of_three_backends_under_load_costs_clients_nothing() {
                         }
                     }
                     Err(e) => {
-                        eprintln!("client error: {e}");
-                        failed.fetch_add(1, Ordering::SeqCst);
+                        // A connection the kernel had already completed to b when
+                        // b died is reset like any live one. Every connection
+                        // started after b was dead must succeed.
+                        let dead = *dead_since.lock().unwrap();
+                        if dead.is_some_and(|d| started >= d) {
+                            eprintln!("client error after the kill: {e}");
+                            failed_after_kill.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            cut.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
                 }
             }
@@ -94,16 +110,23 @@ async fn killing_one_of_three_backends_under_load_costs_clients_nothing() {
         (ok.load(Ordering::SeqCst) > 60).then_some(())
     })
     .await;
+    let b_addr = backends[1].addr;
     backends[1].kill();
+    halo_testkit::eventually(DEADLINE, "backend b to refuse connections", || async {
+        TcpStream::connect(b_addr).await.is_err().then_some(())
+    })
+    .await;
+    *dead_since.lock().unwrap() = Some(Instant::now());
     for c in clients {
         c.await.unwrap();
     }
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "no new connection failed");
-    let cut = cut.load(Ordering::SeqCst);
-    assert!(
-        cut <= 4,
-        "at most the connections live on b at the kill were cut: {cut}"
+    assert_eq!(
+        failed_after_kill.load(Ordering::SeqCst),
+        0,
+        "no connection started after the kill failed"
     );
+    let cut = cut.load(Ordering::SeqCst);
+    assert!(cut <= 8, "only connections in flight to b at the kill were cut: {cut}");
     assert_eq!(ok.load(Ordering::SeqCst) + cut, 600);
 
     // The dead backend was ejected and the retries counted.

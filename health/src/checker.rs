@@ -1,0 +1,260 @@
+//! A checker runs one probe on an interval and turns its results into a
+//! state with hysteresis: the state flips only after `rise` good results or
+//! `fall` failures in a row. Callers watch flips, not probes.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::probe::{Outcome, Probe, Prober};
+
+/// A check's state as callers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Up, last result passed.
+    Passing,
+    /// Up, last result warned.
+    Warning,
+    /// Down (or not yet up).
+    Critical,
+}
+
+/// The published state of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckState {
+    /// Current status.
+    pub status: Status,
+    /// Output of the most recent probe.
+    pub output: String,
+    /// When `status` last changed (wall clock, for humans and JSON).
+    pub since: SystemTime,
+    /// Probes run so far.
+    pub probes: u64,
+}
+
+/// How a check runs.
+#[derive(Debug, Clone)]
+pub struct CheckConfig {
+    /// Name, unique per process; used in metrics and endpoints.
+    pub name: String,
+    /// What to probe.
+    pub probe: Probe,
+    /// Time between probe starts.
+    pub interval: Duration,
+    /// Deadline of one probe.
+    pub timeout: Duration,
+    /// Each wait is `interval` plus or minus up to this, so many checkers
+    /// don't probe in lockstep.
+    pub jitter: Duration,
+    /// Good results in a row that bring a down check up.
+    pub rise: u32,
+    /// Failures in a row that bring an up check down.
+    pub fall: u32,
+}
+
+/// Rise/fall hysteresis over probe outcomes, without any clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hysteresis {
+    rise: u32,
+    fall: u32,
+    up: bool,
+    good_run: u32,
+    bad_run: u32,
+}
+
+impl Hysteresis {
+    /// Starts down: a new check must earn `rise` good results first.
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Hysteresis {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            up: false,
+            good_run: 0,
+            bad_run: 0,
+        }
+    }
+
+    /// Whether the check is up.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Feeds one outcome (warn counts as good); returns the status after it.
+    pub fn observe(&mut self, outcome: Outcome) -> Status {
+        match outcome {
+            Outcome::Pass | Outcome::Warn => {
+                self.bad_run = 0;
+                self.good_run = self.good_run.saturating_add(1);
+                if !self.up && self.good_run >= self.rise {
+                    self.up = true;
+                }
+            }
+            Outcome::Fail => {
+                self.good_run = 0;
+                self.bad_run = self.bad_run.saturating_add(1);
+                if self.up && self.bad_run >= self.fall {
+                    self.up = false;
+                }
+            }
+        }
+        match (self.up, outcome) {
+            (false, _) => Status::Critical,
+            (true, Outcome::Warn) => Status::Warning,
+            // Up but this probe failed (fewer than `fall` in a row): the last
+            // good status stands; callers see Passing.
+            (true, _) => Status::Passing,
+        }
+    }
+}
+
+/// A running check: read its state, or wait for flips.
+#[derive(Debug, Clone)]
+pub struct CheckHandle {
+    name: String,
+    state: watch::Receiver<CheckState>,
+}
+
+impl CheckHandle {
+    /// The check's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current state.
+    pub fn state(&self) -> CheckState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that wakes on every status flip.
+    pub fn subscribe(&self) -> watch::Receiver<CheckState> {
+        self.state.clone()
+    }
+}
+
+/// Starts a checker task that runs until `stop` is cancelled.
+pub fn spawn(config: CheckConfig, prober: Prober, stop: CancellationToken) -> CheckHandle {
+    let (tx, rx) = watch::channel(CheckState {
+        status: Status::Critical,
+        output: "not checked yet".into(),
+        since: SystemTime::now(),
+        probes: 0,
+    });
+    let name = config.name.clone();
+    tokio::spawn(run(config, prober, tx, stop));
+    CheckHandle { name, state: rx }
+}
+
+async fn run(config: CheckConfig, prober: Prober, tx: watch::Sender<CheckState>, stop: CancellationToken) {
+    let labels = [("check", config.name.clone())];
+    let latency = metrics::histogram!("halo_probe_duration_seconds", &labels);
+    let flips = metrics::counter!("halo_check_flips_total", &labels);
+    let up = metrics::gauge!("halo_check_up", &labels);
+    up.set(0.0);
+    let mut hysteresis = Hysteresis::new(config.rise, config.fall);
+    // First probe soon, spread by jitter.
+    let mut next = Instant::now() + jittered(Duration::ZERO, config.jitter);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        let started = Instant::now();
+        let result = prober.run(&config.probe, config.timeout).await;
+        latency.record(result.latency.as_secs_f64());
+        let status = hysteresis.observe(result.outcome);
+        tx.send_if_modified(|state| {
+            state.probes += 1;
+            state.output = result.output.clone();
+            if state.status == status {
+                return false;
+            }
+            tracing::info!(check = %config.name, from = ?state.status, to = ?status, output = %result.output, "check flipped");
+            state.status = status;
+            state.since = SystemTime::now();
+            flips.increment(1);
+            up.set(if status == Status::Critical { 0.0 } else { 1.0 });
+            true
+        });
+        next = started + jittered(config.interval, config.jitter);
+    }
+}
+
+fn jittered(base: Duration, jitter: Duration) -> Duration {
+    if jitter.is_zero() {
+        return base;
+    }
+    let offset = jitter.mul_f64(fastrand::f64() * 2.0 - 1.0);
+    if fastrand::bool() {
+        base.saturating_add(offset)
+    } else {
+        base.saturating_sub(offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Outcome::*;
+
+    #[test]
+    fn a_new_check_rises_only_after_rise_good_results() {
+        let mut h = Hysteresis::new(2, 3);
+        assert_eq!(h.observe(Pass), Status::Critical);
+        assert_eq!(h.observe(Pass), Status::Passing);
+        assert!(h.is_up());
+    }
+
+    #[test]
+    fn an_up_check_falls_only_after_fall_failures_in_a_row() {
+        let mut h = Hysteresis::new(1, 3);
+        h.observe(Pass);
+        assert_eq!(h.observe(Fail), Status::Passing);
+        assert_eq!(h.observe(Fail), Status::Passing);
+        assert_eq!(h.observe(Pass), Status::Passing, "a good result resets the run");
+        assert_eq!(h.observe(Fail), Status::Passing);
+        assert_eq!(h.observe(Fail), Status::Passing);
+        assert_eq!(h.observe(Fail), Status::Critical);
+        assert_eq!(h.observe(Pass), Status::Passing, "rise = 1");
+    }
+
+    #[test]
+    fn warnings_keep_a_check_up_and_show_as_warning() {
+        let mut h = Hysteresis::new(1, 1);
+        assert_eq!(h.observe(Warn), Status::Warning);
+        assert_eq!(h.observe(Pass), Status::Passing);
+        assert_eq!(h.observe(Warn), Status::Warning);
+        assert_eq!(h.observe(Fail), Status::Critical);
+    }
+
+    #[tokio::test]
+    async fn the_checker_publishes_flips_on_its_interval() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let handle = spawn(
+            CheckConfig {
+                name: "tcp".into(),
+                probe: Probe::Tcp(addr),
+                interval: Duration::from_millis(50),
+                timeout: Duration::from_secs(2),
+                jitter: Duration::ZERO,
+                rise: 2,
+                fall: 2,
+            },
+            Prober::default(),
+            stop.clone(),
+        );
+        let mut rx = handle.subscribe();
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow().status, Status::Passing);
+        assert!(rx.borrow().probes >= 2, "rise took two probes");
+        drop(listener);
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow().status, Status::Critical);
+        assert!(rx.borrow().output.contains("refused"), "{}", rx.borrow().output);
+        stop.cancel();
+    }
+}
