@@ -186,7 +186,7 @@ fn jittered(base: Duration, jitter: Duration) -> Duration {
     if jitter.is_zero() {
         return base;
     }
-    let offset = jitter.mul_f64(fastrand::f64() * 2.0 - 1.0);
+    let offset = jitter.mul_f64(fastrand::f64());
     if fastrand::bool() {
         base.saturating_add(offset)
     } else {
@@ -218,6 +218,17 @@ mod tests {
         assert_eq!(h.observe(Fail), Status::Passing);
         assert_eq!(h.observe(Fail), Status::Critical);
         assert_eq!(h.observe(Pass), Status::Passing, "rise = 1");
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let base = Duration::from_millis(1000);
+        let jitter = Duration::from_millis(100);
+        for _ in 0..10_000 {
+            let d = jittered(base, jitter);
+            assert!(d >= base - jitter && d <= base + jitter, "{d:?}");
+        }
+        assert!(jittered(Duration::ZERO, jitter) <= jitter);
     }
 
     #[test]

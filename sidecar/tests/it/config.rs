@@ -1,0 +1,43 @@
+use std::process::Command;
+
+#[test]
+fn a_bad_config_is_refused_with_the_field_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[service]\nname = \"web\"\nport = 9001\n[[check]]\nname = \"x\"\ntype = \"http\"\nurl = \"http://127.0.0.1:1/\"\ninterval = \"often\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_halo-sidecar"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interval") && err.contains("invalid duration"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_halo-sidecar"))
+        .args(["check"])
+        .env("HALO_SERVICE_NAME", "web")
+        .env("HALO_SERVICE_PORT", "9001")
+        .env("HALO_CHECK_0_NAME", "t")
+        .env("HALO_CHECK_0_TYPE", "tcp")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("check[0].address: required"), "{err}");
+}
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let example = halo_testkit::workspace_root().join("packaging/examples/sidecar.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_halo-sidecar"))
+        .args(["check", "--config"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
