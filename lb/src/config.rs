@@ -47,6 +47,10 @@ pub struct Config {
     /// [`DEFAULT_DRAIN_TIMEOUT`].
     #[serde(default = "default_drain_timeout", with = "go_duration")]
     pub drain_timeout: Duration,
+    /// Data-plane threads, each a single-threaded runtime serving its own
+    /// connections. Unset: one per core.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// The virtual IPs to serve (`[[vip]]` tables).
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
@@ -322,6 +326,9 @@ impl Config {
                 None
             }
         };
+        if self.workers == Some(0) {
+            problems.push("workers: must be at least 1".to_owned());
+        }
         if self.vips.is_empty() {
             problems.push("vip: at least one [[vip]] is required".to_owned());
         }

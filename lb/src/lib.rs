@@ -22,6 +22,7 @@
 //! - [`proxy_protocol`]: PROXY v1/v2 headers.
 //! - [`server`]: the running set of VIPs, reload, status, drain.
 //! - [`admin`]: `/health`, `/status`, `/metrics`, backend enable/disable.
+//! - [`workers`]: one single-threaded runtime per core for the data plane.
 
 pub mod admin;
 pub mod backend;
@@ -32,6 +33,7 @@ pub mod proxy_protocol;
 pub mod selection;
 pub mod server;
 pub mod table;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Validated};
 use crate::server::Server;
+use crate::workers::Workers;
 
 /// Runs the balancer until SIGTERM or SIGINT, then drains. SIGHUP reloads
 /// `config_path`; a bad file is logged and the running config kept.
@@ -52,7 +55,9 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
-    let server = Server::new(&config, prometheus.clone());
+    let count = config.config.workers.unwrap_or_else(workers::default_count);
+    let workers = Workers::start(count).context("cannot start the worker threads")?;
+    let server = Server::new(&config, prometheus.clone(), workers);
     let admin_listener = tokio::net::TcpListener::bind(config.admin)
         .await
         .with_context(|| format!("cannot listen on admin.listen {}", config.admin))?;

@@ -22,8 +22,10 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Binds a VIP listener: SO_REUSEADDR (restart without waiting out
 /// TIME_WAIT), IP_FREEBIND (bind an address not yet on the host, for the
-/// floating VIP), and the given backlog.
-pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// floating VIP), and the given backlog. Deliberately not SO_REUSEPORT: a
+/// second process binding the same VIP must fail, not silently share it.
+/// Workers share this one socket (see [`crate::workers`]).
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv4() {
@@ -34,7 +36,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 fn tune(stream: &TcpStream) {
@@ -53,17 +55,17 @@ pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Cancellatio
     let local = listener.local_addr().ok();
     tracing::info!(vip = vip.name(), listen = ?local, "accepting");
     loop {
-        tokio::select! {
+        let mut slot = tokio::select! {
             () = stop.cancelled() => break,
-            () = vip.wait_for_slot() => {}
-        }
+            slot = vip.reserve_slot() => slot,
+        };
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let slot = vip.start_client();
+                slot.accepted();
                 let vip = Arc::clone(&vip);
                 tracker.spawn(async move {
                     handle(&vip, stream, peer).await;

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,6 +16,7 @@ use crate::backend::Backend;
 use crate::config::{Validated, ValidatedVip};
 use crate::proxy;
 use crate::table::{Vip, VipSettings};
+use crate::workers::Workers;
 
 /// One VIP being served.
 #[derive(Debug)]
@@ -38,6 +38,7 @@ pub struct Server {
     admin: SocketAddr,
     drain_timeout: Mutex<Duration>,
     prometheus: Option<PrometheusHandle>,
+    workers: Workers,
 }
 
 /// Why a configuration could not be applied.
@@ -68,7 +69,7 @@ fn static_backends(vip: &ValidatedVip) -> Vec<Backend> {
 
 impl Server {
     /// A server with no VIPs yet; [`Server::apply`] adds them.
-    pub fn new(config: &Validated, prometheus: Option<PrometheusHandle>) -> Arc<Server> {
+    pub fn new(config: &Validated, prometheus: Option<PrometheusHandle>, workers: Workers) -> Arc<Server> {
         Arc::new(Server {
             vips: Mutex::new(BTreeMap::new()),
             connections: TaskTracker::new(),
@@ -76,6 +77,7 @@ impl Server {
             admin: config.admin,
             drain_timeout: Mutex::new(config.config.drain_timeout),
             prometheus,
+            workers,
         })
     }
 
@@ -89,7 +91,7 @@ impl Server {
         let mut vips = self.vips.lock().expect("vip registry poisoned");
 
         // 1. Bind whatever needs a new listener.
-        let mut new_listeners: BTreeMap<String, TcpListener> = BTreeMap::new();
+        let mut new_listeners: BTreeMap<String, std::net::TcpListener> = BTreeMap::new();
         for v in &config.vips {
             let needs_bind = vips.get(&v.config.name).is_none_or(|r| r.listen != v.listen);
             if needs_bind {
@@ -150,13 +152,26 @@ impl Server {
         Ok(())
     }
 
-    fn spawn_accept(&self, vip: &Arc<Vip>, listener: TcpListener, stop: CancellationToken) {
-        tokio::spawn(proxy::accept_loop(
-            Arc::clone(vip),
-            listener,
-            stop,
-            self.connections.clone(),
-        ));
+    /// Runs an accept loop for `listener` on every worker: each registers
+    /// its own clone of the socket with its own runtime, and whichever
+    /// accepts a connection serves it to the end on that thread.
+    fn spawn_accept(&self, vip: &Arc<Vip>, listener: std::net::TcpListener, stop: CancellationToken) {
+        for worker in self.workers.handles() {
+            let listener = match listener.try_clone() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(vip = vip.name(), error = %e, "cannot share the listener with a worker");
+                    continue;
+                }
+            };
+            let (vip, stop, tracker) = (Arc::clone(vip), stop.clone(), self.connections.clone());
+            worker.spawn(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => proxy::accept_loop(vip, listener, stop, tracker).await,
+                    Err(e) => tracing::error!(vip = vip.name(), error = %e, "cannot register the listener"),
+                }
+            });
+        }
     }
 
     /// The VIP named `name`.

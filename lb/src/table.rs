@@ -146,9 +146,12 @@ pub struct Vip {
     builder: Mutex<BuilderState>,
     /// Round-robin position; survives swaps.
     cursor: AtomicUsize,
-    /// Live client connections, and a wake-up for the accept loop when one
-    /// ends below the limit.
+    /// Connection slots taken: live connections plus at most one
+    /// reservation per accepting worker. The limit is enforced on this.
+    slots: AtomicUsize,
+    /// Live (accepted) client connections.
     active: AtomicUsize,
+    /// Wakes accept loops waiting at the limit when a slot frees.
     slot_freed: Notify,
     next_version: AtomicU64,
     metrics: VipMetrics,
@@ -236,6 +239,7 @@ impl Vip {
             table: ArcSwap::from_pointee(empty),
             builder: Mutex::new(builder),
             cursor: AtomicUsize::new(0),
+            slots: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             slot_freed: Notify::new(),
             next_version: AtomicU64::new(1),
@@ -352,14 +356,28 @@ impl Vip {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Waits until the VIP is below its connection limit.
-    pub async fn wait_for_slot(&self) {
+    /// Takes a connection slot, waiting while the VIP is at its limit. Each
+    /// worker reserves a slot before it accepts, so several workers can never
+    /// together accept past the limit.
+    pub async fn reserve_slot(self: &Arc<Self>) -> ClientSlot {
         let mut counted = false;
         loop {
             let notified = self.slot_freed.notified();
             let limit = self.table.load().settings.max_connections;
-            if self.active.load(Ordering::Acquire) < limit {
-                return;
+            let mut taken = self.slots.load(Ordering::Acquire);
+            while taken < limit {
+                match self
+                    .slots
+                    .compare_exchange_weak(taken, taken + 1, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => {
+                        return ClientSlot {
+                            vip: Arc::clone(self),
+                            accepted: false,
+                        }
+                    }
+                    Err(now) => taken = now,
+                }
             }
             if !counted {
                 counted = true;
@@ -370,30 +388,39 @@ impl Vip {
         }
     }
 
-    /// Counts a client connection until the guard drops.
-    pub fn start_client(self: &Arc<Self>) -> ClientSlot {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        self.metrics.connections.increment(1);
-        self.metrics.active.increment(1.0);
-        ClientSlot { vip: Arc::clone(self) }
-    }
-
     /// Now, for ejection decisions.
     pub fn now() -> Instant {
         Instant::now()
     }
 }
 
-/// One live client connection of a VIP.
+/// A connection slot of a VIP: reserved before accepting, then held by the
+/// accepted connection until it ends.
 #[derive(Debug)]
 pub struct ClientSlot {
     vip: Arc<Vip>,
+    accepted: bool,
+}
+
+impl ClientSlot {
+    /// The reservation now belongs to an accepted connection.
+    pub fn accepted(&mut self) {
+        if !self.accepted {
+            self.accepted = true;
+            self.vip.active.fetch_add(1, Ordering::Relaxed);
+            self.vip.metrics.connections.increment(1);
+            self.vip.metrics.active.increment(1.0);
+        }
+    }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        self.vip.active.fetch_sub(1, Ordering::AcqRel);
-        self.vip.metrics.active.decrement(1.0);
+        if self.accepted {
+            self.vip.active.fetch_sub(1, Ordering::Relaxed);
+            self.vip.metrics.active.decrement(1.0);
+        }
+        self.vip.slots.fetch_sub(1, Ordering::AcqRel);
         self.vip.slot_freed.notify_waiters();
     }
 }

@@ -1,0 +1,69 @@
+//! The data plane's threads: one single-threaded tokio runtime per core.
+//!
+//! Each worker accepts on its own registration of every VIP's listening
+//! socket and serves the connections it accepts to the end on its own
+//! thread, so a connection's reads and writes never hop between threads
+//! (no cross-thread wake-ups on the per-byte path, no work stealing). The
+//! control plane (admin API, signals, reloads, discovery) runs on the main
+//! runtime.
+
+use std::sync::Arc;
+
+use tokio::runtime::Handle;
+
+/// Handles on the worker runtimes; cloning shares them.
+#[derive(Debug, Clone)]
+pub struct Workers {
+    handles: Arc<Vec<Handle>>,
+}
+
+impl Workers {
+    /// Starts `n` worker threads (at least one), each running a
+    /// single-threaded runtime until the process exits.
+    pub fn start(n: usize) -> std::io::Result<Workers> {
+        let mut handles = Vec::new();
+        for i in 0..n.max(1) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("halo-worker-{i}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // The receiver learns of the failure from the closed channel.
+                            tracing::error!(error = %e, "cannot build a worker runtime");
+                            return;
+                        }
+                    };
+                    if tx.send(runtime.handle().clone()).is_err() {
+                        return;
+                    }
+                    runtime.block_on(std::future::pending::<()>());
+                })?;
+            let handle = rx
+                .recv()
+                .map_err(|_| std::io::Error::other(format!("worker {i} failed to start its runtime")))?;
+            handles.push(handle);
+        }
+        Ok(Workers {
+            handles: Arc::new(handles),
+        })
+    }
+
+    /// Uses the current runtime as the only worker (tests, embedding).
+    pub fn current() -> Workers {
+        Workers {
+            handles: Arc::new(vec![Handle::current()]),
+        }
+    }
+
+    /// The worker runtimes.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+}
+
+/// The default worker count: one per available core.
+pub fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
