@@ -6,8 +6,8 @@
 //!   out. No buffer lives in an idle connection: memory is only held for
 //!   bytes a slow peer has not taken yet.
 //! - **splice**: zero-copy through a kernel pipe with `splice(2)`; the bytes
-//!   never enter user space. The pipe is made on the first byte, so idle
-//!   connections cost no extra descriptors.
+//!   never enter user space. Pipes come from a per-thread pool and are held
+//!   only while bytes are in flight, so idle connections cost no pipes.
 //!
 //! Half-close: when one side sends FIN, we shut down writing towards the
 //! other and keep copying the other direction until it ends too.
@@ -181,41 +181,73 @@ async fn pump_buffered(src: &TcpStream, dst: &TcpStream, counter: &Counter, acti
     }
 }
 
+/// A kernel pipe for splice(2): (read end, write end).
+struct Pipe(OwnedFd, OwnedFd);
+
+/// Empty pipes kept per thread for reuse; beyond this they are closed.
+const PIPE_POOL_MAX: usize = 64;
+
+thread_local! {
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty pipe from this thread's pool, or a new one. A connection holds a
+/// pipe only while bytes are in flight, so idle connections cost no pipe
+/// descriptors (HAProxy pools its splice pipes the same way).
+fn take_pipe() -> io::Result<Pipe> {
+    if let Some(pipe) = PIPES.with_borrow_mut(Vec::pop) {
+        return Ok(pipe);
+    }
+    let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    // A bigger pipe moves more per syscall; best effort.
+    if let Err(e) = nix::fcntl::fcntl(write.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20)) {
+        tracing::trace!(error = %e, "F_SETPIPE_SZ refused; keeping the default pipe size");
+    }
+    Ok(Pipe(read, write))
+}
+
+/// Returns an empty pipe to the pool (or closes it if the pool is full).
+fn give_back(pipe: Pipe) {
+    PIPES.with_borrow_mut(|pool| {
+        if pool.len() < PIPE_POOL_MAX {
+            pool.push(pipe);
+        }
+    });
+}
+
 async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activity: Activity<'_>) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
         src.readable().await?;
-        let (read_end, write_end) = match &pipe {
-            Some(p) => p,
-            None => {
-                let p = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-                // A bigger pipe moves more per syscall; best effort.
-                if let Err(e) = nix::fcntl::fcntl(p.1.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20)) {
-                    tracing::trace!(error = %e, "F_SETPIPE_SZ refused; keeping the default pipe size");
-                }
-                pipe.insert(p)
-            }
-        };
+        let pipe = take_pipe()?;
         let moved = src.try_io(Interest::READABLE, || {
-            splice(src.as_fd(), None, write_end.as_fd(), None, 1 << 20, flags).map_err(io::Error::from)
+            splice(src.as_fd(), None, pipe.1.as_fd(), None, 1 << 20, flags).map_err(io::Error::from)
         });
         let mut in_pipe = match moved {
             Ok(0) => {
+                give_back(pipe);
                 half_close(dst);
                 return Ok(total);
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give_back(pipe);
+                continue;
+            }
+            Err(e) => {
+                give_back(pipe);
+                return Err(e);
+            }
         };
         total += in_pipe as u64;
         counter.increment(in_pipe as u64);
         activity.touch();
+        // On an error here the pipe still holds bytes: it is dropped
+        // (closed), never pooled.
         while in_pipe > 0 {
             let out = dst.try_io(Interest::WRITABLE, || {
-                splice(read_end.as_fd(), None, dst.as_fd(), None, in_pipe, flags).map_err(io::Error::from)
+                splice(pipe.0.as_fd(), None, dst.as_fd(), None, in_pipe, flags).map_err(io::Error::from)
             });
             match out {
                 Ok(m) => {
@@ -226,5 +258,6 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activi
                 Err(e) => return Err(e),
             }
         }
+        give_back(pipe);
     }
 }
