@@ -12,10 +12,12 @@
 //! - [`probe`]: HTTP, TCP and exec probes with deadlines and capped output.
 //! - [`checker`]: the interval loop, [`Hysteresis`], [`CheckHandle`].
 //! - [`server`]: health endpoints, JSON/text responses, the serve loop.
+//! - [`telemetry`]: logging and the Prometheus recorder for both binaries.
 
 pub mod checker;
 pub mod probe;
 pub mod server;
+pub mod telemetry;
 
 pub use checker::{spawn, CheckConfig, CheckHandle, CheckState, Hysteresis, Status};
 pub use probe::{ExecProbe, HttpProbe, Outcome, Probe, ProbeResult, Prober};

@@ -45,16 +45,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
-    let prometheus = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-        Ok(handle) => Some(handle),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install the metrics recorder; /metrics disabled");
-            None
-        }
-    };
+    let prometheus = halo_health::telemetry::init();
     // The control plane runs here; the data plane on its own worker threads.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
