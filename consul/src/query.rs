@@ -13,7 +13,10 @@
 //!   every time: a hot loop), it is raised to 1;
 //! - the loop is rate limited, since unrelated writes can move a health
 //!   query's index many times a second;
-//! - failures back off exponentially (capped, with jitter) instead of spinning.
+//! - failures back off exponentially (capped, with jitter) instead of spinning,
+//!   and the next call after a failure does not block: the server may have
+//!   restarted with a lower index, on which a blocking read would wait out
+//!   the whole `wait`.
 
 use std::time::Duration;
 
@@ -255,6 +258,11 @@ impl Watch {
             }
             Err(e) => {
                 self.failures = self.failures.saturating_add(1);
+                // After a failure we no longer know what the server has seen
+                // (an agent may have restarted with a fresh, lower index, and
+                // a blocking read on our old index would then hang for the
+                // whole wait): start over with a non-blocking read.
+                self.index = 0;
                 Err(e)
             }
         }
@@ -412,6 +420,7 @@ mod tests {
         assert!(gaps[2] >= Duration::from_millis(150) && gaps[2] <= Duration::from_millis(250));
         assert!(gaps[7] <= Duration::from_secs(1), "capped: {:?}", gaps[7]);
         assert!(gaps[7] >= Duration::from_millis(750));
+        assert_eq!(w.options().index, None, "after a failure the next read does not block");
         // A success resets the back-off.
         w.next(|_| async {
             Ok(Response {

@@ -51,6 +51,9 @@ pub struct Config {
     /// connections. Unset: one per core.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// How to reach Consul, for VIPs with `service`.
+    #[serde(default)]
+    pub consul: ConsulConfig,
     /// The virtual IPs to serve (`[[vip]]` tables).
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
@@ -71,6 +74,19 @@ impl Default for AdminConfig {
             listen: default_admin_listen(),
         }
     }
+}
+
+/// `[consul]`: the agent halo-lb asks (normally the local one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulConfig {
+    /// Agent address. Unset: `CONSUL_HTTP_ADDR`, else 127.0.0.1:8500.
+    pub address: Option<String>,
+    /// ACL token. Unset: `CONSUL_HTTP_TOKEN`, else none.
+    pub token: Option<String>,
+    /// Longest blocking-query wait. Unset: 60 s.
+    #[serde(default, with = "halo_consul::duration::serde_opt_str")]
+    pub wait: Option<Duration>,
 }
 
 /// How a VIP picks a backend for a new connection.
@@ -171,9 +187,14 @@ pub struct VipConfig {
     /// Balancing algorithm. Unset: round robin.
     #[serde(default)]
     pub algorithm: Algorithm,
-    /// Static backends.
+    /// Static backends. Exactly one of `backends` and `service` is set.
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// Consul service whose passing instances are the backends (watched with
+    /// blocking queries on `/v1/health/service/<service>?passing`).
+    pub service: Option<String>,
+    /// Only instances with this tag. Unset: all.
+    pub service_tag: Option<String>,
     /// Deadline of one backend connect. Unset: 1 s.
     #[serde(default = "default_connect_timeout", with = "go_duration")]
     pub connect_timeout: Duration,
@@ -360,8 +381,20 @@ impl Config {
                     None
                 }
             };
-            if vip.backends.is_empty() {
-                problems.push(format!("{at}.backends: at least one backend is required"));
+            match (&vip.service, vip.backends.is_empty()) {
+                (None, true) => problems.push(format!(
+                    "{at}.backends: at least one backend, or `service` for Consul discovery, is required"
+                )),
+                (Some(_), false) => problems.push(format!(
+                    "{at}.service: set either `backends` (static) or `service` (Consul), not both"
+                )),
+                (Some(name), true) if name.is_empty() || name.contains(['/', '?', ' ']) => {
+                    problems.push(format!("{at}.service: {name:?} is not a Consul service name"))
+                }
+                _ => {}
+            }
+            if vip.service_tag.is_some() && vip.service.is_none() {
+                problems.push(format!("{at}.service_tag: only meaningful with `service`"));
             }
             let mut backends = Vec::new();
             let mut seen = HashSet::new();
@@ -410,6 +443,23 @@ impl Config {
                     backends,
                 });
             }
+        }
+        if self.vips.iter().any(|v| v.service.is_some()) {
+            let consul = halo_consul::Config {
+                address: self.consul.address.clone(),
+                token: self.consul.token.clone(),
+                ..halo_consul::Config::default()
+            };
+            if let Err(e) = halo_consul::Client::new(consul) {
+                problems.push(format!("consul.address: {e}"));
+            }
+        }
+        if self
+            .consul
+            .wait
+            .is_some_and(|w| w < Duration::from_secs(1) || w > Duration::from_secs(600))
+        {
+            problems.push("consul.wait: must be between 1s and 10m".to_owned());
         }
         if !problems.is_empty() {
             return Err(problems);

@@ -13,6 +13,7 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML file, defaults, validation naming every bad field.
+//! - [`discovery`]: Consul's health view as a VIP's backends, fail static.
 //! - [`backend`]: backend identity and live state (connection counts,
 //!   passive ejection with exponential back-off).
 //! - [`selection`]: the algorithms' precomputed state and the pick.
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod copy;
+pub mod discovery;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod selection;

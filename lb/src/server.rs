@@ -13,10 +13,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
-use crate::config::{Validated, ValidatedVip};
+use crate::config::{ConsulConfig, Validated, ValidatedVip};
+use crate::discovery::{self, Discovery, Target};
 use crate::proxy;
 use crate::table::{Vip, VipSettings};
 use crate::workers::Workers;
+
+fn consul_client(c: &ConsulConfig) -> Result<halo_consul::Client, halo_consul::Error> {
+    halo_consul::Client::new(halo_consul::Config {
+        address: c.address.clone(),
+        token: c.token.clone(),
+        datacenter: None,
+        timeout: None,
+    })
+}
 
 /// One VIP being served.
 #[derive(Debug)]
@@ -25,6 +35,8 @@ struct Running {
     listen: SocketAddr,
     /// Cancels this VIP's accept loop (its connections carry on).
     stop: CancellationToken,
+    /// Consul discovery, for VIPs with `service`; dropping it stops it.
+    discovery: Option<Discovery>,
 }
 
 /// The balancer's state, shared by the accept loops, the admin API and the
@@ -39,11 +51,16 @@ pub struct Server {
     drain_timeout: Mutex<Duration>,
     prometheus: Option<PrometheusHandle>,
     workers: Workers,
+    /// The Consul settings discovery tasks were started with.
+    consul: Mutex<Option<ConsulConfig>>,
 }
 
 /// Why a configuration could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    /// The `[consul]` section cannot be used.
+    #[error("consul: {0}")]
+    Consul(#[from] halo_consul::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} for vip {vip:?}: {source}")]
     Bind {
@@ -78,6 +95,7 @@ impl Server {
             drain_timeout: Mutex::new(config.config.drain_timeout),
             prometheus,
             workers,
+            consul: Mutex::new(None),
         })
     }
 
@@ -89,6 +107,14 @@ impl Server {
             tracing::warn!(running = %self.admin, configured = %config.admin, "admin.listen changes take effect only on restart");
         }
         let mut vips = self.vips.lock().expect("vip registry poisoned");
+
+        // 0. A Consul client, if any VIP discovers its backends (before any
+        // change, so a bad [consul] section changes nothing).
+        let client = if config.vips.iter().any(|v| v.config.service.is_some()) {
+            Some(consul_client(&config.config.consul)?)
+        } else {
+            None
+        };
 
         // 1. Bind whatever needs a new listener.
         let mut new_listeners: BTreeMap<String, std::net::TcpListener> = BTreeMap::new();
@@ -116,36 +142,62 @@ impl Server {
             stays
         });
 
-        // 3. Update or start the rest.
+        // 3. Update or start the rest. Discovery restarts when its target or
+        // the Consul settings change; otherwise it carries on undisturbed.
         *self.drain_timeout.lock().expect("poisoned") = config.config.drain_timeout;
+        let consul_changed = {
+            let mut current = self.consul.lock().expect("poisoned");
+            let changed = current.as_ref() != Some(&config.config.consul);
+            *current = Some(config.config.consul.clone());
+            changed
+        };
+        let wait = config.config.consul.wait.unwrap_or(discovery::DEFAULT_WAIT);
         for v in &config.vips {
             let name = &v.config.name;
             let settings = VipSettings::from_config(v);
-            let backends = static_backends(v);
-            match vips.get_mut(name) {
+            let target = v.config.service.as_ref().map(|service| Target {
+                service: service.clone(),
+                tag: v.config.service_tag.clone(),
+            });
+            let running = match vips.get_mut(name) {
                 Some(running) => {
                     running.vip.set_settings(settings);
-                    running.vip.set_backends(backends);
                     if let Some(listener) = new_listeners.remove(name) {
                         running.stop.cancel();
                         running.stop = CancellationToken::new();
                         running.listen = v.listen;
                         self.spawn_accept(&running.vip, listener, running.stop.clone());
                     }
+                    running
                 }
                 None => {
-                    let vip = Vip::new(name, settings, backends);
+                    let vip = Vip::new(name, settings, Vec::new());
                     let stop = CancellationToken::new();
                     let listener = new_listeners.remove(name).expect("bound in step 1");
                     self.spawn_accept(&vip, listener, stop.clone());
-                    vips.insert(
-                        name.clone(),
-                        Running {
-                            vip,
-                            listen: v.listen,
-                            stop,
-                        },
-                    );
+                    vips.entry(name.clone()).or_insert(Running {
+                        vip,
+                        listen: v.listen,
+                        stop,
+                        discovery: None,
+                    })
+                }
+            };
+            match target {
+                None => {
+                    running.discovery = None;
+                    running.vip.set_backends(static_backends(v));
+                }
+                Some(target) => {
+                    let keep = !consul_changed && running.discovery.as_ref().is_some_and(|d| d.target == target);
+                    if !keep {
+                        running.discovery = Some(Discovery::spawn(
+                            client.clone().expect("made above when a vip has a service"),
+                            Arc::clone(&running.vip),
+                            target,
+                            wait,
+                        ));
+                    }
                 }
             }
         }
@@ -230,6 +282,7 @@ impl Server {
                     "max_connections": table.settings.max_connections,
                     "active_connections": r.vip.active(),
                     "table_version": table.version,
+                    "discovery": r.discovery.as_ref().map(Discovery::status),
                     "backends": backends,
                 })
             })

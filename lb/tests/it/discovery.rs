@@ -1,0 +1,149 @@
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use halo_consul::{CheckRegistration, CheckStatus, Client, ServiceRegistration, Weights};
+use halo_testkit::{eventually, ConsulAgent};
+
+use crate::support::*;
+
+async fn register(client: &Client, id: &str, backend: &TestBackend, zone: &str) {
+    client
+        .register_service(&ServiceRegistration {
+            id: id.into(),
+            name: "web".into(),
+            address: Some("127.0.0.1".into()),
+            port: Some(backend.addr.port()),
+            meta: BTreeMap::from([("zone".into(), zone.into())]),
+            weights: Some(Weights { passing: 3, warning: 1 }),
+            checks: vec![CheckRegistration::ttl(
+                format!("{id}:ttl"),
+                "ttl",
+                Duration::from_secs(300),
+                CheckStatus::Passing,
+            )],
+            ..ServiceRegistration::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn config(consul: &ConsulAgent, admin: std::net::SocketAddr, vip: std::net::SocketAddr) -> String {
+    format!(
+        "[admin]\nlisten = \"{admin}\"\n[consul]\naddress = \"{}\"\nwait = \"30s\"\n[[vip]]\nname = \"web\"\nlisten = \"{vip}\"\nservice = \"web\"\n",
+        consul.http_url()
+    )
+}
+
+async fn table_addrs(lb: &Lb) -> Vec<String> {
+    let status = lb.status().await;
+    let mut addrs: Vec<String> = status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap().to_owned())
+        .collect();
+    addrs.sort();
+    addrs
+}
+
+async fn served_by(vip: std::net::SocketAddr, n: usize) -> HashSet<String> {
+    let mut names = HashSet::new();
+    for _ in 0..n {
+        names.insert(greeting(vip).await.unwrap().0);
+    }
+    names
+}
+
+#[tokio::test]
+async fn passing_instances_become_backends_and_failing_ones_leave() {
+    let consul = ConsulAgent::start().await;
+    let client = Client::from_address(consul.http_url()).unwrap();
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let b = TestBackend::start("b", Behavior::GreetEcho).await;
+    register(&client, "web-a", &a, "zone-a").await;
+    register(&client, "web-b", &b, "zone-b").await;
+
+    let (admin, vip) = addrs();
+    let lb = Lb::start(&config(&consul, admin, vip), admin, &[vip]).await;
+    let mut both = vec![a.addr.to_string(), b.addr.to_string()];
+    both.sort();
+    eventually(DEADLINE, "both instances in the table", || async {
+        (table_addrs(&lb).await == both).then_some(())
+    })
+    .await;
+    let status = lb.status().await;
+    let entry = &status["vips"][0]["backends"][0];
+    assert_eq!(entry["weight"], 3, "weight from Consul's Weights.Passing");
+    assert!(
+        entry["zone"].as_str().unwrap().starts_with("zone-"),
+        "zone from the service meta"
+    );
+    assert_eq!(status["vips"][0]["discovery"]["up"], true);
+    assert_eq!(
+        served_by(vip, 12).await,
+        HashSet::from(["a".to_owned(), "b".to_owned()])
+    );
+
+    client.check_fail("web-a:ttl", "down").await.unwrap();
+    eventually(DEADLINE, "the failing instance to leave the table", || async {
+        (table_addrs(&lb).await == [b.addr.to_string()]).then_some(())
+    })
+    .await;
+    assert_eq!(served_by(vip, 6).await, HashSet::from(["b".to_owned()]));
+}
+
+#[tokio::test]
+async fn a_consul_outage_keeps_the_last_good_table_serving() {
+    let mut consul = ConsulAgent::start().await;
+    let client = Client::from_address(consul.http_url()).unwrap();
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    register(&client, "web-a", &a, "zone-a").await;
+    let (admin, vip) = addrs();
+    let lb = Lb::start(&config(&consul, admin, vip), admin, &[vip]).await;
+    eventually(DEADLINE, "the instance in the table", || async {
+        (table_addrs(&lb).await == [a.addr.to_string()]).then_some(())
+    })
+    .await;
+    let version = lb.status().await["vips"][0]["table_version"].clone();
+
+    consul.stop();
+    eventually(DEADLINE, "discovery to report the outage", || async {
+        let status = lb.status().await;
+        (status["vips"][0]["discovery"]["up"] == false).then_some(())
+    })
+    .await;
+    let status = lb.status().await;
+    assert!(status["vips"][0]["discovery"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("Consul"));
+    assert_eq!(
+        table_addrs(&lb).await,
+        [a.addr.to_string()],
+        "never emptied by an error"
+    );
+    assert_eq!(status["vips"][0]["table_version"], version, "no swap during the outage");
+    assert_eq!(served_by(vip, 4).await, HashSet::from(["a".to_owned()]));
+    let (_, metrics) = halo_testkit::http::get(admin, "/metrics").await.unwrap();
+    assert!(metrics.contains("halo_discovery_up{vip=\"web\"} 0"), "{metrics}");
+
+    // Back, with the registration restored: discovery resumes.
+    consul.restart().await;
+    register(&client, "web-a", &a, "zone-a").await;
+    eventually(DEADLINE, "discovery to recover", || async {
+        (lb.status().await["vips"][0]["discovery"]["up"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(table_addrs(&lb).await, [a.addr.to_string()]);
+}
+
+#[test]
+fn static_and_consul_backends_are_exclusive() {
+    let e = halo_lb::config::Config::parse(
+        "[[vip]]\nname = \"w\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\nservice = \"web\"\n",
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("vip[0].service: set either"), "{e}");
+}
