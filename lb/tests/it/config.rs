@@ -18,11 +18,13 @@ fn check(config: &str) -> (bool, String) {
 }
 
 #[test]
-fn check_accepts_the_shipped_example() {
-    let example = halo_testkit::workspace_root().join("packaging/examples/lb.toml");
-    let (ok, text) = check(&std::fs::read_to_string(example).unwrap());
-    assert!(ok, "{text}");
-    assert!(text.contains("is valid (1 vip)"), "{text}");
+fn check_accepts_the_shipped_examples() {
+    for name in ["lb.toml", "lb-consul.toml"] {
+        let example = halo_testkit::workspace_root().join("packaging/examples").join(name);
+        let (ok, text) = check(&std::fs::read_to_string(example).unwrap());
+        assert!(ok, "{name}: {text}");
+        assert!(text.contains("is valid (1 vip)"), "{text}");
+    }
 }
 
 #[test]
