@@ -80,7 +80,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
 
     loop {
         tokio::select! {
-            _ = sighup.recv() => reload(&server, &config_path),
+            _ = sighup.recv() => reload(&server, &config_path).await,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -94,9 +94,18 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     Ok(())
 }
 
-fn reload(server: &Server, path: &std::path::Path) {
+async fn reload(server: &Server, path: &std::path::Path) {
     tracing::info!(path = %path.display(), "SIGHUP: reloading");
-    match Config::load(path) {
+    // File I/O off the control runtime's thread.
+    let owned = path.to_owned();
+    let loaded = match tokio::task::spawn_blocking(move || Config::load(&owned)).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::error!(error = %e, "reload task failed; the running config stays in force");
+            return;
+        }
+    };
+    match loaded {
         Ok(config) => match server.apply(&config) {
             Ok(()) => tracing::info!(vips = config.vips.len(), "reload applied"),
             Err(e) => tracing::error!(error = %e, "reload failed; the running config stays in force"),

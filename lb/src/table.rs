@@ -287,7 +287,10 @@ impl Vip {
             return false;
         }
         b.settings = Arc::new(settings);
-        self.rebuild(&mut b)
+        let swapped = self.rebuild(&mut b);
+        // A raised max_connections must wake accept loops paused at the old one.
+        self.slot_freed.notify_waiters();
+        swapped
     }
 
     /// Disables (or re-enables) a backend by hand. The choice survives

@@ -50,13 +50,6 @@ impl Workers {
         })
     }
 
-    /// Uses the current runtime as the only worker (tests, embedding).
-    pub fn current() -> Workers {
-        Workers {
-            handles: Arc::new(vec![Handle::current()]),
-        }
-    }
-
     /// The worker runtimes.
     pub fn handles(&self) -> &[Handle] {
         &self.handles

@@ -357,10 +357,8 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
     if s.port == 0 {
         problems.push("service.port: must be 1..65535".to_owned());
     }
-    if let Some(a) = &s.address {
-        if a.parse::<std::net::IpAddr>().is_err() && a.is_empty() {
-            problems.push(format!("service.address: {a:?} is empty"));
-        }
+    if s.address.as_deref() == Some("") {
+        problems.push("service.address: must not be empty (leave it unset for the node's address)".to_owned());
     }
     if s.check_ttl < Duration::from_secs(1) {
         problems.push("service.check_ttl: must be at least 1s".to_owned());

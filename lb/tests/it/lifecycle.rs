@@ -86,3 +86,19 @@ async fn the_drain_timeout_bounds_the_wait() {
     assert!(status.success());
     assert!(lb.log().contains("drain timeout"));
 }
+
+#[tokio::test]
+async fn raising_the_connection_limit_on_reload_wakes_paused_accepting() {
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let (admin, vip) = addrs();
+    let lb = Lb::start(&one_vip(admin, vip, &[a.addr], "max_connections = 1"), admin, &[vip]).await;
+    let (_, _held) = greeting(vip).await.unwrap();
+    let waiting = tokio::spawn(greeting(vip));
+    tokio::time::sleep(Duration::from_millis(300)).await; // a negative check needs a window
+    assert!(!waiting.is_finished(), "served beyond the limit");
+
+    lb.write_config(&one_vip(admin, vip, &[a.addr], "max_connections = 5"));
+    lb.signal(Signal::SIGHUP);
+    let (name, _conn) = tokio::time::timeout(DEADLINE, waiting).await.unwrap().unwrap().unwrap();
+    assert_eq!(name, "a", "served once the limit rose, with the first connection still open");
+}
