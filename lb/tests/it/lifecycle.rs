@@ -100,5 +100,8 @@ async fn raising_the_connection_limit_on_reload_wakes_paused_accepting() {
     lb.write_config(&one_vip(admin, vip, &[a.addr], "max_connections = 5"));
     lb.signal(Signal::SIGHUP);
     let (name, _conn) = tokio::time::timeout(DEADLINE, waiting).await.unwrap().unwrap().unwrap();
-    assert_eq!(name, "a", "served once the limit rose, with the first connection still open");
+    assert_eq!(
+        name, "a",
+        "served once the limit rose, with the first connection still open"
+    );
 }
