@@ -1,40 +1,73 @@
 //! The admin HTTP API: `/health`, `/status`, `/metrics`, and the write
 //! endpoints that disable or re-enable a backend by hand.
+//!
+//! In an HA pair both instances answer reads themselves (`/status` names
+//! the role and the leader); the standby forwards writes to the active,
+//! whose tables are the ones serving, as Marathon's followers proxy to
+//! their leader.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use halo_health::server::{json_response, metrics_response, text_response, HttpResponse};
-use http::{Method, Request, StatusCode};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Incoming;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::ha::{Leadership, Role};
 use crate::server::Server;
 use crate::table::{AdminError, Vip};
 
+/// Header marking a request a standby forwarded, so it is never forwarded
+/// twice (both instances briefly believing the other leads).
+const FORWARDED: &str = "x-halo-forwarded-by";
+/// Deadline of a forwarded request.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, server: Arc<Server>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<Server>,
+    leadership: Option<Arc<Leadership>>,
+    stop: CancellationToken,
+) {
     halo_health::server::serve(listener, stop, move |req| {
-        let response = route(&server, req);
-        async move { response }
+        let (server, leadership) = (Arc::clone(&server), leadership.clone());
+        async move { route(&server, leadership.as_deref(), req).await }
     })
     .await;
 }
 
-fn route(server: &Server, req: Request<Incoming>) -> HttpResponse {
+async fn route(server: &Server, leadership: Option<&Leadership>, req: Request<Incoming>) -> HttpResponse {
     let path = req.uri().path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if req.method() == Method::POST {
+        if let Some(leadership) = leadership.filter(|l| l.role() != Role::Active) {
+            return forward(leadership, &req).await;
+        }
+    }
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["health"]) => {
+            let role = leadership.map(Leadership::role);
             if server.is_draining() {
-                json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "draining"}))
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "draining", "role": role}),
+                )
             } else {
-                json_response(StatusCode::OK, &json!({"status": "ok"}))
+                json_response(StatusCode::OK, &json!({"status": "ok", "role": role}))
             }
         }
-        (&Method::GET, ["status"]) => json_response(StatusCode::OK, &server.status()),
+        (&Method::GET, ["status"]) => {
+            let mut status = server.status();
+            status["ha"] = leadership.map_or(serde_json::Value::Null, Leadership::status);
+            json_response(StatusCode::OK, &status)
+        }
         (&Method::GET, ["metrics"]) => match server.render_metrics() {
             Some(text) => metrics_response(text),
             None => text_response(StatusCode::NOT_FOUND, "metrics are not enabled in this process\n"),
@@ -71,5 +104,67 @@ fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool) -> HttpResponse {
         Err(e @ AdminError::UnknownBackend(_)) => {
             json_response(StatusCode::NOT_FOUND, &json!({"error": e.to_string()}))
         }
+    }
+}
+
+/// Sends a standby's write request on to the active and relays its answer.
+async fn forward(leadership: &Leadership, req: &Request<Incoming>) -> HttpResponse {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    if req.headers().contains_key(FORWARDED) {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "forwarded to an instance that is not active either; retry shortly"}),
+        );
+    }
+    let Some(leader) = leadership.leader_admin() else {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "this instance is the standby and no active is known; retry shortly"}),
+        );
+    };
+    let Ok(addr) = leader.parse::<SocketAddr>() else {
+        return json_response(
+            StatusCode::BAD_GATEWAY,
+            &json!({"error": format!("the active advertises {leader:?}, not ip:port")}),
+        );
+    };
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "forwarding connection ended with an error");
+            }
+        });
+        let request = Request::builder()
+            .method(req.method())
+            .uri(&path)
+            .header(http::header::HOST, leader.as_str())
+            .header(FORWARDED, leadership.id())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>(Response::from_parts(parts, Full::new(body)))
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
+        Ok(Ok(mut response)) => {
+            tracing::info!(path, active = %addr, status = %response.status(), "write forwarded to the active");
+            if let Ok(value) = http::HeaderValue::from_str(&leader) {
+                response.headers_mut().insert("x-halo-forwarded-to", value);
+            }
+            response
+        }
+        Ok(Err(e)) => json_response(
+            StatusCode::BAD_GATEWAY,
+            &json!({"error": format!("cannot forward to the active at {addr}: {e}")}),
+        ),
+        Err(_) => json_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            &json!({"error": format!("the active at {addr} did not answer in {FORWARD_TIMEOUT:?}")}),
+        ),
     }
 }

@@ -35,6 +35,12 @@ pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(60);
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u32 = 1;
+/// Default HA pair name.
+pub const DEFAULT_HA_CLUSTER: &str = "default";
+/// Default TTL of an HA instance's check.
+pub const DEFAULT_CHECK_TTL: Duration = Duration::from_secs(1);
+/// Default lock delay of an HA instance's session.
+pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_millis(200);
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -57,6 +63,40 @@ pub struct Config {
     /// The virtual IPs to serve (`[[vip]]` tables).
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
+    /// Run as one of an active/standby pair. Unset: serve alone, always.
+    #[serde(default)]
+    pub ha: Option<HaConfig>,
+}
+
+/// `[ha]`: one of an active/standby pair elected through a Consul lock.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// The pair's name; its lock is the key `halo/<cluster>/leader`. Unset:
+    /// "default".
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// This instance's name, unique in the pair. Unset: the host name and
+    /// the admin port, `<host>-<port>`.
+    pub id: Option<String>,
+    /// TTL of this instance's `halo-lb` service check, which the session is
+    /// bound to. It is heartbeated four times per TTL; the active stops
+    /// serving a fifth of a TTL before its check could expire. The main
+    /// knob of failover time. Unset: 1 s.
+    #[serde(default = "default_check_ttl", with = "go_duration")]
+    pub check_ttl: Duration,
+    /// The session's lock delay: after the active's session is invalidated,
+    /// nobody may take the lock for this long. At least the step-down margin
+    /// (a fifth of `check_ttl`). Unset: 200 ms.
+    #[serde(default = "default_lock_delay", with = "go_duration")]
+    pub lock_delay: Duration,
+    /// A floating address (`198.18.0.100/24`; no prefix means /32) that the
+    /// active adds to `vip_interface` and announces with gratuitous ARP.
+    /// Needs CAP_NET_ADMIN. Unset: the pair shares one host, and the active
+    /// is simply the one with the listeners bound.
+    pub vip_address: Option<String>,
+    /// The interface carrying `vip_address`. Set both or neither.
+    pub vip_interface: Option<String>,
 }
 
 /// `[admin]`.
@@ -255,6 +295,15 @@ fn default_max_ejection() -> Duration {
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
 }
+fn default_cluster() -> String {
+    DEFAULT_HA_CLUSTER.to_owned()
+}
+fn default_check_ttl() -> Duration {
+    DEFAULT_CHECK_TTL
+}
+fn default_lock_delay() -> Duration {
+    DEFAULT_LOCK_DELAY
+}
 
 /// A validated backend: address, weight and zone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +325,56 @@ pub struct Validated {
     pub admin: SocketAddr,
     /// Per VIP (same order as `config.vips`): listen address and backends.
     pub vips: Vec<ValidatedVip>,
+    /// The HA settings, if `[ha]` is present.
+    pub ha: Option<HaSettings>,
+}
+
+/// Validated `[ha]`, with the timings derived from the check TTL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaSettings {
+    /// The pair's name.
+    pub cluster: String,
+    /// This instance's name.
+    pub id: String,
+    /// The check TTL.
+    pub check_ttl: Duration,
+    /// The session's lock delay.
+    pub lock_delay: Duration,
+    /// How often the check is heartbeated: a quarter of the TTL.
+    pub heartbeat: Duration,
+    /// How long before the check could expire the active stops serving: a
+    /// fifth of the TTL.
+    pub margin: Duration,
+    /// The floating address and its prefix length, and the interface.
+    pub floating: Option<FloatingAddress>,
+}
+
+/// `vip_address` on `vip_interface`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloatingAddress {
+    /// The address.
+    pub address: std::net::IpAddr,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The interface.
+    pub interface: String,
+}
+
+impl HaSettings {
+    /// The KV key that is the pair's lock.
+    pub fn lock_key(&self) -> String {
+        format!("halo/{}/leader", self.cluster)
+    }
+
+    /// This instance's service ID at the agent.
+    pub fn service_id(&self) -> String {
+        format!("halo-lb-{}-{}", self.cluster, self.id)
+    }
+
+    /// This instance's TTL check ID at the agent.
+    pub fn check_id(&self) -> String {
+        format!("{}:ttl", self.service_id())
+    }
 }
 
 /// One validated VIP.
@@ -461,15 +560,145 @@ impl Config {
         {
             problems.push("consul.wait: must be between 1s and 10m".to_owned());
         }
+        let ha = self
+            .ha
+            .as_ref()
+            .and_then(|ha| validate_ha(ha, admin, &self.consul, &mut problems));
         if !problems.is_empty() {
             return Err(problems);
         }
         Ok(Validated {
             admin: admin.expect("checked above"),
             vips,
+            ha,
             config: self,
         })
     }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Checks `[ha]`; pushes each problem and returns the settings if there are
+/// none.
+fn validate_ha(
+    ha: &HaConfig,
+    admin: Option<SocketAddr>,
+    consul: &ConsulConfig,
+    problems: &mut Vec<String>,
+) -> Option<HaSettings> {
+    let before = problems.len();
+    if !is_name(&ha.cluster) {
+        problems.push(format!(
+            "ha.cluster: {:?} must be 1 to 64 letters, digits, '-', '_', '.'",
+            ha.cluster
+        ));
+    }
+    let id = match &ha.id {
+        Some(id) => id.clone(),
+        None => {
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".to_owned());
+            let host: String = host
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            format!("{host}-{}", admin.map_or(0, |a| a.port()))
+        }
+    };
+    if !is_name(&id) {
+        problems.push(format!("ha.id: {id:?} must be 1 to 64 letters, digits, '-', '_', '.'"));
+    }
+    if ha.check_ttl < Duration::from_millis(200) || ha.check_ttl > Duration::from_secs(60) {
+        problems.push(format!(
+            "ha.check_ttl: {} must be between 200ms and 60s",
+            halo_consul::duration::format(ha.check_ttl)
+        ));
+    }
+    let margin = ha.check_ttl / 5;
+    if ha.lock_delay > Duration::from_secs(60) {
+        problems.push("ha.lock_delay: Consul caps the lock delay at 60s".to_owned());
+    } else if ha.lock_delay < margin {
+        problems.push(format!(
+            "ha.lock_delay: {} is below the step-down margin {} (a fifth of check_ttl)",
+            halo_consul::duration::format(ha.lock_delay),
+            halo_consul::duration::format(margin)
+        ));
+    }
+    if admin.is_some_and(|a| a.ip().is_unspecified()) {
+        problems.push(
+            "admin.listen: an HA instance advertises its admin address to its peer; use a specific ip, not 0.0.0.0"
+                .to_owned(),
+        );
+    }
+    let consul = halo_consul::Config {
+        address: consul.address.clone(),
+        token: consul.token.clone(),
+        ..halo_consul::Config::default()
+    };
+    if let Err(e) = halo_consul::Client::new(consul) {
+        problems.push(format!("consul.address: {e}"));
+    }
+    let floating = match (&ha.vip_address, &ha.vip_interface) {
+        (None, None) => None,
+        (Some(_), None) => {
+            problems.push("ha.vip_interface: required with vip_address".to_owned());
+            None
+        }
+        (None, Some(_)) => {
+            problems.push("ha.vip_address: required with vip_interface".to_owned());
+            None
+        }
+        (Some(address), Some(interface)) => {
+            let parsed = parse_cidr(address);
+            if parsed.is_none() {
+                problems.push(format!(
+                    "ha.vip_address: {address:?} is not an address with an optional prefix length (198.18.0.100/24)"
+                ));
+            }
+            if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
+                problems.push(format!("ha.vip_interface: {interface:?} is not an interface name"));
+            }
+            parsed.map(|(address, prefix)| FloatingAddress {
+                address,
+                prefix,
+                interface: interface.clone(),
+            })
+        }
+    };
+    (problems.len() == before).then(|| HaSettings {
+        cluster: ha.cluster.clone(),
+        id,
+        check_ttl: ha.check_ttl,
+        lock_delay: ha.lock_delay,
+        heartbeat: ha.check_ttl / 4,
+        margin,
+        floating,
+    })
+}
+
+/// `ip` or `ip/prefix`.
+fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, prefix)) => (ip, Some(prefix)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = ip.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max)?,
+        None => max,
+    };
+    Some((ip, prefix))
 }
 
 /// toml's errors carry a span and a message; render them as

@@ -5,8 +5,12 @@
 //! backend with the VIP's algorithm (round robin, least connections, power of
 //! two choices, or Maglev), retries other backends if the connect fails, and
 //! copies bytes both ways with half-close and an idle timeout. Tables are
-//! rebuilt off the data path (config reload, admin API; Consul discovery in a
-//! later step) and swapped only when their inputs changed.
+//! rebuilt off the data path (config reload, admin API, Consul discovery)
+//! and swapped only when their inputs changed.
+//!
+//! With `[ha]`, two instances form an active/standby pair: both run
+//! discovery and keep warm tables, and only the holder of a Consul lock
+//! binds the listeners ([`ha`]).
 //!
 //! Data flows one way: backend source → table builder ([`table::Vip`]) →
 //! published snapshot ([`table::Table`]) → accept loop ([`proxy`]).
@@ -21,7 +25,9 @@
 //! - [`proxy`]: listeners, the accept loop, connect-with-retry.
 //! - [`copy`]: buffered and splice(2) copying, half-close, idle timeout.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers.
-//! - [`server`]: the running set of VIPs, reload, status, drain.
+//! - [`server`]: the running set of VIPs, serving or not, reload, status,
+//!   drain.
+//! - [`ha`]: the active/standby election, its lease, and step-down.
 //! - [`admin`]: `/health`, `/status`, `/metrics`, backend enable/disable.
 //! - [`workers`]: one single-threaded runtime per core for the data plane.
 
@@ -30,6 +36,7 @@ pub mod backend;
 pub mod config;
 pub mod copy;
 pub mod discovery;
+pub mod ha;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod selection;
@@ -47,6 +54,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Validated};
+use crate::ha::Leadership;
 use crate::server::Server;
 use crate::workers::Workers;
 
@@ -59,13 +67,44 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
 
     let count = config.config.workers.unwrap_or_else(workers::default_count);
     let workers = Workers::start(count).context("cannot start the worker threads")?;
-    let server = Server::new(&config, prometheus.clone(), workers);
+    let leadership = config
+        .ha
+        .clone()
+        .map(|settings| Leadership::new(settings, config.admin));
+    if let Some(floating) = config.ha.as_ref().and_then(|ha| ha.floating.as_ref()) {
+        anyhow::bail!(
+            "ha.vip_address {}/{} on {}: floating addresses are not supported by this build",
+            floating.address,
+            floating.prefix,
+            floating.interface
+        );
+    }
+    // A lone balancer serves from the start; one of a pair only once elected.
+    let server = Server::new(&config, prometheus.clone(), workers, leadership.is_none());
     let admin_listener = tokio::net::TcpListener::bind(config.admin)
         .await
         .with_context(|| format!("cannot listen on admin.listen {}", config.admin))?;
     server.apply(&config).context("cannot start the configured vips")?;
     let stop_admin = CancellationToken::new();
-    tokio::spawn(admin::serve(admin_listener, Arc::clone(&server), stop_admin.clone()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&server),
+        leadership.clone(),
+        stop_admin.clone(),
+    ));
+    let stop_ha = CancellationToken::new();
+    let election = match &leadership {
+        Some(leadership) => {
+            let client = server::consul_client(&config.config.consul).context("consul")?;
+            Some(tokio::spawn(ha::run(
+                Arc::clone(leadership),
+                client,
+                Arc::clone(&server),
+                stop_ha.clone(),
+            )))
+        }
+        None => None,
+    };
     if let Some(handle) = prometheus {
         // Histograms need periodic upkeep to drain their buckets.
         tokio::spawn(async move {
@@ -86,6 +125,15 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         }
     }
     tracing::info!("shutdown requested");
+    if let Some(election) = election {
+        // Stop serving, then hand the lock over, before the drain.
+        stop_ha.cancel();
+        match tokio::time::timeout(Duration::from_secs(5), election).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the election task failed"),
+            Err(_) => tracing::warn!("the election did not finish its handover in 5s; draining anyway"),
+        }
+    }
     let left = server.drain().await;
     stop_admin.cancel();
     if left > 0 {
@@ -106,6 +154,9 @@ async fn reload(server: &Server, path: &std::path::Path) {
         }
     };
     match loaded {
+        Ok(config) if config.ha != server.ha_settings() => {
+            tracing::error!("reload rejected: [ha] changes need a restart; the running config stays in force")
+        }
         Ok(config) => match server.apply(&config) {
             Ok(()) => tracing::info!(vips = config.vips.len(), "reload applied"),
             Err(e) => tracing::error!(error = %e, "reload failed; the running config stays in force"),

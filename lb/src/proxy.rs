@@ -68,6 +68,7 @@ pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Cancellatio
                     drop(slot);
                 });
             }
+            Err(_) if stop.is_cancelled() => break,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning;
                 // the connection stays in the backlog.

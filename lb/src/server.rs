@@ -1,5 +1,10 @@
 //! The running balancer: VIP listeners, reloads, status, and the drain on
 //! shutdown.
+//!
+//! Tables and discovery run all the time; listeners only while the server
+//! is *serving*. A balancer without `[ha]` serves from the start; one of an
+//! HA pair serves only while it is the active (see [`crate::ha`]), and
+//! [`Server::stop_serving`] takes it off every VIP synchronously.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +24,8 @@ use crate::proxy;
 use crate::table::{Vip, VipSettings};
 use crate::workers::Workers;
 
-fn consul_client(c: &ConsulConfig) -> Result<halo_consul::Client, halo_consul::Error> {
+/// A Consul client for the `[consul]` section.
+pub fn consul_client(c: &ConsulConfig) -> Result<halo_consul::Client, halo_consul::Error> {
     halo_consul::Client::new(halo_consul::Config {
         address: c.address.clone(),
         token: c.token.clone(),
@@ -28,15 +34,49 @@ fn consul_client(c: &ConsulConfig) -> Result<halo_consul::Client, halo_consul::E
     })
 }
 
-/// One VIP being served.
+/// One configured VIP.
 #[derive(Debug)]
 struct Running {
     vip: Arc<Vip>,
     listen: SocketAddr,
-    /// Cancels this VIP's accept loop (its connections carry on).
-    stop: CancellationToken,
+    backlog: u32,
+    /// The listening socket and its accept loops, while serving.
+    listener: Option<Listening>,
     /// Consul discovery, for VIPs with `service`; dropping it stops it.
     discovery: Option<Discovery>,
+}
+
+/// A VIP's listening socket and the token of its accept loops.
+#[derive(Debug)]
+struct Listening {
+    /// One handle on the socket; each worker registered its own clone.
+    socket: std::net::TcpListener,
+    /// Cancels the accept loops (their connections carry on).
+    stop: CancellationToken,
+}
+
+impl Listening {
+    /// Takes the socket out of the LISTEN state at once, from this thread.
+    ///
+    /// `shutdown(SHUT_RD)` on a listening socket acts on the socket itself,
+    /// not on this one descriptor: the kernel refuses new connections from
+    /// this instant, resets those still in the backlog, and lets another
+    /// socket (with SO_REUSEADDR) bind the port, even while the workers'
+    /// clones are still registered with their runtimes. This is what makes
+    /// a step-down synchronous: when [`Server::stop_serving`] returns, no
+    /// new connection can reach this process on any VIP, whatever the
+    /// worker threads are doing. The cancelled accept loops then drop their
+    /// clones.
+    fn close(self) {
+        // Cancel first, so the loops woken by the shutdown know why.
+        self.stop.cancel();
+        if let Err(e) = socket2::SockRef::from(&self.socket).shutdown(std::net::Shutdown::Read) {
+            // ENOTCONN is not expected for a listening socket; anything else
+            // is logged, and dropping the socket below still closes it once
+            // the accept loops have exited.
+            tracing::warn!(error = %e, "cannot shut the listening socket down");
+        }
+    }
 }
 
 /// The balancer's state, shared by the accept loops, the admin API and the
@@ -53,6 +93,11 @@ pub struct Server {
     workers: Workers,
     /// The Consul settings discovery tasks were started with.
     consul: Mutex<Option<ConsulConfig>>,
+    /// Whether VIPs have listeners: always for a lone balancer, only while
+    /// active for one of an HA pair. Written only with `vips` locked.
+    serving: AtomicBool,
+    /// `[ha]` as started; it cannot change on reload.
+    ha: Option<crate::config::HaSettings>,
 }
 
 /// Why a configuration could not be applied.
@@ -85,8 +130,15 @@ fn static_backends(vip: &ValidatedVip) -> Vec<Backend> {
 }
 
 impl Server {
-    /// A server with no VIPs yet; [`Server::apply`] adds them.
-    pub fn new(config: &Validated, prometheus: Option<PrometheusHandle>, workers: Workers) -> Arc<Server> {
+    /// A server with no VIPs yet; [`Server::apply`] adds them. With
+    /// `serving` false it keeps tables but binds nothing until
+    /// [`Server::start_serving`].
+    pub fn new(
+        config: &Validated,
+        prometheus: Option<PrometheusHandle>,
+        workers: Workers,
+        serving: bool,
+    ) -> Arc<Server> {
         Arc::new(Server {
             vips: Mutex::new(BTreeMap::new()),
             connections: TaskTracker::new(),
@@ -96,12 +148,16 @@ impl Server {
             prometheus,
             workers,
             consul: Mutex::new(None),
+            serving: AtomicBool::new(serving),
+            ha: config.ha.clone(),
         })
     }
 
     /// Applies a validated configuration: adds, changes and removes VIPs.
     /// All-or-nothing for listeners: every new listener is bound before
     /// anything changes, so a bind failure leaves the running config intact.
+    /// While not serving, nothing is bound: the VIPs get their tables and
+    /// discovery, and listeners wait for [`Server::start_serving`].
     pub fn apply(&self, config: &Validated) -> Result<(), ApplyError> {
         if config.admin != self.admin {
             tracing::warn!(running = %self.admin, configured = %config.admin, "admin.listen changes take effect only on restart");
@@ -117,10 +173,13 @@ impl Server {
         };
 
         // 1. Bind whatever needs a new listener.
+        let serving = self.serving.load(Ordering::Relaxed);
         let mut new_listeners: BTreeMap<String, std::net::TcpListener> = BTreeMap::new();
         for v in &config.vips {
-            let needs_bind = vips.get(&v.config.name).is_none_or(|r| r.listen != v.listen);
-            if needs_bind {
+            let needs_bind = vips
+                .get(&v.config.name)
+                .is_none_or(|r| r.listen != v.listen || r.listener.is_none());
+            if serving && needs_bind {
                 let listener = proxy::bind(v.listen, v.config.backlog).map_err(|source| ApplyError::Bind {
                     vip: v.config.name.clone(),
                     addr: v.listen,
@@ -137,7 +196,9 @@ impl Server {
             let stays = keep.contains(&name.as_str());
             if !stays {
                 tracing::info!(vip = %name, "vip removed by reload; live connections continue");
-                running.stop.cancel();
+                if let Some(listening) = running.listener.take() {
+                    listening.close();
+                }
             }
             stays
         });
@@ -162,23 +223,24 @@ impl Server {
             let running = match vips.get_mut(name) {
                 Some(running) => {
                     running.vip.set_settings(settings);
-                    if let Some(listener) = new_listeners.remove(name) {
-                        running.stop.cancel();
-                        running.stop = CancellationToken::new();
-                        running.listen = v.listen;
-                        self.spawn_accept(&running.vip, listener, running.stop.clone());
+                    running.listen = v.listen;
+                    running.backlog = v.config.backlog;
+                    if let Some(socket) = new_listeners.remove(name) {
+                        if let Some(old) = running.listener.take() {
+                            old.close();
+                        }
+                        running.listener = Some(self.spawn_accept(&running.vip, socket));
                     }
                     running
                 }
                 None => {
                     let vip = Vip::new(name, settings, Vec::new());
-                    let stop = CancellationToken::new();
-                    let listener = new_listeners.remove(name).expect("bound in step 1");
-                    self.spawn_accept(&vip, listener, stop.clone());
+                    let listener = new_listeners.remove(name).map(|socket| self.spawn_accept(&vip, socket));
                     vips.entry(name.clone()).or_insert(Running {
                         vip,
                         listen: v.listen,
-                        stop,
+                        backlog: v.config.backlog,
+                        listener,
                         discovery: None,
                     })
                 }
@@ -204,10 +266,58 @@ impl Server {
         Ok(())
     }
 
+    /// Starts serving every VIP: binds the listeners that are not bound yet
+    /// and starts their accept loops. Returns the VIPs that could not be
+    /// bound (with why); they stay unbound and a later call retries them.
+    pub fn start_serving(&self) -> Vec<ApplyError> {
+        let mut vips = self.vips.lock().expect("vip registry poisoned");
+        self.serving.store(true, Ordering::Relaxed);
+        let mut failed = Vec::new();
+        for (name, running) in vips.iter_mut() {
+            if running.listener.is_some() {
+                continue;
+            }
+            match proxy::bind(running.listen, running.backlog) {
+                Ok(socket) => running.listener = Some(self.spawn_accept(&running.vip, socket)),
+                Err(source) => failed.push(ApplyError::Bind {
+                    vip: name.clone(),
+                    addr: running.listen,
+                    source,
+                }),
+            }
+        }
+        failed
+    }
+
+    /// Stops serving every VIP, synchronously: when this returns, every
+    /// listening socket is out of the LISTEN state, so no new connection
+    /// reaches this process (see [`Listening::close`]). Connections already
+    /// proxied carry on. Tables and discovery keep running.
+    pub fn stop_serving(&self) {
+        let mut vips = self.vips.lock().expect("vip registry poisoned");
+        self.serving.store(false, Ordering::Relaxed);
+        for running in vips.values_mut() {
+            if let Some(listening) = running.listener.take() {
+                listening.close();
+            }
+        }
+    }
+
+    /// `[ha]` as the process started with it.
+    pub fn ha_settings(&self) -> Option<crate::config::HaSettings> {
+        self.ha.clone()
+    }
+
+    /// Whether the VIPs are being served (listeners bound).
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
+    }
+
     /// Runs an accept loop for `listener` on every worker: each registers
     /// its own clone of the socket with its own runtime, and whichever
     /// accepts a connection serves it to the end on that thread.
-    fn spawn_accept(&self, vip: &Arc<Vip>, listener: std::net::TcpListener, stop: CancellationToken) {
+    fn spawn_accept(&self, vip: &Arc<Vip>, listener: std::net::TcpListener) -> Listening {
+        let stop = CancellationToken::new();
         for worker in self.workers.handles() {
             let listener = match listener.try_clone() {
                 Ok(l) => l,
@@ -224,6 +334,7 @@ impl Server {
                 }
             });
         }
+        Listening { socket: listener, stop }
     }
 
     /// The VIP named `name`.
@@ -276,6 +387,7 @@ impl Server {
                 json!({
                     "name": r.vip.name(),
                     "listen": r.listen.to_string(),
+                    "listening": r.listener.is_some(),
                     "algorithm": table.settings.algorithm,
                     "copy": table.settings.copy,
                     "proxy_protocol": table.settings.proxy_protocol,
@@ -289,6 +401,7 @@ impl Server {
             .collect();
         json!({
             "draining": self.is_draining(),
+            "serving": self.is_serving(),
             "admin": self.admin.to_string(),
             "vips": list,
         })
@@ -299,12 +412,7 @@ impl Server {
     pub async fn drain(&self) -> usize {
         self.draining.store(true, Ordering::Relaxed);
         let timeout = *self.drain_timeout.lock().expect("poisoned");
-        {
-            let vips = self.vips.lock().expect("vip registry poisoned");
-            for running in vips.values() {
-                running.stop.cancel();
-            }
-        }
+        self.stop_serving();
         self.connections.close();
         let live = self.connections.len();
         tracing::info!(

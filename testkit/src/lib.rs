@@ -17,7 +17,10 @@
 //! - [`http`]: a tiny HTTP/1.0 client for readiness polling and admin APIs,
 //!   independent of the code under test.
 //! - [`eventually`]: poll a condition until a generous deadline.
+//! - [`fault`]: a TCP proxy that can cut the path to an agent like a
+//!   partition.
 
+pub mod fault;
 pub mod http;
 mod ports;
 mod process;

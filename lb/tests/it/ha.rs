@@ -1,0 +1,347 @@
+//! The active/standby pair against real Consul: election, failover on
+//! kill -9, handover on SIGTERM, a cut-off active, Consul leader loss, and
+//! write forwarding from the standby.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use halo_testkit::fault::FaultProxy;
+use halo_testkit::{eventually, ConsulAgent};
+use serde_json::Value;
+
+use crate::support::*;
+
+/// The defaults the bounds are stated for.
+const CHECK_TTL: Duration = Duration::from_secs(1);
+const LOCK_DELAY: Duration = Duration::from_millis(200);
+
+/// A config for one instance of the pair `cluster`, serving `vip` from
+/// static `backends`, talking to Consul at `consul_url`.
+fn ha_config(
+    id: &str,
+    cluster: &str,
+    consul_url: &str,
+    admin: SocketAddr,
+    vip: SocketAddr,
+    backends: &[SocketAddr],
+) -> String {
+    let mut config = one_vip(admin, vip, backends, "");
+    config.push_str(&format!(
+        "\n[consul]\naddress = \"{consul_url}\"\n\n[ha]\ncluster = \"{cluster}\"\nid = \"{id}\"\n"
+    ));
+    config
+}
+
+/// Starts an instance and waits until its admin API answers (it serves
+/// nothing until elected).
+async fn start(config: &str, admin: SocketAddr) -> Lb {
+    Lb::start(config, admin, &[]).await
+}
+
+fn role(status: &Value) -> &str {
+    status["ha"]["role"].as_str().unwrap_or("?")
+}
+
+async fn wait_role(lb: &Lb, want: &str) -> Value {
+    eventually(DEADLINE, &format!("{} to be {want}", lb.admin), || async {
+        let status = halo_testkit::http::get(lb.admin, "/status").await?;
+        let status: Value = serde_json::from_str(&status.1).ok()?;
+        (role(&status) == want).then_some(status)
+    })
+    .await
+}
+
+/// A pair on one host: the first instance elected before the second starts.
+struct Pair {
+    a: Lb,
+    b: Lb,
+    vip: SocketAddr,
+    _backends: Vec<TestBackend>,
+}
+
+async fn pair(cluster: &str, url_a: &str, url_b: &str) -> Pair {
+    let backends = vec![
+        TestBackend::start("one", Behavior::GreetEcho).await,
+        TestBackend::start("two", Behavior::GreetEcho).await,
+    ];
+    let backend_addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (admin_a, vip) = addrs();
+    let admin_b = SocketAddr::from(([127, 0, 0, 1], port()));
+    let a = start(&ha_config("a", cluster, url_a, admin_a, vip, &backend_addrs), admin_a).await;
+    wait_role(&a, "active").await;
+    let b = start(&ha_config("b", cluster, url_b, admin_b, vip, &backend_addrs), admin_b).await;
+    wait_role(&b, "standby").await;
+    Pair {
+        a,
+        b,
+        vip,
+        _backends: backends,
+    }
+}
+
+/// One of an instance's terms as active: `[from, to)` in its own wall-clock
+/// microseconds; a running term ends "now".
+fn terms(status: &Value) -> Vec<(u64, u64, u64)> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    status["ha"]["terms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["epoch"].as_u64().unwrap(),
+                t["from_unix_us"].as_u64().unwrap(),
+                t["to_unix_us"].as_u64().unwrap_or(now),
+            )
+        })
+        .collect()
+}
+
+/// Panics if any term of `a` overlaps any term of `b`.
+fn assert_never_both_active(a: &Value, b: &Value) {
+    for (ea, fa, ta) in terms(a) {
+        for (eb, fb, tb) in terms(b) {
+            assert!(
+                ta <= fb || tb <= fa,
+                "two actives at once: a's epoch {ea} [{fa}, {ta}) overlaps b's epoch {eb} [{fb}, {tb})"
+            );
+            assert_ne!(ea, eb, "two terms with the same epoch");
+        }
+    }
+}
+
+/// Opens a connection to `vip` every few milliseconds and records when
+/// each attempt started and whether it got a greeting.
+struct Prober {
+    log: Arc<Mutex<Vec<(Instant, bool)>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Prober {
+    fn start(vip: SocketAddr) -> Prober {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s) = (Arc::clone(&log), Arc::clone(&stop));
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let ok = tokio::time::timeout(Duration::from_secs(2), greeting(vip))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                l.lock().unwrap().push((at, ok));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        Prober { log, stop, task }
+    }
+
+    async fn stop(self) -> Vec<(Instant, bool)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        Arc::try_unwrap(self.log).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Waits until a probe that started after `t` succeeded.
+async fn served_after(log: &Arc<Mutex<Vec<(Instant, bool)>>>, t: Instant) {
+    eventually(DEADLINE, "the vip to serve again", || async {
+        log.lock().unwrap().iter().any(|(at, ok)| *at > t && *ok).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_instance_is_elected_and_the_standby_forwards_writes() {
+    let consul = ConsulAgent::start().await;
+    let p = pair("elect", &consul.http_url(), &consul.http_url()).await;
+
+    let sa = p.a.status().await;
+    let sb = p.b.status().await;
+    assert_eq!(sa["serving"], true);
+    assert_eq!(sb["serving"], false, "the standby binds nothing");
+    let epoch = sa["ha"]["epoch"].as_u64().unwrap();
+    assert!(epoch >= 1);
+    // Both name the same leader and epoch; the standby keeps warm tables.
+    for s in [&sa, &sb] {
+        assert_eq!(s["ha"]["leader"]["id"], "a", "{s}");
+        assert_eq!(s["ha"]["leader"]["epoch"].as_u64(), Some(epoch));
+    }
+    assert_eq!(sb["vips"][0]["backends"].as_array().unwrap().len(), 2);
+    assert!(greeting(p.vip).await.is_ok(), "the active serves");
+
+    // A write sent to the standby lands on the active.
+    let backend = sa["vips"][0]["backends"][0]["address"].as_str().unwrap().to_owned();
+    let (code, body) = halo_testkit::http::request(p.b.admin, "POST", &format!("/vips/web/backends/{backend}/disable"))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let sa = p.a.status().await;
+    let disabled: Vec<&Value> = sa["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["state"] == "disabled")
+        .collect();
+    assert_eq!(disabled.len(), 1, "the active's table has the backend disabled: {sa}");
+    assert_eq!(disabled[0]["address"], backend);
+    // The standby's own table is untouched: it only forwarded.
+    let sb = p.b.status().await;
+    assert!(sb["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["state"] != "disabled"));
+
+    // The role, leader and epoch are in the metrics too.
+    let (_, metrics) = halo_testkit::http::get(p.a.admin, "/metrics").await.unwrap();
+    assert!(metrics.contains("halo_ha_active 1"), "{metrics}");
+    assert!(metrics.contains(&format!("halo_ha_epoch {epoch}")), "{metrics}");
+}
+
+#[tokio::test]
+async fn kill_9_of_the_active_fails_over_within_ttl_plus_lock_delay() {
+    let consul = ConsulAgent::start().await;
+    let p = pair("kill", &consul.http_url(), &consul.http_url()).await;
+    let epoch = p.a.status().await["ha"]["epoch"].as_u64().unwrap();
+    let prober = Prober::start(p.vip);
+    served_after(&prober.log, Instant::now()).await;
+
+    let killed = Instant::now();
+    p.a.signal(nix::sys::signal::Signal::SIGKILL);
+    let status = wait_role(&p.b, "active").await;
+    served_after(&prober.log, killed).await;
+    let log = prober.stop().await;
+
+    assert!(status["ha"]["epoch"].as_u64().unwrap() > epoch, "a new epoch");
+    let first_ok = log
+        .iter()
+        .find(|(at, ok)| *at > killed && *ok)
+        .map(|(at, _)| *at)
+        .unwrap();
+    let gap = first_ok - killed;
+    eprintln!("kill -9 failover: served again {gap:?} after the kill");
+    assert!(
+        gap <= CHECK_TTL + LOCK_DELAY + Duration::from_millis(500),
+        "failover took {gap:?}"
+    );
+    // Failures only inside the window, none once the standby serves.
+    let late: Vec<_> = log.iter().filter(|(at, ok)| *at >= first_ok && !ok).collect();
+    assert!(late.is_empty(), "{} failures after the standby took over", late.len());
+    assert!(log.iter().filter(|(at, _)| *at < killed).all(|(_, ok)| *ok));
+}
+
+#[tokio::test]
+async fn sigterm_on_the_active_hands_over_within_100ms() {
+    let consul = ConsulAgent::start().await;
+    let mut p = pair("term", &consul.http_url(), &consul.http_url()).await;
+    let prober = Prober::start(p.vip);
+    served_after(&prober.log, Instant::now()).await;
+
+    let sent = Instant::now();
+    p.a.signal(nix::sys::signal::Signal::SIGTERM);
+    let sb = wait_role(&p.b, "active").await;
+    served_after(&prober.log, sent).await;
+    assert!(p.a.wait_exit().await.success(), "{}", p.a.log());
+    let log = prober.stop().await;
+
+    // The handover from both sides' own clocks: a stopped serving, then b
+    // started, within 100 ms.
+    let a_stopped =
+        p.a.log()
+            .lines()
+            .find(|l| l.contains("stepped down for shutdown"))
+            .map(str::to_owned);
+    assert!(a_stopped.is_some(), "a logged its step-down:\n{}", p.a.log());
+    let b_terms = terms(&sb);
+    let (_, b_from, _) = *b_terms.last().unwrap();
+    let a_to = a_term_end(&p.a);
+    assert!(a_to <= b_from, "b started at {b_from} before a stopped at {a_to}");
+    let handover = Duration::from_micros(b_from - a_to);
+    // What a client saw: the longest run of attempts without a greeting.
+    let mut worst = Duration::ZERO;
+    let mut last_ok: Option<Instant> = None;
+    for (at, ok) in &log {
+        if *ok {
+            if let Some(prev) = last_ok {
+                worst = worst.max(*at - prev);
+            }
+            last_ok = Some(*at);
+        }
+    }
+    eprintln!("SIGTERM handover: {handover:?} between the instances' own timestamps, client gap {worst:?}");
+    assert!(handover <= Duration::from_millis(100), "handover took {handover:?}");
+    assert!(sent.elapsed() < DEADLINE);
+}
+
+/// The end of a's last term, from the `term ended` line it logs with its own
+/// wall clock.
+fn a_term_end(lb: &Lb) -> u64 {
+    let log = lb.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("term ended"))
+        .unwrap_or_else(|| panic!("no 'term ended' line:\n{log}"));
+    line.split("to_unix_us=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no to_unix_us in {line:?}"))
+}
+
+#[tokio::test]
+async fn an_active_cut_off_from_consul_stops_before_the_standby_starts_20_times() {
+    let consul = ConsulAgent::start().await;
+    let to_a = FaultProxy::start(consul.http_addr()).await;
+    let to_b = FaultProxy::start(consul.http_addr()).await;
+    let p = pair("cut", &to_a.http_url(), &to_b.http_url()).await;
+    let mut epochs = Vec::new();
+    for round in 0..20 {
+        let (active, standby, cut) = if round % 2 == 0 {
+            (&p.a, &p.b, &to_a)
+        } else {
+            (&p.b, &p.a, &to_b)
+        };
+        cut.cut();
+        let promoted = wait_role(standby, "active").await;
+        epochs.push(promoted["ha"]["epoch"].as_u64().unwrap());
+        // The cut-off instance stepped down by itself, on its lease.
+        let demoted = wait_role(active, "standby").await;
+        let ended = demoted["ha"]["terms"].as_array().unwrap().last().unwrap()["ended_by"].clone();
+        assert!(
+            ended == "lease_expired" || ended == "lock_lost" || ended == "session_lost",
+            "round {round}: ended by {ended}"
+        );
+        cut.restore();
+        // Back as a standby with a fresh session before the next round.
+        eventually(DEADLINE, "the cut-off instance to contend again", || async {
+            let s = halo_testkit::http::get(active.admin, "/status").await?;
+            let s: Value = serde_json::from_str(&s.1).ok()?;
+            (role(&s) == "standby" && s["ha"]["session"].is_string() && s["ha"]["consul_error"].is_null()).then_some(())
+        })
+        .await;
+    }
+    let (sa, sb) = (p.a.status().await, p.b.status().await);
+    assert_never_both_active(&sa, &sb);
+    // How far apart the instances' own timestamps kept each handover.
+    let mut all: Vec<(u64, u64)> = terms(&sa).iter().chain(terms(&sb).iter()).map(|t| (t.1, t.2)).collect();
+    all.sort_unstable();
+    let gaps: Vec<u64> = all.windows(2).map(|w| w[1].0 - w[0].1).collect();
+    eprintln!(
+        "cut-off handovers: smallest gap {} ms, largest {} ms",
+        gaps.iter().min().unwrap() / 1000,
+        gaps.iter().max().unwrap() / 1000
+    );
+    assert!(epochs.windows(2).all(|w| w[0] < w[1]), "epochs rise: {epochs:?}");
+    assert_eq!(
+        terms(&sa).len() + terms(&sb).len(),
+        21,
+        "one term per round plus the first"
+    );
+}
