@@ -147,3 +147,66 @@ fn static_and_consul_backends_are_exclusive() {
     .to_string();
     assert!(e.contains("vip[0].service: set either"), "{e}");
 }
+
+#[tokio::test]
+async fn a_backend_killed_under_load_costs_no_client_errors_and_leaves_the_table_within_a_second() {
+    let consul = ConsulAgent::start().await;
+    let client = Client::from_address(consul.http_url()).unwrap();
+    let mut a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let b = TestBackend::start("b", Behavior::GreetEcho).await;
+    let c = TestBackend::start("c", Behavior::GreetEcho).await;
+    for (id, backend) in [("web-a", &a), ("web-b", &b), ("web-c", &c)] {
+        register(&client, id, backend, "zone-a").await;
+    }
+    let (admin, vip) = addrs();
+    let lb = Lb::start(&config(&consul, admin, vip), admin, &[vip]).await;
+    eventually(DEADLINE, "three instances in the table", || async {
+        (table_addrs(&lb).await.len() == 3).then_some(())
+    })
+    .await;
+    // Four clients opening connections back to back.
+    let probers: Vec<Prober> = (0..4).map(|_| Prober::start(vip)).collect();
+    for p in &probers {
+        served_after(&p.log, std::time::Instant::now()).await;
+    }
+
+    // The backend dies between requests; its sidecar's check flips to
+    // critical (pushed here as the sidecar would after `fall` probes).
+    a.close_listener().await;
+    let killed = std::time::Instant::now();
+    let flipped = std::time::Instant::now();
+    client.check_fail("web-a:ttl", "connection refused").await.unwrap();
+    let gone = eventually(DEADLINE, "the dead instance to leave the table", || async {
+        (!table_addrs(&lb).await.contains(&a.addr.to_string())).then(std::time::Instant::now)
+    })
+    .await;
+    let swap = gone - flipped;
+    // Keep the load on for a while after the swap.
+    for p in &probers {
+        eventually(DEADLINE, "more connections after the swap", || async {
+            (p.log.lock().unwrap().iter().filter(|(at, _)| *at > gone).count() >= 50).then_some(())
+        })
+        .await;
+    }
+    let mut log = Vec::new();
+    for p in probers {
+        log.extend(p.stop().await);
+    }
+
+    // A connection the dying backend's kernel had already completed (in its
+    // accept queue at the kill) is reset, as with any crash; no balancer can
+    // retry it. Every connection opened after the kill must succeed.
+    let in_flight = log.iter().filter(|(at, ok)| *at < killed && !ok).count();
+    let failures = log.iter().filter(|(at, ok)| *at >= killed && !ok).count();
+    eprintln!(
+        "backend killed: table swap {swap:?} after the check flip; {} connections, {failures} failed after the kill, {in_flight} caught in flight",
+        log.len()
+    );
+    assert_eq!(failures, 0, "the data plane retries refused connects on other backends");
+    assert!(swap <= Duration::from_secs(1), "table swap took {swap:?}");
+    let status = lb.status().await;
+    assert!(
+        status["vips"][0]["discovery"]["up"] == true,
+        "discovery is up: {status}"
+    );
+}

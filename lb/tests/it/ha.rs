@@ -3,8 +3,6 @@
 //! write forwarding from the standby.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use halo_testkit::fault::FaultProxy;
@@ -115,47 +113,6 @@ fn assert_never_both_active(a: &Value, b: &Value) {
     }
 }
 
-/// Opens a connection to `vip` every few milliseconds and records when
-/// each attempt started and whether it got a greeting.
-struct Prober {
-    log: Arc<Mutex<Vec<(Instant, bool)>>>,
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Prober {
-    fn start(vip: SocketAddr) -> Prober {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, s) = (Arc::clone(&log), Arc::clone(&stop));
-        let task = tokio::spawn(async move {
-            while !s.load(Ordering::Relaxed) {
-                let at = Instant::now();
-                let ok = tokio::time::timeout(Duration::from_secs(2), greeting(vip))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-                l.lock().unwrap().push((at, ok));
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        });
-        Prober { log, stop, task }
-    }
-
-    async fn stop(self) -> Vec<(Instant, bool)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap();
-        Arc::try_unwrap(self.log).unwrap().into_inner().unwrap()
-    }
-}
-
-/// Waits until a probe that started after `t` succeeded.
-async fn served_after(log: &Arc<Mutex<Vec<(Instant, bool)>>>, t: Instant) {
-    eventually(DEADLINE, "the vip to serve again", || async {
-        log.lock().unwrap().iter().any(|(at, ok)| *at > t && *ok).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn one_instance_is_elected_and_the_standby_forwards_writes() {
     let consul = ConsulAgent::start().await;
@@ -232,7 +189,12 @@ async fn kill_9_of_the_active_fails_over_within_ttl_plus_lock_delay() {
     );
     // Failures only inside the window, none once the standby serves.
     let late: Vec<_> = log.iter().filter(|(at, ok)| *at >= first_ok && !ok).collect();
-    assert!(late.is_empty(), "{} failures after the standby took over", late.len());
+    assert!(
+        late.is_empty(),
+        "{} failures after the standby took over; b's terms: {}",
+        late.len(),
+        p.b.status().await["ha"]["terms"]
+    );
     assert!(log.iter().filter(|(at, _)| *at < killed).all(|(_, ok)| *ok));
 }
 
@@ -344,4 +306,104 @@ async fn an_active_cut_off_from_consul_stops_before_the_standby_starts_20_times(
         21,
         "one term per round plus the first"
     );
+}
+
+#[tokio::test]
+async fn losing_the_consul_leader_changes_neither_the_active_nor_the_tables() {
+    let mut cluster = halo_testkit::ConsulCluster::start(3).await;
+    let agent = cluster.add_client().await;
+    let client = halo_consul::Client::from_address(agent.http_url()).unwrap();
+    let backends = [
+        TestBackend::start("one", Behavior::GreetEcho).await,
+        TestBackend::start("two", Behavior::GreetEcho).await,
+    ];
+    for (i, b) in backends.iter().enumerate() {
+        client
+            .register_service(&halo_consul::ServiceRegistration {
+                id: format!("web-{i}"),
+                name: "web".into(),
+                address: Some("127.0.0.1".into()),
+                port: Some(b.addr.port()),
+                checks: vec![halo_consul::CheckRegistration::ttl(
+                    format!("web-{i}:ttl"),
+                    "ttl",
+                    Duration::from_secs(600),
+                    halo_consul::CheckStatus::Passing,
+                )],
+                ..halo_consul::ServiceRegistration::default()
+            })
+            .await
+            .unwrap();
+    }
+    let config = |id: &str, admin: SocketAddr, vip: SocketAddr| {
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[consul]\naddress = \"{}\"\nwait = \"5s\"\n[ha]\ncluster = \"quorum\"\nid = \"{id}\"\n[[vip]]\nname = \"web\"\nlisten = \"{vip}\"\nservice = \"web\"\n",
+            agent.http_url()
+        )
+    };
+    let (admin_a, vip) = addrs();
+    let admin_b = SocketAddr::from(([127, 0, 0, 1], port()));
+    let a = start(&config("a", admin_a, vip), admin_a).await;
+    wait_role(&a, "active").await;
+    let b = start(&config("b", admin_b, vip), admin_b).await;
+    wait_role(&b, "standby").await;
+    for lb in [&a, &b] {
+        eventually(DEADLINE, "both backends in the table", || async {
+            (lb.status().await["vips"][0]["backends"].as_array()?.len() == 2).then_some(())
+        })
+        .await;
+    }
+    let epoch = a.status().await["ha"]["epoch"].as_u64().unwrap();
+
+    // Watch both instances and the VIP through the whole outage.
+    let prober = Prober::start(vip);
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let monitor = {
+        let (admins, watching) = ([a.admin, b.admin], std::sync::Arc::clone(&watching));
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                for admin in admins {
+                    if let Some((200, body)) = halo_testkit::http::get(admin, "/status").await {
+                        let s: Value = serde_json::from_str(&body).unwrap();
+                        let tables = s["vips"][0]["backends"].as_array().map_or(0, Vec::len);
+                        seen.push((admin, role(&s).to_owned(), s["ha"]["epoch"].as_u64(), tables));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        })
+    };
+
+    let old = cluster.leader().await.expect("a leader");
+    cluster.stop(old);
+    eventually(DEADLINE, "a new Consul leader", || async {
+        cluster.leader().await.filter(|l| *l != old)
+    })
+    .await;
+    // Past the election: both instances reach Consul through it again.
+    for lb in [&a, &b] {
+        eventually(DEADLINE, "the instance to reach Consul again", || async {
+            let s = lb.status().await;
+            (s["ha"]["consul_error"].is_null() && s["vips"][0]["discovery"]["up"] == true).then_some(())
+        })
+        .await;
+    }
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seen = monitor.await.unwrap();
+    let log = prober.stop().await;
+
+    assert!(seen.len() > 10, "the monitor saw the outage");
+    for (admin, role, e, tables) in &seen {
+        let want = if *admin == a.admin { "active" } else { "standby" };
+        assert_eq!(role, want, "{admin} changed role during the leader loss");
+        if *admin == a.admin {
+            assert_eq!(*e, Some(epoch), "the epoch moved");
+        }
+        assert_eq!(*tables, 2, "{admin}'s table lost backends");
+    }
+    assert_eq!(terms(&a.status().await).len(), 1, "a single term, never interrupted");
+    let failed = log.iter().filter(|(_, ok)| !ok).count();
+    assert_eq!(failed, 0, "{failed} of {} client connections failed", log.len());
 }

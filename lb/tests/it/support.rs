@@ -4,10 +4,12 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
-use halo_testkit::free_port;
+use halo_testkit::{eventually, free_port};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -37,6 +39,7 @@ pub struct TestBackend {
     pub addr: SocketAddr,
     pub recorded: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     tasks: Option<tokio::task::JoinHandle<()>>,
+    close: Option<tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl TestBackend {
@@ -45,21 +48,46 @@ impl TestBackend {
         let addr = listener.local_addr().unwrap();
         let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (n, r) = (name.to_owned(), Arc::clone(&recorded));
+        let (close, mut closed) = tokio::sync::oneshot::channel::<tokio::sync::oneshot::Sender<()>>();
         let tasks = tokio::spawn(async move {
             let mut conns = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
+            let done = loop {
+                let accepted = tokio::select! {
+                    done = &mut closed => break done.ok(),
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((stream, _)) = accepted else {
                     continue;
                 };
                 let (n, r) = (n.clone(), Arc::clone(&r));
                 conns.spawn(async move { serve(stream, behavior, &n, &r).await });
                 while conns.try_join_next().is_some() {}
+            };
+            // Closed: no more connections; the live ones finish.
+            drop(listener);
+            if let Some(done) = done {
+                let _closer_may_be_gone = done.send(());
             }
+            while conns.join_next().await.is_some() {}
         });
         TestBackend {
             addr,
             recorded,
             tasks: Some(tasks),
+            close: Some(close),
+        }
+    }
+
+    /// Closes the listener (new connections are refused) and lets live
+    /// connections finish: a process dying between requests. Returns once
+    /// the listener is closed. (Connections the kernel had completed but the
+    /// backend not yet accepted are reset, as in a real crash.)
+    pub async fn close_listener(&mut self) {
+        if let Some(close) = self.close.take() {
+            let (done, closed) = tokio::sync::oneshot::channel();
+            if close.send(done).is_ok() {
+                let _task_may_be_gone = closed.await;
+            }
         }
     }
 
@@ -260,4 +288,45 @@ pub fn addrs() -> (SocketAddr, SocketAddr) {
         SocketAddr::from((Ipv4Addr::LOCALHOST, port())),
         SocketAddr::from((Ipv4Addr::LOCALHOST, port())),
     )
+}
+
+/// Opens a connection to `vip` every few milliseconds and records when
+/// each attempt started and whether it got a greeting.
+pub struct Prober {
+    pub log: Arc<Mutex<Vec<(Instant, bool)>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Prober {
+    pub fn start(vip: SocketAddr) -> Prober {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s) = (Arc::clone(&log), Arc::clone(&stop));
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let ok = tokio::time::timeout(Duration::from_secs(2), greeting(vip))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                l.lock().unwrap().push((at, ok));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        Prober { log, stop, task }
+    }
+
+    pub async fn stop(self) -> Vec<(Instant, bool)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        Arc::try_unwrap(self.log).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Waits until a probe that started after `t` succeeded.
+pub async fn served_after(log: &Arc<Mutex<Vec<(Instant, bool)>>>, t: Instant) {
+    eventually(DEADLINE, "the vip to serve again", || async {
+        log.lock().unwrap().iter().any(|(at, ok)| *at > t && *ok).then_some(())
+    })
+    .await;
 }
