@@ -17,8 +17,11 @@
 //! - [`http`]: a tiny HTTP/1.0 client for readiness polling and admin APIs,
 //!   independent of the code under test.
 //! - [`eventually`]: poll a condition until a generous deadline.
+//! - [`netns`]: a client, two balancers and a backend in network namespaces
+//!   on one bridge, removed on drop; [`netns::required`] gates such tests.
 
 pub mod http;
+pub mod netns;
 mod ports;
 mod process;
 

@@ -6,4 +6,5 @@ mod admin;
 mod config;
 mod data_plane;
 mod discovery;
+mod floating;
 mod lifecycle;
