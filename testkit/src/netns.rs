@@ -464,3 +464,58 @@ fn sweep_stale() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespaces() -> String {
+        ip_run(["netns", "list"])
+    }
+
+    #[test]
+    fn topology_joins_four_hosts_and_removes_everything_on_drop() {
+        if !required("netns::tests::topology_joins_four_hosts_and_removes_everything_on_drop") {
+            return;
+        }
+        let topology = Topology::start();
+        let prefix = topology.prefix.clone();
+        assert_eq!(
+            namespaces().matches(prefix.as_str()).count(),
+            5,
+            "a bridge and four hosts"
+        );
+        let hosts = [topology.client(), topology.lb1(), topology.lb2(), topology.backend()];
+        for host in hosts {
+            assert_eq!(host.addresses(), vec![host.ip()], "{}", host.name());
+            assert!(topology.vip().octets()[..3] == host.ip().octets()[..3]);
+            assert_eq!(host.ip().octets()[..2], [198, 18]);
+        }
+        let mut macs: Vec<&str> = hosts.iter().map(|h| h.mac()).collect();
+        macs.sort_unstable();
+        macs.dedup();
+        assert_eq!(macs.len(), 4, "distinct MACs: {macs:?}");
+
+        // A process in a namespace keeps it alive: the topology kills it.
+        let mut cmd = topology.backend().command("sleep");
+        cmd.arg("600");
+        let mut sleeper = topology.backend().spawn(cmd);
+        drop(topology);
+        let status = sleeper.child().wait().unwrap();
+        assert!(!status.success(), "killed with its topology: {status}");
+        assert!(!namespaces().contains(prefix.as_str()), "{}", namespaces());
+    }
+
+    /// Needs no root: the check comes before anything is started.
+    #[test]
+    #[should_panic(expected = "Host::spawn takes a command from Host::command")]
+    fn spawn_refuses_a_command_outside_the_namespace() {
+        let host = Host {
+            name: "client",
+            netns: "halo-0-0-client".to_owned(),
+            ip: Ipv4Addr::new(198, 18, 0, 10),
+            mac: "02:00:00:00:00:0a".to_owned(),
+        };
+        host.spawn(Command::new("true"));
+    }
+}
