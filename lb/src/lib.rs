@@ -23,6 +23,7 @@
 //! - [`selection`]: the algorithms' precomputed state and the pick.
 //! - [`table`]: immutable tables, the per-VIP publisher and its metrics.
 //! - [`proxy`]: listeners, the accept loop, connect-with-retry.
+//! - [`floating`]: the floating VIP address: netlink add/remove, gratuitous ARP.
 //! - [`copy`]: buffered and splice(2) copying, half-close, idle timeout.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers.
 //! - [`server`]: the running set of VIPs, serving or not, reload, status,
@@ -36,6 +37,7 @@ pub mod backend;
 pub mod config;
 pub mod copy;
 pub mod discovery;
+pub mod floating;
 pub mod ha;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -19,9 +19,12 @@
 //! - [`eventually`]: poll a condition until a generous deadline.
 //! - [`fault`]: a TCP proxy that can cut the path to an agent like a
 //!   partition.
+//! - [`netns`]: a client, two balancers and a backend in network namespaces
+//!   on one bridge, removed on drop; [`netns::required`] gates such tests.
 
 pub mod fault;
 pub mod http;
+pub mod netns;
 mod ports;
 mod process;
 

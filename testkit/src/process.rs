@@ -315,7 +315,7 @@ impl Drop for Member {
 /// (a test-runner timeout, a SIGKILL). Test threads and tokio workers live
 /// at least as long as the agents they start.
 #[allow(unsafe_code)]
-fn kill_with_parent(cmd: &mut Command) {
+pub(crate) fn kill_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only calls
     // prctl(2), which is async-signal-safe; it touches no memory of ours.
     unsafe {

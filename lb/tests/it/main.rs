@@ -6,5 +6,6 @@ mod admin;
 mod config;
 mod data_plane;
 mod discovery;
+mod floating;
 mod ha;
 mod lifecycle;

@@ -1,4 +1,4 @@
-use std::process::Command;
+use crate::sidecar_command;
 
 #[test]
 fn a_bad_config_is_refused_with_the_field_and_reason() {
@@ -9,7 +9,7 @@ fn a_bad_config_is_refused_with_the_field_and_reason() {
         "[service]\nname = \"web\"\nport = 9001\n[[check]]\nname = \"x\"\ntype = \"http\"\nurl = \"http://127.0.0.1:1/\"\ninterval = \"often\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_halo-sidecar"))
+    let out = sidecar_command()
         .args(["check", "--config"])
         .arg(&path)
         .output()
@@ -18,7 +18,7 @@ fn a_bad_config_is_refused_with_the_field_and_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("interval") && err.contains("invalid duration"), "{err}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_halo-sidecar"))
+    let out = sidecar_command()
         .args(["check"])
         .env("HALO_SERVICE_NAME", "web")
         .env("HALO_SERVICE_PORT", "9001")
@@ -34,7 +34,7 @@ fn a_bad_config_is_refused_with_the_field_and_reason() {
 #[test]
 fn the_shipped_example_is_valid() {
     let example = halo_testkit::workspace_root().join("packaging/examples/sidecar.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_halo-sidecar"))
+    let out = sidecar_command()
         .args(["check", "--config"])
         .arg(&example)
         .output()

@@ -17,6 +17,20 @@ mod config;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The halo-sidecar binary, without the `HALO_*` variables of the
+/// environment the tests run in (CI's `HALO_NETNS_TESTS`, a developer's own
+/// settings): the sidecar reads every `HALO_*` as config and refuses unknown
+/// ones, and each test sets exactly the ones it means.
+pub fn sidecar_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halo-sidecar"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("HALO_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// An app with a /healthz that answers 200 or 500 as the test says.
 #[derive(Debug)]
 pub struct App {
@@ -76,7 +90,7 @@ impl Sidecar {
         std::fs::write(&path, config).unwrap();
         let log = dir.path().join("sidecar.log");
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_halo-sidecar"))
+        let child = sidecar_command()
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
