@@ -145,5 +145,5 @@ fn static_and_consul_backends_are_exclusive() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("vip[0].service: set either"), "{e}");
+    assert!(e.contains("vip[0].service: set exactly one of"), "{e}");
 }
