@@ -2,8 +2,11 @@
 
 mod support;
 
+mod active_check;
 mod admin;
 mod config;
 mod data_plane;
 mod discovery;
+mod dns;
 mod lifecycle;
+mod zone;
