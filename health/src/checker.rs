@@ -53,6 +53,13 @@ pub struct CheckConfig {
     pub rise: u32,
     /// Failures in a row that bring an up check down.
     pub fall: u32,
+    /// Whether the check starts up (passing until `fall` failures in a row)
+    /// rather than down (critical until `rise` passes). The sidecar starts
+    /// down: an app is not ready until it has proved it. The balancer starts
+    /// up: Consul or the operator already vouches for a new backend, and
+    /// starting down would take capacity away for `rise` intervals on every
+    /// table change.
+    pub starts_up: bool,
 }
 
 /// Rise/fall hysteresis over probe outcomes, without any clock.
@@ -74,6 +81,14 @@ impl Hysteresis {
             up: false,
             good_run: 0,
             bad_run: 0,
+        }
+    }
+
+    /// Starts up: an up check must see `fall` failures in a row to go down.
+    pub fn new_up(rise: u32, fall: u32) -> Self {
+        Hysteresis {
+            up: true,
+            ..Hysteresis::new(rise, fall)
         }
     }
 
@@ -137,7 +152,11 @@ impl CheckHandle {
 /// Starts a checker task that runs until `stop` is cancelled.
 pub fn spawn(config: CheckConfig, prober: Prober, stop: CancellationToken) -> CheckHandle {
     let (tx, rx) = watch::channel(CheckState {
-        status: Status::Critical,
+        status: if config.starts_up {
+            Status::Passing
+        } else {
+            Status::Critical
+        },
         output: "not checked yet".into(),
         since: SystemTime::now(),
         probes: 0,
@@ -152,8 +171,13 @@ async fn run(config: CheckConfig, prober: Prober, tx: watch::Sender<CheckState>,
     let latency = metrics::histogram!("halo_probe_duration_seconds", &labels);
     let flips = metrics::counter!("halo_check_flips_total", &labels);
     let up = metrics::gauge!("halo_check_up", &labels);
-    up.set(0.0);
-    let mut hysteresis = Hysteresis::new(config.rise, config.fall);
+    let mut hysteresis = if config.starts_up {
+        up.set(1.0);
+        Hysteresis::new_up(config.rise, config.fall)
+    } else {
+        up.set(0.0);
+        Hysteresis::new(config.rise, config.fall)
+    };
     // First probe soon, spread by jitter.
     let mut next = Instant::now() + jittered(Duration::ZERO, config.jitter);
     loop {
@@ -221,6 +245,16 @@ mod tests {
     }
 
     #[test]
+    fn a_check_that_starts_up_falls_only_after_fall_failures() {
+        let mut h = Hysteresis::new_up(2, 2);
+        assert!(h.is_up());
+        assert_eq!(h.observe(Fail), Status::Passing);
+        assert_eq!(h.observe(Fail), Status::Critical);
+        assert_eq!(h.observe(Pass), Status::Critical, "back up only after rise passes");
+        assert_eq!(h.observe(Pass), Status::Passing);
+    }
+
+    #[test]
     fn jitter_stays_within_bounds() {
         let base = Duration::from_millis(1000);
         let jitter = Duration::from_millis(100);
@@ -254,6 +288,7 @@ mod tests {
                 jitter: Duration::ZERO,
                 rise: 2,
                 fall: 2,
+                starts_up: false,
             },
             Prober::default(),
             stop.clone(),

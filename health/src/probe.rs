@@ -57,6 +57,19 @@ pub struct HttpProbe {
     pub expect_body: Option<String>,
 }
 
+/// Parses `"200"` or `"200-399"` into a range of HTTP statuses (each within
+/// 100..=599, low ≤ high); `None` if it is neither.
+pub fn parse_status_range(s: &str) -> Option<RangeInclusive<u16>> {
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v = s.trim().parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some(lo..=hi)
+}
+
 /// An exec probe: a command with arguments, run without a shell.
 #[derive(Debug, Clone)]
 pub struct ExecProbe {

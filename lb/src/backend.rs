@@ -5,11 +5,20 @@
 //! [`BackendState`] to every table that contains the same address, so live
 //! connection counts and ejections carry over, and connections that are
 //! already running keep their backend whatever the current table says.
+//!
+//! Two things take a backend out of selection without a table rebuild:
+//! passive ejection (failed connects) and a failing active check (see
+//! [`crate::active_check`]). Both live here as atomics, and every change of
+//! either bumps the process-wide [`health_epoch`], so derived decisions (the
+//! zone-aware routing in [`crate::zone`]) can be cached until health moves.
+//! An operator's disable is different: it is an input of the table.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+
+use halo_health::CheckHandle;
 
 use metrics::{Counter, Gauge};
 use tokio::time::Instant;
@@ -63,6 +72,25 @@ pub struct BackendState {
     /// Ejected until this many nanoseconds after [`epoch`]; 0 = not ejected.
     ejected_until: AtomicU64,
     metrics: BackendMetrics,
+    /// The active check says this backend is down (read on every pick).
+    check_failing: AtomicBool,
+    /// The running active check, for `/status`; `None` without one.
+    check: Mutex<Option<CheckHandle>>,
+}
+
+/// Bumped whenever any backend's health changes (ejected, re-admitted, an
+/// active check flips). Ejections that run out by time do not bump it:
+/// whoever caches a decision also keeps the earliest ejection end.
+static HEALTH_EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// The current health epoch: if it is unchanged, no backend was ejected,
+/// re-admitted, or flipped by its active check since it was read.
+pub fn health_epoch() -> u64 {
+    HEALTH_EPOCH.load(Ordering::Acquire)
+}
+
+fn health_changed() {
+    HEALTH_EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
 #[derive(Debug)]
@@ -107,6 +135,8 @@ impl BackendState {
             ejections_in_a_row: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             metrics,
+            check_failing: AtomicBool::new(false),
+            check: Mutex::new(None),
         }
     }
 
@@ -126,6 +156,48 @@ impl BackendState {
         until != 0 && nanos_since_epoch(now) < until
     }
 
+    /// Whether a pick may choose this backend at `now`: neither ejected nor
+    /// failing its active check.
+    pub fn available(&self, now: Instant) -> bool {
+        !self.check_failing() && !self.is_ejected(now)
+    }
+
+    /// When the current ejection ends, if the backend is ejected at `now`.
+    pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        (until != 0 && nanos_since_epoch(now) < until).then(|| epoch() + Duration::from_nanos(until))
+    }
+
+    /// Whether the active check currently says the backend is down.
+    pub fn check_failing(&self) -> bool {
+        self.check_failing.load(Ordering::Relaxed)
+    }
+
+    /// Records the active check's verdict; returns whether it changed.
+    pub fn set_check_failing(&self, failing: bool) -> bool {
+        let changed = self.check_failing.swap(failing, Ordering::Relaxed) != failing;
+        if changed {
+            health_changed();
+        }
+        changed
+    }
+
+    /// Attaches (or, with `None`, detaches) the active check whose state
+    /// `/status` shows. Detaching also clears a failing verdict: with no
+    /// check, nothing says the backend is down.
+    pub fn set_check(&self, check: Option<CheckHandle>) {
+        let detached = check.is_none();
+        *self.check.lock().expect("check handle poisoned") = check;
+        if detached {
+            self.set_check_failing(false);
+        }
+    }
+
+    /// The active check, if one runs for this backend.
+    pub fn check(&self) -> Option<CheckHandle> {
+        self.check.lock().expect("check handle poisoned").clone()
+    }
+
     /// Health at `now`, and for how much longer an ejection lasts.
     pub fn health(&self, now: Instant) -> (Health, Duration) {
         let until = self.ejected_until.load(Ordering::Relaxed);
@@ -143,7 +215,12 @@ impl BackendState {
         if self.ejections_in_a_row.swap(0, Ordering::Relaxed) > 0 {
             tracing::info!(backend = %self.addr, "backend re-admitted after a successful connect");
         }
-        self.ejected_until.store(0, Ordering::Relaxed);
+        // Load first: the common case (never ejected) then writes nothing,
+        // and only a real re-admission moves the health epoch.
+        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+            self.ejected_until.store(0, Ordering::Relaxed);
+            health_changed();
+        }
         self.metrics.up.set(1.0);
     }
 
@@ -171,6 +248,7 @@ impl BackendState {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.ejected_until
             .store(nanos_since_epoch(now + ejection), Ordering::Relaxed);
+        health_changed();
         self.metrics.ejections.increment(1);
         self.metrics.up.set(0.0);
         tracing::warn!(backend = %self.addr, ?ejection, failures, "backend ejected after failed connects");
@@ -247,6 +325,34 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(s.connect_failed(Instant::now(), &p), None);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_changes_move_the_epoch_and_a_failing_check_makes_a_backend_unavailable() {
+        let s = BackendState::new("t", "127.0.0.1:1".parse().unwrap());
+        let now = Instant::now();
+        assert!(s.available(now));
+        let e0 = health_epoch();
+        assert!(s.set_check_failing(true));
+        assert!(!s.available(now), "failing its check takes it out");
+        assert!(!s.is_ejected(now), "but it is not ejected: the two stay apart");
+        let e1 = health_epoch();
+        assert!(e1 > e0);
+        assert!(!s.set_check_failing(true), "no change, no flip");
+        s.set_check(None);
+        assert!(s.available(now), "detaching the check clears its verdict");
+
+        let p = policy();
+        s.connect_failed(now, &p);
+        let before = health_epoch();
+        s.connect_failed(now, &p);
+        assert!(health_epoch() > before, "an ejection moves the epoch");
+        let until = s.ejected_until(now).expect("ejected");
+        assert!(until > now && until <= now + Duration::from_secs(1), "{until:?}");
+        assert_eq!(s.ejected_until(now + Duration::from_secs(1)), None);
+        let before = health_epoch();
+        s.connect_succeeded();
+        assert!(health_epoch() > before, "a re-admission moves the epoch");
     }
 
     #[test]

@@ -13,6 +13,10 @@ use std::time::Duration;
 use halo_consul::duration::serde_str as go_duration;
 use serde::Deserialize;
 
+use crate::active_check::CheckSpec;
+use crate::dns::DnsTarget;
+use crate::zone::ZonePolicy;
+
 /// Default admin listener.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 /// Default time a new backend connection may take.
@@ -41,6 +45,26 @@ pub const DEFAULT_HA_CLUSTER: &str = "default";
 pub const DEFAULT_CHECK_TTL: Duration = Duration::from_secs(1);
 /// Default lock delay of an HA instance's session.
 pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_millis(200);
+/// Default fraction of local-zone backends that must be healthy for a VIP
+/// to route within the balancer's zone: about 1/1.4, Envoy's default
+/// overprovisioning factor (a zone at 70 % can carry its own load with the
+/// usual headroom).
+pub const DEFAULT_ZONE_MIN_HEALTHY: f64 = 0.7;
+/// Default DNS server for `dns` discovery: a local Consul agent's DNS
+/// interface.
+pub const DEFAULT_DNS_SERVER: &str = "127.0.0.1:8600";
+/// Default time between two DNS lookups.
+pub const DEFAULT_DNS_INTERVAL: Duration = Duration::from_secs(5);
+/// Default deadline of one DNS lookup.
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time between two active checks of a backend.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Default deadline of one active check.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default passing checks in a row that bring a down backend back.
+pub const DEFAULT_CHECK_RISE: u32 = 2;
+/// Default failing checks in a row that take an up backend out.
+pub const DEFAULT_CHECK_FALL: u32 = 3;
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -63,6 +87,12 @@ pub struct Config {
     /// The virtual IPs to serve (`[[vip]]` tables).
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
+    /// The zone (fault domain) this balancer runs in, compared with each
+    /// backend's `zone`. Set: every VIP routes zone-aware (see
+    /// `zone_min_healthy`). Unset: zone-aware routing is off and backends of
+    /// every zone are used alike.
+    #[serde(default)]
+    pub zone: Option<String>,
     /// Run as one of an active/standby pair. Unset: serve alone, always.
     #[serde(default)]
     pub ha: Option<HaConfig>,
@@ -260,6 +290,119 @@ pub struct VipConfig {
     /// Passive ejection settings.
     #[serde(default)]
     pub passive: PassiveConfig,
+    /// DNS discovery: the backends are the SRV records of a name (for
+    /// example Consul's `web.service.consul`), looked up on an interval.
+    /// Exactly one of `backends`, `service` and `dns` is set.
+    #[serde(default)]
+    pub dns: Option<DnsConfig>,
+    /// With the balancer's `zone` set: route to local-zone backends while
+    /// at least this fraction (0 to 1) of them is healthy (not disabled,
+    /// not ejected, not failing an active check), at least one; below it,
+    /// use every zone. Unset: [`DEFAULT_ZONE_MIN_HEALTHY`]. Ignored without
+    /// `zone`.
+    #[serde(default = "default_zone_min_healthy")]
+    pub zone_min_healthy: Fraction,
+    /// Active health checks of every backend in the table (`[vip.check]`).
+    /// Unset: none; only passive ejection and the backend source (Consul's
+    /// checks, for discovered backends) decide.
+    #[serde(default)]
+    pub check: Option<ActiveCheckConfig>,
+}
+
+/// A fraction as written in the file (`0.7`); validation keeps it within
+/// 0..=1. Compared by its bits, so it can live in `Eq` config structs.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(transparent)]
+pub struct Fraction(pub f64);
+
+impl PartialEq for Fraction {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Fraction {}
+
+/// `dns = { name = "web.service.consul", server = "127.0.0.1:8600" }`: a
+/// VIP's backends from DNS SRV records.
+///
+/// Lookups always go over TCP: Consul (1.8 and later alike) cuts large UDP
+/// answers to a few records *without* setting the TC bit, so a UDP client
+/// cannot tell a cut answer from a complete one, and would swap tables
+/// between random subsets. One TCP connection is kept to the server and
+/// re-made after an error; at one query per interval its cost is nil.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// The name whose SRV records are the backends, e.g.
+    /// `web.service.consul`, `v1.web.service.consul` (tag `v1`) or
+    /// `_web._tcp.service.consul`. Always looked up as a full name (no
+    /// search domains).
+    pub name: String,
+    /// The DNS server, `ip:port`. Unset: [`DEFAULT_DNS_SERVER`], a local
+    /// Consul agent.
+    #[serde(default = "default_dns_server")]
+    pub server: String,
+    /// Time between lookups. Unset: [`DEFAULT_DNS_INTERVAL`].
+    #[serde(default = "default_dns_interval", with = "go_duration")]
+    pub interval: Duration,
+    /// Deadline of one lookup (SRV plus any address lookups). Unset:
+    /// [`DEFAULT_DNS_TIMEOUT`].
+    #[serde(default = "default_dns_timeout", with = "go_duration")]
+    pub timeout: Duration,
+}
+
+/// The protocol of an active check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActiveCheckType {
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP/1.1 GET whose status decides.
+    Http,
+}
+
+/// `[vip.check]`: the balancer's own health check of each backend, run by
+/// halo-health's checker with rise/fall hysteresis. A backend that fails it
+/// is not picked (like an ejected one, panic mode included) without a table
+/// rebuild; an operator's disable stays a separate state.
+///
+/// A new backend starts *up*: its source (Consul's passing view, or the
+/// operator's list) already vouches for it, and starting down would take
+/// capacity away on every table change. It goes down after `fall` failures
+/// in a row and comes back after `rise` passes in a row.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveCheckConfig {
+    /// `tcp` (connect) or `http` (GET `path`, status in `expect_status`).
+    #[serde(rename = "type")]
+    pub kind: ActiveCheckType,
+    /// Time between checks of one backend (each wait is jittered by up to a
+    /// tenth). Unset: [`DEFAULT_CHECK_INTERVAL`].
+    #[serde(default = "default_check_interval", with = "go_duration")]
+    pub interval: Duration,
+    /// Deadline of one check. Unset: [`DEFAULT_CHECK_TIMEOUT`].
+    #[serde(default = "default_check_timeout", with = "go_duration")]
+    pub timeout: Duration,
+    /// Passes in a row that bring a down backend back. Unset:
+    /// [`DEFAULT_CHECK_RISE`].
+    #[serde(default = "default_check_rise")]
+    pub rise: u32,
+    /// Failures in a row that take an up backend out. Unset:
+    /// [`DEFAULT_CHECK_FALL`].
+    #[serde(default = "default_check_fall")]
+    pub fall: u32,
+    /// HTTP only: the path requested. Unset: `/`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// HTTP only: the statuses that pass, `"200"` or `"200-399"`. Unset:
+    /// `200-399`.
+    #[serde(default)]
+    pub expect_status: Option<String>,
+    /// The port checked, when the backend serves its health elsewhere.
+    /// Unset: the backend's own port.
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 fn default_admin_listen() -> String {
@@ -303,6 +446,30 @@ fn default_check_ttl() -> Duration {
 }
 fn default_lock_delay() -> Duration {
     DEFAULT_LOCK_DELAY
+}
+fn default_zone_min_healthy() -> Fraction {
+    Fraction(DEFAULT_ZONE_MIN_HEALTHY)
+}
+fn default_dns_server() -> String {
+    DEFAULT_DNS_SERVER.to_owned()
+}
+fn default_dns_interval() -> Duration {
+    DEFAULT_DNS_INTERVAL
+}
+fn default_dns_timeout() -> Duration {
+    DEFAULT_DNS_TIMEOUT
+}
+fn default_check_interval() -> Duration {
+    DEFAULT_CHECK_INTERVAL
+}
+fn default_check_timeout() -> Duration {
+    DEFAULT_CHECK_TIMEOUT
+}
+fn default_check_rise() -> u32 {
+    DEFAULT_CHECK_RISE
+}
+fn default_check_fall() -> u32 {
+    DEFAULT_CHECK_FALL
 }
 
 /// A validated backend: address, weight and zone.
@@ -386,6 +553,12 @@ pub struct ValidatedVip {
     pub listen: SocketAddr,
     /// Its static backends.
     pub backends: Vec<StaticBackend>,
+    /// Zone-aware routing policy; `None` when the balancer has no `zone`.
+    pub zone: Option<ZonePolicy>,
+    /// The active check; `None` without `[vip.check]`.
+    pub check: Option<CheckSpec>,
+    /// DNS discovery; `None` unless `dns` is set.
+    pub dns: Option<DnsTarget>,
 }
 
 /// Everything wrong with a config file.
@@ -480,18 +653,7 @@ impl Config {
                     None
                 }
             };
-            match (&vip.service, vip.backends.is_empty()) {
-                (None, true) => problems.push(format!(
-                    "{at}.backends: at least one backend, or `service` for Consul discovery, is required"
-                )),
-                (Some(_), false) => problems.push(format!(
-                    "{at}.service: set either `backends` (static) or `service` (Consul), not both"
-                )),
-                (Some(name), true) if name.is_empty() || name.contains(['/', '?', ' ']) => {
-                    problems.push(format!("{at}.service: {name:?} is not a Consul service name"))
-                }
-                _ => {}
-            }
+            validate_backend_source(&at, vip, &mut problems);
             if vip.service_tag.is_some() && vip.service.is_none() {
                 problems.push(format!("{at}.service_tag: only meaningful with `service`"));
             }
@@ -535,14 +697,27 @@ impl Config {
             if vip.passive.max_ejection < vip.passive.base_ejection {
                 problems.push(format!("{at}.passive.max_ejection: must be at least base_ejection"));
             }
+            let zone = validate_zone_routing(&at, vip, self.zone.as_deref(), &mut problems);
+            let check = vip
+                .check
+                .as_ref()
+                .and_then(|c| CheckSpec::from_config(c, &format!("{at}.check"), &mut problems));
+            let dns = vip
+                .dns
+                .as_ref()
+                .and_then(|d| DnsTarget::from_config(d, &format!("{at}.dns"), &mut problems));
             if let Some(listen) = listen {
                 vips.push(ValidatedVip {
                     config: vip.clone(),
                     listen,
                     backends,
+                    zone,
+                    check,
+                    dns,
                 });
             }
         }
+        validate_zone(self.zone.as_deref(), &mut problems);
         if self.vips.iter().any(|v| v.service.is_some()) {
             let consul = halo_consul::Config {
                 address: self.consul.address.clone(),
@@ -699,6 +874,58 @@ fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
         None => max,
     };
     Some((ip, prefix))
+}
+
+/// Exactly one of `backends`, `service` and `dns`; a problem names the
+/// field that is one too many.
+fn validate_backend_source(at: &str, vip: &VipConfig, problems: &mut Vec<String>) {
+    let set: Vec<&str> = [
+        ("backends", !vip.backends.is_empty()),
+        ("service", vip.service.is_some()),
+        ("dns", vip.dns.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(field, set)| set.then_some(field))
+    .collect();
+    match set.as_slice() {
+        [] => problems.push(format!(
+            "{at}.backends: at least one backend, `service` for Consul discovery, or `dns` for DNS discovery, is required"
+        )),
+        [_] => {}
+        [_, extra, ..] => problems.push(format!(
+            "{at}.{extra}: set exactly one of `backends` (static), `service` (Consul) and `dns` (DNS SRV), not {}",
+            set.join(" and ")
+        )),
+    }
+    if let Some(name) = &vip.service {
+        if name.is_empty() || name.contains(['/', '?', ' ']) {
+            problems.push(format!("{at}.service: {name:?} is not a Consul service name"));
+        }
+    }
+}
+
+/// The balancer's own `zone`.
+fn validate_zone(zone: Option<&str>, problems: &mut Vec<String>) {
+    if let Some(zone) = zone {
+        if zone.is_empty() || zone.contains(char::is_whitespace) {
+            problems.push(format!("zone: {zone:?} must be non-empty, without spaces"));
+        }
+    }
+}
+
+/// A VIP's `zone_min_healthy`, and its policy when the balancer has a zone.
+fn validate_zone_routing(
+    at: &str,
+    vip: &VipConfig,
+    zone: Option<&str>,
+    problems: &mut Vec<String>,
+) -> Option<ZonePolicy> {
+    let fraction = vip.zone_min_healthy.0;
+    if !(0.0..=1.0).contains(&fraction) {
+        problems.push(format!("{at}.zone_min_healthy: {fraction} is not between 0 and 1"));
+        return None;
+    }
+    zone.map(|zone| ZonePolicy::new(zone, fraction))
 }
 
 /// toml's errors carry a span and a message; render them as

@@ -38,6 +38,8 @@ pub struct Target {
 /// The state of one VIP's discovery, for `/status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DiscoveryStatus {
+    /// Always `"consul"` (DNS discovery reports `"dns"`).
+    pub source: &'static str,
     /// The service watched.
     pub service: String,
     /// The tag filter, if any.
@@ -54,6 +56,8 @@ pub struct DiscoveryStatus {
     pub skipped: usize,
     /// Unix seconds of the last change of `up`.
     pub since: u64,
+    /// Unix seconds of the last good answer; `None` before the first.
+    pub last_update: Option<u64>,
 }
 
 /// A running discovery task.
@@ -69,6 +73,7 @@ impl Discovery {
     /// Starts watching `target` for `vip` on the current runtime.
     pub fn spawn(client: Client, vip: Arc<Vip>, target: Target, wait: Duration) -> Discovery {
         let status = Arc::new(Mutex::new(DiscoveryStatus {
+            source: "consul",
             service: target.service.clone(),
             tag: target.tag.clone(),
             up: false,
@@ -77,6 +82,7 @@ impl Discovery {
             instances: 0,
             skipped: 0,
             since: unix_now(),
+            last_update: None,
         }));
         let stop = CancellationToken::new();
         tokio::spawn(run(
@@ -116,7 +122,7 @@ async fn run(
     status: Arc<Mutex<DiscoveryStatus>>,
     stop: CancellationToken,
 ) {
-    let labels = [("vip", vip.name().to_owned())];
+    let labels = [("vip", vip.name().to_owned()), ("source", "consul".to_owned())];
     let up_gauge = metrics::gauge!("halo_discovery_up", &labels);
     let errors = metrics::counter!("halo_discovery_errors_total", &labels);
     let updates = metrics::counter!("halo_discovery_updates_total", &labels);
@@ -147,6 +153,7 @@ async fn run(
                     s.index = answer.meta.index;
                     s.instances = backends.len();
                     s.skipped = skipped;
+                    s.last_update = Some(unix_now());
                 }
                 up_gauge.set(1.0);
                 if last.as_ref() != Some(&backends) {

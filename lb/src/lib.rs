@@ -18,9 +18,13 @@
 //! # Layout
 //! - [`config`]: the TOML file, defaults, validation naming every bad field.
 //! - [`discovery`]: Consul's health view as a VIP's backends, fail static.
+//! - [`dns`]: DNS SRV records (Consul's DNS interface) as a VIP's backends.
 //! - [`backend`]: backend identity and live state (connection counts,
 //!   passive ejection with exponential back-off).
+//! - [`active_check`]: the balancer's own health checks, one per backend.
 //! - [`selection`]: the algorithms' precomputed state and the pick.
+//! - [`zone`]: zone-aware routing, local backends first while enough are
+//!   healthy.
 //! - [`table`]: immutable tables, the per-VIP publisher and its metrics.
 //! - [`proxy`]: listeners, the accept loop, connect-with-retry.
 //! - [`floating`]: the floating VIP address: netlink add/remove, gratuitous ARP.
@@ -32,11 +36,13 @@
 //! - [`admin`]: `/health`, `/status`, `/metrics`, backend enable/disable.
 //! - [`workers`]: one single-threaded runtime per core for the data plane.
 
+pub mod active_check;
 pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod copy;
 pub mod discovery;
+pub mod dns;
 pub mod floating;
 pub mod ha;
 pub mod proxy;
@@ -45,6 +51,7 @@ pub mod selection;
 pub mod server;
 pub mod table;
 pub mod workers;
+pub mod zone;
 
 use std::path::PathBuf;
 use std::sync::Arc;

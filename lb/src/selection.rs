@@ -1,10 +1,11 @@
 //! Backend selection: the precomputed state of each algorithm, built once per
 //! table off the data path, and the per-connection pick.
 //!
-//! Every pick skips backends that are ejected or already tried for this
-//! connection. If that leaves nothing, it falls back to ejected backends
-//! ("panic mode", as Envoy calls it): a backend that refused a moment ago is
-//! a better bet than refusing the client outright.
+//! Every pick skips backends that are ejected, failing their active check,
+//! or already tried for this connection. If that leaves nothing, it falls
+//! back to those unavailable backends ("panic mode", as Envoy calls it): a
+//! backend that refused a moment ago is a better bet than refusing the
+//! client outright.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -77,10 +78,24 @@ pub fn pick(selector: &Selector, entries: &[Entry], selectable: &[u32], ctx: &Pi
         return None;
     }
     let fresh = |i: usize| !ctx.tried.contains(&i);
-    let usable = |i: usize| fresh(i) && !entries[i].state.is_ejected(ctx.now);
-    pick_with(selector, entries, selectable, ctx, &usable)
-        // Panic mode: everything usable is ejected; try ejected ones.
+    pick_available(selector, entries, selectable, ctx)
+        // Panic mode: nothing untried is available; try unavailable ones.
         .or_else(|| pick_with(selector, entries, selectable, ctx, &fresh))
+}
+
+/// Like [`pick`] without panic mode: only backends that are available
+/// (neither ejected nor failing their active check) and not yet tried.
+pub fn pick_available(
+    selector: &Selector,
+    entries: &[Entry],
+    selectable: &[u32],
+    ctx: &PickContext<'_>,
+) -> Option<usize> {
+    if selectable.is_empty() {
+        return None;
+    }
+    let usable = |i: usize| !ctx.tried.contains(&i) && entries[i].state.available(ctx.now);
+    pick_with(selector, entries, selectable, ctx, &usable)
 }
 
 fn pick_with(

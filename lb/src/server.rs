@@ -17,9 +17,11 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::active_check::{self, ActiveChecks};
 use crate::backend::Backend;
 use crate::config::{ConsulConfig, Validated, ValidatedVip};
 use crate::discovery::{self, Discovery, Target};
+use crate::dns::DnsDiscovery;
 use crate::proxy;
 use crate::table::{Vip, VipSettings};
 use crate::workers::Workers;
@@ -44,6 +46,11 @@ struct Running {
     listener: Option<Listening>,
     /// Consul discovery, for VIPs with `service`; dropping it stops it.
     discovery: Option<Discovery>,
+    /// DNS discovery, for VIPs with `dns`; dropping it stops it.
+    dns: Option<DnsDiscovery>,
+    /// Active checks of the VIP's backends; dropping it stops them.
+    #[expect(dead_code, reason = "held for its Drop, which stops the checks")]
+    checks: ActiveChecks,
 }
 
 /// A VIP's listening socket and the token of its accept loops.
@@ -237,20 +244,31 @@ impl Server {
                     let vip = Vip::new(name, settings, Vec::new());
                     let listener = new_listeners.remove(name).map(|socket| self.spawn_accept(&vip, socket));
                     vips.entry(name.clone()).or_insert(Running {
+                        checks: ActiveChecks::spawn(Arc::clone(&vip)),
                         vip,
                         listen: v.listen,
                         backlog: v.config.backlog,
                         listener,
                         discovery: None,
+                        dns: None,
                     })
                 }
             };
             match target {
+                None if v.dns.is_some() => {
+                    running.discovery = None;
+                    let dns = v.dns.clone().expect("checked by the guard");
+                    if running.dns.as_ref().is_none_or(|d| d.target != dns) {
+                        running.dns = Some(DnsDiscovery::spawn(Arc::clone(&running.vip), dns));
+                    }
+                }
                 None => {
                     running.discovery = None;
+                    running.dns = None;
                     running.vip.set_backends(static_backends(v));
                 }
                 Some(target) => {
+                    running.dns = None;
                     let keep = !consul_changed && running.discovery.as_ref().is_some_and(|d| d.target == target);
                     if !keep {
                         running.discovery = Some(Discovery::spawn(
@@ -368,6 +386,8 @@ impl Server {
                         let (health, remaining) = e.state.health(now);
                         let state = if e.disabled {
                             "disabled"
+                        } else if e.state.check_failing() {
+                            "check_failing"
                         } else {
                             match health {
                                 crate::backend::Health::Healthy => "healthy",
@@ -381,6 +401,7 @@ impl Server {
                             "state": state,
                             "ejected_for_ms": remaining.as_millis() as u64,
                             "active_connections": e.state.active(),
+                            "check": active_check::status(&e.state),
                         })
                     })
                     .collect();
@@ -394,7 +415,8 @@ impl Server {
                     "max_connections": table.settings.max_connections,
                     "active_connections": r.vip.active(),
                     "table_version": table.version,
-                    "discovery": r.discovery.as_ref().map(Discovery::status),
+                    "discovery": r.discovery.as_ref().map(|d| json!(d.status())).or_else(|| r.dns.as_ref().map(|d| json!(d.status()))),
+                    "zone": table.zone_status(now),
                     "backends": backends,
                 })
             })

@@ -16,12 +16,14 @@ use std::time::{Duration, Instant as StdInstant};
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use crate::active_check::CheckSpec;
 use crate::backend::{Backend, BackendState};
 use crate::config::{Algorithm, CopyMode, PassiveConfig, ProxyProtocol, ValidatedVip};
 use crate::selection::{self, PickContext, Selector};
+use crate::zone::{ZonePolicy, ZoneRouting, ZoneStatus};
 
 /// The per-VIP settings a connection reads from its table snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +44,10 @@ pub struct VipSettings {
     pub retries: u32,
     /// Passive ejection policy.
     pub passive: PassiveConfig,
+    /// Zone-aware routing; `None` when the balancer has no `zone`.
+    pub zone: Option<ZonePolicy>,
+    /// Active health check of every backend; `None`: no active checks.
+    pub check: Option<CheckSpec>,
 }
 
 impl VipSettings {
@@ -57,6 +63,8 @@ impl VipSettings {
             copy: c.copy,
             retries: c.retries,
             passive: c.passive,
+            zone: vip.zone.clone(),
+            check: vip.check.clone(),
         }
     }
 }
@@ -84,6 +92,8 @@ pub struct Table {
     /// Indices of entries that may be picked.
     selectable: Vec<u32>,
     selector: Selector,
+    /// The local-zone subset, when the VIP routes zone-aware.
+    zone: Option<ZoneRouting>,
 }
 
 impl Table {
@@ -96,19 +106,40 @@ impl Table {
             .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 backends"))
             .collect();
         let selector = Selector::build(settings.algorithm, &entries, &selectable);
+        let zone = settings
+            .zone
+            .as_ref()
+            .map(|policy| ZoneRouting::build(policy, settings.algorithm, &entries));
         Table {
             version: 0,
             settings,
             entries,
             selectable,
             selector,
+            zone,
         }
     }
 
     /// Picks a backend for a connection; `None` when every selectable
-    /// backend is in `ctx.tried` (or there are none).
+    /// backend is in `ctx.tried` (or there are none). Zone-aware VIPs pick
+    /// among available local backends while enough are healthy, and fall
+    /// back to every zone (panic mode included) when none of those is left
+    /// untried.
     pub fn pick(&self, ctx: &PickContext<'_>) -> Option<usize> {
+        if let Some(zone) = &self.zone {
+            if zone.routes_locally(&self.entries, ctx.now) {
+                let local = selection::pick_available(zone.selector(), &self.entries, zone.selectable(), ctx);
+                if local.is_some() {
+                    return local;
+                }
+            }
+        }
         selection::pick(&self.selector, &self.entries, &self.selectable, ctx)
+    }
+
+    /// Where picks go at `now`; `None` unless the VIP routes zone-aware.
+    pub fn zone_status(&self, now: Instant) -> Option<ZoneStatus> {
+        self.zone.as_ref().map(|z| z.status(&self.entries, now))
     }
 
     /// Number of backends that may be picked.
@@ -155,6 +186,9 @@ pub struct Vip {
     slot_freed: Notify,
     next_version: AtomicU64,
     metrics: VipMetrics,
+    /// The version of every published table, for tasks that follow the
+    /// table (active checks).
+    published: watch::Sender<u64>,
 }
 
 /// Per-VIP metric handles, registered once.
@@ -244,6 +278,7 @@ impl Vip {
             slot_freed: Notify::new(),
             next_version: AtomicU64::new(1),
             metrics,
+            published: watch::Sender::new(0),
         });
         vip.set_backends(backends);
         vip
@@ -268,6 +303,12 @@ impl Vip {
     /// Metric handles.
     pub fn metrics(&self) -> &VipMetrics {
         &self.metrics
+    }
+
+    /// Wakes on every published table (its version); read the table itself
+    /// with [`Vip::table`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// Replaces the backend set; rebuilds and swaps only if it changed.
@@ -345,6 +386,7 @@ impl Vip {
         let version = table.version;
         let selectable = table.selectable_len();
         self.table.store(Arc::new(table));
+        self.published.send_replace(version);
         let took = started.elapsed();
         self.metrics.swaps.increment(1);
         self.metrics.table_version.set(version as f64);

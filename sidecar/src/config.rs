@@ -10,11 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
 use halo_consul::duration::serde_str as go_duration;
+use halo_health::probe::parse_status_range;
 use halo_health::{CheckConfig, ExecProbe, HttpProbe, Probe};
 use serde::Deserialize;
 
@@ -407,6 +407,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
                 jitter: c.jitter.unwrap_or(c.interval / 10),
                 rise: c.rise,
                 fall: c.fall,
+                starts_up: false,
             });
         }
     }
@@ -501,17 +502,6 @@ fn probe(c: &CheckSection, at: &str, problems: &mut Vec<String>) -> Option<Probe
             }))
         }
     }
-}
-
-fn parse_status_range(s: &str) -> Option<RangeInclusive<u16>> {
-    let (lo, hi) = match s.split_once('-') {
-        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
-        None => {
-            let v = s.trim().parse().ok()?;
-            (v, v)
-        }
-    };
-    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some(lo..=hi)
 }
 
 #[cfg(test)]

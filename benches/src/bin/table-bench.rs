@@ -25,6 +25,8 @@ fn settings(algorithm: Algorithm) -> VipSettings {
         copy: CopyMode::Buffered,
         retries: 2,
         passive: PassiveConfig::default(),
+        zone: None,
+        check: None,
     }
 }
 

@@ -19,7 +19,7 @@ fn check(config: &str) -> (bool, String) {
 
 #[test]
 fn check_accepts_the_shipped_examples() {
-    for name in ["lb.toml", "lb-consul.toml"] {
+    for name in ["lb.toml", "lb-consul.toml", "lb-dns.toml"] {
         let example = halo_testkit::workspace_root().join("packaging/examples").join(name);
         let (ok, text) = check(&std::fs::read_to_string(example).unwrap());
         assert!(ok, "{name}: {text}");

@@ -2,10 +2,13 @@
 
 mod support;
 
+mod active_check;
 mod admin;
 mod config;
 mod data_plane;
 mod discovery;
+mod dns;
 mod floating;
 mod ha;
 mod lifecycle;
+mod zone;

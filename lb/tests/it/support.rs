@@ -44,7 +44,12 @@ pub struct TestBackend {
 
 impl TestBackend {
     pub async fn start(name: &str, behavior: Behavior) -> TestBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestBackend::start_at("127.0.0.1:0".parse().unwrap(), name, behavior).await
+    }
+
+    /// Starts on `addr`: a killed backend comes back on its old address.
+    pub async fn start_at(addr: SocketAddr, name: &str, behavior: Behavior) -> TestBackend {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (n, r) = (name.to_owned(), Arc::clone(&recorded));
@@ -96,6 +101,20 @@ impl TestBackend {
         if let Some(t) = self.tasks.take() {
             t.abort();
         }
+    }
+}
+
+impl TestBackend {
+    /// Kills the backend and waits until its port refuses connections: the
+    /// abort takes effect asynchronously, and until then a connect can still
+    /// land in the old listener's backlog (and be reset).
+    pub async fn kill_and_wait(&mut self) {
+        self.kill();
+        let addr = self.addr;
+        halo_testkit::eventually(DEADLINE, "the killed backend to refuse connections", || async move {
+            TcpStream::connect(addr).await.is_err().then_some(())
+        })
+        .await;
     }
 }
 
