@@ -57,6 +57,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HaSettings;
+use crate::floating::{FloatingIp, Outcome};
 use crate::server::Server;
 
 /// How long the key watch blocks per call.
@@ -271,8 +272,25 @@ struct Consul {
 /// Runs the election until `stop` is cancelled, promoting and demoting
 /// `server`. On return this instance no longer serves and has released the
 /// lock if it held it.
-pub async fn run(leadership: Arc<Leadership>, client: Client, server: Arc<Server>, stop: CancellationToken) {
+pub async fn run(
+    leadership: Arc<Leadership>,
+    client: Client,
+    server: Arc<Server>,
+    floating: Option<FloatingIp>,
+    stop: CancellationToken,
+) {
     let settings = leadership.settings.clone();
+    if let Some(floating) = &floating {
+        // A previous process may have died while active and left the
+        // address behind; a standby must not carry it.
+        match floating.release() {
+            Ok(Outcome::Changed) => {
+                tracing::warn!(address = %floating.address(), "removed a floating address left behind")
+            }
+            Ok(Outcome::Unchanged) => {}
+            Err(e) => tracing::error!(error = %e, "cannot check the floating address"),
+        }
+    }
     let consul = Consul {
         fast: client.with_timeout(settings.check_ttl.max(Duration::from_millis(500))),
         blocking: client.with_timeout(KEY_WAIT + KEY_WAIT / 16 + Duration::from_secs(2)),
@@ -311,17 +329,13 @@ pub async fn run(leadership: Arc<Leadership>, client: Client, server: Arc<Server
                 break;
             }
         };
-        let reason = lead(
-            &leadership,
-            &consul.fast,
-            &server,
-            &session,
+        let term = Serving {
+            server: &server,
+            floating: floating.as_ref(),
+            session: &session,
             epoch,
-            &mut key,
-            &mut lease,
-            &stop,
-        )
-        .await;
+        };
+        let reason = lead(&leadership, &consul.fast, term, &mut key, &mut lease, &stop).await;
         if reason == StepDown::Shutdown {
             // Stopped serving already; now hand over. A release starts no
             // lock delay, so the standby can take over at once.
@@ -501,19 +515,46 @@ async fn confirm(client: &Client, key: &str, session: &str) -> Result<Option<u64
         .map(|pair| pair.lock_index))
 }
 
+/// What an active serves with, for one term.
+struct Serving<'a> {
+    server: &'a Server,
+    floating: Option<&'a FloatingIp>,
+    session: &'a str,
+    epoch: u64,
+}
+
+/// Adds the floating address and announces it; logged, not fatal: the
+/// active retries every heartbeat while it has not got the address.
+fn claim(floating: &FloatingIp) -> bool {
+    let started = std::time::Instant::now();
+    match floating.claim() {
+        Ok(_) => {
+            tracing::info!(address = %floating.address(), interface = floating.interface(), took = ?started.elapsed(), "floating address claimed and announced");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot claim the floating address; retrying");
+            false
+        }
+    }
+}
+
 /// The active: serves until a reason to step down, then stops serving
 /// before returning.
-#[allow(clippy::too_many_arguments)]
 async fn lead(
     leadership: &Leadership,
     client: &Client,
-    server: &Server,
-    session: &str,
-    epoch: u64,
+    term: Serving<'_>,
     key: &mut watch::Receiver<Option<Option<KeyState>>>,
     lease: &mut watch::Receiver<Option<Instant>>,
     stop: &CancellationToken,
 ) -> StepDown {
+    let Serving {
+        server,
+        floating,
+        session,
+        epoch,
+    } = term;
     let settings = &leadership.settings;
     // Invariant: we hold the lock (acquire + consistent confirm) and our
     // lease is valid; checked once more right before binding.
@@ -544,6 +585,14 @@ async fn lead(
         tracing::error!(error = %e, "cannot serve a vip; retrying every heartbeat");
     }
     let mut unbound = !failed.is_empty();
+    // The address last: listeners are ready (pre-bound) before any packet
+    // for it can arrive.
+    let mut unclaimed = floating.is_some_and(|f| !claim(f));
+    // Announce once more a little later, as keepalived does, for neighbours
+    // that missed the first burst.
+    let reannounce = tokio::time::sleep(crate::floating::REANNOUNCE_AFTER);
+    tokio::pin!(reannounce);
+    let mut reannounced = floating.is_none();
 
     // Renewing runs beside this loop, never inside it: nothing here may
     // wait on Consul, or a hanging call would hold the loop past the lease
@@ -580,12 +629,25 @@ async fn lead(
             }
             _ = lease.changed() => {}
             Ok(()) = &mut gone => break StepDown::SessionLost,
-            _ = retry_bind.tick(), if unbound => {
-                let failed = server.start_serving();
-                for e in &failed {
-                    tracing::warn!(error = %e, "still cannot serve a vip");
+            _ = retry_bind.tick(), if unbound || unclaimed => {
+                if unbound {
+                    let failed = server.start_serving();
+                    for e in &failed {
+                        tracing::warn!(error = %e, "still cannot serve a vip");
+                    }
+                    unbound = !failed.is_empty();
                 }
-                unbound = !failed.is_empty();
+                if let Some(f) = floating.filter(|_| unclaimed) {
+                    unclaimed = !claim(f);
+                }
+            }
+            () = &mut reannounce, if !reannounced => {
+                reannounced = true;
+                if let Some(f) = floating {
+                    if let Err(e) = f.announce() {
+                        tracing::warn!(error = %e, "cannot re-announce the floating address");
+                    }
+                }
             }
         }
     };
@@ -601,6 +663,13 @@ async fn lead(
             term.ended_by = Some(reason);
         }
         state.lease_until = None;
+    }
+    if let Some(f) = floating {
+        // After the listeners: the address going is not what stops us
+        // serving, and the new active's announcement wins either way.
+        if let Err(e) = f.release() {
+            tracing::error!(error = %e, "cannot remove the floating address");
+        }
     }
     tracing::info!(
         epoch,

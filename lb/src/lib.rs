@@ -80,14 +80,15 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         .ha
         .clone()
         .map(|settings| Leadership::new(settings, config.admin));
-    if let Some(floating) = config.ha.as_ref().and_then(|ha| ha.floating.as_ref()) {
-        anyhow::bail!(
-            "ha.vip_address {}/{} on {}: floating addresses are not supported by this build",
-            floating.address,
-            floating.prefix,
-            floating.interface
-        );
-    }
+    // The floating address is checked before anything starts: a missing
+    // interface or capability is a start-up error, not a failed promotion.
+    let floating = match config.ha.as_ref().and_then(|ha| ha.floating.as_ref()) {
+        Some(f) => Some(
+            floating::FloatingIp::open(f.address, f.prefix, &f.interface)
+                .with_context(|| format!("ha.vip_address {}/{} on {}", f.address, f.prefix, f.interface))?,
+        ),
+        None => None,
+    };
     // A lone balancer serves from the start; one of a pair only once elected.
     let server = Server::new(&config, prometheus.clone(), workers, leadership.is_none());
     let admin_listener = tokio::net::TcpListener::bind(config.admin)
@@ -109,6 +110,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
                 Arc::clone(leadership),
                 client,
                 Arc::clone(&server),
+                floating,
                 stop_ha.clone(),
             )))
         }

@@ -44,6 +44,10 @@ struct Running {
     backlog: u32,
     /// The listening socket and its accept loops, while serving.
     listener: Option<Listening>,
+    /// A socket bound and listening but not accepted on, kept by a standby
+    /// with a floating address so that promotion needs no bind. (The
+    /// address is not on the host until promotion, so nothing arrives.)
+    prebound: Option<std::net::TcpListener>,
     /// Consul discovery, for VIPs with `service`; dropping it stops it.
     discovery: Option<Discovery>,
     /// DNS discovery, for VIPs with `dns`; dropping it stops it.
@@ -105,6 +109,9 @@ pub struct Server {
     serving: AtomicBool,
     /// `[ha]` as started; it cannot change on reload.
     ha: Option<crate::config::HaSettings>,
+    /// Whether a standby keeps listeners pre-bound (floating address mode;
+    /// on one host the active holds the ports, so the standby cannot).
+    prebind: bool,
 }
 
 /// Why a configuration could not be applied.
@@ -157,6 +164,7 @@ impl Server {
             consul: Mutex::new(None),
             serving: AtomicBool::new(serving),
             ha: config.ha.clone(),
+            prebind: config.ha.as_ref().is_some_and(|ha| ha.floating.is_some()),
         })
     }
 
@@ -185,8 +193,8 @@ impl Server {
         for v in &config.vips {
             let needs_bind = vips
                 .get(&v.config.name)
-                .is_none_or(|r| r.listen != v.listen || r.listener.is_none());
-            if serving && needs_bind {
+                .is_none_or(|r| r.listen != v.listen || (r.listener.is_none() && r.prebound.is_none()));
+            if (serving || self.prebind) && needs_bind {
                 let listener = proxy::bind(v.listen, v.config.backlog).map_err(|source| ApplyError::Bind {
                     vip: v.config.name.clone(),
                     addr: v.listen,
@@ -236,19 +244,27 @@ impl Server {
                         if let Some(old) = running.listener.take() {
                             old.close();
                         }
-                        running.listener = Some(self.spawn_accept(&running.vip, socket));
+                        if serving {
+                            running.listener = Some(self.spawn_accept(&running.vip, socket));
+                        } else {
+                            running.prebound = Some(socket);
+                        }
                     }
                     running
                 }
                 None => {
                     let vip = Vip::new(name, settings, Vec::new());
-                    let listener = new_listeners.remove(name).map(|socket| self.spawn_accept(&vip, socket));
+                    let (listener, prebound) = match new_listeners.remove(name) {
+                        Some(socket) if serving => (Some(self.spawn_accept(&vip, socket)), None),
+                        socket => (None, socket),
+                    };
                     vips.entry(name.clone()).or_insert(Running {
                         checks: ActiveChecks::spawn(Arc::clone(&vip)),
                         vip,
                         listen: v.listen,
                         backlog: v.config.backlog,
                         listener,
+                        prebound,
                         discovery: None,
                         dns: None,
                     })
@@ -295,7 +311,11 @@ impl Server {
             if running.listener.is_some() {
                 continue;
             }
-            match proxy::bind(running.listen, running.backlog) {
+            let bound = match running.prebound.take() {
+                Some(socket) => Ok(socket),
+                None => proxy::bind(running.listen, running.backlog),
+            };
+            match bound {
                 Ok(socket) => running.listener = Some(self.spawn_accept(&running.vip, socket)),
                 Err(source) => failed.push(ApplyError::Bind {
                     vip: name.clone(),
@@ -317,6 +337,16 @@ impl Server {
         for running in vips.values_mut() {
             if let Some(listening) = running.listener.take() {
                 listening.close();
+            }
+        }
+        if self.prebind && !self.is_draining() {
+            // Ready for the next promotion; a failure here only means that
+            // promotion binds instead.
+            for (name, running) in vips.iter_mut() {
+                match proxy::bind(running.listen, running.backlog) {
+                    Ok(socket) => running.prebound = Some(socket),
+                    Err(e) => tracing::warn!(vip = %name, error = %e, "cannot pre-bind the listener"),
+                }
             }
         }
     }

@@ -15,8 +15,17 @@ pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 /// Sends a body-less `method` request for `path` to `addr` and returns the
 /// status and body; `None` on any failure or after 2 s.
 pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    request_over(stream, addr, method, path).await
+}
+
+/// [`request`] over a connection the caller made (e.g. from inside a
+/// network namespace).
+pub async fn request_over(mut stream: TcpStream, addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
         let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();

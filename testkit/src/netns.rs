@@ -207,6 +207,34 @@ impl Host {
         HostProcess { host: self.name, child }
     }
 
+    /// Runs `f` on a thread that has entered this host's network namespace.
+    /// Sockets made there stay in the namespace and may be used from any
+    /// thread afterwards, which is how a test talks to a host directly.
+    pub fn within<T, F>(&self, f: F) -> std::io::Result<T>
+    where
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let path = format!("/var/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path)?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            f()
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+    }
+
+    /// A TCP connection from this host to `addr`, as a tokio stream.
+    pub async fn connect(&self, addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let stream = self.within(move || {
+            let stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+            stream.set_nonblocking(true)?;
+            Ok(stream)
+        })?;
+        tokio::net::TcpStream::from_std(stream)
+    }
+
     /// Sets a sysctl of this namespace (`key` as in `sysctl`, with dots).
     /// Writes `/proc/sys` directly: procps' `sysctl` is not always installed.
     pub fn sysctl(&self, key: &str, value: &str) {

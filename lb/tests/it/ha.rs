@@ -407,3 +407,166 @@ async fn losing_the_consul_leader_changes_neither_the_active_nor_the_tables() {
     let failed = log.iter().filter(|(_, ok)| !ok).count();
     assert_eq!(failed, 0, "{failed} of {} client connections failed", log.len());
 }
+
+/// A halo-lb in a namespace host, with its log in a temp dir.
+struct HostLb {
+    process: halo_testkit::netns::HostProcess,
+    admin: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HostLb {
+    fn start(host: &halo_testkit::netns::Host, config: &str, admin: SocketAddr) -> HostLb {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = dir.path().join("lb.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = host.command(env!("CARGO_BIN_EXE_halo-lb"));
+        cmd.arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info,halo_lb=debug")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        HostLb {
+            process: host.spawn(cmd),
+            admin,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `/status` of an instance on `host`, asked from inside its namespace.
+async fn host_status(host: &halo_testkit::netns::Host, admin: SocketAddr) -> Option<Value> {
+    let stream = host.connect(admin).await.ok()?;
+    let (code, body) = halo_testkit::http::request_over(stream, admin, "GET", "/status").await?;
+    (code == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+async fn host_role(host: &halo_testkit::netns::Host, lb: &HostLb, want: &str) -> Value {
+    eventually(DEADLINE, &format!("{} to be {want}", host.name()), || async {
+        let s = host_status(host, lb.admin).await?;
+        (role(&s) == want).then_some(s)
+    })
+    .await
+}
+
+/// One request through the VIP from the client host: the backend (Consul's
+/// HTTP API on the backend host) answers 200.
+async fn through_vip(client: &halo_testkit::netns::Host, vip: SocketAddr) -> bool {
+    let Ok(stream) = client.connect(vip).await else {
+        return false;
+    };
+    matches!(
+        halo_testkit::http::request_over(stream, vip, "GET", "/v1/status/leader").await,
+        Some((200, _))
+    )
+}
+
+#[tokio::test]
+async fn a_floating_vip_follows_the_active_between_hosts() {
+    use halo_testkit::netns::{self, Topology, INTERFACE};
+    if !netns::required("ha::a_floating_vip_follows_the_active_between_hosts") {
+        return;
+    }
+    let topology = Topology::start();
+    let (client, lb1, lb2, backend) = (topology.client(), topology.lb1(), topology.lb2(), topology.backend());
+    // Consul runs on the backend host; its HTTP API doubles as the backend.
+    let consul_http = SocketAddr::from((backend.ip(), 8500));
+    let mut consul = backend.command(halo_testkit::consul_binary());
+    let consul_dir = tempfile::tempdir().unwrap();
+    consul
+        .args(["agent", "-dev", "-node=backend", "-http-port=8500", "-dns-port=8600"])
+        .arg(format!("-bind={}", backend.ip()))
+        .arg(format!("-client={}", backend.ip()))
+        .arg("-hcl=disable_update_check = true")
+        .stdout(std::fs::File::create(consul_dir.path().join("consul.log")).unwrap())
+        .stderr(std::process::Stdio::null());
+    let _consul = backend.spawn(consul);
+    eventually(DEADLINE, "Consul on the backend host to have a leader", || async {
+        let stream = backend.connect(consul_http).await.ok()?;
+        let (code, body) = halo_testkit::http::request_over(stream, consul_http, "GET", "/v1/status/leader").await?;
+        (code == 200 && body.contains(':')).then_some(())
+    })
+    .await;
+
+    let vip = SocketAddr::from((topology.vip(), 8080));
+    let config = |host: &halo_testkit::netns::Host, id: &str| {
+        format!(
+            "[admin]\nlisten = \"{}:9901\"\n[consul]\naddress = \"http://{consul_http}\"\n[ha]\ncluster = \"float\"\nid = \"{id}\"\nvip_address = \"{}/24\"\nvip_interface = \"{INTERFACE}\"\n[[vip]]\nname = \"web\"\nlisten = \"{vip}\"\nbackends = [\"{consul_http}\"]\n",
+            host.ip(),
+            topology.vip()
+        )
+    };
+    let admin1 = SocketAddr::from((lb1.ip(), 9901));
+    let admin2 = SocketAddr::from((lb2.ip(), 9901));
+    let mut one = HostLb::start(lb1, &config(lb1, "lb1"), admin1);
+    host_role(lb1, &one, "active").await;
+    let two = HostLb::start(lb2, &config(lb2, "lb2"), admin2);
+    host_role(lb2, &two, "standby").await;
+
+    assert!(
+        lb1.addresses().contains(&topology.vip()),
+        "the active holds the address"
+    );
+    assert!(!lb2.addresses().contains(&topology.vip()), "the standby does not");
+    eventually(DEADLINE, "the client to be served through lb1", || async {
+        through_vip(client, vip).await.then_some(())
+    })
+    .await;
+    assert_eq!(client.neighbour(topology.vip()).as_deref(), Some(lb1.mac()));
+
+    // kill -9 of the active host's balancer: lb2 claims the address and its
+    // gratuitous ARP repoints the client.
+    let killed = Instant::now();
+    one.process.kill();
+    host_role(lb2, &two, "active").await;
+    assert!(lb2.addresses().contains(&topology.vip()), "{}", two.log());
+    eventually(DEADLINE, "the client's neighbour entry to move to lb2", || async {
+        (client.neighbour(topology.vip()).as_deref() == Some(lb2.mac())).then_some(())
+    })
+    .await;
+    eventually(DEADLINE, "the client to be served through lb2", || async {
+        through_vip(client, vip).await.then_some(())
+    })
+    .await;
+    eprintln!(
+        "floating failover: served through lb2 {:?} after kill -9 of lb1",
+        killed.elapsed()
+    );
+
+    // lb1 died holding the address; restarted, it removes it and stands by.
+    let one_again = HostLb::start(lb1, &config(lb1, "lb1"), admin1);
+    host_role(lb1, &one_again, "standby").await;
+    assert!(
+        !lb1.addresses().contains(&topology.vip()),
+        "a restarted standby removes the address it died with:\n{}",
+        one_again.log()
+    );
+
+    // SIGTERM on lb2: the address moves back with the lock.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(two.process.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    host_role(lb1, &one_again, "active").await;
+    eventually(DEADLINE, "the address to move back to lb1", || async {
+        (lb1.addresses().contains(&topology.vip()) && !lb2.addresses().contains(&topology.vip())).then_some(())
+    })
+    .await;
+    eventually(DEADLINE, "the client to be served through lb1 again", || async {
+        through_vip(client, vip).await.then_some(())
+    })
+    .await;
+    assert_eq!(client.neighbour(topology.vip()).as_deref(), Some(lb1.mac()));
+    drop(one);
+}
