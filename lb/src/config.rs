@@ -1025,4 +1025,44 @@ mod tests {
         }
         assert!(err("").contains("at least one [[vip]]"));
     }
+
+    #[test]
+    fn ha_settings_are_derived_and_every_bad_field_is_named() {
+        let base = "[[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\n";
+        let v = Config::parse(&format!("{base}[ha]\nid = \"lb-1\"\n"), "ok.toml").unwrap();
+        let ha = v.ha.unwrap();
+        assert_eq!(ha.lock_key(), "halo/default/leader");
+        assert_eq!((ha.check_ttl, ha.lock_delay), (DEFAULT_CHECK_TTL, DEFAULT_LOCK_DELAY));
+        assert_eq!(ha.heartbeat, Duration::from_millis(250));
+        assert_eq!(ha.margin, Duration::from_millis(200));
+        assert!(ha.floating.is_none());
+        let v = Config::parse(
+            &format!("{base}[ha]\nvip_address = \"198.18.0.100/24\"\nvip_interface = \"eth0\"\n"),
+            "ok.toml",
+        )
+        .unwrap();
+        let floating = v.ha.unwrap().floating.unwrap();
+        assert_eq!(
+            (floating.address.to_string(), floating.prefix),
+            ("198.18.0.100".to_owned(), 24)
+        );
+
+        let e = err(&format!(
+            "[admin]\nlisten = \"0.0.0.0:9901\"\n{base}[ha]\ncluster = \"a/b\"\nid = \"\"\ncheck_ttl = \"100ms\"\nlock_delay = \"10ms\"\nvip_address = \"not-an-ip\"\n"
+        ));
+        for needle in [
+            "ha.cluster: \"a/b\"",
+            "ha.id: \"\"",
+            "ha.check_ttl: 100ms",
+            "ha.lock_delay: 10ms is below the step-down margin",
+            "admin.listen: an HA instance advertises",
+            "ha.vip_interface: required with vip_address",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        }
+        let e = err(&format!(
+            "{base}[ha]\nvip_address = \"198.18.0.100/33\"\nvip_interface = \"eth0\"\n"
+        ));
+        assert!(e.contains("ha.vip_address: \"198.18.0.100/33\""), "{e}");
+    }
 }
