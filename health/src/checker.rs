@@ -149,6 +149,31 @@ impl CheckHandle {
     }
 }
 
+/// Checks a check's timing and thresholds, pushing each problem, named
+/// under `at` (`check[0]`, `vip[1].check`), to `problems`. Shared by every
+/// config that declares checks, so they say the same thing.
+pub fn validate_timing(
+    at: &str,
+    interval: Duration,
+    timeout: Duration,
+    rise: u32,
+    fall: u32,
+    problems: &mut Vec<String>,
+) {
+    if interval.is_zero() {
+        problems.push(format!("{at}.interval: must be above zero"));
+    }
+    if timeout.is_zero() {
+        problems.push(format!("{at}.timeout: must be above zero"));
+    }
+    if rise == 0 {
+        problems.push(format!("{at}.rise: must be at least 1"));
+    }
+    if fall == 0 {
+        problems.push(format!("{at}.fall: must be at least 1"));
+    }
+}
+
 /// Starts a checker task that runs until `stop` is cancelled.
 pub fn spawn(config: CheckConfig, prober: Prober, stop: CancellationToken) -> CheckHandle {
     let (tx, rx) = watch::channel(CheckState {

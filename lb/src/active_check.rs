@@ -61,18 +61,7 @@ impl CheckSpec {
     /// Validates `c`, pushing each problem (named under `at`) to `problems`.
     pub fn from_config(c: &ActiveCheckConfig, at: &str, problems: &mut Vec<String>) -> Option<CheckSpec> {
         let before = problems.len();
-        if c.interval.is_zero() {
-            problems.push(format!("{at}.interval: must be above zero"));
-        }
-        if c.timeout.is_zero() {
-            problems.push(format!("{at}.timeout: must be above zero"));
-        }
-        if c.rise == 0 {
-            problems.push(format!("{at}.rise: must be at least 1"));
-        }
-        if c.fall == 0 {
-            problems.push(format!("{at}.fall: must be at least 1"));
-        }
+        halo_health::checker::validate_timing(at, c.interval, c.timeout, c.rise, c.fall, problems);
         if c.port == Some(0) {
             problems.push(format!("{at}.port: 0 is not a port"));
         }

@@ -108,7 +108,8 @@ impl Drop for Discovery {
     }
 }
 
-fn unix_now() -> u64 {
+/// Wall-clock seconds since the Unix epoch, for discovery status.
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

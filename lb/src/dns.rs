@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolverOpts};
 use hickory_resolver::name_server::{NameServerPool, TokioConnectionProvider};
@@ -162,7 +162,7 @@ impl DnsDiscovery {
             last_error: Some("no answer from the DNS server yet".into()),
             instances: 0,
             skipped: 0,
-            since: unix_now(),
+            since: crate::discovery::unix_now(),
             last_update: None,
         }));
         let stop = CancellationToken::new();
@@ -180,12 +180,6 @@ impl Drop for DnsDiscovery {
     fn drop(&mut self) {
         self.stop.cancel();
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 async fn run(vip: Arc<Vip>, target: DnsTarget, status: Arc<Mutex<DnsStatus>>, stop: CancellationToken) {
@@ -217,13 +211,13 @@ async fn run(vip: Arc<Vip>, target: DnsTarget, status: Arc<Mutex<DnsStatus>>, st
                     let mut s = status.lock().expect("dns status poisoned");
                     if !s.up {
                         tracing::info!(vip = vip.name(), name = %target.name, "dns discovery is up");
-                        s.since = unix_now();
+                        s.since = crate::discovery::unix_now();
                     }
                     s.up = true;
                     s.last_error = None;
                     s.instances = answer.backends.len();
                     s.skipped = answer.skipped;
-                    s.last_update = Some(unix_now());
+                    s.last_update = Some(crate::discovery::unix_now());
                 }
                 up_gauge.set(1.0);
                 if last.as_ref() != Some(&answer.backends) {
@@ -242,7 +236,7 @@ async fn run(vip: Arc<Vip>, target: DnsTarget, status: Arc<Mutex<DnsStatus>>, st
                 let mut s = status.lock().expect("dns status poisoned");
                 if s.up {
                     tracing::warn!(vip = vip.name(), name = %target.name, error = %e, "dns lookup failed; serving the last good table");
-                    s.since = unix_now();
+                    s.since = crate::discovery::unix_now();
                 }
                 s.up = false;
                 s.last_error = Some(e.to_string());

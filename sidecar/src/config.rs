@@ -386,18 +386,7 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         } else if !names.insert(c.name.clone()) {
             problems.push(format!("{at}.name: {:?} is used by another check", c.name));
         }
-        if c.interval.is_zero() {
-            problems.push(format!("{at}.interval: must be above zero"));
-        }
-        if c.timeout.is_zero() {
-            problems.push(format!("{at}.timeout: must be above zero"));
-        }
-        if c.rise == 0 {
-            problems.push(format!("{at}.rise: must be at least 1"));
-        }
-        if c.fall == 0 {
-            problems.push(format!("{at}.fall: must be at least 1"));
-        }
+        halo_health::checker::validate_timing(&at, c.interval, c.timeout, c.rise, c.fall, &mut problems);
         if let Some(probe) = probe(c, &at, &mut problems) {
             checks.push(CheckConfig {
                 name: c.name.clone(),
