@@ -195,7 +195,11 @@ async fn kill_9_of_the_active_fails_over_within_ttl_plus_lock_delay() {
         late.len(),
         p.b.status().await["ha"]["terms"]
     );
-    assert!(log.iter().filter(|(at, _)| *at < killed).all(|(_, ok)| *ok));
+    // Before the kill every attempt succeeded, but for the one in flight
+    // when it happened (the prober makes one attempt at a time).
+    let before: Vec<bool> = log.iter().filter(|(at, _)| *at < killed).map(|(_, ok)| *ok).collect();
+    let settled = &before[..before.len().saturating_sub(1)];
+    assert!(settled.iter().all(|ok| *ok), "failures before the kill");
 }
 
 #[tokio::test]
