@@ -464,6 +464,28 @@ async fn contend(
         };
         let lease_valid = lease.borrow_and_update().is_some_and(|until| until > Instant::now());
         let mut retry_after = None;
+        if let Some(Some(held)) = &seen {
+            // A lock held under our own id by another session is a previous
+            // incarnation's: a process that died and was restarted before
+            // its check expired, so the check never went critical and that
+            // session would hold the lock for ever. It is not serving (we are
+            // that id), so destroy it; the lock delay still applies.
+            let predecessor = held
+                .session
+                .as_deref()
+                .filter(|s| *s != session && held.holder.as_ref().is_some_and(|h| h.id == settings.id));
+            if let Some(old) = predecessor {
+                tracing::warn!(
+                    session = old,
+                    "the lock is held by a previous process with our id; destroying its session"
+                );
+                match client.session_destroy(old).await {
+                    Ok(()) | Err(ConsulError::NotFound { .. }) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot destroy the predecessor's session; retrying"),
+                }
+                retry_after = Some(CONSUL_RETRY);
+            }
+        }
         if free && lease_valid {
             match client.kv_acquire(&lock_key, leadership.value(), session).await {
                 Ok(true) => match confirm(client, &lock_key, session).await {

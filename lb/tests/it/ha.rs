@@ -574,3 +574,28 @@ async fn a_floating_vip_follows_the_active_between_hosts() {
     assert_eq!(client.neighbour(topology.vip()).as_deref(), Some(lb1.mac()));
     drop(one);
 }
+
+#[tokio::test]
+async fn an_active_restarted_at_once_frees_the_lock_its_predecessor_held() {
+    let consul = ConsulAgent::start().await;
+    let mut p = pair("restart", &consul.http_url(), &consul.http_url()).await;
+    let config = std::fs::read_to_string(&p.a.config_path).unwrap();
+    // Killed and restarted within the check TTL: the re-registered check
+    // never goes critical, so Consul alone would keep the dead process's
+    // session, and its lock, for ever.
+    p.a.signal(nix::sys::signal::Signal::SIGKILL);
+    p.a.wait_exit().await;
+    let restarted = start(&config, p.a.admin).await;
+    eventually(DEADLINE, "one instance to be active again", || async {
+        let (ra, rb) = (restarted.status().await, p.b.status().await);
+        (role(&ra) == "active" || role(&rb) == "active").then_some(())
+    })
+    .await;
+    assert!(greeting(p.vip).await.is_ok(), "the vip is served");
+    assert_never_both_active(&restarted.status().await, &p.b.status().await);
+    assert!(
+        restarted.log().contains("held by a previous process with our id"),
+        "the restarted instance found its predecessor's lock:\n{}",
+        restarted.log()
+    );
+}
