@@ -19,7 +19,13 @@ fn check(config: &str) -> (bool, String) {
 
 #[test]
 fn check_accepts_the_shipped_examples() {
-    for name in ["lb.toml", "lb-consul.toml", "lb-dns.toml"] {
+    for name in [
+        "lb.toml",
+        "lb-consul.toml",
+        "lb-dns.toml",
+        "lb-ha-1.toml",
+        "lb-ha-2.toml",
+    ] {
         let example = halo_testkit::workspace_root().join("packaging/examples").join(name);
         let (ok, text) = check(&std::fs::read_to_string(example).unwrap());
         assert!(ok, "{name}: {text}");

@@ -32,12 +32,19 @@ fn a_bad_config_is_refused_with_the_field_and_reason() {
 }
 
 #[test]
-fn the_shipped_example_is_valid() {
-    let example = halo_testkit::workspace_root().join("packaging/examples/sidecar.toml");
-    let out = sidecar_command()
-        .args(["check", "--config"])
-        .arg(&example)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+fn the_shipped_examples_are_valid() {
+    for name in [
+        "sidecar.toml",
+        "demo/sidecar-1.toml",
+        "demo/sidecar-2.toml",
+        "demo/sidecar-3.toml",
+    ] {
+        let example = halo_testkit::workspace_root().join("packaging/examples").join(name);
+        let out = sidecar_command()
+            .args(["check", "--config"])
+            .arg(&example)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
