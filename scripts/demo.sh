@@ -183,8 +183,8 @@ wait_until 30 "Consul to elect itself leader" consul_ready
 say "starting 3 demo backends on 127.0.0.1:9001-9003, each with a halo-sidecar"
 for i in 1 2 3; do
   spawn "backend-$i" "$bin/examples/demo-backend" "127.0.0.1:900$i" "backend-$i (${backend_zones[$((i - 1))]})"
-  # halo-sidecar reads every HALO_* variable as a setting and refuses
-  # unknown ones (HALO_DEMO_ONESHOT among them): start it without any.
+  # The sidecars take their settings from their files only: no HALO_*
+  # variable of the caller's (HALO_DEMO_ONESHOT among them) leaks in.
   spawn "sidecar-$i" env "${no_halo_env[@]}" "$bin/halo-sidecar" --config "packaging/examples/demo/sidecar-$i.toml"
 done
 web_passing() { # all three instances of "web" pass their checks in Consul

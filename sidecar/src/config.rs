@@ -6,7 +6,10 @@
 //! `[service.meta] zone = "zone-a"`, `HALO_CHECK_0_URL=...` is the first
 //! `[[check]]`'s `url`. Values are read as TOML when they parse as such
 //! (numbers, booleans, arrays) and as strings otherwise; `tags` and `command`
-//! also take comma- or space-separated lists.
+//! also take comma- or space-separated lists. Variables outside the
+//! sidecar's sections (`HALO_NETNS_TESTS`, `HALO_DEMO_ONESHOT`) belong to
+//! other halo tools and are ignored; an unknown field inside a section is an
+//! error.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -301,12 +304,21 @@ fn overlay(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> 
             };
             set(t, &parts[2..].join("_"), raw);
         }
-        _ => {
-            return Err(
-                "not a known setting (HALO_CONSUL_*, HALO_SERVICE_*, HALO_CHECK_<n>_*, HALO_ADMIN_*, HALO_DRAIN_*)"
-                    .into(),
-            )
+        "consul" | "admin" | "drain" | "service" | "check" => {
+            return Err(format!(
+                "incomplete: expected HALO_{}_<field>{}",
+                section.to_ascii_uppercase(),
+                if section == "check" {
+                    " with <n>_ before the field"
+                } else {
+                    ""
+                }
+            ))
         }
+        // Not one of the sidecar's sections: another halo tool's variable
+        // (HALO_NETNS_TESTS, HALO_DEMO_ONESHOT), not ours to judge. A typo
+        // inside a section still fails, as an unknown field.
+        _ => {}
     }
     Ok(())
 }
@@ -580,8 +592,16 @@ mod tests {
         for needle in ["check[0].url", "check[1].address: required", "check[1].rise"] {
             assert!(e.contains(needle), "missing {needle} in {e}");
         }
-        let e = load(None, env(&[("HALO_BOGUS_X", "1")])).unwrap_err().to_string();
-        assert!(e.contains("HALO_BOGUS_X"), "{e}");
+        let e = load(None, env(&[("HALO_SERVICE_PROT", "1")])).unwrap_err().to_string();
+        assert!(e.contains("prot"), "a typo inside a section is named: {e}");
+        let e = load(None, env(&[("HALO_CHECK_X", "1")])).unwrap_err().to_string();
+        assert!(e.contains("HALO_CHECK_X"), "{e}");
+        // Other tools' variables are not the sidecar's business.
+        let base = [("HALO_SERVICE_NAME", "web"), ("HALO_SERVICE_PORT", "80")];
+        let mut with_other = base.to_vec();
+        with_other.push(("HALO_NETNS_TESTS", "1"));
+        let (plain, other) = (load(None, env(&base)).unwrap(), load(None, env(&with_other)).unwrap());
+        assert_eq!(format!("{plain:?}"), format!("{other:?}"));
     }
 
     #[test]
