@@ -21,7 +21,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -149,6 +149,10 @@ pub struct Host {
     netns: String,
     ip: Ipv4Addr,
     mac: String,
+    /// Pids of the processes started with [`Host::spawn`], which the
+    /// topology kills on drop: `ip netns pids` misses one that has not yet
+    /// entered the namespace.
+    spawned: Arc<Mutex<Vec<u32>>>,
 }
 
 impl Host {
@@ -204,6 +208,7 @@ impl Host {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?} in {}: {e}", self.netns));
+        self.spawned.lock().expect("spawned pids poisoned").push(child.id());
         HostProcess { host: self.name, child }
     }
 
@@ -382,7 +387,13 @@ impl Topology {
                 .and_then(|_| words.next())
                 .unwrap_or_else(|| panic!("no MAC in `ip link show` of {netns}: {link}"))
                 .to_owned();
-            topology.hosts.push(Host { name, netns, ip, mac });
+            topology.hosts.push(Host {
+                name,
+                netns,
+                ip,
+                mac,
+                spawned: Arc::default(),
+            });
         }
         topology
     }
@@ -436,6 +447,17 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        for host in &self.hosts {
+            // Not reaped until their HostProcess guard waits for them, so
+            // these pids cannot have been reused.
+            for pid in host.spawned.lock().map(|p| p.clone()).unwrap_or_default() {
+                if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                    if e != nix::errno::Errno::ESRCH {
+                        eprintln!("testkit: kill {pid} in {}: {e}", host.netns);
+                    }
+                }
+            }
+        }
         for netns in self.namespaces.iter().rev() {
             remove_namespace(netns);
         }
@@ -543,6 +565,7 @@ mod tests {
             netns: "halo-0-0-client".to_owned(),
             ip: Ipv4Addr::new(198, 18, 0, 10),
             mac: "02:00:00:00:00:0a".to_owned(),
+            spawned: Arc::default(),
         };
         host.spawn(Command::new("true"));
     }
