@@ -34,26 +34,6 @@ fn config(consul: &ConsulAgent, admin: std::net::SocketAddr, vip: std::net::Sock
     )
 }
 
-async fn table_addrs(lb: &Lb) -> Vec<String> {
-    let status = lb.status().await;
-    let mut addrs: Vec<String> = status["vips"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["address"].as_str().unwrap().to_owned())
-        .collect();
-    addrs.sort();
-    addrs
-}
-
-async fn served_by(vip: std::net::SocketAddr, n: usize) -> HashSet<String> {
-    let mut names = HashSet::new();
-    for _ in 0..n {
-        names.insert(greeting(vip).await.unwrap().0);
-    }
-    names
-}
-
 #[tokio::test]
 async fn passing_instances_become_backends_and_failing_ones_leave() {
     let consul = ConsulAgent::start().await;

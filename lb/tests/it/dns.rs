@@ -16,26 +16,6 @@ fn config(dns: SocketAddr, admin: SocketAddr, vip: SocketAddr) -> String {
     )
 }
 
-async fn table_addrs(lb: &Lb) -> Vec<String> {
-    let status = lb.status().await;
-    let mut addrs: Vec<String> = status["vips"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["address"].as_str().unwrap().to_owned())
-        .collect();
-    addrs.sort();
-    addrs
-}
-
-async fn served_by(vip: SocketAddr, n: usize) -> HashSet<String> {
-    let mut names = HashSet::new();
-    for _ in 0..n {
-        names.insert(greeting(vip).await.unwrap().0);
-    }
-    names
-}
-
 #[tokio::test]
 async fn srv_records_become_backends_and_a_dns_outage_keeps_the_last_good_table() {
     let mut consul = ConsulAgent::start().await;

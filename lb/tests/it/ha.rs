@@ -599,3 +599,40 @@ async fn an_active_restarted_at_once_frees_the_lock_its_predecessor_held() {
         restarted.log()
     );
 }
+
+#[tokio::test]
+async fn sigterm_on_the_standby_leaves_the_active_serving() {
+    let consul = ConsulAgent::start().await;
+    let mut p = pair("standby-term", &consul.http_url(), &consul.http_url()).await;
+    let epoch = p.a.status().await["ha"]["epoch"].as_u64().unwrap();
+    p.b.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(p.b.wait_exit().await.success(), "{}", p.b.log());
+    let sa = p.a.status().await;
+    assert_eq!(role(&sa), "active");
+    assert_eq!(sa["ha"]["epoch"].as_u64(), Some(epoch), "no new election");
+    assert!(greeting(p.vip).await.is_ok());
+    // The standby took its registration with it.
+    let client = halo_consul::Client::from_address(consul.http_url()).unwrap();
+    assert!(client.agent_service("halo-lb-standby-term-b").await.unwrap().is_none());
+    assert!(client.agent_service("halo-lb-standby-term-a").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn without_consul_an_instance_never_serves_and_says_why() {
+    // Nothing listens there: no heartbeat, no session, no lock.
+    let nowhere = format!("http://127.0.0.1:{}", port());
+    let backend = TestBackend::start("one", Behavior::GreetEcho).await;
+    let (admin, vip) = addrs();
+    let lb = start(&ha_config("a", "down", &nowhere, admin, vip, &[backend.addr]), admin).await;
+    let status = eventually(DEADLINE, "the Consul error to show", || async {
+        let s = lb.status().await;
+        s["ha"]["consul_error"].is_string().then_some(s)
+    })
+    .await;
+    assert_eq!(role(&status), "starting");
+    assert_eq!(status["serving"], false);
+    assert!(
+        greeting(vip).await.is_err(),
+        "an instance that cannot know it leads does not serve"
+    );
+}

@@ -349,3 +349,25 @@ pub async fn served_after(log: &Arc<Mutex<Vec<(Instant, bool)>>>, t: Instant) {
     })
     .await;
 }
+
+/// The addresses in the first VIP's table, sorted.
+pub async fn table_addrs(lb: &Lb) -> Vec<String> {
+    let status = lb.status().await;
+    let mut addrs: Vec<String> = status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap().to_owned())
+        .collect();
+    addrs.sort();
+    addrs
+}
+
+/// The backends that greeted `n` connections to `vip`.
+pub async fn served_by(vip: SocketAddr, n: usize) -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..n {
+        names.insert(greeting(vip).await.unwrap().0);
+    }
+    names
+}

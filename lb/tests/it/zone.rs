@@ -30,14 +30,6 @@ fn config(admin: SocketAddr, vip: SocketAddr, local: &[SocketAddr], remote: &[So
     )
 }
 
-async fn names(vip: SocketAddr, n: usize) -> HashSet<String> {
-    let mut names = HashSet::new();
-    for _ in 0..n {
-        names.insert(greeting(vip).await.unwrap().0);
-    }
-    names
-}
-
 async fn backend_state(lb: &Lb, addr: SocketAddr) -> String {
     let status = lb.status().await;
     status["vips"][0]["backends"]
@@ -66,7 +58,7 @@ async fn traffic_stays_in_zone_while_enough_local_backends_are_healthy() {
     let zone_a = set(&["a1", "a2", "a3"]);
 
     // All healthy: only zone-a serves.
-    let seen = names(vip, 30).await;
+    let seen = served_by(vip, 30).await;
     assert_eq!(seen, zone_a, "every local backend, and only those");
     let zone = lb.status().await["vips"][0]["zone"].clone();
     assert_eq!(zone["zone"], "zone-a");
@@ -84,14 +76,14 @@ async fn traffic_stays_in_zone_while_enough_local_backends_are_healthy() {
         (backend_state(&lb, a1.addr).await == "ejected").then_some(())
     })
     .await;
-    let seen = names(vip, 30).await;
+    let seen = served_by(vip, 30).await;
     assert!(seen.is_subset(&set(&["a2", "a3"])), "still local: {seen:?}");
 
     // a2 down too: one healthy local backend is below the fraction, so
     // traffic spills over to zone-b.
     a2.kill_and_wait().await;
     eventually(DEADLINE, "traffic to spill over to zone-b", || async {
-        let seen = names(vip, 6).await;
+        let seen = served_by(vip, 6).await;
         (seen.contains("b1") || seen.contains("b2")).then_some(())
     })
     .await;
@@ -100,7 +92,7 @@ async fn traffic_stays_in_zone_while_enough_local_backends_are_healthy() {
         (lb.status().await["vips"][0]["zone"]["routing"] == "all_zones").then_some(())
     })
     .await;
-    let seen = names(vip, 30).await;
+    let seen = served_by(vip, 30).await;
     assert!(
         seen.is_subset(&set(&["a3", "b1", "b2"])) && seen.len() >= 2,
         "every zone, no dead backend: {seen:?}"
@@ -116,7 +108,7 @@ async fn traffic_stays_in_zone_while_enough_local_backends_are_healthy() {
     })
     .await;
     eventually(DEADLINE, "every local backend to serve again", || async {
-        (names(vip, 30).await == zone_a).then_some(())
+        (served_by(vip, 30).await == zone_a).then_some(())
     })
     .await;
     assert_eq!(backend_state(&lb, a1.addr).await, "healthy");
