@@ -445,6 +445,7 @@ impl Server {
                     "max_connections": table.settings.max_connections,
                     "active_connections": r.vip.active(),
                     "table_version": table.version,
+                    "table_error": r.vip.build_error(),
                     "discovery": r.discovery.as_ref().map(|d| json!(d.status())).or_else(|| r.dns.as_ref().map(|d| json!(d.status()))),
                     "zone": table.zone_status(now),
                     "backends": backends,

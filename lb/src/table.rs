@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::active_check::CheckSpec;
 use crate::backend::{Backend, BackendState};
 use crate::config::{Algorithm, CopyMode, PassiveConfig, ProxyProtocol, ValidatedVip};
-use crate::selection::{self, PickContext, Selector};
+use crate::selection::{self, PickContext, Selector, SelectorError};
 use crate::zone::{ZonePolicy, ZoneRouting, ZoneStatus};
 
 /// The per-VIP settings a connection reads from its table snapshot.
@@ -98,26 +98,27 @@ pub struct Table {
 
 impl Table {
     /// Builds a table (version 0; the publisher numbers it).
-    pub fn build(settings: Arc<VipSettings>, entries: Vec<Entry>) -> Table {
+    pub fn build(settings: Arc<VipSettings>, entries: Vec<Entry>) -> Result<Table, SelectorError> {
         let selectable: Vec<u32> = entries
             .iter()
             .enumerate()
             .filter(|(_, e)| !e.disabled)
             .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 backends"))
             .collect();
-        let selector = Selector::build(settings.algorithm, &entries, &selectable);
+        let selector = Selector::build(settings.algorithm, &entries, &selectable)?;
         let zone = settings
             .zone
             .as_ref()
-            .map(|policy| ZoneRouting::build(policy, settings.algorithm, &entries));
-        Table {
+            .map(|policy| ZoneRouting::build(policy, settings.algorithm, &entries))
+            .transpose()?;
+        Ok(Table {
             version: 0,
             settings,
             entries,
             selectable,
             selector,
             zone,
-        }
+        })
     }
 
     /// Picks a backend for a connection; `None` when every selectable
@@ -186,6 +187,9 @@ pub struct Vip {
     slot_freed: Notify,
     next_version: AtomicU64,
     metrics: VipMetrics,
+    /// Why the last rebuild failed, while the table before it keeps serving;
+    /// `None` once a rebuild succeeds.
+    build_error: Mutex<Option<String>>,
     /// The version of every published table, for tasks that follow the
     /// table (active checks).
     published: watch::Sender<u64>,
@@ -220,6 +224,8 @@ pub struct VipMetrics {
     pub build_seconds: Histogram,
     /// Backends that may be picked.
     pub selectable: Gauge,
+    /// Rebuilds that failed (the previous table kept serving).
+    pub build_errors: Counter,
 }
 
 impl VipMetrics {
@@ -245,6 +251,7 @@ impl VipMetrics {
             swaps: metrics::counter!("halo_table_swaps_total", &l),
             build_seconds: metrics::histogram!("halo_table_build_seconds", &l),
             selectable: metrics::gauge!("halo_table_selectable_backends", &l),
+            build_errors: metrics::counter!("halo_table_build_errors_total", &l),
         }
     }
 }
@@ -267,7 +274,7 @@ impl Vip {
             states: HashMap::new(),
         };
         let metrics = VipMetrics::new(name);
-        let empty = Table::build(Arc::clone(&builder.settings), Vec::new());
+        let empty = Table::build(Arc::clone(&builder.settings), Vec::new()).expect("an empty table always builds");
         let vip = Arc::new(Vip {
             name: name.to_owned(),
             table: ArcSwap::from_pointee(empty),
@@ -278,6 +285,7 @@ impl Vip {
             slot_freed: Notify::new(),
             next_version: AtomicU64::new(1),
             metrics,
+            build_error: Mutex::new(None),
             published: watch::Sender::new(0),
         });
         vip.set_backends(backends);
@@ -293,6 +301,11 @@ impl Vip {
     /// valid (and unchanged) however many swaps happen meanwhile.
     pub fn table(&self) -> Arc<Table> {
         self.table.load_full()
+    }
+
+    /// Why the last rebuild failed, if it did (the table before it serves).
+    pub fn build_error(&self) -> Option<String> {
+        self.build_error.lock().expect("build_error lock poisoned").clone()
     }
 
     /// The round-robin cursor.
@@ -381,7 +394,17 @@ impl Vip {
                 backend: backend.clone(),
             })
             .collect();
-        let mut table = Table::build(Arc::clone(&b.settings), entries);
+        let mut table = match Table::build(Arc::clone(&b.settings), entries) {
+            Ok(table) => table,
+            Err(e) => {
+                // Fail static: the published table keeps serving.
+                self.metrics.build_errors.increment(1);
+                tracing::error!(vip = %self.name, backends = b.backends.len(), error = %e, "cannot build a backend table; the previous one keeps serving");
+                *self.build_error.lock().expect("build_error lock poisoned") = Some(e.to_string());
+                return false;
+            }
+        };
+        *self.build_error.lock().expect("build_error lock poisoned") = None;
         table.version = self.next_version.fetch_add(1, Ordering::Relaxed);
         let version = table.version;
         let selectable = table.selectable_len();

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::backend::health_epoch;
 use crate::config::Algorithm;
-use crate::selection::Selector;
+use crate::selection::{Selector, SelectorError};
 use crate::table::Entry;
 
 /// The longest a cached decision is trusted without recomputing. The epoch
@@ -155,7 +155,7 @@ impl Cached {
 
 impl ZoneRouting {
     /// Precomputes the local subset of `entries` for `policy`.
-    pub fn build(policy: &ZonePolicy, algorithm: Algorithm, entries: &[Entry]) -> ZoneRouting {
+    pub fn build(policy: &ZonePolicy, algorithm: Algorithm, entries: &[Entry]) -> Result<ZoneRouting, SelectorError> {
         let local = |e: &Entry| e.backend.zone.as_deref() == Some(policy.zone.as_str());
         let listed = entries.iter().filter(|e| local(e)).count();
         let selectable: Vec<u32> = entries
@@ -164,15 +164,15 @@ impl ZoneRouting {
             .filter(|(_, e)| local(e) && !e.disabled)
             .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 backends"))
             .collect();
-        let selector = Selector::build(algorithm, entries, &selectable);
-        ZoneRouting {
+        let selector = Selector::build(algorithm, entries, &selectable)?;
+        Ok(ZoneRouting {
             needed: policy.needed(listed),
             policy: policy.clone(),
             listed,
             selectable,
             selector,
             cache: AtomicU64::new(0),
-        }
+        })
     }
 
     /// The local backends that may be picked.
@@ -302,7 +302,7 @@ mod tests {
                 }
             })
             .collect();
-        Table::build(Arc::new(settings(algorithm, min_healthy)), entries)
+        Table::build(Arc::new(settings(algorithm, min_healthy)), entries).unwrap()
     }
 
     fn eject(t: &Table, i: usize, now: Instant, for_: Duration) {
