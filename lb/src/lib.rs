@@ -27,6 +27,8 @@
 //!   healthy.
 //! - [`table`]: immutable tables, the per-VIP publisher and its metrics.
 //! - [`proxy`]: listeners, the accept loop, connect-with-retry.
+//! - [`pressure`]: the process's own resources running out (descriptors,
+//!   ports): pause accepting, never blame a backend.
 //! - [`floating`]: the floating VIP address: netlink add/remove, gratuitous ARP.
 //! - [`copy`]: buffered and splice(2) copying, half-close, idle timeout.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers.
@@ -45,6 +47,7 @@ pub mod discovery;
 pub mod dns;
 pub mod floating;
 pub mod ha;
+pub mod pressure;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod selection;

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyProtocol;
 use crate::copy::{self, Ended, Meters};
+use crate::pressure::{self, Op, RateLimit};
 use crate::proxy_protocol;
 use crate::selection::PickContext;
 use crate::table::Vip;
@@ -45,15 +46,62 @@ fn nodelay(stream: &TcpStream) {
     }
 }
 
+/// A backend socket made before its client is accepted, so that every
+/// accepted client can connect out: under a descriptor shortage the accept
+/// loop stops at the socket, and clients wait in the backlog instead of
+/// being accepted into a process with no descriptor left to reach a backend.
+#[derive(Debug)]
+struct Spare {
+    v4: bool,
+    socket: TcpSocket,
+}
+
+impl Spare {
+    fn new(v4: bool) -> io::Result<Spare> {
+        let socket = if v4 { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        Ok(Spare { v4, socket })
+    }
+}
+
 /// Accepts on `listener` until `stop` is cancelled, handing each connection
-/// to a task on `tracker`. Pauses at the VIP's connection limit.
+/// to a task on `tracker`. Pauses at the VIP's connection limit, and while
+/// the process is out of descriptors ([`pressure`]).
 pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
     let local = listener.local_addr().ok();
     tracing::info!(vip = vip.name(), listen = ?local, "accepting");
+    let accept_errors = RateLimit::new(Duration::from_secs(1));
+    let mut spare: Option<Spare> = None;
     loop {
+        // Out of descriptors (or ports, or socket memory): leave new
+        // clients in the backlog until a connection ends.
+        if pressure::under_pressure() {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = pressure::wait_clear() => {}
+            }
+        }
         let mut slot = tokio::select! {
             () = stop.cancelled() => break,
             slot = vip.reserve_slot() => slot,
+        };
+        let socket = match spare.take() {
+            Some(s) => s,
+            // The family most backends of the table have; a connection to
+            // one of the other family swaps it (one descriptor for another).
+            None => match Spare::new(vip.table().mostly_v4()) {
+                Ok(s) => s,
+                Err(e) if pressure::is_local(&e) => {
+                    pressure::report(Op::Accept, vip.name(), &e);
+                    continue;
+                }
+                Err(e) => {
+                    if let Some(suppressed) = accept_errors.allow() {
+                        tracing::warn!(vip = vip.name(), error = %e, suppressed, "cannot make a backend socket");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
         };
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -64,15 +112,24 @@ pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Cancellatio
                 slot.accepted();
                 let vip = Arc::clone(&vip);
                 tracker.spawn(async move {
-                    handle(&vip, stream, peer).await;
+                    handle(&vip, stream, peer, socket).await;
                     drop(slot);
+                    // Its descriptors are free again.
+                    pressure::relieve();
                 });
             }
             Err(_) if stop.is_cancelled() => break,
+            Err(e) if pressure::is_local(&e) => {
+                spare = Some(socket);
+                pressure::report(Op::Accept, vip.name(), &e);
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning;
-                // the connection stays in the backlog.
-                tracing::warn!(vip = vip.name(), error = %e, "accept failed");
+                spare = Some(socket);
+                // Anything else (ECONNABORTED, EPERM from a firewall hook):
+                // back off briefly instead of spinning; log once a second.
+                if let Some(suppressed) = accept_errors.allow() {
+                    tracing::warn!(vip = vip.name(), error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -82,7 +139,7 @@ pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Cancellatio
 
 /// Connects `client` to a backend (retrying others on failure) and proxies
 /// until the connection ends.
-async fn handle(vip: &Vip, client: TcpStream, peer: SocketAddr) {
+async fn handle(vip: &Vip, client: TcpStream, peer: SocketAddr, spare: Spare) {
     nodelay(&client);
     // One snapshot for the whole set-up: swaps meanwhile don't affect it.
     let table = vip.table();
@@ -90,7 +147,10 @@ async fn handle(vip: &Vip, client: TcpStream, peer: SocketAddr) {
     let metrics = vip.metrics();
     let mut tried: Vec<usize> = Vec::new();
     let mut connected = None;
-    for attempt in 0..=settings.retries {
+    let mut attempt = 0;
+    let mut local_wait_ends = None;
+    let mut spare = Some(spare);
+    while attempt <= settings.retries {
         let ctx = PickContext {
             client: peer,
             cursor: vip.cursor(),
@@ -102,17 +162,30 @@ async fn handle(vip: &Vip, client: TcpStream, peer: SocketAddr) {
         if attempt > 0 {
             metrics.retries.increment(1);
         }
-        match connect(entry.backend.addr, settings.connect_timeout).await {
+        match connect(entry.backend.addr, settings.connect_timeout, &mut spare).await {
             Ok(stream) => {
                 entry.state.connect_succeeded();
                 connected = Some((stream, Arc::clone(&entry.state)));
                 break;
+            }
+            Err(e) if pressure::is_local(&e) => {
+                // Our own shortage, not the backend's fault: no failure, no
+                // ejection, no attempt used. Wait for a connection to end
+                // and try again, within a bound.
+                pressure::report(Op::Connect, vip.name(), &e);
+                let ends = *local_wait_ends.get_or_insert_with(|| tokio::time::Instant::now() + pressure::CLIENT_WAIT);
+                if !pressure::wait_relief(ends).await {
+                    metrics.local_resource_closes.increment(1);
+                    tracing::warn!(vip = vip.name(), client = %peer, waited = ?pressure::CLIENT_WAIT, "out of local resources for too long; closing client");
+                    return;
+                }
             }
             Err(e) => {
                 metrics.connect_failures.increment(1);
                 entry.state.connect_failed(Vip::now(), &settings.passive);
                 tracing::debug!(vip = vip.name(), backend = %entry.backend.addr, error = %e, attempt, "backend connect failed");
                 tried.push(i);
+                attempt += 1;
             }
         }
     }
@@ -152,11 +225,16 @@ async fn handle(vip: &Vip, client: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+/// Connects to `addr`, on the spare socket if it has the right family.
+async fn connect(addr: SocketAddr, timeout: Duration, spare: &mut Option<Spare>) -> io::Result<TcpStream> {
+    let socket = match spare.take() {
+        Some(s) if s.v4 == addr.is_ipv4() => s.socket,
+        other => {
+            // Close the wrong-family spare first: its descriptor is the one
+            // the new socket may need.
+            drop(other);
+            Spare::new(addr.is_ipv4())?.socket
+        }
     };
     socket.set_nodelay(true)?;
     let stream = tokio::time::timeout(timeout, socket.connect(addr))

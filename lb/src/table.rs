@@ -94,6 +94,8 @@ pub struct Table {
     selector: Selector,
     /// The local-zone subset, when the VIP routes zone-aware.
     zone: Option<ZoneRouting>,
+    /// Whether most backends are IPv4 (true for an empty table).
+    mostly_v4: bool,
 }
 
 impl Table {
@@ -111,8 +113,10 @@ impl Table {
             .as_ref()
             .map(|policy| ZoneRouting::build(policy, settings.algorithm, &entries))
             .transpose()?;
+        let v4 = entries.iter().filter(|e| e.backend.addr.is_ipv4()).count();
         Ok(Table {
             version: 0,
+            mostly_v4: v4 * 2 >= entries.len(),
             settings,
             entries,
             selectable,
@@ -141,6 +145,12 @@ impl Table {
     /// Where picks go at `now`; `None` unless the VIP routes zone-aware.
     pub fn zone_status(&self, now: Instant) -> Option<ZoneStatus> {
         self.zone.as_ref().map(|z| z.status(&self.entries, now))
+    }
+
+    /// Whether most backends are IPv4: the family of the backend socket an
+    /// accept loop makes before it accepts.
+    pub fn mostly_v4(&self) -> bool {
+        self.mostly_v4
     }
 
     /// Number of backends that may be picked.
@@ -212,6 +222,9 @@ pub struct VipMetrics {
     pub retries: Counter,
     /// Client connections closed because no backend could be reached.
     pub no_backend: Counter,
+    /// Client connections closed because the process stayed out of local
+    /// resources (descriptors, ports) for too long.
+    pub local_resource_closes: Counter,
     /// Connections closed by the idle timeout.
     pub idle_timeouts: Counter,
     /// Times accepting paused at the connection limit.
@@ -245,6 +258,7 @@ impl VipMetrics {
             connect_failures: metrics::counter!("halo_vip_connect_failures_total", &l),
             retries: metrics::counter!("halo_vip_retries_total", &l),
             no_backend: metrics::counter!("halo_vip_no_backend_total", &l),
+            local_resource_closes: metrics::counter!("halo_vip_local_resource_closes_total", &l),
             idle_timeouts: metrics::counter!("halo_vip_idle_timeouts_total", &l),
             limit_reached: metrics::counter!("halo_vip_connection_limit_reached_total", &l),
             table_version: metrics::gauge!("halo_table_version", &l),

@@ -8,6 +8,7 @@ mod config;
 mod data_plane;
 mod discovery;
 mod dns;
+mod exhaustion;
 mod floating;
 mod ha;
 mod lifecycle;

@@ -183,12 +183,26 @@ impl Lb {
     /// Writes `config` (which must use `admin` as admin.listen) and starts
     /// halo-lb on it, waiting until the admin API answers and `vips` accept.
     pub async fn start(config: &str, admin: SocketAddr, vips: &[SocketAddr]) -> Lb {
+        Lb::start_command(Command::new(env!("CARGO_BIN_EXE_halo-lb")), config, admin, vips).await
+    }
+
+    /// Like [`Lb::start`], with at most `nofile` open file descriptors
+    /// (util-linux's `prlimit`, which execs halo-lb: the pid is halo-lb's).
+    pub async fn start_with_fd_limit(config: &str, admin: SocketAddr, vips: &[SocketAddr], nofile: u32) -> Lb {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_halo-lb"));
+        Lb::start_command(cmd, config, admin, vips).await
+    }
+
+    async fn start_command(mut cmd: Command, config: &str, admin: SocketAddr, vips: &[SocketAddr]) -> Lb {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("lb.toml");
         std::fs::write(&config_path, config).unwrap();
         let log_path = dir.path().join("lb.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_halo-lb"))
+        let child = cmd
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info,halo_lb=debug")
