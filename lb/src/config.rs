@@ -532,16 +532,6 @@ impl HaSettings {
     pub fn lock_key(&self) -> String {
         format!("halo/{}/leader", self.cluster)
     }
-
-    /// This instance's service ID at the agent.
-    pub fn service_id(&self) -> String {
-        format!("halo-lb-{}-{}", self.cluster, self.id)
-    }
-
-    /// This instance's TTL check ID at the agent.
-    pub fn check_id(&self) -> String {
-        format!("{}:ttl", self.service_id())
-    }
 }
 
 /// One validated VIP.
@@ -757,6 +747,28 @@ fn is_name(s: &str) -> bool {
 
 /// Checks `[ha]`; pushes each problem and returns the settings if there are
 /// none.
+/// The default `ha.id`: `<hostname>-<admin port>-<network namespace
+/// inode, hex>`. Two containers may share a hostname and an admin port,
+/// never a network namespace, so the id is unique per host; it is stable
+/// across restarts of the process in one namespace. At most 64 characters
+/// (the hostname part is cut). Set `ha.id` for a readable name.
+fn default_id(host: &str, port: u16, netns: Option<u64>) -> String {
+    let suffix = match netns {
+        Some(inode) => format!("-{port}-{inode:x}"),
+        None => format!("-{port}"),
+    };
+    let host: String = host.chars().take(64 - suffix.len()).collect();
+    format!("{host}{suffix}")
+}
+
+/// This process's network namespace inode, from `/proc/self/ns/net`
+/// ("net:[4026531992]").
+fn netns_inode() -> Option<u64> {
+    let link = std::fs::read_link("/proc/self/ns/net").ok()?;
+    let text = link.to_str()?;
+    text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
 fn validate_ha(
     ha: &HaConfig,
     admin: Option<SocketAddr>,
@@ -787,7 +799,7 @@ fn validate_ha(
                     }
                 })
                 .collect();
-            format!("{host}-{}", admin.map_or(0, |a| a.port()))
+            default_id(&host, admin.map_or(0, |a| a.port()), netns_inode())
         }
     };
     if !is_name(&id) {

@@ -34,6 +34,15 @@
 //!   succeeded, a consistent read confirmed its session holds the key, and
 //!   its own lease is valid.
 //!
+//! - **Identity.** Every process registers its own service instance and
+//!   check (`halo-lb-<cluster>-<id>-<instance>`), and its session is bound
+//!   to that check alone (and `serfHealth`). No process ever destroys a
+//!   session it did not create, so the lock is lost only in the ways above.
+//!   A crashed predecessor's check is heartbeated by nobody, so it expires
+//!   and releases the lock through Consul (lock delay included); two live
+//!   processes with one `ha.id` contend fairly, and the younger leaves the
+//!   election ([`older_twin`]).
+//!
 //! Consul prefers liveness to safety in one case this cannot cover: if the
 //! agent stays reachable from halo-lb but loses its servers for longer than
 //! gossip takes to declare the node failed, the session is invalidated
@@ -47,8 +56,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use halo_consul::{
-    CheckRegistration, CheckStatus, Client, Consistency, Error as ConsulError, QueryOptions, ServiceRegistration,
-    SessionBehavior, SessionChecks, SessionRequest, Watch,
+    CheckRegistration, CheckStatus, Client, Consistency, Error as ConsulError, HealthQuery, QueryOptions,
+    ServiceRegistration, SessionBehavior, SessionChecks, SessionRequest, Watch,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -67,6 +76,8 @@ const KEY_WAIT: Duration = Duration::from_secs(10);
 const ACQUIRE_RETRY: Duration = Duration::from_millis(20);
 /// Back-off after a failed Consul call in the election loop.
 const CONSUL_RETRY: Duration = Duration::from_millis(100);
+/// How often an instance looks for an older live instance with its id.
+const TWIN_RECHECK: Duration = Duration::from_secs(2);
 /// Terms kept for `/status`.
 const HISTORY: usize = 64;
 /// Deregister the `halo-lb` instance of a process that died without
@@ -119,6 +130,10 @@ pub struct LeaderValue {
     pub admin: String,
     /// When the holder's process started (RFC 3339).
     pub start: String,
+    /// The holder's process: random, new with every start. Empty in values
+    /// written by older versions.
+    #[serde(default)]
+    pub instance: String,
 }
 
 /// The lock key as last seen by the consistent watch.
@@ -152,6 +167,8 @@ struct State {
     terms: VecDeque<Term>,
     consul_error: Option<String>,
     lease_until: Option<Instant>,
+    /// An older live instance uses our `ha.id`: we stay out of the election.
+    id_conflict: Option<String>,
 }
 
 /// One instance's view of the pair: shared by the election task, the admin
@@ -161,6 +178,13 @@ pub struct Leadership {
     settings: HaSettings,
     admin: SocketAddr,
     started: String,
+    /// Microseconds since the Unix epoch at start: with `instance`, orders
+    /// two live instances that share an id.
+    started_us: u64,
+    /// Random, new with every process: names this process's registration,
+    /// check and lock value, so a restarted process never shares a check
+    /// with its dead predecessor and two processes never share one.
+    instance: String,
     state: Mutex<State>,
 }
 
@@ -172,10 +196,13 @@ fn unix_us(t: SystemTime) -> u64 {
 impl Leadership {
     /// The view of a new instance (role: starting).
     pub fn new(settings: HaSettings, admin: SocketAddr) -> Arc<Leadership> {
+        let now = SystemTime::now();
         Arc::new(Leadership {
             settings,
             admin,
-            started: halo_health::server::rfc3339(SystemTime::now()),
+            started: halo_health::server::rfc3339(now),
+            started_us: unix_us(now),
+            instance: format!("{:016x}", fastrand::u64(..)),
             state: Mutex::new(State {
                 role: Role::Starting,
                 session: None,
@@ -184,8 +211,25 @@ impl Leadership {
                 terms: VecDeque::new(),
                 consul_error: None,
                 lease_until: None,
+                id_conflict: None,
             }),
         })
+    }
+
+    /// This process's service ID at the agent:
+    /// `halo-lb-<cluster>-<id>-<instance>`.
+    pub fn service_id(&self) -> String {
+        format!(
+            "halo-lb-{}-{}-{}",
+            self.settings.cluster,
+            self.settings.id,
+            &self.instance[..8]
+        )
+    }
+
+    /// This process's TTL check ID at the agent.
+    pub fn check_id(&self) -> String {
+        format!("{}:ttl", self.service_id())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -208,7 +252,7 @@ impl Leadership {
         let key = state.key.as_ref()?;
         key.session.as_ref()?;
         let holder = key.holder.as_ref()?;
-        (holder.id != self.settings.id).then(|| holder.admin.clone())
+        (holder.instance != self.instance).then(|| holder.admin.clone())
     }
 
     /// The `ha` part of `/status`.
@@ -237,6 +281,8 @@ impl Leadership {
             "check_ttl_ms": self.settings.check_ttl.as_millis() as u64,
             "lock_delay_ms": self.settings.lock_delay.as_millis() as u64,
             "consul_error": state.consul_error,
+            "id_conflict": state.id_conflict,
+            "instance": self.instance,
             "terms": state.terms,
         })
     }
@@ -255,6 +301,7 @@ impl Leadership {
             id: self.settings.id.clone(),
             admin: self.admin.to_string(),
             start: self.started.clone(),
+            instance: self.instance.clone(),
         })
         .expect("a struct of strings serialises")
     }
@@ -324,6 +371,11 @@ pub async fn run(
                 leadership.state().session = None;
                 continue;
             }
+            Contend::Twin => {
+                close_session(&consul.fast, &session).await;
+                leadership.state().session = None;
+                continue;
+            }
             Contend::Stopped => {
                 close_session(&consul.fast, &session).await;
                 break;
@@ -360,7 +412,7 @@ pub async fn run(
         leadership.state().session = None;
     }
     tasks.cancel();
-    if let Err(e) = consul.fast.deregister_service(&settings.service_id()).await {
+    if let Err(e) = consul.fast.deregister_service(&leadership.service_id()).await {
         tracing::warn!(error = %e, "cannot deregister the halo-lb instance; Consul removes it a minute after its check fails");
     }
     leadership.set_role(Role::Standby);
@@ -384,6 +436,9 @@ async fn open_session(
                 changed = lease.changed() => if changed.is_err() { return None },
             }
         }
+        if !wait_out_twin(leadership, client, stop).await {
+            return None;
+        }
         let request = SessionRequest {
             name: Some(format!("halo-lb {}/{}", settings.cluster, settings.id)),
             node: None,
@@ -392,7 +447,7 @@ async fn open_session(
             ttl: None,
             checks: SessionChecks::Bound {
                 node_checks: vec!["serfHealth".to_owned()],
-                service_checks: vec![settings.check_id()],
+                service_checks: vec![leadership.check_id()],
             },
         };
         match client.session_create(&request).await {
@@ -439,6 +494,8 @@ async fn retire_session(client: Client, session: String, stop: CancellationToken
 enum Contend {
     Acquired(u64),
     SessionLost,
+    /// An older live instance uses our id: leave the election.
+    Twin,
     Stopped,
 }
 
@@ -453,6 +510,9 @@ async fn contend(
 ) -> Contend {
     let settings = &leadership.settings;
     let lock_key = settings.lock_key();
+    let mut twin_check = tokio::time::interval(TWIN_RECHECK);
+    twin_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    twin_check.reset();
     loop {
         let seen = key.borrow_and_update().clone();
         // Unknown until the watch answers once; absent or without a session
@@ -464,28 +524,6 @@ async fn contend(
         };
         let lease_valid = lease.borrow_and_update().is_some_and(|until| until > Instant::now());
         let mut retry_after = None;
-        if let Some(Some(held)) = &seen {
-            // A lock held under our own id by another session is a previous
-            // incarnation's: a process that died and was restarted before
-            // its check expired, so the check never went critical and that
-            // session would hold the lock for ever. It is not serving (we are
-            // that id), so destroy it; the lock delay still applies.
-            let predecessor = held
-                .session
-                .as_deref()
-                .filter(|s| *s != session && held.holder.as_ref().is_some_and(|h| h.id == settings.id));
-            if let Some(old) = predecessor {
-                tracing::warn!(
-                    session = old,
-                    "the lock is held by a previous process with our id; destroying its session"
-                );
-                match client.session_destroy(old).await {
-                    Ok(()) | Err(ConsulError::NotFound { .. }) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot destroy the predecessor's session; retrying"),
-                }
-                retry_after = Some(CONSUL_RETRY);
-            }
-        }
         if free && lease_valid {
             match client.kv_acquire(&lock_key, leadership.value(), session).await {
                 Ok(true) => match confirm(client, &lock_key, session).await {
@@ -521,6 +559,91 @@ async fn contend(
             _ = key.changed() => {}
             _ = lease.changed() => {}
             () = retry => {}
+            _ = twin_check.tick() => match older_twin(leadership, client).await {
+                Ok(Some(twin)) => {
+                    tracing::error!(id = %settings.id, twin = %twin, "an older live instance uses our ha.id; leaving the election");
+                    return Contend::Twin;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot look for instances sharing our id"),
+            },
+        }
+    }
+}
+
+/// Another live (passing) instance registered with our cluster and id that
+/// started before us (ties broken by instance), described for logs.
+///
+/// Two live processes with one id would otherwise both believe the key's
+/// holder is "us". Before instance IDs, a restarted process destroyed any
+/// session holding the lock under its id, taking it for a dead
+/// predecessor's; two live twins then destroyed each other's sessions in a
+/// loop. Now every process registers its own check, a dead predecessor's
+/// check simply expires (its session and lock go with it), and of two live
+/// twins the younger stays out of the election, loudly.
+async fn older_twin(leadership: &Leadership, client: &Client) -> Result<Option<String>, ConsulError> {
+    let settings = &leadership.settings;
+    // cluster and id are validated names: letters, digits, '-', '_', '.'.
+    let filter = format!(
+        "Service.Meta.cluster == \"{}\" and Service.Meta.id == \"{}\"",
+        settings.cluster, settings.id
+    );
+    let query = HealthQuery {
+        passing: true,
+        tag: None,
+        filter: Some(&filter),
+    };
+    let answer = client.health_service("halo-lb", query, QueryOptions::default()).await?;
+    let me = (leadership.started_us, leadership.instance.as_str());
+    let own = leadership.service_id();
+    Ok(answer.value.iter().filter(|e| e.service.id != own).find_map(|e| {
+        let start: u64 = e.service.meta.get("start_us")?.parse().ok()?;
+        let instance = e.service.meta.get("instance")?;
+        ((start, instance.as_str()) < me).then(|| {
+            format!(
+                "service {} on node {} (admin {}:{})",
+                e.service.id, e.node.node, e.service.address, e.service.port
+            )
+        })
+    }))
+}
+
+/// Waits while an older live instance uses our id, saying so in the log and
+/// `/status`. Returns false if `stop` came first.
+async fn wait_out_twin(leadership: &Leadership, client: &Client, stop: &CancellationToken) -> bool {
+    let mut reported = false;
+    loop {
+        match older_twin(leadership, client).await {
+            Ok(None) => {
+                if reported {
+                    tracing::info!("no other live instance uses our ha.id any more; joining the election");
+                }
+                leadership.state().id_conflict = None;
+                return true;
+            }
+            Ok(Some(twin)) => {
+                if !reported {
+                    tracing::error!(
+                        id = %leadership.settings.id,
+                        twin = %twin,
+                        "ha.id is taken by an older live instance; staying out of the election until it is gone (give each instance its own ha.id)"
+                    );
+                    metrics::counter!("halo_ha_id_conflicts_total").increment(1);
+                }
+                reported = true;
+                leadership.set_role(Role::Starting);
+                leadership.state().id_conflict = Some(format!("ha.id {:?} is taken by {twin}", leadership.settings.id));
+            }
+            // Not knowing is no reason to stay out: the lock still decides
+            // who serves, and a twin cannot destroy our session any more.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for instances sharing our id; joining the election");
+                return true;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(TWIN_RECHECK) => {}
         }
     }
 }
@@ -749,7 +872,7 @@ async fn heartbeat(
     stop: CancellationToken,
 ) {
     let settings = leadership.settings.clone();
-    let check_id = settings.check_id();
+    let check_id = leadership.check_id();
     let earned = settings.check_ttl - settings.margin;
     let mut registered = false;
     let mut failing = false;
@@ -800,14 +923,14 @@ async fn heartbeat(
 async fn register(leadership: &Leadership, client: &Client) -> Result<(), ConsulError> {
     let settings = &leadership.settings;
     let mut check = CheckRegistration::ttl(
-        settings.check_id(),
+        leadership.check_id(),
         "halo-lb heartbeat",
         settings.check_ttl,
         CheckStatus::Passing,
     );
     check.deregister_critical_service_after = Some(DEREGISTER_AFTER);
     let registration = ServiceRegistration {
-        id: settings.service_id(),
+        id: leadership.service_id(),
         name: "halo-lb".to_owned(),
         tags: vec![format!("cluster-{}", settings.cluster)],
         address: Some(leadership.admin.ip().to_string()),
@@ -815,6 +938,8 @@ async fn register(leadership: &Leadership, client: &Client) -> Result<(), Consul
         meta: [
             ("cluster".to_owned(), settings.cluster.clone()),
             ("id".to_owned(), settings.id.clone()),
+            ("instance".to_owned(), leadership.instance.clone()),
+            ("start_us".to_owned(), leadership.started_us.to_string()),
         ]
         .into_iter()
         .collect(),

@@ -593,11 +593,59 @@ async fn an_active_restarted_at_once_frees_the_lock_its_predecessor_held() {
     .await;
     assert!(greeting(p.vip).await.is_ok(), "the vip is served");
     assert_never_both_active(&restarted.status().await, &p.b.status().await);
+}
+
+#[tokio::test]
+async fn two_live_instances_with_one_id_do_not_livelock() {
+    // Two processes given the same ha.id (two containers with one
+    // hostname, a copied config). They once destroyed each other's
+    // sessions in a loop: 44 promotions in 12 s, the VIP answering 1 probe
+    // in 239.
+    let consul = ConsulAgent::start().await;
+    let backend = TestBackend::start("one", Behavior::GreetEcho).await;
+    let (admin_old, vip) = addrs();
+    let admin_young = SocketAddr::from(([127, 0, 0, 1], port()));
+    let url = consul.http_url();
+    let mut old = start(
+        &ha_config("twin", "twins", &url, admin_old, vip, &[backend.addr]),
+        admin_old,
+    )
+    .await;
+    wait_role(&old, "active").await;
+    let young = start(
+        &ha_config("twin", "twins", &url, admin_young, vip, &[backend.addr]),
+        admin_young,
+    )
+    .await;
+
+    // The younger one sees the older, stays out of the election and says so.
+    let status = eventually(DEADLINE, "the younger twin to report the conflict", || async {
+        let s = young.status().await;
+        s["ha"]["id_conflict"].is_string().then_some(s)
+    })
+    .await;
+    assert_ne!(role(&status), "active");
     assert!(
-        restarted.log().contains("held by a previous process with our id"),
-        "the restarted instance found its predecessor's lock:\n{}",
-        restarted.log()
+        young.log().contains("taken by an older live instance"),
+        "{}",
+        young.log()
     );
+    // Over some twenty probes the active never changes and the VIP answers.
+    for _ in 0..20 {
+        assert!(greeting(vip).await.is_ok(), "the vip answers every probe");
+        let (so, sy) = (old.status().await, young.status().await);
+        assert_eq!(role(&so), "active");
+        assert_eq!(so["ha"]["terms"].as_array().unwrap().len(), 1, "one term, no flapping");
+        assert_eq!(sy["ha"]["terms"].as_array().unwrap().len(), 0, "the twin never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The older one dies: its check expires and the younger one takes over.
+    old.signal(nix::sys::signal::Signal::SIGKILL);
+    old.wait_exit().await;
+    let status = wait_role(&young, "active").await;
+    assert!(status["ha"]["id_conflict"].is_null(), "{status}");
+    assert!(greeting(vip).await.is_ok());
 }
 
 #[tokio::test]
@@ -605,6 +653,14 @@ async fn sigterm_on_the_standby_leaves_the_active_serving() {
     let consul = ConsulAgent::start().await;
     let mut p = pair("standby-term", &consul.http_url(), &consul.http_url()).await;
     let epoch = p.a.status().await["ha"]["epoch"].as_u64().unwrap();
+    // Each process registers as halo-lb-<cluster>-<id>-<instance prefix>.
+    let service_id = |status: Value, id: &str| {
+        format!(
+            "halo-lb-standby-term-{id}-{}",
+            &status["ha"]["instance"].as_str().unwrap()[..8]
+        )
+    };
+    let (service_a, service_b) = (service_id(p.a.status().await, "a"), service_id(p.b.status().await, "b"));
     p.b.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(p.b.wait_exit().await.success(), "{}", p.b.log());
     let sa = p.a.status().await;
@@ -613,8 +669,8 @@ async fn sigterm_on_the_standby_leaves_the_active_serving() {
     assert!(greeting(p.vip).await.is_ok());
     // The standby took its registration with it.
     let client = halo_consul::Client::from_address(consul.http_url()).unwrap();
-    assert!(client.agent_service("halo-lb-standby-term-b").await.unwrap().is_none());
-    assert!(client.agent_service("halo-lb-standby-term-a").await.unwrap().is_some());
+    assert!(client.agent_service(&service_b).await.unwrap().is_none());
+    assert!(client.agent_service(&service_a).await.unwrap().is_some());
 }
 
 #[tokio::test]
