@@ -598,6 +598,7 @@ fn describe_io(kind: std::io::ErrorKind) -> Option<&'static str> {
         NetworkUnreachable => "network unreachable",
         HostUnreachable => "host unreachable",
         PermissionDenied => "permission denied",
+        InvalidData | InvalidInput => "malformed HTTP answer",
         _ => return None,
     })
 }
