@@ -64,7 +64,9 @@ const QUERY: &AsciiSet = &PATH.add(b'&').add(b'=').add(b'+').add(b'/').add(b';')
 pub struct Config {
     /// The agent's HTTP address, `host:port` or `http://host:port`. Unset: the
     /// `CONSUL_HTTP_ADDR` environment variable, else [`DEFAULT_ADDRESS`].
-    /// HTTPS and unix sockets are not supported: halo talks to its local agent.
+    /// HTTPS (an `https://` address or `CONSUL_HTTP_SSL=true`) and unix
+    /// sockets are not supported yet and are refused with
+    /// [`Error::Config`] rather than tried as plain HTTP.
     pub address: Option<String>,
     /// ACL token sent as `X-Consul-Token`. Unset: `CONSUL_HTTP_TOKEN`, else none.
     pub token: Option<String>,
@@ -678,25 +680,39 @@ mod tests {
     fn tls_and_unix_sockets_are_config_errors_not_plain_http() {
         let refused = |config: Config, env: &[(&str, &str)]| {
             let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            let err = Client::with_env(config, |name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-                .unwrap_err();
+            let err = Client::with_env(config, |name| {
+                env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            })
+            .unwrap_err();
             assert!(matches!(err, Error::Config(_)), "{err:?}");
             err.to_string()
         };
         for ssl in ["true", "1", "TRUE", "t"] {
             let e = refused(Config::default(), &[("CONSUL_HTTP_SSL", ssl)]);
-            assert!(e.contains("TLS to Consul is not supported yet") && e.contains("CONSUL_HTTP_SSL"), "{e}");
+            assert!(
+                e.contains("TLS to Consul is not supported yet") && e.contains("CONSUL_HTTP_SSL"),
+                "{e}"
+            );
             // An http:// address in the config does not make it plain HTTP.
-            let e = refused(Config::with_address("http://127.0.0.1:8500"), &[("CONSUL_HTTP_SSL", ssl)]);
+            let e = refused(
+                Config::with_address("http://127.0.0.1:8500"),
+                &[("CONSUL_HTTP_SSL", ssl)],
+            );
             assert!(e.contains("TLS to Consul is not supported yet"), "{e}");
         }
         let e = refused(Config::default(), &[("CONSUL_HTTP_SSL", "yes please")]);
         assert!(e.contains("CONSUL_HTTP_SSL") && e.contains("not a boolean"), "{e}");
 
         let e = refused(Config::with_address("https://127.0.0.1:8501"), &[]);
-        assert!(e.contains("TLS to Consul is not supported yet") && e.contains("address"), "{e}");
+        assert!(
+            e.contains("TLS to Consul is not supported yet") && e.contains("address"),
+            "{e}"
+        );
         let e = refused(Config::default(), &[("CONSUL_HTTP_ADDR", "HTTPS://127.0.0.1:8501")]);
-        assert!(e.contains("TLS to Consul is not supported yet") && e.contains("CONSUL_HTTP_ADDR"), "{e}");
+        assert!(
+            e.contains("TLS to Consul is not supported yet") && e.contains("CONSUL_HTTP_ADDR"),
+            "{e}"
+        );
         let e = refused(Config::with_address("unix:///run/consul.sock"), &[]);
         assert!(e.contains("unix sockets are not supported"), "{e}");
         let e = refused(Config::with_address("grpc://127.0.0.1:8502"), &[]);
@@ -705,7 +721,10 @@ mod tests {
         // False and empty are plain HTTP, as with Consul's own tools.
         for ssl in ["false", "0", "F", ""] {
             let env = |name: &str| (name == "CONSUL_HTTP_SSL").then(|| ssl.to_owned());
-            assert_eq!(Client::with_env(Config::default(), env).unwrap().address(), DEFAULT_ADDRESS);
+            assert_eq!(
+                Client::with_env(Config::default(), env).unwrap().address(),
+                DEFAULT_ADDRESS
+            );
         }
     }
 
@@ -736,7 +755,10 @@ mod tests {
         assert!(clipped.ends_with("… (2000 bytes)"), "{clipped}");
         assert!(clipped.len() < MAX_ERROR_TEXT_BYTES + 20);
         assert_eq!(clip_text("short", BodyLength::Exactly(5)), "short");
-        assert_eq!(clip_text("cut", BodyLength::AtLeast(70000)), "cut… (at least 70000 bytes)");
+        assert_eq!(
+            clip_text("cut", BodyLength::AtLeast(70000)),
+            "cut… (at least 70000 bytes)"
+        );
     }
 
     #[test]

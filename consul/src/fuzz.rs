@@ -42,7 +42,9 @@ fn any_json() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
         "\\PC{0,16}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
@@ -53,8 +55,21 @@ fn any_json() -> impl Strategy<Value = Value> {
                     "\\PC{0,8}",
                     // Consul's own field names, so objects sometimes almost fit.
                     prop::sample::select(vec![
-                        "Node", "Service", "Checks", "ID", "Key", "Value", "CreateIndex", "ModifyIndex",
-                        "LockIndex", "Session", "LockDelay", "Behavior", "TTL", "Address", "Port",
+                        "Node",
+                        "Service",
+                        "Checks",
+                        "ID",
+                        "Key",
+                        "Value",
+                        "CreateIndex",
+                        "ModifyIndex",
+                        "LockIndex",
+                        "Session",
+                        "LockDelay",
+                        "Behavior",
+                        "TTL",
+                        "Address",
+                        "Port",
                     ])
                     .prop_map(str::to_owned),
                 ],
@@ -94,15 +109,17 @@ fn entry() -> impl Strategy<Value = ServiceEntry> {
         (text(), text(), prop::collection::vec(text(), 0..4), text()),
         (any::<u16>(), meta(), any::<u32>(), any::<u32>()),
     )
-        .prop_map(|((id, service, tags, address), (port, meta, passing, warning))| CatalogService {
-            id,
-            service,
-            tags,
-            address,
-            port,
-            meta,
-            weights: Weights { passing, warning },
-        });
+        .prop_map(
+            |((id, service, tags, address), (port, meta, passing, warning))| CatalogService {
+                id,
+                service,
+                tags,
+                address,
+                port,
+                meta,
+                weights: Weights { passing, warning },
+            },
+        );
     let check = (text(), text(), text(), status(), text(), text()).prop_map(
         |(node, check_id, name, status, output, service_id)| HealthCheck {
             node,
@@ -151,15 +168,17 @@ fn pair() -> impl Strategy<Value = KvPair> {
         prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
         prop::option::of("[0-9a-f-]{1,36}"),
     )
-        .prop_map(|(key, (create_index, modify_index, lock_index, flags), value, session)| KvPair {
-            key,
-            create_index,
-            modify_index,
-            lock_index,
-            flags,
-            value: value.map(Into::into),
-            session,
-        })
+        .prop_map(
+            |(key, (create_index, modify_index, lock_index, flags), value, session)| KvPair {
+                key,
+                create_index,
+                modify_index,
+                lock_index,
+                flags,
+                value: value.map(Into::into),
+                session,
+            },
+        )
 }
 
 fn pair_json(p: &KvPair) -> Value {
@@ -176,7 +195,16 @@ fn pair_json(p: &KvPair) -> Value {
 
 /// A session's fields as generated: id, name, node, lock delay, behavior,
 /// TTL (whole seconds), service checks, create index.
-type SessionParts = (String, String, String, Duration, SessionBehavior, Option<Duration>, Vec<String>, u64);
+type SessionParts = (
+    String,
+    String,
+    String,
+    Duration,
+    SessionBehavior,
+    Option<Duration>,
+    Vec<String>,
+    u64,
+);
 
 fn session_parts() -> impl Strategy<Value = SessionParts> {
     (

@@ -30,7 +30,15 @@ pub async fn request_with_token(
     body: &str,
 ) -> Option<(u16, String)> {
     let stream = connect(addr).await?;
-    exchange(stream, addr, method, path, &format!("X-Consul-Token: {token}\r\n"), body).await
+    exchange(
+        stream,
+        addr,
+        method,
+        path,
+        &format!("X-Consul-Token: {token}\r\n"),
+        body,
+    )
+    .await
 }
 
 /// Sends a body-less `method` request for `path` to `addr` and returns the

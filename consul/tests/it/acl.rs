@@ -30,9 +30,10 @@ fn client_with(agent: &ConsulAgent, token: Option<&str>) -> Client {
 /// linked to it, through the master token.
 async fn token_with_policy(agent: &ConsulAgent, name: &str, rules: &str, secret: &str) {
     let policy = serde_json::json!({ "Name": name, "Rules": rules }).to_string();
-    let (status, body) = halo_testkit::http::request_with_token(agent.http_addr(), "PUT", "/v1/acl/policy", MASTER, &policy)
-        .await
-        .expect("create the policy");
+    let (status, body) =
+        halo_testkit::http::request_with_token(agent.http_addr(), "PUT", "/v1/acl/policy", MASTER, &policy)
+            .await
+            .expect("create the policy");
     assert_eq!(status, 200, "{body}");
     let token = serde_json::json!({
         "Description": format!("{name} token"),
@@ -40,9 +41,10 @@ async fn token_with_policy(agent: &ConsulAgent, name: &str, rules: &str, secret:
         "Policies": [{ "Name": name }],
     })
     .to_string();
-    let (status, body) = halo_testkit::http::request_with_token(agent.http_addr(), "PUT", "/v1/acl/token", MASTER, &token)
-        .await
-        .expect("create the token");
+    let (status, body) =
+        halo_testkit::http::request_with_token(agent.http_addr(), "PUT", "/v1/acl/token", MASTER, &token)
+            .await
+            .expect("create the token");
     assert_eq!(status, 200, "{body}");
 }
 
@@ -116,7 +118,10 @@ async fn with_acls_the_token_check_tells_the_cases_apart_and_empty_answers_may_b
     // An unknown token: reads fail loudly with 403 instead.
     let unknown = client_with(&agent, Some(UNKNOWN));
     let status = unknown.acl_token_self().await.unwrap();
-    assert!(matches!(&status, TokenStatus::NotFound { message } if message.contains("ACL not found")), "{status:?}");
+    assert!(
+        matches!(&status, TokenStatus::NotFound { message } if message.contains("ACL not found")),
+        "{status:?}"
+    );
     assert!(!status.empty_may_be_acl_filter());
     let err = unknown
         .health_service("web", HealthQuery::passing(), QueryOptions::default())

@@ -103,9 +103,11 @@ async fn an_endless_body_is_cut_at_the_limit() {
 
     // The client hung up near the limit: what the server got out is the
     // limit plus what the sockets buffer, not an ever-growing body.
-    eventually(Duration::from_secs(10), "the server to see the client hang up", || async {
-        done.load(Ordering::Relaxed).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the server to see the client hang up",
+        || async { done.load(Ordering::Relaxed).then_some(()) },
+    )
     .await;
     let sent = sent.load(Ordering::Relaxed);
     println!("endless body: error after {took:?}, server wrote {sent} bytes for a limit of {limit}");
@@ -117,10 +119,7 @@ async fn an_endless_body_is_cut_at_the_limit() {
 async fn an_announced_length_over_the_limit_fails_before_reading() {
     let response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n[".to_vec();
     let (addr, server) = canned(response).await;
-    let err = client(addr, Some(64 << 10))
-        .session_info("abc")
-        .await
-        .unwrap_err();
+    let err = client(addr, Some(64 << 10)).session_info("abc").await.unwrap_err();
     assert!(matches!(err, Error::TooLarge { limit: 65536, .. }), "{err:?}");
     assert!(err.to_string().contains("session/info/abc"), "{err}");
     server.abort();
@@ -137,7 +136,10 @@ async fn a_huge_error_body_makes_a_short_error() {
     response.extend(std::iter::repeat_n(b'x', body_len));
     let (addr, server) = canned(response).await;
 
-    let err = client(addr, None).kv_get("halo/leader", QueryOptions::default()).await.unwrap_err();
+    let err = client(addr, None)
+        .kv_get("halo/leader", QueryOptions::default())
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::Status { .. }), "{err:?}");
     assert!(text.len() < 1024, "{} bytes: {}", text.len(), &text[..200]);
@@ -176,7 +178,10 @@ async fn a_tls_port_is_named_as_the_likely_cause() {
     // A TLS alert record (handshake failure), as a TLS server sends to a
     // client that does not speak TLS.
     let (addr, server) = canned(b"\x15\x03\x01\x00\x02\x02\x28".to_vec()).await;
-    let err = client(addr, None).kv_get("k", QueryOptions::default()).await.unwrap_err();
+    let err = client(addr, None)
+        .kv_get("k", QueryOptions::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Transport { .. }), "{err:?}");
     assert!(err.to_string().contains("TLS"), "{err}");
     server.abort();

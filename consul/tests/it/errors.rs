@@ -43,7 +43,11 @@ async fn a_connect_that_hangs_says_it_timed_out() {
             }
         }
     }
-    assert!(hung, "{} connects went through; the accept queue never filled", held.len());
+    assert!(
+        hung,
+        "{} connects went through; the accept queue never filled",
+        held.len()
+    );
 
     let client = Client::new(Config {
         address: Some(addr.to_string()),
@@ -55,7 +59,10 @@ async fn a_connect_that_hangs_says_it_timed_out() {
     // same, so either may fire first; both say so.
     let err = client.kv_get("k", QueryOptions::default()).await.unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, Error::Timeout { .. } | Error::Transport { .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::Timeout { .. } | Error::Transport { .. }),
+        "{err:?}"
+    );
     assert!(text.contains(&addr.to_string()) && text.contains("timed out"), "{text}");
     assert!(err.is_unavailable());
     // A blocking call has a longer deadline; the connect timeout (the
@@ -99,7 +106,11 @@ async fn a_hung_agent_is_a_timeout_and_blocking_calls_get_wait_plus_margin() {
         matches!(err, Error::Timeout { after, .. } if after == Duration::from_millis(300)),
         "{err:?}"
     );
-    assert!(err.to_string().contains(&format!("Consul at {addr} did not answer GET kv/k")), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("Consul at {addr} did not answer GET kv/k")),
+        "{err}"
+    );
     assert!(start.elapsed() < Duration::from_secs(5));
 
     // A blocking read of wait 1.6 s may take up to wait + wait/16 before
