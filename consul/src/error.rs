@@ -20,21 +20,30 @@ pub enum Error {
     Config(String),
 
     /// The request never got an HTTP answer: connection refused or reset,
-    /// DNS failure, a body cut short.
-    #[error("cannot reach Consul for {method} {path}: {source}")]
+    /// DNS failure, a body cut short. The text says which, e.g. "cannot reach
+    /// Consul at 127.0.0.1:1 for GET kv/k: connection refused (…)".
+    #[error("cannot reach Consul at {address} for {method} {path}: {cause}")]
     Transport {
+        /// The agent's `host:port`.
+        address: String,
         /// The HTTP method of the failed call.
         method: http::Method,
         /// The API path of the failed call, without the query string.
         path: String,
+        /// What happened, in a few words, found by walking `source`'s chain:
+        /// "connection refused", "connection timed out", "DNS lookup
+        /// failed", "connection reset", … followed by the chain's texts.
+        cause: String,
         /// What the HTTP stack reported.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
     /// No complete answer arrived within the call's deadline.
-    #[error("Consul did not answer {method} {path} within {after:?}")]
+    #[error("Consul at {address} did not answer {method} {path} within {after:?} (timed out)")]
     Timeout {
+        /// The agent's `host:port`.
+        address: String,
         /// The HTTP method of the failed call.
         method: http::Method,
         /// The API path of the failed call, without the query string.
@@ -65,7 +74,8 @@ pub enum Error {
         message: String,
     },
 
-    /// Any other non-2xx answer, with Consul's message.
+    /// Any other non-2xx answer, with Consul's message (cut short, like
+    /// every text taken from an answer).
     #[error("Consul answered {status} to {method} {path}: {message}")]
     Status {
         /// The HTTP method of the failed call.
@@ -74,16 +84,35 @@ pub enum Error {
         path: String,
         /// The HTTP status.
         status: StatusCode,
-        /// Consul's message (the response body), trimmed.
+        /// Consul's message (the response body), trimmed and cut to
+        /// [`crate::MAX_ERROR_TEXT_BYTES`] with a marker of the whole length.
         message: String,
     },
 
-    /// A 2xx answer whose body is not what the API documents.
+    /// A 2xx answer whose body passed [`crate::Config::max_response_bytes`]
+    /// (or announced a length above it). Nothing past the limit was read.
+    #[error(
+        "Consul at {address} answered {method} {path} with a body over the limit of {limit} bytes \
+         (max_response_bytes)"
+    )]
+    TooLarge {
+        /// The agent's `host:port`.
+        address: String,
+        /// The HTTP method of the call.
+        method: http::Method,
+        /// The API path of the call, without the query string.
+        path: String,
+        /// The limit that was passed, in bytes.
+        limit: usize,
+    },
+
+    /// A 2xx answer whose body is not what the API documents: malformed
+    /// JSON, a `null` where a list belongs, a missing field.
     #[error("cannot decode Consul's answer to {path}: {reason}")]
     Decode {
         /// The API path of the call, without the query string.
         path: String,
-        /// What did not fit.
+        /// What did not fit, at most a few hundred bytes.
         reason: String,
     },
 }
@@ -91,7 +120,9 @@ pub enum Error {
 impl Error {
     /// True for errors that say nothing about Consul's state, only about our
     /// ability to reach it: transport failures, timeouts and 5xx answers other
-    /// than an invalid session. Watchers keep their last good state on these.
+    /// than an invalid session. Watchers keep their last good state on these
+    /// (and on every other error: a [`Error::Decode`] or [`Error::TooLarge`]
+    /// answer says nothing about Consul's state either).
     pub fn is_unavailable(&self) -> bool {
         match self {
             Error::Transport { .. } | Error::Timeout { .. } => true,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::agent::{CheckStatus, Weights};
-use crate::client::{escape_path, Call, Client};
+use crate::client::{decode_json, escape_path, Call, Client};
 use crate::query::{QueryOptions, Response};
 use crate::Error;
 
@@ -156,8 +156,15 @@ impl Client {
         }
         let answer = self.send(call).await?.ok()?;
         Ok(Response {
-            value: answer.decode::<Option<Vec<ServiceEntry>>>()?.unwrap_or_default(),
+            value: decode_entries(&answer.path, &answer.body)?,
             meta: answer.meta(),
         })
     }
+}
+
+/// Decodes a `/v1/health/service/:name` body. Only a JSON array is a list:
+/// `null`, an object or malformed JSON is an error, never "no instances"
+/// (an empty table must come from Consul saying `[]`).
+pub(crate) fn decode_entries(path: &str, body: &[u8]) -> Result<Vec<ServiceEntry>, Error> {
+    decode_json(path, body)
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde::Deserialize;
 
-use crate::client::{escape_path, Answer, Call, Client};
+use crate::client::{decode_json, escape_path, Answer, Call, Client};
 use crate::query::{QueryOptions, Response};
 use crate::Error;
 
@@ -54,29 +54,8 @@ impl Client {
         let Some(answer) = present(answer)? else {
             return Ok(Response { value: None, meta });
         };
-        let pairs: Vec<WirePair> = answer.decode()?;
-        let Some(wire) = pairs.into_iter().next() else {
-            return Ok(Response { value: None, meta });
-        };
-        let value = wire
-            .value
-            .map(|v| base64::engine::general_purpose::STANDARD.decode(v))
-            .transpose()
-            .map_err(|e| Error::Decode {
-                path: answer.path.clone(),
-                reason: format!("value is not base64: {e}"),
-            })?
-            .map(Bytes::from);
         Ok(Response {
-            value: Some(KvPair {
-                key: wire.key,
-                create_index: wire.create_index,
-                modify_index: wire.modify_index,
-                lock_index: wire.lock_index,
-                flags: wire.flags,
-                value,
-                session: wire.session.filter(|s| !s.is_empty()),
-            }),
+            value: Some(decode_pair(&answer.path, &answer.body)?),
             meta,
         })
     }
@@ -142,6 +121,40 @@ impl Client {
         }
         answer.ok()?.decode_bool()
     }
+}
+
+/// Decodes the answer to a single-key read: a JSON array of exactly one
+/// entry with a base64 value. A missing key is a 404 (handled before this);
+/// `null`, `[]`, several entries or malformed JSON are errors, never "no
+/// such key": a lock watcher must not mistake garbage for a free lock.
+pub(crate) fn decode_pair(path: &str, body: &[u8]) -> Result<KvPair, Error> {
+    let pairs: Vec<WirePair> = decode_json(path, body)?;
+    let count = pairs.len();
+    let mut pairs = pairs.into_iter();
+    let (Some(wire), None) = (pairs.next(), pairs.next()) else {
+        return Err(Error::Decode {
+            path: path.to_owned(),
+            reason: format!("expected one entry for a single key, got {count}"),
+        });
+    };
+    let value = wire
+        .value
+        .map(|v| base64::engine::general_purpose::STANDARD.decode(v))
+        .transpose()
+        .map_err(|e| Error::Decode {
+            path: path.to_owned(),
+            reason: format!("Value is not base64: {e}"),
+        })?
+        .map(Bytes::from);
+    Ok(KvPair {
+        key: wire.key,
+        create_index: wire.create_index,
+        modify_index: wire.modify_index,
+        lock_index: wire.lock_index,
+        flags: wire.flags,
+        value,
+        session: wire.session.filter(|s| !s.is_empty()),
+    })
 }
 
 fn kv_path(key: &str) -> String {

@@ -18,9 +18,24 @@
 //! answers mean "not found" on Consul 1.8 and on current Consul) are those of
 //! the project's `CONSUL.md`; it is tested against a real Consul 1.8.7 agent.
 //!
+//! Answers are untrusted bytes. Every body is read piece by piece up to
+//! [`Config::max_response_bytes`] (default [`DEFAULT_MAX_RESPONSE_BYTES`]),
+//! error bodies only up to a few KiB, and any text copied from an answer into
+//! an [`Error`] is cut to [`MAX_ERROR_TEXT_BYTES`]. A list is only ever a JSON
+//! array: `null` or malformed JSON is an error, never an empty list, because
+//! callers build tables from these lists. An empty list may still be Consul
+//! filtering by ACL: [`Client::acl_token_self`] tells at start whether that
+//! is possible (see the `acl` module's notes on Consul 1.8).
+//!
+//! Only plain HTTP to the local agent is supported: an `https://` or
+//! `unix://` address, or `CONSUL_HTTP_SSL=true`, is a configuration error
+//! rather than a silent fall-back to plain HTTP.
+//!
 //! # Layout
 //! - [`client`](Client): configuration, the connection pool, and the one place
-//!   requests are sent, with timeouts and error mapping.
+//!   requests are sent, with timeouts, body limits and error mapping.
+//! - `acl`: the token self-check ([`TokenStatus`]) and what Consul 1.8 does
+//!   with reads a token may not make.
 //! - `agent`: service registration, maintenance, TTL check updates.
 //! - `health`: `/v1/health/service/:name`.
 //! - `session`: create, renew (once or periodically), destroy, info.
@@ -29,7 +44,9 @@
 //!   blocking-query loop every watcher uses.
 //! - [`duration`]: Go duration strings, shared with halo's config files.
 //! - `error`: the [`Error`] enum.
+//! - `fuzz` (tests only): property tests of the JSON decoders.
 
+mod acl;
 mod agent;
 mod client;
 pub mod duration;
@@ -39,13 +56,19 @@ mod kv;
 mod query;
 mod session;
 
+#[cfg(test)]
+mod fuzz;
+
+pub use acl::{TokenInfo, TokenStatus};
 pub use agent::{AgentCheck, AgentService, CheckKind, CheckRegistration, CheckStatus, ServiceRegistration, Weights};
-pub use client::{Client, Config, DEFAULT_ADDRESS, DEFAULT_TIMEOUT, DEFAULT_WAIT};
+pub use client::{
+    Client, Config, DEFAULT_ADDRESS, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, DEFAULT_WAIT, MAX_ERROR_TEXT_BYTES,
+};
 pub use error::Error;
 pub use health::{CatalogService, HealthCheck, HealthQuery, Node, ServiceEntry};
 pub use kv::KvPair;
 pub use query::{
-    Consistency, QueryMeta, QueryOptions, Response, Watch, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN,
+    AclPolicy, Consistency, QueryMeta, QueryOptions, Response, Watch, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN,
     DEFAULT_WATCH_BURST, DEFAULT_WATCH_RATE,
 };
 pub use session::{ServiceCheckRef, SessionBehavior, SessionChecks, SessionInfo, SessionRequest};

@@ -105,6 +105,23 @@ pub struct QueryMeta {
     /// `X-Consul-LastContact`: how long since the answering server last heard
     /// from the leader. Zero when the leader answered.
     pub last_contact: Duration,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: Consul left out entries
+    /// the token may not read. False when the header is absent, which proves
+    /// nothing: Consul 1.8 never sends it, and later versions not for the
+    /// anonymous token (see [`crate::TokenStatus::empty_may_be_acl_filter`]).
+    pub results_filtered_by_acls: bool,
+    /// `X-Consul-Default-ACL-Policy` (`allow` or `deny`), sent by later
+    /// Consul versions; `None` when absent (always on Consul 1.8) or unknown.
+    pub default_acl_policy: Option<AclPolicy>,
+}
+
+/// An ACL default policy, as `X-Consul-Default-ACL-Policy` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclPolicy {
+    /// Whatever no rule denies is allowed.
+    Allow,
+    /// Whatever no rule allows is denied (and filtered out of lists).
+    Deny,
 }
 
 impl QueryMeta {
@@ -116,6 +133,12 @@ impl QueryMeta {
             last_contact: Duration::from_millis(
                 header("X-Consul-LastContact").and_then(|v| v.parse().ok()).unwrap_or(0),
             ),
+            results_filtered_by_acls: header("X-Consul-Results-Filtered-By-ACLs") == Some("true"),
+            default_acl_policy: match header("X-Consul-Default-ACL-Policy") {
+                Some("allow") => Some(AclPolicy::Allow),
+                Some("deny") => Some(AclPolicy::Deny),
+                _ => None,
+            },
         }
     }
 }
@@ -373,10 +396,18 @@ mod tests {
             QueryMeta {
                 index: 123,
                 known_leader: true,
-                last_contact: Duration::from_millis(250)
+                last_contact: Duration::from_millis(250),
+                results_filtered_by_acls: false,
+                default_acl_policy: None,
             }
         );
         assert_eq!(QueryMeta::from_headers(&HeaderMap::new()), QueryMeta::default());
+        // What later Consul versions add.
+        h.insert("X-Consul-Results-Filtered-By-ACLs", "true".parse().unwrap());
+        h.insert("X-Consul-Default-ACL-Policy", "deny".parse().unwrap());
+        let meta = QueryMeta::from_headers(&h);
+        assert!(meta.results_filtered_by_acls);
+        assert_eq!(meta.default_acl_policy, Some(crate::AclPolicy::Deny));
     }
 
     #[tokio::test(start_paused = true)]

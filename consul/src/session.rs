@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
 
-use crate::client::{escape_path, Call, Client};
+use crate::client::{decode_json, escape_path, Call, Client};
 use crate::{duration, Error};
 
 /// What happens to a session's locks when it is invalidated.
@@ -154,14 +154,27 @@ pub struct ServiceCheckRef {
     pub id: String,
 }
 
+/// Decodes the session list that `session/info` and `session/renew` answer
+/// with. Only a JSON array is a list: `null` or malformed JSON is an error,
+/// never "no such session" (which Consul says with `[]` or a 404).
+pub(crate) fn decode_sessions(path: &str, body: &[u8]) -> Result<Vec<SessionInfo>, Error> {
+    decode_json(path, body)
+}
+
 fn nanos<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     // Go encodes time.Duration as an integer count of nanoseconds; large ones
-    // can come out in float notation (1.5e+10).
-    let n = f64::deserialize(d)?;
-    if !(n.is_finite() && n >= 0.0) {
-        return Err(serde::de::Error::custom(format!("bad nanosecond count {n}")));
+    // can come out in float notation (1.5e+10). Integers are read exactly.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Nanos {
+        Integer(u64),
+        Float(f64),
     }
-    Ok(Duration::from_nanos(n as u64))
+    match Nanos::deserialize(d)? {
+        Nanos::Integer(n) => Ok(Duration::from_nanos(n)),
+        Nanos::Float(n) if n.is_finite() && n >= 0.0 && n < u64::MAX as f64 => Ok(Duration::from_nanos(n as u64)),
+        Nanos::Float(n) => Err(serde::de::Error::custom(format!("bad nanosecond count {n}"))),
+    }
 }
 
 impl Client {
@@ -188,9 +201,9 @@ impl Client {
     pub async fn session_renew(&self, id: &str) -> Result<SessionInfo, Error> {
         let path = format!("session/renew/{}", escape_path(id));
         let answer = self.send(Call::put(path.clone())).await?.ok()?;
-        answer
-            .decode::<Option<Vec<SessionInfo>>>()?
-            .and_then(|v| v.into_iter().next())
+        decode_sessions(&answer.path, &answer.body)?
+            .into_iter()
+            .next()
             .ok_or(Error::NotFound {
                 path,
                 message: "renew returned no session".into(),
@@ -211,9 +224,7 @@ impl Client {
     pub async fn session_info(&self, id: &str) -> Result<Option<SessionInfo>, Error> {
         let path = format!("session/info/{}", escape_path(id));
         let answer = self.send(Call::get(path)).await?.ok()?;
-        Ok(answer
-            .decode::<Option<Vec<SessionInfo>>>()?
-            .and_then(|v| v.into_iter().next()))
+        Ok(decode_sessions(&answer.path, &answer.body)?.into_iter().next())
     }
 
     /// Keeps a TTL session alive until `shutdown` resolves, then destroys it.

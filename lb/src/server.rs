@@ -33,6 +33,7 @@ pub fn consul_client(c: &ConsulConfig) -> Result<halo_consul::Client, halo_consu
         token: c.token.clone(),
         datacenter: None,
         timeout: None,
+        max_response_bytes: None,
     })
 }
 

@@ -55,6 +55,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         token: settings.config.consul.token.clone(),
         datacenter: None,
         timeout: Some(CONSUL_TIMEOUT),
+        max_response_bytes: None,
     })
     .context("consul")?;
 

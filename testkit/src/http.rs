@@ -12,21 +12,70 @@ pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     request(addr, "GET", path).await
 }
 
+/// GETs `path` from `addr` sending `token` as `X-Consul-Token`; `None` on
+/// any failure or after 2 s.
+pub async fn get_with_token(addr: SocketAddr, path: &str, token: &str) -> Option<(u16, String)> {
+    let stream = connect(addr).await?;
+    exchange(stream, addr, "GET", path, &format!("X-Consul-Token: {token}\r\n"), "").await
+}
+
+/// Sends `method path` with `body` and `token` as `X-Consul-Token` to
+/// `addr`, e.g. to create ACL policies and tokens with a master token; the
+/// status and body, `None` on any failure or after 2 s.
+pub async fn request_with_token(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> Option<(u16, String)> {
+    let stream = connect(addr).await?;
+    exchange(
+        stream,
+        addr,
+        method,
+        path,
+        &format!("X-Consul-Token: {token}\r\n"),
+        body,
+    )
+    .await
+}
+
 /// Sends a body-less `method` request for `path` to `addr` and returns the
 /// status and body; `None` on any failure or after 2 s.
 pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+    let stream = connect(addr).await?;
+    request_over(stream, addr, method, path).await
+}
+
+async fn connect(addr: SocketAddr) -> Option<TcpStream> {
+    tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .ok()?
-        .ok()?;
-    request_over(stream, addr, method, path).await
+        .ok()
 }
 
 /// [`request`] over a connection the caller made (e.g. from inside a
 /// network namespace).
-pub async fn request_over(mut stream: TcpStream, addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+pub async fn request_over(stream: TcpStream, addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    exchange(stream, addr, method, path, "", "").await
+}
+
+/// One HTTP/1.0 exchange; `headers` are extra header lines, each ending in
+/// CRLF.
+async fn exchange(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> Option<(u16, String)> {
     let exchange = async {
-        let request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+        let request = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.ok()?;

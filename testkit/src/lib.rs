@@ -1,7 +1,9 @@
 //! `halo-testkit`: real Consul agents for halo's tests (dev-only).
 //!
 //! Every test that needs Consul starts its own: [`ConsulAgent::start`] runs
-//! `consul agent -dev` on free loopback ports, [`ConsulCluster::start`] runs
+//! `consul agent -dev` on free loopback ports ([`ConsulAgent::start_with`]
+//! adds configuration, [`ConsulAgent::start_with_acl`] turns on ACLs with a
+//! known master token), [`ConsulCluster::start`] runs
 //! three (or N) servers on their own 127.0.0.x addresses, and
 //! [`ConsulCluster::add_client`] a client agent joined to them. Processes are
 //! killed when their handle drops, even when the test panics. No fixed ports
@@ -101,14 +103,48 @@ pub struct ConsulAgent {
     member: Member,
 }
 
+/// Extra settings for a dev agent started with [`ConsulAgent::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Configuration fragments in HCL, each passed as one `-hcl=` argument,
+    /// e.g. `acl { enabled = true }`.
+    pub extra_hcl: Vec<String>,
+    /// The token the testkit's own readiness polls send. Needed when the
+    /// extra configuration turns on ACLs with `default_policy = "deny"`, or
+    /// the agent's node would never look ready. Unset: none.
+    pub token: Option<String>,
+}
+
 impl ConsulAgent {
     /// Starts a dev agent on 127.0.0.1 and waits until it has elected itself
     /// leader and registered its node, so sessions can be created at once.
     pub async fn start() -> ConsulAgent {
-        let spec = MemberSpec::new(Role::Dev, Ipv4Addr::LOCALHOST);
+        ConsulAgent::start_with(AgentOptions::default()).await
+    }
+
+    /// [`ConsulAgent::start`] with extra configuration.
+    pub async fn start_with(options: AgentOptions) -> ConsulAgent {
+        let mut spec = MemberSpec::new(Role::Dev, Ipv4Addr::LOCALHOST);
+        spec.extra_hcl = options.extra_hcl;
+        spec.token = options.token;
         let mut member = Member::new(spec);
         member.start().await;
         ConsulAgent { member }
+    }
+
+    /// A dev agent with ACLs enabled, `default_policy = "deny"`, and
+    /// `master_token` as both the master (management) token and the agent's
+    /// own token, so the node still registers itself. `master_token` must be
+    /// a UUID, as Consul requires of secrets it did not generate.
+    pub async fn start_with_acl(master_token: &str) -> ConsulAgent {
+        ConsulAgent::start_with(AgentOptions {
+            extra_hcl: vec![format!(
+                "acl {{ enabled = true, default_policy = \"deny\", \
+                 tokens {{ master = \"{master_token}\", agent = \"{master_token}\" }} }}"
+            )],
+            token: Some(master_token.to_owned()),
+        })
+        .await
     }
 
     /// `127.0.0.1:<port>` of the HTTP API.

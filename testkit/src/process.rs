@@ -56,6 +56,11 @@ pub struct MemberSpec {
     ports: Ports,
     /// Serf LAN addresses to join (servers and clients).
     pub retry_join: Vec<SocketAddr>,
+    /// Extra configuration, each passed as one `-hcl=` argument.
+    pub extra_hcl: Vec<String>,
+    /// Token the testkit's own readiness polls send (needed once ACLs
+    /// default to deny).
+    pub token: Option<String>,
 }
 
 impl MemberSpec {
@@ -73,6 +78,8 @@ impl MemberSpec {
             node: format!("halo-{kind}-{ip}-{}", ports.http),
             ports,
             retry_join: Vec::new(),
+            extra_hcl: Vec::new(),
+            token: None,
         }
     }
 
@@ -122,6 +129,7 @@ impl MemberSpec {
             "-hcl=disable_update_check = true".into(),
             "-log-level=debug".into(),
         ]);
+        args.extend(self.extra_hcl.iter().map(|hcl| format!("-hcl={hcl}")));
         args
     }
 }
@@ -249,13 +257,13 @@ impl Member {
     async fn is_ready(&self) -> bool {
         match self.spec.role {
             // Servers only need to answer; the cluster waits for a leader.
-            Role::Server { .. } => http::get(self.http_addr(), "/v1/status/leader").await.is_some(),
+            Role::Server { .. } => self.get("/v1/status/leader").await.is_some(),
             // Single agents must have a leader and their node in the catalog
             // with a passing serfHealth, or session creation fails.
             Role::Dev | Role::Client => {
                 let path = format!("/v1/health/node/{}", self.spec.node);
                 matches!(
-                    http::get(self.http_addr(), &path).await,
+                    self.get(&path).await,
                     Some((200, body)) if body.contains("serfHealth") && body.contains("passing")
                 )
             }
@@ -264,11 +272,19 @@ impl Member {
 
     /// The leader's server RPC address as this member sees it.
     pub async fn leader(&self) -> Option<SocketAddr> {
-        let (status, body) = http::get(self.http_addr(), "/v1/status/leader").await?;
+        let (status, body) = self.get("/v1/status/leader").await?;
         if status != 200 {
             return None;
         }
         body.trim().trim_matches('"').parse().ok()
+    }
+
+    /// A GET of the testkit's own, with the spec's token if it has one.
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        match &self.spec.token {
+            None => http::get(self.http_addr(), path).await,
+            Some(token) => http::get_with_token(self.http_addr(), path, token).await,
+        }
     }
 
     /// SIGKILLs the process and reaps it. Idempotent.

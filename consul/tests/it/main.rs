@@ -1,6 +1,8 @@
 //! halo-consul against a real Consul agent (testkit's dev agent or cluster).
 
+mod acl;
 mod agent;
+mod broken;
 mod errors;
 mod health;
 mod kv;
