@@ -10,14 +10,20 @@
 //!
 //! Fail static: when Consul cannot be reached or has no leader, the last good
 //! table keeps serving; `/status` and `halo_discovery_up` say the view is
-//! stale. An error never empties a table. (A successful answer with no
-//! passing instance does: that is Consul saying every backend is down.)
+//! stale. An error never empties a table, and neither does an answer that
+//! is not a list (`null`, garbage: halo-consul refuses those). A successful
+//! empty answer empties it (Consul saying every backend is down) unless ACLs
+//! may be hiding the instances: Consul 1.8 answers `200 []` to a token
+//! without `service:read` and `node:read`, exactly like "no instance". So
+//! at start the task asks who its token is (`/v1/acl/token/self`, logged),
+//! and an empty answer while ACLs are on (or their state is unknown) keeps
+//! the last table, with `/status` saying why.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use halo_consul::{CheckStatus, Client, HealthQuery, ServiceEntry, Watch};
+use halo_consul::{CheckStatus, Client, HealthQuery, QueryMeta, ServiceEntry, TokenStatus, Watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
@@ -48,6 +54,9 @@ pub struct DiscoveryStatus {
     pub up: bool,
     /// The last error, while `up` is false.
     pub last_error: Option<String>,
+    /// The last answer was empty while ACLs may be filtering it: the table
+    /// before it keeps serving.
+    pub acl_filter_suspected: bool,
     /// Consul index of the last good answer.
     pub index: u64,
     /// Passing instances in the last good answer.
@@ -78,6 +87,7 @@ impl Discovery {
             tag: target.tag.clone(),
             up: false,
             last_error: Some("no answer from Consul yet".into()),
+            acl_filter_suspected: false,
             index: 0,
             instances: 0,
             skipped: 0,
@@ -130,6 +140,7 @@ async fn run(
     up_gauge.set(0.0);
     let mut watch = Watch::new(wait);
     let mut last: Option<Vec<Backend>> = None;
+    let mut token = token_status(&client, vip.name()).await;
     let query = HealthQuery {
         passing: true,
         tag: target.tag.as_deref(),
@@ -141,6 +152,31 @@ async fn run(
             answer = watch.next(|o| client.health_service(&target.service, query, o)) => answer,
         };
         match answer {
+            Ok(answer) if answer.value.is_empty() && may_be_acl_filter(&answer.meta, &token) => {
+                // Ask again: the token may have changed, or ACLs been turned
+                // off, since the last look.
+                token = token_status(&client, vip.name()).await;
+                if !may_be_acl_filter(&answer.meta, &token) {
+                    watch_empty(&vip, &target, &status, &mut last, &updates, answer.meta.index);
+                    up_gauge.set(1.0);
+                    continue;
+                }
+                errors.increment(1);
+                up_gauge.set(0.0);
+                let token = token.as_ref().map_or_else(|| "unknown".to_owned(), ToString::to_string);
+                let why = format!(
+                    "Consul listed no instance of {:?}; with ACLs on (token: {token}) that is also what a token without service:read and node:read sees, so the last table keeps serving",
+                    target.service
+                );
+                let mut s = status.lock().expect("discovery status poisoned");
+                if s.up || s.last_error.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(vip = vip.name(), service = %target.service, "{why}");
+                    s.since = unix_now();
+                }
+                s.up = false;
+                s.acl_filter_suspected = true;
+                s.last_error = Some(why);
+            }
             Ok(answer) => {
                 let (backends, skipped) = backends_of(&answer.value);
                 {
@@ -151,6 +187,7 @@ async fn run(
                     }
                     s.up = true;
                     s.last_error = None;
+                    s.acl_filter_suspected = false;
                     s.index = answer.meta.index;
                     s.instances = backends.len();
                     s.skipped = skipped;
@@ -179,6 +216,61 @@ async fn run(
                 s.last_error = Some(e.to_string());
             }
         }
+    }
+}
+
+/// Who the client's token is, logged; `None` if Consul could not say.
+async fn token_status(client: &Client, vip: &str) -> Option<TokenStatus> {
+    match client.acl_token_self().await {
+        Ok(status @ TokenStatus::NotFound { .. }) => {
+            tracing::error!(vip, token = %status, "Consul does not know our token: every read is filtered as for an anonymous client");
+            Some(status)
+        }
+        Ok(status) => {
+            tracing::debug!(vip, token = %status, "consul token");
+            Some(status)
+        }
+        Err(e) => {
+            tracing::debug!(vip, error = %e, "cannot ask Consul about our token");
+            None
+        }
+    }
+}
+
+/// Whether an empty answer may be ACL filtering rather than no instance:
+/// Consul said it filtered, or ACLs are on (or we could not learn whether).
+fn may_be_acl_filter(meta: &QueryMeta, token: &Option<TokenStatus>) -> bool {
+    meta.results_filtered_by_acls || token.as_ref().is_none_or(TokenStatus::acls_enabled)
+}
+
+/// Applies an empty answer with ACLs known to be off: every backend is down.
+fn watch_empty(
+    vip: &Vip,
+    target: &Target,
+    status: &Mutex<DiscoveryStatus>,
+    last: &mut Option<Vec<Backend>>,
+    updates: &metrics::Counter,
+    index: u64,
+) {
+    {
+        let mut s = status.lock().expect("discovery status poisoned");
+        if !s.up {
+            s.since = unix_now();
+        }
+        s.up = true;
+        s.last_error = None;
+        s.acl_filter_suspected = false;
+        s.index = index;
+        s.instances = 0;
+        s.skipped = 0;
+        s.last_update = Some(unix_now());
+    }
+    if last.as_ref().is_none_or(|l| !l.is_empty()) {
+        tracing::warn!(vip = vip.name(), service = %target.service, "consul reports no passing instance");
+        if vip.set_backends(Vec::new()) {
+            updates.increment(1);
+        }
+        *last = Some(Vec::new());
     }
 }
 
