@@ -316,10 +316,23 @@ mod tests {
     #[test]
     fn timing_below_the_floors_is_refused_with_the_reason() {
         let mut p = Vec::new();
-        validate_timing("check[0]", Duration::from_nanos(1), Duration::from_millis(9), 1, 1, &mut p);
+        validate_timing(
+            "check[0]",
+            Duration::from_nanos(1),
+            Duration::from_millis(9),
+            1,
+            1,
+            &mut p,
+        );
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p[0].starts_with("check[0].interval: 1ns is below the floor of 100ms"), "{p:?}");
-        assert!(p[1].starts_with("check[0].timeout: 9ms is below the floor of 10ms"), "{p:?}");
+        assert!(
+            p[0].starts_with("check[0].interval: 1ns is below the floor of 100ms"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with("check[0].timeout: 9ms is below the floor of 10ms"),
+            "{p:?}"
+        );
         let mut p = Vec::new();
         validate_timing("check[0]", Duration::ZERO, Duration::ZERO, 0, 0, &mut p);
         assert_eq!(p.len(), 4, "{p:?}");

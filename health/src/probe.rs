@@ -305,7 +305,10 @@ async fn exec(p: &ExecProbe, timeout: Duration, deadline: Instant) -> (Outcome, 
     let output = output.trim_end();
     match status {
         None if output.is_empty() => (Outcome::Fail, format!("timed out after {timeout:?}")),
-        None => (Outcome::Fail, format!("timed out after {timeout:?}; output so far: {output}")),
+        None => (
+            Outcome::Fail,
+            format!("timed out after {timeout:?}; output so far: {output}"),
+        ),
         Some(Ok(s)) => match s.code() {
             Some(0) => (Outcome::Pass, output.to_owned()),
             Some(1) => (Outcome::Warn, output.to_owned()),
@@ -330,10 +333,7 @@ impl ProcessGroup {
     fn of(child: &Child) -> Self {
         // `id()` is `Some` until the child has been reaped; it was just
         // spawned. A pid always fits in an i32 (pid_t).
-        let pgid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw);
+        let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
         ProcessGroup { pgid }
     }
 

@@ -42,7 +42,10 @@ mod tests {
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {
         assert!(colour_wanted(true, None));
-        assert!(colour_wanted(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+        assert!(
+            colour_wanted(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR does not count"
+        );
         assert!(!colour_wanted(true, Some(OsStr::new("1"))));
         assert!(!colour_wanted(false, None), "a pipe or file gets no escape codes");
         assert!(!colour_wanted(false, Some(OsStr::new("1"))));
