@@ -36,7 +36,8 @@ use crate::checker::{CheckHandle, Status};
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// Limits of the admin server loop, so that slow or idle clients cannot
-/// hold connections (and file descriptors) without bound.
+/// hold connections (and file descriptors) without bound. Durations longer
+/// than a year are taken as a year.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimits {
     /// Deadline for a request's headers, from when the server starts
@@ -76,6 +77,22 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// finish its response before it is dropped.
 pub const LIFETIME_GRACE: Duration = Duration::from_secs(5);
 
+/// Longest any [`ServerLimits`] duration is taken to be, so deadlines
+/// computed from them cannot overflow.
+const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl ServerLimits {
+    /// These limits with durations cut to a year and the cap raised to 1.
+    fn clamped(self) -> Self {
+        ServerLimits {
+            header_read_timeout: self.header_read_timeout.min(LONGEST),
+            idle_timeout: self.idle_timeout.min(LONGEST),
+            max_lifetime: self.max_lifetime.min(LONGEST),
+            max_connections: self.max_connections.max(1),
+        }
+    }
+}
+
 impl Default for ServerLimits {
     fn default() -> Self {
         ServerLimits {
@@ -105,8 +122,9 @@ where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
+    let limits = limits.clamped();
     let handler = Arc::new(handler);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut permit = None;
     loop {
         // A slot first, then accept: at the cap, clients wait in the

@@ -68,7 +68,7 @@ async fn a_timed_out_probe_kills_its_grandchildren() {
             .await;
         assert_eq!(r.outcome, Outcome::Fail);
         assert!(r.output.contains("timed out"), "{}", r.output);
-        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
     }
     none_left("sleep 986").await;
 }
@@ -103,11 +103,12 @@ async fn a_grandchild_holding_the_pipe_neither_delays_nor_fails_the_probe() {
     let r = p
         .run(
             &exec(&["/bin/sh", "-c", "sleep 987 & echo started"]),
-            Duration::from_secs(5),
+            Duration::from_secs(30),
         )
         .await;
     assert_eq!((r.outcome, r.output.as_str()), (Outcome::Pass, "started"));
-    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    // EXIT_GRACE (100ms) after the shell's exit, not the 30s deadline.
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
     none_left("sleep 987").await;
 }
 
@@ -141,5 +142,5 @@ async fn exec_output_is_capped_on_a_character_boundary() {
         &r.output[..100]
     );
     assert!(r.output.len() <= MAX_OUTPUT, "{} bytes", r.output.len());
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
 }

@@ -70,11 +70,11 @@ async fn one_answer(head: String, body_len: Option<u64>) -> (std::net::SocketAdd
 async fn an_endless_body_is_cut_off_at_the_cap() {
     let (addr, sent) = one_answer("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".into(), None).await;
     let start = Instant::now();
-    let r = Prober::default().run(&http(addr, None), Duration::from_secs(20)).await;
+    let r = Prober::default().run(&http(addr, None), Duration::from_secs(30)).await;
     let took = start.elapsed();
     assert_eq!(r.outcome, Outcome::Pass, "{}", &r.output[..100.min(r.output.len())]);
     assert!(r.output.len() <= MAX_OUTPUT, "{} bytes", r.output.len());
-    assert!(took < Duration::from_secs(2), "the probe stopped reading: {took:?}");
+    assert!(took < Duration::from_secs(5), "the probe stopped reading: {took:?}");
     let sent = tokio::time::timeout(Duration::from_secs(10), sent)
         .await
         .expect("the server saw the probe go away")

@@ -103,7 +103,7 @@ async fn a_slowloris_client_is_cut_off_at_the_header_deadline() {
     assert!(cut_off.is_ok(), "a byte every 500ms kept the connection for 10s");
     println!("slowloris connection closed after {took:?} (header timeout 1s)");
     assert!(took >= Duration::from_millis(900), "{took:?}");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[tokio::test]
@@ -154,7 +154,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     println!("idle connections closed after {a:?} and {b:?} (idle timeout 500ms)");
     for took in [a, b] {
         assert!(took >= Duration::from_millis(400), "{took:?}");
-        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
     }
 }
 
@@ -176,5 +176,5 @@ async fn a_busy_connection_is_retired_after_its_lifetime() {
     println!("retired after {took:?} and {served} requests (lifetime 1s)");
     assert!(served >= 3, "{served}");
     assert!(took >= Duration::from_millis(900), "{took:?}");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
