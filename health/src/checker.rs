@@ -149,9 +149,19 @@ impl CheckHandle {
     }
 }
 
+/// Shortest check interval a config may ask for. A health check is not a
+/// load test: with no floor, `interval = "1ns"` ran 920 probes a second
+/// against the app.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Shortest probe timeout a config may ask for; below it even a loopback
+/// connect or a fork and exec fails now and then, and the check flaps.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+
 /// Checks a check's timing and thresholds, pushing each problem, named
 /// under `at` (`check[0]`, `vip[1].check`), to `problems`. Shared by every
-/// config that declares checks, so they say the same thing.
+/// config that declares checks, so they say the same thing. The interval
+/// must be at least [`MIN_INTERVAL`], the timeout at least [`MIN_TIMEOUT`].
 pub fn validate_timing(
     at: &str,
     interval: Duration,
@@ -160,11 +170,15 @@ pub fn validate_timing(
     fall: u32,
     problems: &mut Vec<String>,
 ) {
-    if interval.is_zero() {
-        problems.push(format!("{at}.interval: must be above zero"));
+    if interval < MIN_INTERVAL {
+        problems.push(format!(
+            "{at}.interval: {interval:?} is below the floor of {MIN_INTERVAL:?} (a health check, not a load test)"
+        ));
     }
-    if timeout.is_zero() {
-        problems.push(format!("{at}.timeout: must be above zero"));
+    if timeout < MIN_TIMEOUT {
+        problems.push(format!(
+            "{at}.timeout: {timeout:?} is below the floor of {MIN_TIMEOUT:?} (too short for a probe to finish reliably)"
+        ));
     }
     if rise == 0 {
         problems.push(format!("{at}.rise: must be at least 1"));
@@ -297,6 +311,34 @@ mod tests {
         assert_eq!(h.observe(Pass), Status::Passing);
         assert_eq!(h.observe(Warn), Status::Warning);
         assert_eq!(h.observe(Fail), Status::Critical);
+    }
+
+    #[test]
+    fn timing_below_the_floors_is_refused_with_the_reason() {
+        let mut p = Vec::new();
+        validate_timing(
+            "check[0]",
+            Duration::from_nanos(1),
+            Duration::from_millis(9),
+            1,
+            1,
+            &mut p,
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("check[0].interval: 1ns is below the floor of 100ms"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with("check[0].timeout: 9ms is below the floor of 10ms"),
+            "{p:?}"
+        );
+        let mut p = Vec::new();
+        validate_timing("check[0]", Duration::ZERO, Duration::ZERO, 0, 0, &mut p);
+        assert_eq!(p.len(), 4, "{p:?}");
+        let mut p = Vec::new();
+        validate_timing("check[0]", MIN_INTERVAL, MIN_TIMEOUT, 1, 1, &mut p);
+        assert!(p.is_empty(), "the floors themselves are allowed: {p:?}");
     }
 
     #[tokio::test]

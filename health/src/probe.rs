@@ -1,4 +1,11 @@
 //! Probes: one attempt at telling whether an app is healthy.
+//!
+//! Every probe is bounded in time (its deadline) and in memory: an HTTP body
+//! is read only up to [`MAX_OUTPUT`] bytes, exec output is kept up to
+//! [`MAX_OUTPUT`] bytes per stream, and error text copied into the output is
+//! cut to [`MAX_ERROR_TEXT`] bytes. An exec probe runs in a process group of
+//! its own, and the whole group is killed when the probe ends (passed,
+//! failed, timed out, or dropped), so nothing it started outlives it.
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -11,13 +18,34 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-/// Most bytes of probe output kept (HTTP body, exec stdout+stderr).
+/// Most bytes of probe output kept: the whole [`ProbeResult::output`] is at
+/// most this long. An HTTP body is read no further than this; an exec
+/// probe's stdout and stderr are each kept up to this (the rest is read and
+/// discarded while the command runs, so it never blocks on a full pipe).
 pub const MAX_OUTPUT: usize = 4096;
+
+/// Most bytes of an error's text (its whole source chain) copied into a
+/// probe's output, which ends up in `/status`, `/health/ready`, Consul and
+/// logs.
+pub const MAX_ERROR_TEXT: usize = 512;
+
+/// How long an exec probe keeps reading output after its command exited.
+/// Output written before the exit is already in the pipes; this only waits
+/// for pipes held open by something the command left running in the
+/// background (`sleep 60 & echo started`), which is then killed with the
+/// rest of the probe's process group. Never past the probe's deadline.
+pub const EXIT_GRACE: Duration = Duration::from_millis(100);
+
+/// Appended to output cut at [`MAX_OUTPUT`].
+const TRUNCATED: &str = " …(truncated)";
 
 /// What one probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -53,7 +81,8 @@ pub struct HttpProbe {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Statuses that pass; others fail.
     pub expect_status: RangeInclusive<u16>,
-    /// If set, the body must contain this to pass.
+    /// If set, the body must contain this to pass. Only the first
+    /// [`MAX_OUTPUT`] bytes of the body are read and searched.
     pub expect_body: Option<String>,
 }
 
@@ -70,7 +99,10 @@ pub fn parse_status_range(s: &str) -> Option<RangeInclusive<u16>> {
     ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some(lo..=hi)
 }
 
-/// An exec probe: a command with arguments, run without a shell.
+/// An exec probe: a command with arguments, run without a shell, in a new
+/// process group that is killed (SIGKILL to the group) when the probe ends.
+/// Processes that leave the group (a new session via `setsid`, or a double
+/// fork into another group) are out of reach, as with Consul's script checks.
 #[derive(Debug, Clone)]
 pub struct ExecProbe {
     /// Program and arguments.
@@ -111,19 +143,18 @@ impl Default for Prober {
 impl Prober {
     /// Runs `probe` once with a deadline of `timeout`. Never errors: every
     /// failure is a [`Outcome::Fail`] with its reason as output.
+    ///
+    /// Dropping the returned future before it completes stops the probe:
+    /// its socket is closed, or its command's process group killed.
     pub async fn run(&self, probe: &Probe, timeout: Duration) -> ProbeResult {
         let start = Instant::now();
-        let attempt = async {
-            match probe {
-                Probe::Http(p) => self.http(p).await,
-                Probe::Tcp(addr) => tcp(*addr).await,
-                Probe::Exec(p) => exec(p).await,
-            }
-        };
-        let (outcome, output) = match tokio::time::timeout(timeout, attempt).await {
-            Ok(r) => r,
-            // Dropping the attempt drops the child (kill_on_drop) or socket.
-            Err(_) => (Outcome::Fail, format!("timed out after {timeout:?}")),
+        let deadline = start + timeout;
+        let (outcome, output) = match probe {
+            // Exec probes keep to the deadline themselves, so that what the
+            // command printed before it hung is still reported.
+            Probe::Exec(p) => exec(p, timeout, deadline).await,
+            Probe::Http(p) => within(deadline, timeout, self.http(p)).await,
+            Probe::Tcp(addr) => within(deadline, timeout, tcp(*addr)).await,
         };
         ProbeResult {
             outcome,
@@ -142,18 +173,36 @@ impl Prober {
         }
         let request = match request.body(Full::new(Bytes::new())) {
             Ok(r) => r,
-            Err(e) => return (Outcome::Fail, format!("bad request: {e}")),
+            Err(e) => return (Outcome::Fail, format!("bad request: {}", error_text(&e))),
         };
         let response = match self.http.request(request).await {
             Ok(r) => r,
-            Err(e) => return (Outcome::Fail, format!("{} {}: {e}", p.method, p.url)),
+            Err(e) => return (Outcome::Fail, format!("{} {}: {}", p.method, p.url, error_text(&e))),
         };
         let status = response.status();
-        let body = match response.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return (Outcome::Fail, format!("HTTP {status}, body read failed: {e}")),
-        };
-        let body = String::from_utf8_lossy(&body);
+        // Read no more than we keep: an endless or huge body must cost
+        // neither memory nor time. Dropping the rest closes the connection
+        // (the client keeps no pool).
+        let mut body = response.into_body();
+        let mut kept: Vec<u8> = Vec::new();
+        while kept.len() < MAX_OUTPUT {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let room = MAX_OUTPUT - kept.len();
+                        kept.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                }
+                Some(Err(e)) => {
+                    return (
+                        Outcome::Fail,
+                        format!("HTTP {status}, body read failed: {}", error_text(&e)),
+                    )
+                }
+            }
+        }
+        let body = lossy_utf8(&kept);
         let summary = format!("HTTP {} {}: {}; {}", p.method, p.url, status, body.trim());
         if !p.expect_status.contains(&status.as_u16()) {
             return (Outcome::Fail, summary);
@@ -167,14 +216,27 @@ impl Prober {
     }
 }
 
-async fn tcp(addr: SocketAddr) -> (Outcome, String) {
-    match TcpStream::connect(addr).await {
-        Ok(_) => (Outcome::Pass, format!("TCP connect {addr}: success")),
-        Err(e) => (Outcome::Fail, format!("TCP connect {addr}: {e}")),
+/// Runs `attempt` until `deadline`; past it, a failure naming `timeout`.
+async fn within(
+    deadline: Instant,
+    timeout: Duration,
+    attempt: impl std::future::Future<Output = (Outcome, String)>,
+) -> (Outcome, String) {
+    match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(r) => r,
+        // Dropping the attempt closes its socket.
+        Err(_) => (Outcome::Fail, format!("timed out after {timeout:?}")),
     }
 }
 
-async fn exec(p: &ExecProbe) -> (Outcome, String) {
+async fn tcp(addr: SocketAddr) -> (Outcome, String) {
+    match TcpStream::connect(addr).await {
+        Ok(_) => (Outcome::Pass, format!("TCP connect {addr}: success")),
+        Err(e) => (Outcome::Fail, format!("TCP connect {addr}: {}", error_text(&e))),
+    }
+}
+
+async fn exec(p: &ExecProbe, timeout: Duration, deadline: Instant) -> (Outcome, String) {
     let Some((program, args)) = p.command.split_first() else {
         return (Outcome::Fail, "empty command".into());
     };
@@ -183,59 +245,231 @@ async fn exec(p: &ExecProbe) -> (Outcome, String) {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // A group of its own (pgid = the child's pid), so that everything
+        // it starts can be killed together.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn();
     let mut child = match child {
         Ok(c) => c,
-        Err(e) => return (Outcome::Fail, format!("cannot run {program}: {e}")),
+        Err(e) => return (Outcome::Fail, format!("cannot run {program}: {}", error_text(&e))),
     };
-    // Read both pipes while waiting, keeping at most MAX_OUTPUT of each.
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let (out, err, status) = tokio::join!(read_capped(&mut stdout), read_capped(&mut stderr), child.wait());
-    let mut output = String::from_utf8_lossy(&out).into_owned();
-    if !err.is_empty() {
+    // Declared after `child`, so dropped before it: if this future is
+    // dropped mid-run, the group is killed while the child is unreaped and
+    // its pid (the pgid) cannot have been reused. On the normal path the
+    // group is killed after the child was reaped; the pgid then stays
+    // allocated for as long as any member lives, and an empty group just
+    // gives ESRCH.
+    let mut group = ProcessGroup::of(&child);
+    let mut stdout = Pipe::new(child.stdout.take());
+    let mut stderr = Pipe::new(child.stderr.take());
+
+    let status = {
+        let wait = child.wait();
+        tokio::pin!(wait);
+        // Read both pipes while the command runs, until it exits or the
+        // deadline passes.
+        let status = loop {
+            tokio::select! {
+                status = &mut wait => break Some(status),
+                () = stdout.read_some(), if stdout.is_open() => {}
+                () = stderr.read_some(), if stderr.is_open() => {}
+                () = tokio::time::sleep_until(deadline) => break None,
+            }
+        };
+        if status.is_some() {
+            // The command exited. Its output is in the pipes; EOF comes at
+            // once unless something it left behind holds them open, and
+            // that is not worth waiting for.
+            let grace = (Instant::now() + EXIT_GRACE).min(deadline);
+            while stdout.is_open() || stderr.is_open() {
+                tokio::select! {
+                    () = stdout.read_some(), if stdout.is_open() => {}
+                    () = stderr.read_some(), if stderr.is_open() => {}
+                    () = tokio::time::sleep_until(grace) => break,
+                }
+            }
+        }
+        status
+    };
+    // Whatever the command left running dies with the probe.
+    group.kill();
+
+    let mut output = lossy_utf8(&stdout.kept);
+    if !stderr.kept.is_empty() {
         if !output.is_empty() && !output.ends_with('\n') {
             output.push('\n');
         }
-        output.push_str(&String::from_utf8_lossy(&err));
+        output.push_str(&lossy_utf8(&stderr.kept));
     }
-    let output = output.trim_end().to_owned();
+    let output = output.trim_end();
     match status {
-        Ok(s) => match s.code() {
-            Some(0) => (Outcome::Pass, output),
-            Some(1) => (Outcome::Warn, output),
+        None if output.is_empty() => (Outcome::Fail, format!("timed out after {timeout:?}")),
+        None => (
+            Outcome::Fail,
+            format!("timed out after {timeout:?}; output so far: {output}"),
+        ),
+        Some(Ok(s)) => match s.code() {
+            Some(0) => (Outcome::Pass, output.to_owned()),
+            Some(1) => (Outcome::Warn, output.to_owned()),
             Some(code) => (Outcome::Fail, format!("exit {code}: {output}")),
             None => (Outcome::Fail, format!("killed by a signal ({s}): {output}")),
         },
-        Err(e) => (Outcome::Fail, format!("waiting for {program}: {e}")),
+        Some(Err(e)) => (Outcome::Fail, format!("waiting for {program}: {}", error_text(&e))),
     }
 }
 
-/// Reads a pipe to its end, keeping the first [`MAX_OUTPUT`] bytes (draining
-/// the rest so the child never blocks on a full pipe).
-async fn read_capped(pipe: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return kept,
-            Ok(n) => {
-                let room = MAX_OUTPUT.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
+/// An exec probe's process group, killed with SIGKILL when [`kill`]ed or
+/// dropped (a probe future dropped mid-run kills the group too).
+///
+/// [`kill`]: ProcessGroup::kill
+#[derive(Debug)]
+struct ProcessGroup {
+    pgid: Option<Pid>,
+}
+
+impl ProcessGroup {
+    /// The group `child` leads (it was spawned with `process_group(0)`).
+    fn of(child: &Child) -> Self {
+        // `id()` is `Some` until the child has been reaped; it was just
+        // spawned. A pid always fits in an i32 (pid_t).
+        let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+        ProcessGroup { pgid }
+    }
+
+    fn kill(&mut self) {
+        let Some(pgid) = self.pgid.take() else { return };
+        match killpg(pgid, Signal::SIGKILL) {
+            // ESRCH: the group is already empty.
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => {
+                metrics::counter!("halo_probe_kill_errors_total").increment(1);
+                tracing::warn!(pgid = pgid.as_raw(), error = %e, "cannot kill an exec probe's process group");
             }
         }
     }
 }
 
-fn truncate(mut s: String) -> String {
-    if s.len() > MAX_OUTPUT {
-        let mut cut = MAX_OUTPUT;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One output pipe of an exec probe: read until EOF, keeping the first
+/// [`MAX_OUTPUT`] bytes.
+struct Pipe<R> {
+    pipe: Option<R>,
+    kept: Vec<u8>,
+}
+
+impl<R: AsyncReadExt + Unpin> Pipe<R> {
+    fn new(pipe: Option<R>) -> Self {
+        Pipe { pipe, kept: Vec::new() }
+    }
+
+    fn is_open(&self) -> bool {
+        self.pipe.is_some()
+    }
+
+    /// Reads once, keeping what fits. Cancel-safe: nothing is lost if the
+    /// future is dropped before it completes (`read` is cancel-safe and the
+    /// bytes are stored before it returns).
+    async fn read_some(&mut self) {
+        let Some(pipe) = self.pipe.as_mut() else {
+            return std::future::pending().await;
+        };
+        let mut buf = [0u8; 4096];
+        match pipe.read(&mut buf).await {
+            // EOF, or a pipe that cannot be read (nothing more will come).
+            Ok(0) | Err(_) => self.pipe = None,
+            Ok(n) => {
+                let room = MAX_OUTPUT.saturating_sub(self.kept.len());
+                self.kept.extend_from_slice(&buf[..n.min(room)]);
+            }
         }
-        s.truncate(cut);
-        s.push_str(" …(truncated)");
+    }
+}
+
+/// `bytes` as text: invalid UTF-8 replaced, and a multi-byte character cut
+/// off at the end (by a byte cap) dropped rather than shown as garbage.
+fn lossy_utf8(bytes: &[u8]) -> String {
+    let complete = match std::str::from_utf8(bytes) {
+        Ok(_) => bytes,
+        // `error_len() == None`: the input ends inside a character.
+        Err(e) if e.error_len().is_none() => &bytes[..e.valid_up_to()],
+        Err(_) => bytes,
+    };
+    String::from_utf8_lossy(complete).into_owned()
+}
+
+/// An error and its sources ("client error (Connect): tcp connect error:
+/// Connection refused"), cut to [`MAX_ERROR_TEXT`] bytes.
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        // Some errors repeat their source in their own text.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        if text.len() > MAX_ERROR_TEXT {
+            break;
+        }
+        source = s.source();
+    }
+    cut(text, MAX_ERROR_TEXT)
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
+fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut at = max.saturating_sub(TRUNCATED.len());
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push_str(TRUNCATED);
     }
     s
+}
+
+fn truncate(s: String) -> String {
+    cut(s, MAX_OUTPUT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cutting_keeps_within_the_cap_on_a_character_boundary() {
+        let s = "é".repeat(MAX_OUTPUT); // two bytes each
+        let t = truncate(s);
+        assert!(t.len() <= MAX_OUTPUT, "{}", t.len());
+        assert!(t.ends_with(TRUNCATED));
+        assert_eq!(truncate("short".into()), "short");
+        let exact = "x".repeat(MAX_OUTPUT);
+        assert_eq!(truncate(exact.clone()), exact, "at the cap is not over it");
+    }
+
+    #[test]
+    fn a_character_split_by_a_byte_cap_is_dropped() {
+        let bytes = "aé".as_bytes();
+        assert_eq!(lossy_utf8(&bytes[..2]), "a");
+        assert_eq!(lossy_utf8(bytes), "aé");
+        assert_eq!(lossy_utf8(b"a\xffb"), "a\u{fffd}b", "invalid bytes inside are replaced");
+    }
+
+    #[test]
+    fn error_text_includes_sources_and_is_capped() {
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let outer = std::io::Error::other(inner);
+        assert!(error_text(&outer).contains("refused"));
+        let long = std::io::Error::other("x".repeat(100_000));
+        let text = error_text(&long);
+        assert!(text.len() <= MAX_ERROR_TEXT, "{}", text.len());
+    }
 }

@@ -1,4 +1,10 @@
-//! Probes against real sockets and real processes.
+//! Probes against real sockets and real processes, and the admin server
+//! loop against real clients.
+
+mod exec_groups;
+mod http_bodies;
+mod server_limits;
+mod telemetry;
 
 use std::time::{Duration, Instant};
 
@@ -32,7 +38,7 @@ async fn http_server(status: u16, body: &'static str, hang: bool) -> std::net::S
     addr
 }
 
-fn http(addr: std::net::SocketAddr, expect_body: Option<&str>) -> Probe {
+pub(crate) fn http(addr: std::net::SocketAddr, expect_body: Option<&str>) -> Probe {
     Probe::Http(HttpProbe {
         url: format!("http://{addr}/healthz").parse().unwrap(),
         method: http::Method::GET,
@@ -103,7 +109,7 @@ async fn tcp_probes_pass_on_connect_and_fail_when_refused() {
     assert!(r.output.contains("timed out"), "{}", r.output);
 }
 
-fn exec(args: &[&str]) -> Probe {
+pub(crate) fn exec(args: &[&str]) -> Probe {
     Probe::Exec(ExecProbe {
         command: args.iter().map(|s| s.to_string()).collect(),
     })
@@ -133,7 +139,11 @@ async fn exec_probes_map_exit_codes_capture_output_and_time_out() {
         .run(&exec(&["sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x"]), T)
         .await;
     assert_eq!(r.outcome, Outcome::Pass);
-    assert!(r.output.len() < 5000, "{} bytes", r.output.len());
+    assert!(
+        r.output.len() <= halo_health::probe::MAX_OUTPUT,
+        "{} bytes",
+        r.output.len()
+    );
 
     // A hung command is killed at the deadline.
     let dir = tempfile::tempdir().unwrap();
