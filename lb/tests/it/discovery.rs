@@ -198,3 +198,119 @@ async fn a_backend_killed_under_load_costs_no_client_errors_and_leaves_the_table
         "discovery is up: {status}"
     );
 }
+
+/// PUTs `body` to the ACL-enabled agent with the master token; the JSON
+/// answer.
+async fn acl_put(consul: &ConsulAgent, path: &str, body: &str) -> serde_json::Value {
+    let (code, answer) = halo_testkit::http::request_with_token(consul.http_addr(), "PUT", path, MASTER, body)
+        .await
+        .expect("the agent answers");
+    assert_eq!(code, 200, "PUT {path}: {answer}");
+    serde_json::from_str(&answer).unwrap()
+}
+
+const MASTER: &str = "8f2c1bb6-6c33-4b6a-9d0c-2d6a0f6d1e01";
+
+#[tokio::test]
+async fn an_empty_answer_that_may_be_an_acl_filter_keeps_the_table() {
+    // Consul 1.8 answers 200 [] to a token that lost service:read: exactly
+    // what "no instance" looks like. That must not empty the table.
+    let consul = ConsulAgent::start_with_acl(MASTER).await;
+    let admin_client = Client::new(halo_consul::Config {
+        address: Some(consul.http_url()),
+        token: Some(MASTER.to_owned()),
+        ..halo_consul::Config::default()
+    })
+    .unwrap();
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let b = TestBackend::start("b", Behavior::GreetEcho).await;
+    register(&admin_client, "web-a", &a, "zone-a").await;
+    register(&admin_client, "web-b", &b, "zone-b").await;
+    let rules = r#"service_prefix \"\" { policy = \"read\" } node_prefix \"\" { policy = \"read\" }"#;
+    let policy = acl_put(
+        &consul,
+        "/v1/acl/policy",
+        &format!(r#"{{"Name":"web-read","Rules":"{rules}"}}"#),
+    )
+    .await;
+    let policy_id = policy["ID"].as_str().unwrap().to_owned();
+    let token = acl_put(
+        &consul,
+        "/v1/acl/token",
+        &format!(r#"{{"Policies":[{{"ID":"{policy_id}"}}]}}"#),
+    )
+    .await;
+    let secret = token["SecretID"].as_str().unwrap().to_owned();
+
+    let (admin, vip) = addrs();
+    let config = config(&consul, admin, vip).replace("[consul]\n", &format!("[consul]\ntoken = \"{secret}\"\n"));
+    let lb = Lb::start(&config, admin, &[vip]).await;
+    let mut both = vec![a.addr.to_string(), b.addr.to_string()];
+    both.sort();
+    eventually(DEADLINE, "both instances in the table", || async {
+        (table_addrs(&lb).await == both).then_some(())
+    })
+    .await;
+
+    // The policy loses its rules; a third registration moves the index, so
+    // halo-lb's blocking query returns, filtered to nothing.
+    acl_put(
+        &consul,
+        &format!("/v1/acl/policy/{policy_id}"),
+        r#"{"Name":"web-read","Rules":""}"#,
+    )
+    .await;
+    let c = TestBackend::start("c", Behavior::GreetEcho).await;
+    register(&admin_client, "web-c", &c, "zone-a").await;
+    let status = eventually(DEADLINE, "the suspected ACL filter to show", || async {
+        let s = lb.status().await;
+        (s["vips"][0]["discovery"]["acl_filter_suspected"] == true).then_some(s)
+    })
+    .await;
+    let discovery = &status["vips"][0]["discovery"];
+    assert_eq!(discovery["up"], false, "{discovery}");
+    let error = discovery["last_error"].as_str().unwrap();
+    assert!(error.contains("service:read"), "{error}");
+    assert!(!error.contains(&secret), "the token never shows: {error}");
+    assert_eq!(table_addrs(&lb).await, both, "the last table keeps serving");
+    assert!(served_by(vip, 6)
+        .await
+        .is_subset(&HashSet::from(["a".to_owned(), "b".to_owned()])));
+    assert!(!lb.log().contains(&secret), "the token never appears in the log");
+
+    // The rules come back: the next answer is whole again.
+    acl_put(
+        &consul,
+        &format!("/v1/acl/policy/{policy_id}"),
+        &format!(r#"{{"Name":"web-read","Rules":"{rules}"}}"#),
+    )
+    .await;
+    admin_client.deregister_service("web-c").await.unwrap();
+    eventually(DEADLINE, "discovery to be up again with both", || async {
+        let s = lb.status().await;
+        (s["vips"][0]["discovery"]["up"] == true && table_addrs(&lb).await == both).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_acls_an_empty_answer_empties_the_table() {
+    let consul = ConsulAgent::start().await;
+    let client = Client::from_address(consul.http_url()).unwrap();
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    register(&client, "web-a", &a, "zone-a").await;
+    let (admin, vip) = addrs();
+    let lb = Lb::start(&config(&consul, admin, vip), admin, &[vip]).await;
+    eventually(DEADLINE, "the instance in the table", || async {
+        (table_addrs(&lb).await == vec![a.addr.to_string()]).then_some(())
+    })
+    .await;
+    client.deregister_service("web-a").await.unwrap();
+    eventually(DEADLINE, "the table to empty", || async {
+        table_addrs(&lb).await.is_empty().then_some(())
+    })
+    .await;
+    let status = lb.status().await;
+    assert_eq!(status["vips"][0]["discovery"]["up"], true);
+    assert_eq!(status["vips"][0]["discovery"]["acl_filter_suspected"], false);
+}
