@@ -11,6 +11,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -126,6 +127,8 @@ where
     let handler = Arc::new(handler);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut permit = None;
+    let mut last_accept_warning: Option<Instant> = None;
+    let mut held_back = 0u64;
     loop {
         // A slot first, then accept: at the cap, clients wait in the
         // backlog instead of costing a descriptor here.
@@ -139,25 +142,44 @@ where
         let stream = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    // EMFILE and friends repeat every 20 ms while they last:
+                    // log once a second with the count held back.
+                    if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, held_back, "admin accept failed");
+                        last_accept_warning = Some(Instant::now());
+                        held_back = 0;
+                    } else {
+                        held_back += 1;
+                    }
                     permit = Some(slot);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             },
         };
+        let (stream, peer) = stream;
         let handler = Arc::clone(&handler);
         tokio::spawn(async move {
-            serve_connection(stream, limits, handler).await;
+            serve_connection(stream, peer, limits, handler).await;
             drop(slot);
         });
     }
 }
 
+/// The client address of an admin request, in its extensions: handlers log
+/// it with every write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub SocketAddr);
+
+/// The client address of `req`, if the serve loop recorded it.
+pub fn peer<B>(req: &Request<B>) -> Option<SocketAddr> {
+    req.extensions().get::<Peer>().map(|p| p.0)
+}
+
 /// Serves one connection within `limits`.
-async fn serve_connection<H, F>(stream: TcpStream, limits: ServerLimits, handler: Arc<H>)
+async fn serve_connection<H, F>(stream: TcpStream, peer: SocketAddr, limits: ServerLimits, handler: Arc<H>)
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
@@ -168,7 +190,8 @@ where
         inner: stream,
         activity: Arc::clone(&activity),
     });
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(Peer(peer));
         let response = handler(req);
         async move { Ok::<_, Infallible>(response.await) }
     });

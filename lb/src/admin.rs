@@ -85,17 +85,20 @@ async fn route(server: &Server, leadership: Option<&Leadership>, req: Request<In
                     &json!({"error": format!("{addr:?} is not ip:port")}),
                 );
             };
-            set_disabled(&vip, addr, *action == "disable")
+            set_disabled(&vip, addr, *action == "disable", &req)
         }
         (_, ["health"] | ["status"] | ["metrics"]) => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool) -> HttpResponse {
+fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool, req: &Request<Incoming>) -> HttpResponse {
+    // Who asked: the peer, and the standby that forwarded it, if one did.
+    let client = halo_health::server::peer(req).map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+    let forwarded_by = req.headers().get(FORWARDED).and_then(|v| v.to_str().ok());
     match vip.set_disabled(addr, disabled) {
         Ok(changed) => {
-            tracing::info!(vip = vip.name(), backend = %addr, disabled, changed, "backend state set by operator");
+            tracing::info!(vip = vip.name(), backend = %addr, disabled, changed, client, forwarded_by, "backend state set by operator");
             json_response(
                 StatusCode::OK,
                 &json!({"vip": vip.name(), "backend": addr.to_string(), "disabled": disabled, "changed": changed, "table_version": vip.table().version}),

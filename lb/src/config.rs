@@ -228,8 +228,11 @@ impl Default for PassiveConfig {
 
 /// One backend as written in the file: `"host:port"` or
 /// `{ address = "host:port", weight = 5, zone = "zone-a" }`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+///
+/// Deserialized by hand rather than `#[serde(untagged)]`, whose only error
+/// is "did not match any variant": a string is an address, a table is read
+/// field by field, so a bad weight says which field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
     /// Just the address; weight 1, no zone.
     Address(String),
@@ -238,12 +241,48 @@ pub enum BackendSpec {
         /// `ip:port`.
         address: String,
         /// Relative share of connections; unset: 1.
-        #[serde(default = "default_weight")]
         weight: u32,
         /// Fault domain; unset: none.
-        #[serde(default)]
         zone: Option<String>,
     },
+}
+
+/// The table form of [`BackendSpec`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetailedSpec {
+    address: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+    #[serde(default)]
+    zone: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for BackendSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Spec;
+        impl<'de> serde::de::Visitor<'de> for Spec {
+            type Value = BackendSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""ip:port" or { address = "ip:port", weight = 1..1000, zone = "..." }"#)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<BackendSpec, E> {
+                Ok(BackendSpec::Address(v.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<BackendSpec, A::Error> {
+                let d = DetailedSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(BackendSpec::Detailed {
+                    address: d.address,
+                    weight: d.weight,
+                    zone: d.zone,
+                })
+            }
+        }
+        deserializer.deserialize_any(Spec)
+    }
 }
 
 /// `[[vip]]`: one virtual IP.
@@ -609,14 +648,14 @@ impl Config {
                 None
             }
         };
-        if self.workers == Some(0) {
-            problems.push("workers: must be at least 1".to_owned());
+        if let Some(w) = self.workers.filter(|w| !(1..=MAX_WORKERS).contains(w)) {
+            problems.push(format!("workers: {w} is not in 1..={MAX_WORKERS}"));
         }
         if self.vips.is_empty() {
             problems.push("vip: at least one [[vip]] is required".to_owned());
         }
         let mut names = HashSet::new();
-        let mut listens = HashSet::new();
+        let mut listens: Vec<SocketAddr> = Vec::new();
         let mut vips = Vec::new();
         for (i, vip) in self.vips.iter().enumerate() {
             let at = format!("vip[{i}]");
@@ -630,11 +669,20 @@ impl Config {
             }
             let listen = match vip.listen.parse::<SocketAddr>() {
                 Ok(a) => {
-                    if !listens.insert(a) {
-                        problems.push(format!("{at}.listen: {a} is used by another vip"));
+                    if let Some(other) = listens.iter().find(|&&b| listens_conflict(a, b)) {
+                        problems.push(if *other == a {
+                            format!("{at}.listen: {a} is used by another vip")
+                        } else {
+                            format!("{at}.listen: {a} overlaps {other} of another vip (a wildcard address takes the port on every address of its family)")
+                        });
                     }
-                    if Some(a) == admin {
-                        problems.push(format!("{at}.listen: {a} is the admin address"));
+                    listens.push(a);
+                    if let Some(admin) = admin.filter(|&b| listens_conflict(a, b)) {
+                        problems.push(if admin == a {
+                            format!("{at}.listen: {a} is the admin address")
+                        } else {
+                            format!("{at}.listen: {a} overlaps the admin address {admin}")
+                        });
                     }
                     Some(a)
                 }
@@ -739,6 +787,23 @@ impl Config {
             config: self,
         })
     }
+}
+
+/// The most data-plane threads: beyond a few per core they only cost
+/// memory, descriptors and context switches.
+pub const MAX_WORKERS: usize = 256;
+
+/// Whether two listening addresses cannot both be bound: the same port, and
+/// the same address, or a wildcard of the other's family (an IPv6 wildcard,
+/// dual-stack by default, takes the IPv4 port too).
+pub fn listens_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() {
+        return false;
+    }
+    let (x, y) = (a.ip(), b.ip());
+    x == y
+        || (x.is_unspecified() && (x.is_ipv6() || y.is_ipv4()))
+        || (y.is_unspecified() && (y.is_ipv6() || x.is_ipv4()))
 }
 
 fn is_name(s: &str) -> bool {
@@ -991,6 +1056,61 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse(text, "bad.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_wildcard_and_a_specific_listen_on_one_port_conflict() {
+        let vip = |name: &str, listen: &str| {
+            format!("[[vip]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [\"127.0.0.1:2\"]\n")
+        };
+        let e = err(&format!("{}{}", vip("a", "0.0.0.0:8080"), vip("b", "127.0.0.1:8080")));
+        assert!(e.contains("vip[1].listen: 127.0.0.1:8080 overlaps 0.0.0.0:8080"), "{e}");
+        let e = err(&format!("{}{}", vip("a", "[::]:8080"), vip("b", "127.0.0.1:8080")));
+        assert!(e.contains("overlaps [::]:8080"), "{e}");
+        let e = err(&format!(
+            "[admin]\nlisten = \"127.0.0.1:9901\"\n{}",
+            vip("a", "0.0.0.0:9901")
+        ));
+        assert!(
+            e.contains("vip[0].listen: 0.0.0.0:9901 overlaps the admin address"),
+            "{e}"
+        );
+        // Different ports, or an IPv6 address beside an IPv4 wildcard: fine.
+        Config::parse(
+            &format!("{}{}", vip("a", "0.0.0.0:8080"), vip("b", "127.0.0.1:8081")),
+            "ok",
+        )
+        .unwrap();
+        Config::parse(&format!("{}{}", vip("a", "0.0.0.0:8080"), vip("b", "[::1]:8080")), "ok").unwrap();
+    }
+
+    #[test]
+    fn workers_have_an_upper_bound_and_weights_say_what_is_wrong() {
+        let base = "[[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:1\"\n";
+        let e = err(&format!("workers = 1000\n{base}backends = [\"127.0.0.1:2\"]\n"));
+        assert!(e.contains("workers: 1000 is not in 1..=256"), "{e}");
+        let e = err(&format!(
+            "{base}backends = [{{ address = \"127.0.0.1:2\", weight = 5000000000 }}]\n"
+        ));
+        assert!(!e.contains("did not match any variant"), "{e}");
+        assert!(e.contains("line 4") && e.contains("5000000000"), "{e}");
+        let e = err(&format!(
+            "{base}backends = [{{ address = \"127.0.0.1:2\", wieght = 3 }}]\n"
+        ));
+        assert!(e.contains("unknown field `wieght`"), "{e}");
+        let e = err(&format!("{base}backends = [17]\n"));
+        assert!(e.contains("\"ip:port\" or"), "{e}");
+    }
+
+    #[test]
+    fn the_default_id_is_unique_per_network_namespace_and_bounded() {
+        assert_eq!(default_id("lb", 9901, Some(0xeffffff9)), "lb-9901-effffff9");
+        assert_ne!(default_id("lb", 9901, Some(1)), default_id("lb", 9901, Some(2)));
+        assert_eq!(default_id("lb", 9901, None), "lb-9901");
+        let long = "h".repeat(200);
+        let id = default_id(&long, 65535, Some(u64::MAX));
+        assert_eq!(id.len(), 64);
+        assert!(is_name(&id));
     }
 
     #[test]

@@ -78,6 +78,14 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
     let count = config.config.workers.unwrap_or_else(workers::default_count);
+    if count > workers::default_count() {
+        tracing::warn!(
+            workers = count,
+            cores = workers::default_count(),
+            "more data-plane workers than cores"
+        );
+    }
+    warn_about_operation(&config);
     let workers = Workers::start(count).context("cannot start the worker threads")?;
     let leadership = config
         .ha
@@ -156,6 +164,40 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     Ok(())
 }
 
+/// Start-up (and reload) warnings about settings that are valid but risky
+/// on this machine.
+fn warn_about_operation(config: &Validated) {
+    if !config.admin.ip().is_loopback() {
+        tracing::warn!(
+            admin = %config.admin,
+            "admin.listen is not a loopback address: anyone who reaches it can read /status and disable backends"
+        );
+    }
+    if let Some((need, limit)) = fd_shortfall(config) {
+        tracing::warn!(
+            need,
+            limit,
+            "the vips' max_connections need more file descriptors than RLIMIT_NOFILE allows; past it clients wait in the backlog (raise LimitNOFILE or lower max_connections)"
+        );
+    }
+}
+
+/// `(descriptors the connection limits could need, the soft limit)` when the
+/// first exceeds the second: two per connection (client and backend), two
+/// more for a splice pipe, and 64 for everything else.
+fn fd_shortfall(config: &Validated) -> Option<(u64, u64)> {
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+    let need = config.vips.iter().fold(64u64, |sum, v| {
+        let per = if v.config.copy == config::CopyMode::Splice {
+            4
+        } else {
+            2
+        };
+        sum.saturating_add((v.config.max_connections as u64).saturating_mul(per))
+    });
+    (need > soft).then_some((need, soft))
+}
+
 async fn reload(server: &Server, path: &std::path::Path) {
     tracing::info!(path = %path.display(), "SIGHUP: reloading");
     // File I/O off the control runtime's thread.
@@ -172,7 +214,10 @@ async fn reload(server: &Server, path: &std::path::Path) {
             tracing::error!("reload rejected: [ha] changes need a restart; the running config stays in force")
         }
         Ok(config) => match server.apply(&config) {
-            Ok(()) => tracing::info!(vips = config.vips.len(), "reload applied"),
+            Ok(()) => {
+                warn_about_operation(&config);
+                tracing::info!(vips = config.vips.len(), "reload applied");
+            }
             Err(e) => tracing::error!(error = %e, "reload failed; the running config stays in force"),
         },
         Err(e) => tracing::error!(error = %e, "reload rejected; the running config stays in force"),

@@ -51,6 +51,12 @@ async fn operators_can_disable_and_enable_a_backend() {
         .await
         .unwrap();
     assert_eq!(code, 200, "{body}");
+    let log = lb.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("backend state set by operator"))
+        .expect("the write is logged");
+    assert!(line.contains("client=127.0.0.1:"), "the log names who asked: {line}");
     for _ in 0..10 {
         assert_eq!(greeting(vip).await.unwrap().0, "b");
     }
