@@ -6,10 +6,17 @@
 //! `[service.meta] zone = "zone-a"`, `HALO_CHECK_0_URL=...` is the first
 //! `[[check]]`'s `url`. Values are read as TOML when they parse as such
 //! (numbers, booleans, arrays) and as strings otherwise; `tags` and `command`
-//! also take comma- or space-separated lists. Variables outside the
-//! sidecar's sections (`HALO_NETNS_TESTS`, `HALO_DEMO_ONESHOT`) belong to
-//! other halo tools and are ignored; an unknown field inside a section is an
-//! error.
+//! also take comma- or space-separated lists.
+//!
+//! Variables outside the sidecar's sections belong to other halo tools: the
+//! known switches ([`OTHER_TOOLS_SWITCHES`], e.g. `HALO_NETNS_TESTS`) are
+//! ignored silently, any other is ignored with a warning, and one whose first
+//! word is a near miss of a section (`HALO_SERVIC_PORT`) is an error that
+//! suggests the right name. An unknown field inside a section is an error.
+//!
+//! Validation follows what the Consul agent would refuse with a 400 (its
+//! `ValidateServiceMetadata`, `ValidateWeights` and service-address rules),
+//! so a config that passes `halo-sidecar check` is not refused at run time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,6 +38,41 @@ pub const DEFAULT_CHECK_TTL: Duration = Duration::from_secs(10);
 /// Default time after which Consul drops the workload of a dead sidecar
 /// (Consul's minimum is 1 minute).
 pub const DEFAULT_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+
+/// `HALO_*` variables of other halo tools, ignored without a word.
+pub const OTHER_TOOLS_SWITCHES: &[&str] = &[
+    "HALO_NETNS_TESTS",
+    "HALO_DEMO_ONESHOT",
+    "HALO_LB_BIN",
+    "HALO_IT_FLOATING_HELPER",
+];
+/// The sidecar's sections, as they appear after `HALO_`.
+const SECTIONS: &[&str] = &["consul", "service", "check", "admin", "drain"];
+/// Most `[[check]]`s one `HALO_CHECK_<n>_…` may address (so a typo such as
+/// `HALO_CHECK_99999999_URL` cannot allocate millions of empty checks).
+pub const MAX_CHECKS: usize = 64;
+
+/// Consul's limits on service metadata (`agent/structs`:
+/// `metaMaxKeyPairs`, `metaKeyMaxLength`, `metaValueMaxLength`,
+/// `metaKeyReservedPrefix`).
+pub const META_MAX_PAIRS: usize = 64;
+/// Longest metadata key Consul accepts, in bytes.
+pub const META_KEY_MAX_LEN: usize = 128;
+/// Longest metadata value Consul accepts, in bytes.
+pub const META_VALUE_MAX_LEN: usize = 512;
+/// Metadata key prefix Consul keeps for itself.
+pub const META_RESERVED_PREFIX: &str = "consul-";
+/// Largest weight Consul accepts (weights are DNS SRV weights, 16 bits).
+pub const WEIGHT_MAX: u32 = 65535;
+/// Longest service name that still fits one DNS label.
+pub const NAME_MAX_LEN: usize = 63;
+/// Longest instance ID halo accepts (Consul sets none; IDs travel in URL paths
+/// and check IDs).
+pub const ID_MAX_LEN: usize = 256;
+/// Longest `check_ttl`: a TTL longer than this detects nothing useful.
+pub const MAX_CHECK_TTL: Duration = Duration::from_secs(3600);
+/// Longest `deregister_critical_after` and `drain.grace` halo accepts.
+pub const MAX_LONG_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -66,27 +108,36 @@ pub struct ConsulSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSection {
-    /// Service name.
+    /// Service name: letters, digits and `-`, at most 63 characters, so that
+    /// it is a DNS label (`<name>.service.consul`).
     pub name: String,
-    /// Instance ID. Unset: `<name>-<hostname>-<port>`.
+    /// Instance ID: letters, digits and `-_.:`, at most 256 characters.
+    /// Unset: `<name>-<hostname>-<port>`.
     pub id: Option<String>,
-    /// Address balancers dial. Unset: the node's address.
+    /// Address balancers dial; not a wildcard such as `0.0.0.0` (Consul
+    /// refuses those). Unset: the node's address.
     pub address: Option<String>,
     /// Port balancers dial.
     pub port: u16,
     /// Tags.
     #[serde(default)]
     pub tags: Vec<String>,
-    /// Metadata; the fault domain goes here (`zone`, `region`, `rack`).
+    /// Metadata; the fault domain goes here (`zone`, `region`, `rack`). At
+    /// most 64 pairs; keys of 1..128 characters from `A-Za-z0-9_-`, not
+    /// starting with `consul-`; values up to 512 bytes (Consul's rules).
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
-    /// Weights by check state. Unset: Consul's 1/1.
+    /// Weights by check state: `passing` 1..65535, `warning` 0..65535.
+    /// Unset: Consul's 1/1.
     pub weights: Option<WeightsSection>,
-    /// TTL of each Consul check. Unset: 10 s.
+    /// TTL of each Consul check, 1 s to 1 h. Unset: 10 s.
     #[serde(default = "default_check_ttl", with = "go_duration")]
     pub check_ttl: Duration,
-    /// Consul removes the workload once a check has been critical this long
-    /// (a sidecar that died stops heartbeating). Unset: 1 m, Consul's minimum.
+    /// Consul removes the workload once the sidecar's own liveness check
+    /// (`<id>:sidecar`) has been critical this long, i.e. once the sidecar has
+    /// stopped heartbeating. An app check that fails does not count: a sick
+    /// app stays registered, as critical. Unset: 1 m, Consul's minimum
+    /// (Consul's reaper runs every 30 s, so removal takes up to 30 s more).
     #[serde(default = "default_deregister_after", with = "go_duration")]
     pub deregister_critical_after: Duration,
 }
@@ -117,7 +168,7 @@ pub enum CheckType {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckSection {
-    /// Name, unique among the checks.
+    /// Name, unique among the checks; not `sidecar` (the liveness check's).
     pub name: String,
     /// `http`, `tcp` or `exec`.
     #[serde(rename = "type")]
@@ -223,6 +274,9 @@ pub struct Settings {
     pub admin: SocketAddr,
     /// The checks, ready for `halo_health::spawn`.
     pub checks: Vec<CheckConfig>,
+    /// Things worth telling the operator that do not stop the sidecar (an
+    /// ignored `HALO_*` variable). `check` prints them, `run` logs them.
+    pub warnings: Vec<String>,
 }
 
 /// A config that cannot be used: every problem, each naming its field.
@@ -236,25 +290,59 @@ pub struct ConfigError {
 }
 
 /// Loads `path` (if any), applies `HALO_*` variables from `env`, validates.
+/// `env` is the whole environment: `CONSUL_HTTP_ADDR` and `CONSUL_HTTP_TOKEN`
+/// are read from it too, to check the address the sidecar will use.
 pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Settings, ConfigError> {
     let source_name = path.map_or_else(|| "(environment)".to_owned(), |p| p.display().to_string());
+    let text = match path {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| ConfigError {
+            source_name: source_name.clone(),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?),
+        None => None,
+    };
+    load_str(&source_name, text.as_deref(), env)
+}
+
+/// [`load`] from a file's text already read (`None`: no file), named
+/// `source_name` in errors.
+pub fn load_str(
+    source_name: &str,
+    text: Option<&str>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, ConfigError> {
     let fail = |problems: Vec<String>| ConfigError {
-        source_name: source_name.clone(),
+        source_name: source_name.to_owned(),
         problems,
     };
-    let mut table: toml::Table = match path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
-            text.parse()
-                .map_err(|e: toml::de::Error| fail(vec![e.to_string().trim().to_owned()]))?
-        }
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let mut table: toml::Table = match text {
+        Some(text) => text
+            .parse()
+            .map_err(|e: toml::de::Error| fail(vec![e.to_string().trim().to_owned()]))?,
         None => toml::Table::new(),
     };
     let mut problems = Vec::new();
-    for (key, value) in env {
+    let mut warnings = Vec::new();
+    for (key, value) in &env {
         if let Some(rest) = key.strip_prefix("HALO_") {
-            if let Err(p) = overlay(&mut table, rest, &value) {
-                problems.push(format!("{key}: {p}"));
+            match overlay(&mut table, rest, value) {
+                Ok(Overlay::Applied) => {}
+                Ok(Overlay::NotOurs) => {
+                    if let Some(section) = near_section(rest) {
+                        let word_len = rest.find('_').unwrap_or(rest.len());
+                        problems.push(format!(
+                            "{key}: not a halo-sidecar variable; did you mean HALO_{}{}?",
+                            section.to_ascii_uppercase(),
+                            &rest[word_len..]
+                        ));
+                    } else if !OTHER_TOOLS_SWITCHES.contains(&key.as_str()) {
+                        warnings.push(format!(
+                            "{key}: ignored, not a halo-sidecar setting (its sections are HALO_CONSUL_, HALO_SERVICE_, HALO_CHECK_<n>_, HALO_ADMIN_, HALO_DRAIN_)"
+                        ));
+                    }
+                }
+                Err(p) => problems.push(format!("{key}: {p}")),
             }
         }
     }
@@ -264,11 +352,54 @@ pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
     let config: Config = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| fail(vec![e.to_string().trim().to_owned()]))?;
-    validate(config).map_err(fail)
+    let lookup = |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let mut settings = validate(config, lookup).map_err(fail)?;
+    settings.warnings = warnings;
+    Ok(settings)
+}
+
+/// What [`overlay`] did with a variable.
+enum Overlay {
+    /// Set a field.
+    Applied,
+    /// Outside the sidecar's sections.
+    NotOurs,
+}
+
+/// The section `rest` (a variable without `HALO_`) nearly names, if its first
+/// word is within edit distance 2 of one but is none of them.
+fn near_section(rest: &str) -> Option<&'static str> {
+    let word = rest.split('_').next().unwrap_or("").to_ascii_lowercase();
+    if word.is_empty() || SECTIONS.contains(&word.as_str()) {
+        return None;
+    }
+    SECTIONS
+        .iter()
+        .map(|s| (edit_distance(&word, s), *s))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, s)| s)
+}
+
+/// Levenshtein distance over characters; inputs are short variable words,
+/// bounded by the caller's strings (the environment).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = Vec::with_capacity(b.len() + 1);
+        cur.push(i + 1);
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != *cb);
+            cur.push(substitute.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Sets the value a `HALO_` variable (without the prefix) names.
-fn overlay(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
+fn overlay(table: &mut toml::Table, key: &str, raw: &str) -> Result<Overlay, String> {
     let parts: Vec<String> = key.split('_').map(str::to_ascii_lowercase).collect();
     let section = parts[0].as_str();
     match section {
@@ -292,6 +423,9 @@ fn overlay(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> 
             let index: usize = parts[1]
                 .parse()
                 .map_err(|_| format!("expected HALO_CHECK_<n>_<field>, {:?} is not a number", parts[1]))?;
+            if index >= MAX_CHECKS {
+                return Err(format!("check index {index}: at most {MAX_CHECKS} checks (0..{})", MAX_CHECKS - 1));
+            }
             let checks = table.entry("check").or_insert_with(|| toml::Value::Array(Vec::new()));
             let toml::Value::Array(list) = checks else {
                 return Err("check is not a list of tables".into());
@@ -316,11 +450,11 @@ fn overlay(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> 
             ))
         }
         // Not one of the sidecar's sections: another halo tool's variable
-        // (HALO_NETNS_TESTS, HALO_DEMO_ONESHOT), not ours to judge. A typo
-        // inside a section still fails, as an unknown field.
-        _ => {}
+        // (HALO_NETNS_TESTS, HALO_DEMO_ONESHOT), or a typo the caller judges.
+        // A typo inside a section still fails, as an unknown field.
+        _ => return Ok(Overlay::NotOurs),
     }
-    Ok(())
+    Ok(Overlay::Applied)
 }
 
 fn sub_table<'a>(table: &'a mut toml::Table, name: &str) -> Result<&'a mut toml::Table, String> {
@@ -360,24 +494,46 @@ fn set(table: &mut toml::Table, field: &str, raw: &str) {
     table.insert(field.to_owned(), value);
 }
 
-fn validate(config: Config) -> Result<Settings, Vec<String>> {
+fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Settings, Vec<String>> {
     let mut problems = Vec::new();
     let s = &config.service;
-    if s.name.is_empty() {
-        problems.push("service.name: must not be empty".to_owned());
+    validate_name(&s.name, &mut problems);
+    if let Some(id) = &s.id {
+        validate_id("service.id", id, &mut problems);
     }
     if s.port == 0 {
         problems.push("service.port: must be 1..65535".to_owned());
     }
-    if s.address.as_deref() == Some("") {
-        problems.push("service.address: must not be empty (leave it unset for the node's address)".to_owned());
+    match s.address.as_deref() {
+        Some("") => problems
+            .push("service.address: must not be empty (leave it unset for the node's address)".to_owned()),
+        // Consul answers 400 "Invalid service address" to these (ipaddr.IsAny).
+        Some(a @ ("0.0.0.0" | "::" | "[::]")) => problems.push(format!(
+            "service.address: {a:?} is a wildcard, not an address balancers can dial (Consul refuses it)"
+        )),
+        _ => {}
     }
-    if s.check_ttl < Duration::from_secs(1) {
-        problems.push("service.check_ttl: must be at least 1s".to_owned());
+    validate_meta(&s.meta, &mut problems);
+    if let Some(w) = s.weights {
+        if w.passing < 1 || w.passing > WEIGHT_MAX {
+            problems.push(format!("service.weights.passing: {} must be 1..{WEIGHT_MAX}", w.passing));
+        }
+        if w.warning > WEIGHT_MAX {
+            problems.push(format!("service.weights.warning: {} must be 0..{WEIGHT_MAX}", w.warning));
+        }
+    }
+    if s.check_ttl < Duration::from_secs(1) || s.check_ttl > MAX_CHECK_TTL {
+        problems.push("service.check_ttl: must be 1s..1h".to_owned());
     }
     if s.deregister_critical_after < Duration::from_secs(60) {
         problems.push("service.deregister_critical_after: Consul's minimum is 1m".to_owned());
+    } else if s.deregister_critical_after > MAX_LONG_DURATION {
+        problems.push("service.deregister_critical_after: at most 168h".to_owned());
     }
+    if config.drain.grace > MAX_LONG_DURATION {
+        problems.push("drain.grace: at most 168h".to_owned());
+    }
+    validate_consul(&config.consul, env, &mut problems);
     let admin = config
         .admin
         .listen
@@ -395,6 +551,11 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
         let at = format!("check[{i}]");
         if c.name.is_empty() || c.name.contains(char::is_whitespace) {
             problems.push(format!("{at}.name: {:?} must be non-empty, without spaces", c.name));
+        } else if c.name == crate::sync::LIVENESS_CHECK {
+            problems.push(format!(
+                "{at}.name: {:?} is the name of the sidecar's own liveness check",
+                c.name
+            ));
         } else if !names.insert(c.name.clone()) {
             problems.push(format!("{at}.name: {:?} is used by another check", c.name));
         }
@@ -412,22 +573,120 @@ fn validate(config: Config) -> Result<Settings, Vec<String>> {
             });
         }
     }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
     let service_id = config.service.id.clone().unwrap_or_else(|| {
         let host = nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "localhost".into());
-        format!("{}-{host}-{}", config.service.name, config.service.port)
+        let id = format!("{}-{host}-{}", config.service.name, config.service.port);
+        validate_id("service.id (unset, derived from the hostname; set it)", &id, &mut problems);
+        id
     });
+    if !problems.is_empty() {
+        return Err(problems);
+    }
     Ok(Settings {
         service_id,
         admin: admin.expect("checked above"),
         checks,
         config,
+        warnings: Vec::new(),
     })
+}
+
+fn validate_name(name: &str, problems: &mut Vec<String>) {
+    if name.is_empty() {
+        problems.push("service.name: must not be empty".to_owned());
+    } else if name.len() > NAME_MAX_LEN || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        // Consul only warns ("will not be discoverable via DNS"), but halo-lb's
+        // DNS source and every `<name>.service.consul` lookup would find nothing.
+        problems.push(format!(
+            "service.name: {:?} must be letters, digits and '-', at most {NAME_MAX_LEN} characters (a DNS label)",
+            shorten(name)
+        ));
+    }
+}
+
+fn validate_id(field: &str, id: &str, problems: &mut Vec<String>) {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':');
+    if id.is_empty() {
+        problems.push(format!("{field}: must not be empty (leave it unset for <name>-<hostname>-<port>)"));
+    } else if id.len() > ID_MAX_LEN || !id.bytes().all(allowed) {
+        problems.push(format!(
+            "{field}: {:?} must be letters, digits and '-_.:', at most {ID_MAX_LEN} characters",
+            shorten(id)
+        ));
+    }
+}
+
+/// Consul's `ValidateServiceMetadata` for a typical service.
+fn validate_meta(meta: &BTreeMap<String, String>, problems: &mut Vec<String>) {
+    if meta.len() > META_MAX_PAIRS {
+        problems.push(format!(
+            "service.meta: {} pairs, Consul allows at most {META_MAX_PAIRS}",
+            meta.len()
+        ));
+    }
+    for (key, value) in meta {
+        let at = format!("service.meta.{}", shorten(key));
+        if key.is_empty() {
+            problems.push("service.meta: a key is empty".to_owned());
+        } else if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            problems.push(format!("{at}: the key may hold only letters, digits, '-' and '_'"));
+        } else if key.len() > META_KEY_MAX_LEN {
+            problems.push(format!("{at}: the key is longer than {META_KEY_MAX_LEN} characters"));
+        } else if key.starts_with(META_RESERVED_PREFIX) {
+            problems.push(format!("{at}: the prefix {META_RESERVED_PREFIX:?} is reserved by Consul"));
+        }
+        if value.len() > META_VALUE_MAX_LEN {
+            problems.push(format!(
+                "{at}: the value is {} bytes, Consul allows at most {META_VALUE_MAX_LEN}",
+                value.len()
+            ));
+        }
+    }
+}
+
+/// The Consul address and token as the client will see them (config first,
+/// then `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN`), checked by the client
+/// itself so `check` and `run` agree.
+fn validate_consul(consul: &ConsulSection, env: impl Fn(&str) -> Option<String>, problems: &mut Vec<String>) {
+    let result = halo_consul::Client::with_env(
+        halo_consul::Config {
+            address: consul.address.clone(),
+            token: consul.token.clone(),
+            datacenter: None,
+            timeout: None,
+        },
+        &env,
+    );
+    if let Err(e) = result {
+        let reason = match e {
+            halo_consul::Error::Config(reason) => reason,
+            other => other.to_string(),
+        };
+        let field = if reason.contains("token") {
+            if consul.token.is_some() {
+                "consul.token"
+            } else {
+                "CONSUL_HTTP_TOKEN"
+            }
+        } else if consul.address.as_deref().is_some_and(|a| !a.trim().is_empty()) {
+            "consul.address"
+        } else {
+            "CONSUL_HTTP_ADDR"
+        };
+        problems.push(format!("{field}: {}", shorten(&reason)));
+    }
+}
+
+/// At most 100 characters of `s` (user strings copied into errors).
+fn shorten(s: &str) -> String {
+    const MAX: usize = 100;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_owned(),
+    }
 }
 
 fn probe(c: &CheckSection, at: &str, problems: &mut Vec<String>) -> Option<Probe> {

@@ -3,7 +3,18 @@
 //! TTL), and maintenance while draining.
 //!
 //! Consul being down never stops the sidecar: failed calls are retried with
-//! capped exponential back-off, and the state to push is always the latest.
+//! capped exponential back-off ([`Backoff`]; the delay logged as `retry_in`
+//! is the delay applied), and the state to push is always the latest. A
+//! request Consul refuses outright (a 4xx other than 404 and 429, e.g. an ACL
+//! denial) is logged with Consul's reason, counted in
+//! `halo_sidecar_consul_refusals_total`, and retried only every
+//! [`REFUSED_BACKOFF`]; `halo-sidecar check` catches what the config can
+//! cause (metadata, weights, address) before that.
+//!
+//! Besides one TTL check per app check, the sidecar registers its own
+//! liveness TTL check ([`LIVENESS_CHECK`]), the only one with
+//! `DeregisterCriticalServiceAfter`.
+//!
 //! When the agent has forgotten us (a restart without a data dir answers 404,
 //! or Consul 1.8's 500 "does not have associated TTL", on a check update; or
 //! the periodic comparison finds the service gone), we register again.
@@ -12,6 +23,8 @@ use std::time::Duration;
 
 use halo_consul::{CheckRegistration, CheckStatus, Client, ServiceRegistration, Weights};
 use halo_health::{CheckHandle, Status};
+use http::StatusCode;
+use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,14 +32,22 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 
 /// First back-off after a failed Consul call.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest back-off between failed Consul calls.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Back-off after Consul refused a request outright (a 4xx other than 404
+/// and 429: bad metadata, an ACL denial). Asking again soon would get the
+/// same answer; someone has to change the config or the token first.
+pub const REFUSED_BACKOFF: Duration = Duration::from_secs(60);
 /// How often the sidecar compares its registration with the agent's.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// Most bytes of an error kept in logs and in [`SyncStatus`].
+pub const ERROR_TEXT_MAX: usize = 300;
 
-/// Name of the liveness check registered when no app check is configured,
-/// so a dead sidecar's workload still leaves the catalog.
+/// Name of the sidecar's own liveness check, registered beside the app's
+/// checks and always passing while the sidecar heartbeats. It alone carries
+/// `deregister_critical_after`: a dead sidecar's workload leaves the catalog,
+/// a sick app stays registered as critical.
 pub const LIVENESS_CHECK: &str = "sidecar";
 
 /// The Consul check ID of check `name` of instance `service_id`.
@@ -42,9 +63,91 @@ fn consul_status(s: Status) -> CheckStatus {
     }
 }
 
+/// What the sync loop last did, published after every pass for the admin
+/// API's `GET /status` (and tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SyncStatus {
+    /// The agent has our registration (as far as we know).
+    pub registered: bool,
+    /// Passes attempted since start (each a few Consul calls).
+    pub attempts: u64,
+    /// Failed passes in a row; 0 after a success.
+    pub failures_in_a_row: u32,
+    /// Times Consul refused a request outright (4xx other than 404/429).
+    pub refusals: u64,
+    /// The last failure, truncated to [`ERROR_TEXT_MAX`] bytes; `None` after
+    /// a success.
+    pub last_error: Option<String>,
+    /// The back-off now applied before the next pass, in milliseconds;
+    /// `None` when not backing off. Exactly the delay logged as `retry_in`.
+    pub retry_in_ms: Option<u64>,
+}
+
+/// The retry schedule after failed passes. The delay it returns is both the
+/// one logged and the one applied: the loop makes no Consul call before it
+/// has passed, whatever else wakes it.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// A success: the next failure starts from [`BACKOFF_MIN`] again.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// A failure; returns the delay before the next attempt: doubling from
+    /// [`BACKOFF_MIN`] up to [`BACKOFF_MAX`], or [`REFUSED_BACKOFF`] after a
+    /// refusal.
+    pub fn failed(&mut self, refused: bool) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        if refused {
+            return REFUSED_BACKOFF;
+        }
+        BACKOFF_MIN
+            .saturating_mul(1 << (self.failures - 1).min(10))
+            .min(BACKOFF_MAX)
+    }
+
+    /// Failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// Consul's answer when it refused the request itself (a 4xx other than 404,
+/// which means "forgotten, register again", and 429, "slow down"): the
+/// status and the reason Consul gave.
+pub fn refusal(e: &halo_consul::Error) -> Option<(StatusCode, &str)> {
+    match e {
+        halo_consul::Error::Status { status, message, .. }
+            if status.is_client_error()
+                && *status != StatusCode::NOT_FOUND
+                && *status != StatusCode::TOO_MANY_REQUESTS =>
+        {
+            Some((*status, message.as_str()))
+        }
+        _ => None,
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary, marked when cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} bytes in all)", &s[..cut], s.len())
+}
+
 /// What is pushed for each Consul check.
 struct Pushed {
     id: String,
+    /// `None`: the sidecar's own liveness check.
     handle: Option<CheckHandle>,
     dirty: bool,
 }
@@ -62,15 +165,19 @@ impl Pushed {
 }
 
 /// Runs until `stop` is cancelled. `draining` true means "in maintenance".
+/// Every Consul call is abandoned as soon as `stop` is cancelled, so the
+/// caller's shutdown never waits on a hung agent here.
 pub async fn run(
     client: Client,
     settings: Settings,
     checks: Vec<CheckHandle>,
     draining: watch::Receiver<bool>,
     stop: CancellationToken,
+    status: watch::Sender<SyncStatus>,
 ) {
     let registered_gauge = metrics::gauge!("halo_sidecar_registered");
     let push_failures = metrics::counter!("halo_consul_push_failures_total");
+    let refusals = metrics::counter!("halo_sidecar_consul_refusals_total");
     let ttl = settings.config.service.check_ttl;
 
     // Forward every flip of every check into one channel.
@@ -84,7 +191,7 @@ pub async fn run(
                 tokio::select! {
                     () = stop.cancelled() => return,
                     changed = rx.changed() => {
-                        if changed.is_err() || tx.send(i).is_err() {
+                        if changed.is_err() || tx.send(i + 1).is_err() {
                             return;
                         }
                     }
@@ -92,71 +199,93 @@ pub async fn run(
             }
         });
     }
-    let mut pushed: Vec<Pushed> = if checks.is_empty() {
-        vec![Pushed {
-            id: check_id(&settings.service_id, LIVENESS_CHECK),
-            handle: None,
-            dirty: true,
-        }]
-    } else {
-        checks
-            .iter()
-            .map(|h| Pushed {
-                id: check_id(&settings.service_id, h.name()),
-                handle: Some(h.clone()),
-                dirty: true,
-            })
-            .collect()
-    };
+    // The liveness check first, then one per app check (index i + 1).
+    let mut pushed: Vec<Pushed> = std::iter::once(Pushed {
+        id: check_id(&settings.service_id, LIVENESS_CHECK),
+        handle: None,
+        dirty: true,
+    })
+    .chain(checks.iter().map(|h| Pushed {
+        id: check_id(&settings.service_id, h.name()),
+        handle: Some(h.clone()),
+        dirty: true,
+    }))
+    .collect();
 
     let mut draining = draining;
     let mut registered = false;
     let mut maintenance: Option<bool> = None;
-    let mut failures: u32 = 0;
+    let mut backoff = Backoff::default();
+    let mut retry_at: Option<Instant> = None;
     let mut heartbeat = tokio::time::interval(ttl / 3);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
-        let want_maintenance = *draining.borrow();
-        let result = step(
-            &client,
-            &settings,
-            &mut pushed,
-            &mut registered,
-            &mut maintenance,
-            want_maintenance,
-        )
-        .await;
-        registered_gauge.set(if registered { 1.0 } else { 0.0 });
-        let retry_at = match result {
-            Ok(()) => {
-                failures = 0;
-                None
+        // While backing off, wake-ups (flips, heartbeats, drain) only mark
+        // what to push; the pass waits for `retry_at`, the time logged.
+        if retry_at.is_none_or(|at| Instant::now() >= at) {
+            let want_maintenance = *draining.borrow();
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                r = step(&client, &settings, &mut pushed, &mut registered, &mut maintenance, want_maintenance) => r,
+            };
+            registered_gauge.set(if registered { 1.0 } else { 0.0 });
+            let mut report = status.borrow().clone();
+            report.attempts += 1;
+            report.registered = registered;
+            match result {
+                Ok(()) => {
+                    backoff.reset();
+                    retry_at = None;
+                    report.last_error = None;
+                    report.retry_in_ms = None;
+                }
+                Err(e) => {
+                    push_failures.increment(1);
+                    let refused = refusal(&e);
+                    let delay = backoff.failed(refused.is_some());
+                    let text = truncate(&e.to_string(), ERROR_TEXT_MAX);
+                    if let Some((code, reason)) = refused {
+                        refusals.increment(1);
+                        report.refusals += 1;
+                        tracing::error!(
+                            status = %code,
+                            reason = %truncate(reason, ERROR_TEXT_MAX),
+                            error = %text,
+                            retry_in = ?delay,
+                            "Consul refused the request; it will refuse it again until the config or the ACL token changes"
+                        );
+                    } else {
+                        tracing::warn!(error = %text, retry_in = ?delay, "consul update failed; health endpoints keep serving");
+                    }
+                    retry_at = Some(Instant::now() + delay);
+                    report.last_error = Some(text);
+                    report.retry_in_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                }
             }
-            Err(e) => {
-                failures += 1;
-                push_failures.increment(1);
-                let delay = BACKOFF_MIN.saturating_mul(1 << failures.min(10)).min(BACKOFF_MAX);
-                tracing::warn!(error = %e, retry_in = ?delay, "consul update failed; health endpoints keep serving");
-                Some(Instant::now() + delay)
-            }
-        };
+            report.failures_in_a_row = backoff.failures();
+            status.send_replace(report);
+        }
         tokio::select! {
             () = stop.cancelled() => return,
             Some(i) = flips.recv() => {
                 if let Some(p) = pushed.get_mut(i) { p.dirty = true; }
             }
             _ = heartbeat.tick() => pushed.iter_mut().for_each(|p| p.dirty = true),
-            _ = reconcile.tick(), if registered => {
-                match client.agent_service(&settings.service_id).await {
+            _ = reconcile.tick(), if registered && retry_at.is_none() => {
+                let answer = tokio::select! {
+                    () = stop.cancelled() => return,
+                    a = client.agent_service(&settings.service_id) => a,
+                };
+                match answer {
                     Ok(None) => {
                         tracing::warn!(service = %settings.service_id, "the agent no longer knows this service; registering again");
                         registered = false;
                     }
                     Ok(Some(_)) => {}
-                    Err(e) => tracing::debug!(error = %e, "reconcile: agent unreachable"),
+                    Err(e) => tracing::debug!(error = %truncate(&e.to_string(), ERROR_TEXT_MAX), "reconcile: agent unreachable"),
                 }
             }
             changed = draining.changed() => {
@@ -222,7 +351,8 @@ fn forget_if_not_found(e: halo_consul::Error, registered: &mut bool) -> halo_con
     e
 }
 
-/// The service as registered: one TTL check per configured check.
+/// The service as registered: the liveness TTL check and one TTL check per
+/// configured check.
 fn registration(settings: &Settings, pushed: &[Pushed]) -> ServiceRegistration {
     let s = &settings.config.service;
     let checks = pushed
@@ -232,7 +362,10 @@ fn registration(settings: &Settings, pushed: &[Pushed]) -> ServiceRegistration {
             let name = p.handle.as_ref().map_or(LIVENESS_CHECK, |h| h.name());
             CheckRegistration {
                 notes: Some(format!("pushed by halo-sidecar every {:?}", s.check_ttl / 3)),
-                deregister_critical_service_after: Some(s.deregister_critical_after),
+                // Only the sidecar's own liveness reaps the workload: an app
+                // that fails its check stays registered, as critical, rather
+                // than being removed and re-registered every ~90 s.
+                deregister_critical_service_after: p.handle.is_none().then_some(s.deregister_critical_after),
                 ..CheckRegistration::ttl(&p.id, format!("halo: {name}"), s.check_ttl, status)
             }
         })
