@@ -424,7 +424,10 @@ fn overlay(table: &mut toml::Table, key: &str, raw: &str) -> Result<Overlay, Str
                 .parse()
                 .map_err(|_| format!("expected HALO_CHECK_<n>_<field>, {:?} is not a number", parts[1]))?;
             if index >= MAX_CHECKS {
-                return Err(format!("check index {index}: at most {MAX_CHECKS} checks (0..{})", MAX_CHECKS - 1));
+                return Err(format!(
+                    "check index {index}: at most {MAX_CHECKS} checks (0..{})",
+                    MAX_CHECKS - 1
+                ));
             }
             let checks = table.entry("check").or_insert_with(|| toml::Value::Array(Vec::new()));
             let toml::Value::Array(list) = checks else {
@@ -505,8 +508,9 @@ fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Sett
         problems.push("service.port: must be 1..65535".to_owned());
     }
     match s.address.as_deref() {
-        Some("") => problems
-            .push("service.address: must not be empty (leave it unset for the node's address)".to_owned()),
+        Some("") => {
+            problems.push("service.address: must not be empty (leave it unset for the node's address)".to_owned())
+        }
         // Consul answers 400 "Invalid service address" to these (ipaddr.IsAny).
         Some(a @ ("0.0.0.0" | "::" | "[::]")) => problems.push(format!(
             "service.address: {a:?} is a wildcard, not an address balancers can dial (Consul refuses it)"
@@ -516,10 +520,16 @@ fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Sett
     validate_meta(&s.meta, &mut problems);
     if let Some(w) = s.weights {
         if w.passing < 1 || w.passing > WEIGHT_MAX {
-            problems.push(format!("service.weights.passing: {} must be 1..{WEIGHT_MAX}", w.passing));
+            problems.push(format!(
+                "service.weights.passing: {} must be 1..{WEIGHT_MAX}",
+                w.passing
+            ));
         }
         if w.warning > WEIGHT_MAX {
-            problems.push(format!("service.weights.warning: {} must be 0..{WEIGHT_MAX}", w.warning));
+            problems.push(format!(
+                "service.weights.warning: {} must be 0..{WEIGHT_MAX}",
+                w.warning
+            ));
         }
     }
     if s.check_ttl < Duration::from_secs(1) || s.check_ttl > MAX_CHECK_TTL {
@@ -579,7 +589,11 @@ fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Sett
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "localhost".into());
         let id = format!("{}-{host}-{}", config.service.name, config.service.port);
-        validate_id("service.id (unset, derived from the hostname; set it)", &id, &mut problems);
+        validate_id(
+            "service.id (unset, derived from the hostname; set it)",
+            &id,
+            &mut problems,
+        );
         id
     });
     if !problems.is_empty() {
@@ -610,7 +624,9 @@ fn validate_name(name: &str, problems: &mut Vec<String>) {
 fn validate_id(field: &str, id: &str, problems: &mut Vec<String>) {
     let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':');
     if id.is_empty() {
-        problems.push(format!("{field}: must not be empty (leave it unset for <name>-<hostname>-<port>)"));
+        problems.push(format!(
+            "{field}: must not be empty (leave it unset for <name>-<hostname>-<port>)"
+        ));
     } else if id.len() > ID_MAX_LEN || !id.bytes().all(allowed) {
         problems.push(format!(
             "{field}: {:?} must be letters, digits and '-_.:', at most {ID_MAX_LEN} characters",
@@ -636,7 +652,9 @@ fn validate_meta(meta: &BTreeMap<String, String>, problems: &mut Vec<String>) {
         } else if key.len() > META_KEY_MAX_LEN {
             problems.push(format!("{at}: the key is longer than {META_KEY_MAX_LEN} characters"));
         } else if key.starts_with(META_RESERVED_PREFIX) {
-            problems.push(format!("{at}: the prefix {META_RESERVED_PREFIX:?} is reserved by Consul"));
+            problems.push(format!(
+                "{at}: the prefix {META_RESERVED_PREFIX:?} is reserved by Consul"
+            ));
         }
         if value.len() > META_VALUE_MAX_LEN {
             problems.push(format!(
@@ -861,6 +879,169 @@ mod tests {
         with_other.push(("HALO_NETNS_TESTS", "1"));
         let (plain, other) = (load(None, env(&base)).unwrap(), load(None, env(&with_other)).unwrap());
         assert_eq!(format!("{plain:?}"), format!("{other:?}"));
+    }
+
+    fn problems_of(pairs: &[(&str, &str)]) -> String {
+        let mut all = vec![("HALO_SERVICE_NAME", "web"), ("HALO_SERVICE_PORT", "80")];
+        all.extend_from_slice(pairs);
+        match load(None, env(&all)) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn what_consul_would_refuse_is_refused_here_naming_field_and_reason() {
+        let long_key = "k".repeat(META_KEY_MAX_LEN + 1);
+        let long_value = "v".repeat(META_VALUE_MAX_LEN + 1);
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (
+                vec![("HALO_SERVICE_META_CONSUL-VERSION", "1")],
+                "service.meta.consul-version: the prefix \"consul-\" is reserved",
+            ),
+            (
+                vec![("HALO_SERVICE_META_ZONE.A", "1")],
+                "service.meta.zone.a: the key may hold only",
+            ),
+            (
+                vec![("HALO_SERVICE_META_ZONE", &long_value)],
+                "service.meta.zone: the value is 513 bytes",
+            ),
+            (
+                vec![
+                    ("HALO_SERVICE_WEIGHTS_PASSING", "0"),
+                    ("HALO_SERVICE_WEIGHTS_WARNING", "1"),
+                ],
+                "service.weights.passing: 0 must be 1..65535",
+            ),
+            (
+                vec![
+                    ("HALO_SERVICE_WEIGHTS_PASSING", "70000"),
+                    ("HALO_SERVICE_WEIGHTS_WARNING", "1"),
+                ],
+                "service.weights.passing: 70000",
+            ),
+            (
+                vec![
+                    ("HALO_SERVICE_WEIGHTS_PASSING", "1"),
+                    ("HALO_SERVICE_WEIGHTS_WARNING", "65536"),
+                ],
+                "service.weights.warning: 65536",
+            ),
+            (
+                vec![("HALO_SERVICE_ADDRESS", "0.0.0.0")],
+                "service.address: \"0.0.0.0\" is a wildcard",
+            ),
+            (
+                vec![("HALO_SERVICE_ADDRESS", "::")],
+                "service.address: \"::\" is a wildcard",
+            ),
+            (
+                vec![("HALO_SERVICE_NAME", "my_web")],
+                "service.name: \"my_web\" must be letters, digits and '-'",
+            ),
+            (
+                vec![("HALO_SERVICE_ID", "web/1")],
+                "service.id: \"web/1\" must be letters",
+            ),
+            (vec![("HALO_SERVICE_ID", "")], "service.id: must not be empty"),
+            (
+                vec![("HALO_CONSUL_ADDRESS", "ftp://127.0.0.1:8500")],
+                "consul.address: ",
+            ),
+            (vec![("CONSUL_HTTP_ADDR", "127.0.0.1:8500/x")], "CONSUL_HTTP_ADDR: "),
+            (
+                vec![
+                    ("HALO_CHECK_0_NAME", "sidecar"),
+                    ("HALO_CHECK_0_TYPE", "tcp"),
+                    ("HALO_CHECK_0_ADDRESS", "127.0.0.1:1"),
+                ],
+                "check[0].name: \"sidecar\" is the name of the sidecar's own liveness check",
+            ),
+            (
+                vec![("HALO_SERVICE_CHECK_TTL", "2h")],
+                "service.check_ttl: must be 1s..1h",
+            ),
+        ];
+        for (pairs, want) in cases {
+            let e = problems_of(&pairs);
+            assert!(e.contains(want), "{pairs:?}: want {want:?} in {e:?}");
+        }
+        // The key length is counted like Consul counts it, and the message is
+        // bounded even for a huge key.
+        let e = problems_of(&[(&format!("HALO_SERVICE_META_{long_key}"), "1")]);
+        assert!(e.contains("the key is longer than 128 characters"), "{e}");
+        let huge = "x".repeat(100_000);
+        let e = problems_of(&[("HALO_SERVICE_ID", &huge)]);
+        assert!(e.contains("service.id") && e.len() < 1000, "{}", e.len());
+
+        let many: Vec<(String, String)> = (0..=META_MAX_PAIRS)
+            .map(|i| (format!("HALO_SERVICE_META_K{i}"), "v".to_owned()))
+            .collect();
+        let pairs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let e = problems_of(&pairs);
+        assert!(e.contains("service.meta: 65 pairs, Consul allows at most 64"), "{e}");
+
+        // At the limits, all is well.
+        let at_limit = "k".repeat(META_KEY_MAX_LEN);
+        let value = "v".repeat(META_VALUE_MAX_LEN);
+        let e = problems_of(&[
+            (&format!("HALO_SERVICE_META_{at_limit}"), value.as_str()),
+            ("HALO_SERVICE_WEIGHTS_PASSING", "65535"),
+            ("HALO_SERVICE_WEIGHTS_WARNING", "0"),
+            ("HALO_SERVICE_ID", "web-1.host_a:9001"),
+            ("HALO_CONSUL_ADDRESS", "http://127.0.0.1:8500"),
+        ]);
+        assert_eq!(e, "");
+    }
+
+    #[test]
+    fn foreign_halo_variables_warn_and_near_misses_fail() {
+        let base = [("HALO_SERVICE_NAME", "web"), ("HALO_SERVICE_PORT", "80")];
+        let with = |extra: (&'static str, &'static str)| {
+            let mut v = base.to_vec();
+            v.push(extra);
+            load(None, env(&v))
+        };
+        let s = with(("HALO_NETNS_TESTS", "1")).unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let s = with(("HALO_FROBNICATE", "1")).unwrap();
+        assert_eq!(s.warnings.len(), 1);
+        assert!(
+            s.warnings[0].starts_with("HALO_FROBNICATE: ignored"),
+            "{:?}",
+            s.warnings
+        );
+        for (var, want) in [
+            ("HALO_SERVIC_PORT", "did you mean HALO_SERVICE_PORT?"),
+            ("HALO_SERVCE_META_ZONE", "did you mean HALO_SERVICE_META_ZONE?"),
+            ("HALO_CHEK_0_URL", "did you mean HALO_CHECK_0_URL?"),
+            ("HALO_ADMN_LISTEN", "did you mean HALO_ADMIN_LISTEN?"),
+            ("HALO_DRIAN_GRACE", "did you mean HALO_DRAIN_GRACE?"),
+            ("HALO_CONSL_ADDRESS", "did you mean HALO_CONSUL_ADDRESS?"),
+        ] {
+            let e = with((var, "1")).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains(want), "{var}: {e}");
+        }
+        let e = with(("HALO_CHECK_64_NAME", "x")).unwrap_err().to_string();
+        assert!(
+            e.contains("HALO_CHECK_64_NAME: check index 64: at most 64 checks"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("servic", "service"), 1);
+        assert_eq!(edit_distance("drian", "drain"), 2);
+        assert_eq!(edit_distance("", "admin"), 5);
+        assert_eq!(edit_distance("netns", "consul"), 5);
+        assert_eq!(near_section("NETNS_TESTS"), None);
+        assert_eq!(near_section("DEMO_ONESHOT"), None);
+        assert_eq!(near_section("LB_BIN"), None);
+        assert_eq!(near_section("IT_FLOATING_HELPER"), None);
+        assert_eq!(near_section("SERVICE_PORT"), None);
+        assert_eq!(near_section("SERVIC_PORT"), Some("service"));
     }
 
     #[test]

@@ -148,7 +148,11 @@ async fn deregister(client: &Client, settings: &Settings, budget: Duration) {
             None
         } else {
             attempts += 1;
-            match client.with_timeout(left.min(CONSUL_TIMEOUT)).deregister_service(service_id).await {
+            match client
+                .with_timeout(left.min(CONSUL_TIMEOUT))
+                .deregister_service(service_id)
+                .await
+            {
                 Ok(()) => {
                     tracing::info!(service = %service_id, "deregistered; exiting");
                     return;

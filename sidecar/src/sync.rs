@@ -384,3 +384,119 @@ fn registration(settings: &Settings, pushed: &[Pushed]) -> ServiceRegistration {
         checks,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_refusals_wait_long() {
+        let mut b = Backoff::default();
+        let delays: Vec<Duration> = (0..8).map(|_| b.failed(false)).collect();
+        let ms: Vec<u128> = delays.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(b.failed(true), REFUSED_BACKOFF);
+        b.reset();
+        assert_eq!(b.failed(false), BACKOFF_MIN);
+        // No overflow however long Consul stays away.
+        let mut b = Backoff { failures: u32::MAX - 1 };
+        assert_eq!(b.failed(false), BACKOFF_MAX);
+        assert_eq!(b.failed(false), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn refusals_are_4xx_other_than_404_and_429() {
+        let status = |code: u16| halo_consul::Error::Status {
+            method: http::Method::PUT,
+            path: "agent/service/register".into(),
+            status: StatusCode::from_u16(code).unwrap(),
+            message: "Invalid Service Meta".into(),
+        };
+        assert_eq!(
+            refusal(&status(400)),
+            Some((StatusCode::BAD_REQUEST, "Invalid Service Meta"))
+        );
+        assert!(refusal(&status(403)).is_some());
+        assert!(refusal(&status(404)).is_none());
+        assert!(refusal(&status(429)).is_none());
+        assert!(refusal(&status(500)).is_none());
+        let timeout = halo_consul::Error::Timeout {
+            method: http::Method::PUT,
+            path: "x".into(),
+            after: Duration::from_secs(1),
+        };
+        assert!(refusal(&timeout).is_none());
+    }
+
+    #[test]
+    fn truncation_is_bounded_and_keeps_characters_whole() {
+        assert_eq!(truncate("short", 10), "short");
+        let long = "é".repeat(1000);
+        let t = truncate(&long, 301);
+        assert!(t.len() < 301 + 40, "{}", t.len());
+        assert!(
+            t.starts_with(&"é".repeat(150)) && t.ends_with("(2000 bytes in all)"),
+            "{t}"
+        );
+    }
+
+    /// The delay logged as `retry_in` (published as `retry_in_ms`) is the
+    /// delay applied: no pass starts before it has passed, although the
+    /// heartbeat (every TTL/3 = 333 ms here) wakes the loop far more often.
+    /// The old loop retried on every heartbeat once the back-off passed it.
+    #[tokio::test(start_paused = true)]
+    async fn the_backoff_logged_is_the_backoff_applied() {
+        // A port nobody listens on: every pass fails at once.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let settings = crate::config::load_str(
+            "test",
+            Some(&format!(
+                "[consul]\naddress = \"{addr}\"\n[service]\nname = \"web\"\nid = \"web-1\"\nport = 9\ncheck_ttl = \"1s\"\n"
+            )),
+            Vec::new(),
+        )
+        .unwrap();
+        let client = Client::new(halo_consul::Config {
+            address: Some(addr.to_string()),
+            token: None,
+            datacenter: None,
+            timeout: Some(Duration::from_secs(2)),
+        })
+        .unwrap();
+        let (_draining_tx, draining) = watch::channel(false);
+        let (status_tx, mut status) = watch::channel(SyncStatus::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(client, settings, Vec::new(), draining, stop.clone(), status_tx));
+
+        let mut seen: Vec<(Instant, SyncStatus)> = Vec::new();
+        while seen.len() < 9 {
+            status.changed().await.unwrap();
+            seen.push((Instant::now(), status.borrow_and_update().clone()));
+        }
+        stop.cancel();
+        task.await.unwrap();
+
+        for pair in seen.windows(2) {
+            let ((t0, s0), (t1, s1)) = (&pair[0], &pair[1]);
+            assert_eq!(s1.attempts, s0.attempts + 1, "{s0:?} -> {s1:?}");
+            let logged = Duration::from_millis(s0.retry_in_ms.expect("backing off"));
+            let gap = *t1 - *t0;
+            // The next pass's own duration counts in the gap; it is a
+            // refused connection, but allow a whole call deadline.
+            assert!(
+                gap >= logged && gap <= logged + Duration::from_secs(2),
+                "after {s0:?}, the next pass came {gap:?} later, not {logged:?}"
+            );
+        }
+        let last = &seen.last().unwrap().1;
+        assert_eq!(last.retry_in_ms, Some(5000), "{last:?}");
+        assert_eq!(last.failures_in_a_row, 9);
+        assert!(!last.registered);
+        assert!(
+            last.last_error.as_deref().unwrap().contains("agent/service/register"),
+            "{last:?}"
+        );
+    }
+}
