@@ -319,7 +319,7 @@ pub fn load_str(
     let mut table: toml::Table = match text {
         Some(text) => text
             .parse()
-            .map_err(|e: toml::de::Error| fail(vec![e.to_string().trim().to_owned()]))?,
+            .map_err(|e: toml::de::Error| fail(vec![shorten_lines(&e.to_string())]))?,
         None => toml::Table::new(),
     };
     let mut problems = Vec::new();
@@ -349,13 +349,51 @@ pub fn load_str(
     if !problems.is_empty() {
         return Err(fail(problems));
     }
-    let config: Config = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| fail(vec![e.to_string().trim().to_owned()]))?;
+    let config: Config = match toml::Value::Table(table.clone()).try_into() {
+        Ok(c) => c,
+        Err(e) => return Err(fail(vec![describe(&e, &table)])),
+    };
     let lookup = |name: &str| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let mut settings = validate(config, lookup).map_err(fail)?;
     settings.warnings = warnings;
     Ok(settings)
+}
+
+/// A type error as `field: reason`, with the `[[check]]` index when it is in
+/// a check (the deserializer reports `check.url`, not which one).
+fn describe(e: &toml::de::Error, table: &toml::Table) -> String {
+    let text = e.to_string();
+    let text = text.trim();
+    let Some((reason, path)) = text
+        .rsplit_once("\nin `")
+        .and_then(|(r, p)| Some((r, p.strip_suffix('`')?)))
+    else {
+        return shorten_lines(text);
+    };
+    let mut path = path.to_owned();
+    if let Some(rest) = path.strip_prefix("check") {
+        if let Some(toml::Value::Array(list)) = table.get("check") {
+            let failing = list.iter().position(|c| CheckSection::deserialize(c.clone()).is_err());
+            if let Some(i) = failing {
+                path = format!("check[{i}]{rest}");
+            }
+        }
+    }
+    format!("{path}: {}", shorten_lines(reason))
+}
+
+/// One line of at most a few hundred characters.
+fn shorten_lines(s: &str) -> String {
+    let one_line = s
+        .split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    match one_line.char_indices().nth(400) {
+        Some((cut, _)) => format!("{}…", &one_line[..cut]),
+        None => one_line,
+    }
 }
 
 /// What [`overlay`] did with a variable.
@@ -1031,6 +1069,24 @@ mod tests {
     }
 
     #[test]
+    fn type_errors_name_the_field_and_the_check() {
+        let text = "[service]\nname = \"web\"\nport = 80\n[[check]]\nname = \"a\"\ntype = \"tcp\"\naddress = \"127.0.0.1:1\"\n[[check]]\nname = \"b\"\ntype = \"tcp\"\naddress = \"127.0.0.1:1\"\ninterval = 5\n";
+        let e = load_str("t", Some(text), Vec::new()).unwrap_err();
+        assert_eq!(
+            e.problems,
+            ["check[1].interval: invalid type: integer `5`, expected a string"]
+        );
+        let e = load_str("t", Some("[service]\nname = \"web\"\nport = 99999999\n"), Vec::new()).unwrap_err();
+        assert_eq!(
+            e.problems,
+            ["service.port: invalid value: integer `99999999`, expected u16"]
+        );
+        let e = load_str("t", Some("[service]\nname = \"web\"\nport = 1e400\n"), Vec::new()).unwrap_err();
+        assert!(e.problems[0].starts_with("TOML parse error at line 3, column 8"), "{e}");
+        assert!(!e.problems[0].contains('\n'), "one line: {e}");
+    }
+
+    #[test]
     fn edit_distances() {
         assert_eq!(edit_distance("servic", "service"), 1);
         assert_eq!(edit_distance("drian", "drain"), 2);
@@ -1050,5 +1106,178 @@ mod tests {
         assert_eq!(parse_status_range("200-399"), Some(200..=399));
         assert_eq!(parse_status_range("399-200"), None);
         assert_eq!(parse_status_range("ok"), None);
+    }
+}
+
+/// Keep-it-away property tests of the loader: random text and random
+/// mutations of the shipped examples never panic, and every error names a
+/// field or a line. 256 cases each by default (a few seconds in CI);
+/// `PROPTEST_CASES=100000 cargo test -p halo-sidecar --lib fuzz` for a long run.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const EXAMPLES: &[&str] = &[
+        include_str!("../../packaging/examples/sidecar.toml"),
+        include_str!("../../packaging/examples/demo/sidecar-1.toml"),
+        include_str!("../../packaging/examples/demo/sidecar-2.toml"),
+        include_str!("../../packaging/examples/demo/sidecar-3.toml"),
+    ];
+
+    /// Where an error may say the problem is: the first word of its
+    /// `field: reason` prefix.
+    const PLACES: &[&str] = &["consul", "service", "check", "admin", "drain", "HALO_", "CONSUL_HTTP_"];
+
+    /// The problem names a line ("TOML parse error at line 3") or starts with
+    /// a field path (`service.port: …`, `check[1].url: …`, `HALO_X: …`) or
+    /// names a top-level section in backquotes (missing field `service`).
+    fn names_a_place(p: &str) -> bool {
+        if p.contains("at line ") {
+            return true;
+        }
+        if let Some((field, _)) = p.split_once(": ") {
+            if PLACES.iter().any(|place| field.starts_with(place)) && !field.contains(' ') || field.starts_with("HALO_")
+            {
+                return true;
+            }
+        }
+        PLACES.iter().any(|place| p.contains(&format!("`{place}`")))
+    }
+
+    fn cases() -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    }
+
+    /// Loads `text` as a file; panics (failing the case) if an error names
+    /// neither a field nor a line.
+    fn check(text: &str) {
+        if let Err(e) = load_str("fuzz.toml", Some(text), Vec::new()) {
+            assert!(!e.problems.is_empty(), "an error without problems");
+            for p in &e.problems {
+                assert!(names_a_place(p), "names no field or line: {p:?}\n--- input ---\n{text}");
+            }
+        }
+    }
+
+    /// Values of the wrong type or out of any range.
+    fn wild_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("\"x\"".to_owned()),
+            Just("-1".to_owned()),
+            Just("0".to_owned()),
+            Just("99999999999999999999999".to_owned()),
+            Just("18446744073709551616".to_owned()),
+            Just("1e400".to_owned()),
+            Just("nan".to_owned()),
+            Just("true".to_owned()),
+            Just("[1, \"a\", []]".to_owned()),
+            Just("{ a = 1 }".to_owned()),
+            Just("\"99999999999999h\"".to_owned()),
+            Just("\"1ns\"".to_owned()),
+            Just("\"0.0.0.0\"".to_owned()),
+            Just("1979-05-27T07:32:00Z".to_owned()),
+            "\\PC{0,20}".prop_map(|s| format!("{s:?}")),
+            any::<i64>().prop_map(|n| n.to_string()),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Drop(usize),
+        Duplicate(usize),
+        Swap(usize, usize),
+        Garble(usize, usize, String),
+        Retype(usize, String),
+        Insert(usize, String),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            any::<usize>().prop_map(Mutation::Drop),
+            any::<usize>().prop_map(Mutation::Duplicate),
+            (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Mutation::Swap(a, b)),
+            (any::<usize>(), any::<usize>(), "\\PC{0,8}").prop_map(|(l, at, s)| Mutation::Garble(l, at, s)),
+            (any::<usize>(), wild_value()).prop_map(|(l, v)| Mutation::Retype(l, v)),
+            (any::<usize>(), "[a-z_\\[\\]=\" .0-9]{0,30}").prop_map(|(l, s)| Mutation::Insert(l, s)),
+        ]
+    }
+
+    fn apply(lines: &mut Vec<String>, m: &Mutation) {
+        if lines.is_empty() {
+            return;
+        }
+        let n = lines.len();
+        match m {
+            Mutation::Drop(i) => {
+                lines.remove(i % n);
+            }
+            Mutation::Duplicate(i) => {
+                let line = lines[i % n].clone();
+                lines.insert(i % n, line);
+            }
+            Mutation::Swap(a, b) => lines.swap(a % n, b % n),
+            Mutation::Garble(i, at, junk) => {
+                let line = &mut lines[i % n];
+                let chars: Vec<char> = line.chars().collect();
+                let at = at % (chars.len() + 1);
+                let end = (at + junk.chars().count()).min(chars.len());
+                let garbled: String = chars[..at]
+                    .iter()
+                    .chain(junk.chars().collect::<Vec<_>>().iter())
+                    .chain(chars[end..].iter())
+                    .collect();
+                *line = garbled;
+            }
+            Mutation::Retype(i, value) => {
+                let line = &mut lines[i % n];
+                if let Some((key, _)) = line.split_once('=') {
+                    *line = format!("{key}= {value}");
+                }
+            }
+            Mutation::Insert(i, text) => lines.insert(i % n, text.clone()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_text_never_panics_and_errors_name_a_field_or_line(text in "\\PC{0,200}") {
+            check(&text);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            check(&String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn mutated_examples_never_panic_and_errors_name_a_field_or_line(
+            example in 0..EXAMPLES.len(),
+            mutations in proptest::collection::vec(mutation(), 1..6),
+        ) {
+            let mut lines: Vec<String> = EXAMPLES[example].lines().map(str::to_owned).collect();
+            for m in &mutations {
+                apply(&mut lines, m);
+            }
+            check(&lines.join("\n"));
+        }
+
+        #[test]
+        fn random_environments_never_panic(
+            vars in proptest::collection::vec(("HALO_[A-Z0-9_]{0,24}", "\\PC{0,16}"), 0..8),
+        ) {
+            let env: Vec<(String, String)> = vars;
+            if let Err(e) = load_str("fuzz.toml", Some(EXAMPLES[0]), env.clone()) {
+                for p in &e.problems {
+                    prop_assert!(names_a_place(p), "names no field: {p:?} for {env:?}");
+                }
+            }
+        }
     }
 }
