@@ -247,10 +247,19 @@ async fn a_sick_app_stays_registered_while_a_dead_sidecar_is_reaped() {
     .await;
     let web1_missing = web1_missing.into_inner();
     eprintln!("web-2 reaped {:?} after kill -9", killed.elapsed());
-    assert_eq!(web1_missing, 0, "the sick app's instance was reaped:\n{}", sick_sidecar.log());
+    assert_eq!(
+        web1_missing,
+        0,
+        "the sick app's instance was reaped:\n{}",
+        sick_sidecar.log()
+    );
     let svc = client.agent_service("web-1").await.unwrap();
     assert!(svc.is_some(), "web-1 is still registered");
     let checks = client.agent_checks().await.unwrap();
     assert_eq!(checks["web-1:http"].status, halo_consul::CheckStatus::Critical);
-    assert!(!sick_sidecar.log().contains("registering again"), "{}", sick_sidecar.log());
+    assert!(
+        !sick_sidecar.log().contains("registering again"),
+        "{}",
+        sick_sidecar.log()
+    );
 }

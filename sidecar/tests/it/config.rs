@@ -80,7 +80,10 @@ fn check_refuses_what_consul_would_refuse_and_warns_on_foreign_variables() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("HALO_SERVIC_ID: not a halo-sidecar variable; did you mean HALO_SERVICE_ID?"), "{err}");
+    assert!(
+        err.contains("HALO_SERVIC_ID: not a halo-sidecar variable; did you mean HALO_SERVICE_ID?"),
+        "{err}"
+    );
 
     let out = sidecar_command()
         .args(["check"])
@@ -93,6 +96,8 @@ fn check_refuses_what_consul_would_refuse_and_warns_on_foreign_variables() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("warning: HALO_SOMETHING_ELSE: ignored"), "{err}");
-    assert!(!err.contains("HALO_NETNS_TESTS"), "a known switch is not warned about: {err}");
+    assert!(
+        !err.contains("HALO_NETNS_TESTS"),
+        "a known switch is not warned about: {err}"
+    );
 }
-

@@ -30,7 +30,14 @@ async fn a_refused_registration_is_reported_and_retried_slowly() {
     let (_draining_tx, draining) = watch::channel(false);
     let (status_tx, status) = watch::channel(SyncStatus::default());
     let stop = CancellationToken::new();
-    let task = tokio::spawn(sync::run(client.clone(), settings, Vec::new(), draining, stop.clone(), status_tx));
+    let task = tokio::spawn(sync::run(
+        client.clone(),
+        settings,
+        Vec::new(),
+        draining,
+        stop.clone(),
+        status_tx,
+    ));
 
     let refused = eventually(DEADLINE, "a refusal", || async {
         let s = status.borrow().clone();
@@ -38,7 +45,10 @@ async fn a_refused_registration_is_reported_and_retried_slowly() {
     })
     .await;
     let error = refused.last_error.clone().unwrap();
-    assert!(error.contains("400") && error.contains("reserved"), "Consul's reason: {error}");
+    assert!(
+        error.contains("400") && error.contains("reserved"),
+        "Consul's reason: {error}"
+    );
     assert_eq!(refused.retry_in_ms, Some(REFUSED_BACKOFF.as_millis() as u64));
     assert!(!refused.registered);
 
@@ -47,7 +57,10 @@ async fn a_refused_registration_is_reported_and_retried_slowly() {
     // wait for a condition.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let later = status.borrow().clone();
-    assert_eq!(later.attempts, refused.attempts, "retried within the refusal back-off: {later:?}");
+    assert_eq!(
+        later.attempts, refused.attempts,
+        "retried within the refusal back-off: {later:?}"
+    );
     assert_eq!(client.agent_service("web-9").await.unwrap(), None);
     stop.cancel();
     task.await.unwrap();
