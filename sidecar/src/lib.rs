@@ -12,6 +12,10 @@
 //! maintenance, so balancers stop sending new connections; after
 //! `drain.grace` it is deregistered and the process exits 0. `POST /undrain`
 //! during the grace period takes it out of maintenance and cancels the exit.
+//! Shutdown is bounded: after the grace, deregistration gets at most
+//! [`SHUTDOWN_MARGIN`] (each call a deadline within it), then the sidecar
+//! logs what it gave up on and exits; Consul reaps the workload once the
+//! liveness check has been critical for `deregister_critical_after`.
 
 pub mod config;
 pub mod sync;
@@ -34,20 +38,28 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 
 /// Deadline of each Consul call; pushes must not wait long on a hung agent.
-const CONSUL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long the final deregistration is retried before exiting anyway (the
-/// checks' TTL and `deregister_critical_after` clean up after us then).
-const DEREGISTER_DEADLINE: Duration = Duration::from_secs(5);
+pub const CONSUL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the final deregistration may take after the drain grace, all
+/// retries and call deadlines included, before the sidecar exits anyway (the
+/// liveness check's TTL and `deregister_critical_after` clean up after it
+/// then). A drain therefore ends within `drain.grace` plus this.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
+/// Pause between deregistration attempts.
+const DEREGISTER_RETRY: Duration = Duration::from_millis(250);
 
 /// Shared with the admin API.
 struct Admin {
     checks: Vec<CheckHandle>,
     draining: watch::Sender<bool>,
     prometheus: Option<PrometheusHandle>,
+    sync: watch::Receiver<sync::SyncStatus>,
 }
 
 /// Runs the sidecar until a drain completes.
 pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> anyhow::Result<()> {
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let client = Client::new(halo_consul::Config {
@@ -67,6 +79,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         .map(|c| halo_health::spawn(c.clone(), prober.clone(), stop.clone()))
         .collect();
     let (draining_tx, mut draining) = watch::channel(false);
+    let (sync_status, sync_rx) = watch::channel(sync::SyncStatus::default());
     let draining_gauge = metrics::gauge!("halo_sidecar_draining");
 
     let listener = tokio::net::TcpListener::bind(settings.admin)
@@ -76,6 +89,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         checks: checks.clone(),
         draining: draining_tx.clone(),
         prometheus,
+        sync: sync_rx,
     });
     tokio::spawn(halo_health::server::serve(listener, stop.clone(), move |req| {
         let response = route(&admin, req);
@@ -87,6 +101,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         checks,
         draining.clone(),
         stop.clone(),
+        sync_status,
     ));
     tracing::info!(service = %settings.service_id, admin = %settings.admin, consul = client.address(), "halo-sidecar started");
 
@@ -113,31 +128,56 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
     }
 
     // Stop pushing (a late heartbeat could re-register), then deregister.
+    // The sync task abandons any call in flight on `stop`.
     stop.cancel();
     if let Err(e) = sync.await {
         tracing::warn!(error = %e, "sync task ended abnormally");
     }
-    deregister(&client, &settings.service_id).await;
+    deregister(&client, &settings, SHUTDOWN_MARGIN).await;
     Ok(())
 }
 
-async fn deregister(client: &Client, service_id: &str) {
-    let deadline = tokio::time::Instant::now() + DEREGISTER_DEADLINE;
+/// Deregisters the instance, retrying until `budget` is spent; every call's
+/// deadline fits in what is left of it.
+async fn deregister(client: &Client, settings: &Settings, budget: Duration) {
+    let service_id = &settings.service_id;
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut attempts = 0u32;
     loop {
-        match client.deregister_service(service_id).await {
-            Ok(()) => {
-                tracing::info!(service = %service_id, "deregistered; exiting");
-                return;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let error = if left.is_zero() {
+            None
+        } else {
+            attempts += 1;
+            match client
+                .with_timeout(left.min(CONSUL_TIMEOUT))
+                .deregister_service(service_id)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(service = %service_id, "deregistered; exiting");
+                    return;
+                }
+                Err(e) => Some(sync::truncate(&e.to_string(), sync::ERROR_TEXT_MAX)),
             }
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, "deregistration failed; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not deregister; Consul will drop the service once its checks expire");
-                return;
-            }
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            tracing::error!(
+                service = %service_id,
+                attempts,
+                budget = ?budget,
+                last_error = error.as_deref().unwrap_or("none"),
+                reaped_after = ?settings.config.service.deregister_critical_after,
+                "gave up deregistering after the shutdown margin; exiting anyway. \
+                 Consul removes the instance once its liveness check has been critical for reaped_after"
+            );
+            return;
         }
+        if let Some(e) = error {
+            tracing::warn!(error = %e, "deregistration failed; retrying");
+        }
+        tokio::time::sleep(DEREGISTER_RETRY.min(left)).await;
     }
 }
 
@@ -152,6 +192,10 @@ fn route(admin: &Admin, req: Request<Incoming>) -> HttpResponse {
             Some(p) => metrics_response(p.render()),
             None => text_response(StatusCode::NOT_FOUND, "metrics are not enabled in this process\n"),
         },
+        (&Method::GET, "/status") => {
+            let sync = admin.sync.borrow().clone();
+            json_response(StatusCode::OK, &json!({"draining": draining, "consul": sync}))
+        }
         (&Method::POST, "/drain") => {
             let changed = !admin.draining.send_replace(true);
             json_response(StatusCode::OK, &json!({"draining": true, "changed": changed}))
@@ -160,7 +204,7 @@ fn route(admin: &Admin, req: Request<Incoming>) -> HttpResponse {
             let changed = admin.draining.send_replace(false);
             json_response(StatusCode::OK, &json!({"draining": false, "changed": changed}))
         }
-        (_, "/metrics") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        (_, "/metrics" | "/status") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         (_, "/drain" | "/undrain") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// How long the runtime's leftover tasks get once the sidecar is done.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Registers an app with the local Consul agent, probes it, and drains it on shutdown.
 #[derive(Debug, Parser)]
 #[command(name = "halo-sidecar", version, about)]
@@ -32,6 +35,9 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Check) = cli.command {
+        for warning in &settings.warnings {
+            eprintln!("halo-sidecar: warning: {warning}");
+        }
         println!(
             "halo-sidecar: configuration is valid (service {}, {} check(s))",
             settings.service_id,
@@ -47,7 +53,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(halo_sidecar::run(settings, prometheus)) {
+    let result = runtime.block_on(halo_sidecar::run(settings, prometheus));
+    // Dropping the runtime would wait for every blocking task (a DNS lookup
+    // of a hung resolver, say); the drain's bound must not depend on them.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("halo-sidecar: {e:#}");

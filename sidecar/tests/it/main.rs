@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 mod behaviour;
 mod config;
+mod refusal;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -126,6 +127,14 @@ impl Sidecar {
 
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// kill -9, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
     }
 
     pub fn sigterm(&self) {
