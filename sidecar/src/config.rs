@@ -713,6 +713,7 @@ fn validate_consul(consul: &ConsulSection, env: impl Fn(&str) -> Option<String>,
             token: consul.token.clone(),
             datacenter: None,
             timeout: None,
+            max_response_bytes: None,
         },
         &env,
     );

@@ -421,6 +421,7 @@ mod tests {
         assert!(refusal(&status(429)).is_none());
         assert!(refusal(&status(500)).is_none());
         let timeout = halo_consul::Error::Timeout {
+            address: "127.0.0.1:8500".into(),
             method: http::Method::PUT,
             path: "x".into(),
             after: Duration::from_secs(1),
@@ -463,6 +464,7 @@ mod tests {
             token: None,
             datacenter: None,
             timeout: Some(Duration::from_secs(2)),
+            max_response_bytes: None,
         })
         .unwrap();
         let (_draining_tx, draining) = watch::channel(false);
