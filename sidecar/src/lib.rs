@@ -85,6 +85,12 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
     let listener = tokio::net::TcpListener::bind(settings.admin)
         .await
         .with_context(|| format!("cannot listen on admin.listen {}", settings.admin))?;
+    if !settings.admin.ip().is_loopback() {
+        tracing::warn!(
+            admin = %settings.admin,
+            "admin.listen is not a loopback address: anyone who reaches it can POST /drain"
+        );
+    }
     let admin = Arc::new(Admin {
         checks: checks.clone(),
         draining: draining_tx.clone(),
@@ -181,6 +187,11 @@ async fn deregister(client: &Client, settings: &Settings, budget: Duration) {
     }
 }
 
+/// Who sent an admin request, for the log of every write.
+fn client(req: &Request<Incoming>) -> String {
+    halo_health::server::peer(req).map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+}
+
 fn route(admin: &Admin, req: Request<Incoming>) -> HttpResponse {
     let draining = *admin.draining.borrow();
     let path = req.uri().path();
@@ -198,10 +209,12 @@ fn route(admin: &Admin, req: Request<Incoming>) -> HttpResponse {
         }
         (&Method::POST, "/drain") => {
             let changed = !admin.draining.send_replace(true);
+            tracing::info!(client = %client(&req), changed, "drain requested through the admin API");
             json_response(StatusCode::OK, &json!({"draining": true, "changed": changed}))
         }
         (&Method::POST, "/undrain") => {
             let changed = admin.draining.send_replace(false);
+            tracing::info!(client = %client(&req), changed, "undrain requested through the admin API");
             json_response(StatusCode::OK, &json!({"draining": false, "changed": changed}))
         }
         (_, "/metrics" | "/status") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),

@@ -157,6 +157,12 @@ async fn post_drain_then_undrain_returns_the_instance_to_service() {
 
     let (code, _) = halo_testkit::http::request(admin, "POST", "/drain").await.unwrap();
     assert_eq!(code, 200);
+    let log = sidecar.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("drain requested through the admin API"))
+        .expect("the write is logged");
+    assert!(line.contains("client=127.0.0.1:"), "the log names who asked: {line}");
     wait_passing(&client, &[], DEADLINE).await;
     let (code, _) = halo_testkit::http::request(admin, "POST", "/undrain").await.unwrap();
     assert_eq!(code, 200);
