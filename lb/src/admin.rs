@@ -98,7 +98,7 @@ fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool, req: &Request<Incom
     let forwarded_by = req.headers().get(FORWARDED).and_then(|v| v.to_str().ok());
     match vip.set_disabled(addr, disabled) {
         Ok(changed) => {
-            tracing::info!(vip = vip.name(), backend = %addr, disabled, changed, client, forwarded_by, "backend state set by operator");
+            tracing::info!(vip = vip.name(), backend = %addr, disabled, changed, client = %client, forwarded_by, "backend state set by operator");
             json_response(
                 StatusCode::OK,
                 &json!({"vip": vip.name(), "backend": addr.to_string(), "disabled": disabled, "changed": changed, "table_version": vip.table().version}),

@@ -1198,3 +1198,155 @@ mod tests {
         assert!(e.contains("ha.vip_address: \"198.18.0.100/33\""), "{e}");
     }
 }
+
+/// The loader against random and mangled files: it never panics, and every
+/// error names a field (`vip[0].listen: …`) or a line (TOML syntax and type
+/// errors).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const EXAMPLES: [&str; 5] = [
+        include_str!("../../packaging/examples/lb.toml"),
+        include_str!("../../packaging/examples/lb-consul.toml"),
+        include_str!("../../packaging/examples/lb-dns.toml"),
+        include_str!("../../packaging/examples/lb-ha-1.toml"),
+        include_str!("../../packaging/examples/lb-ha-2.toml"),
+    ];
+
+    const VALUES: [&str; 16] = [
+        "-1",
+        "0",
+        "99999999999999999999",
+        "1e308",
+        "\"\"",
+        "\"x\"",
+        "\"1ns\"",
+        "\"999999999h\"",
+        "\"0.0.0.0:0\"",
+        "\"[::]:8080\"",
+        "[]",
+        "{}",
+        "true",
+        "[\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+        "{ address = \"127.0.0.1:2\", weight = 4294967296 }",
+        "\"\\u0000\"",
+    ];
+
+    /// One edit of a file's lines.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Drop(usize),
+        Duplicate(usize),
+        /// Replaces the value of a `key = value` line.
+        Value(usize, usize),
+        Truncate(usize),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            any::<usize>().prop_map(Edit::Drop),
+            any::<usize>().prop_map(Edit::Duplicate),
+            (any::<usize>(), 0..VALUES.len()).prop_map(|(l, v)| Edit::Value(l, v)),
+            any::<usize>().prop_map(Edit::Truncate),
+        ]
+    }
+
+    fn apply(text: &str, edits: &[Edit]) -> String {
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        for e in edits {
+            if lines.is_empty() {
+                break;
+            }
+            let n = lines.len();
+            match *e {
+                Edit::Drop(l) => {
+                    lines.remove(l % n);
+                }
+                Edit::Duplicate(l) => {
+                    let line = lines[l % n].clone();
+                    lines.insert(l % n, line);
+                }
+                Edit::Value(l, v) => {
+                    let line = &mut lines[l % n];
+                    if let Some((key, _)) = line.split_once('=') {
+                        *line = format!("{key}= {}", VALUES[v]);
+                    }
+                }
+                Edit::Truncate(at) => {
+                    let text = lines.join("\n");
+                    let mut cut = at % (text.len() + 1);
+                    while !text.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    lines = text[..cut].lines().map(str::to_owned).collect();
+                }
+            }
+        }
+        lines.join("\n")
+    }
+
+    /// `field: reason`, where field is a dotted path with indices, or a
+    /// TOML error that points at a line.
+    fn names_a_field_or_line(problem: &str) -> bool {
+        if problem.contains("line ") {
+            return true;
+        }
+        let Some((field, reason)) = problem.split_once(": ") else {
+            return false;
+        };
+        !reason.is_empty()
+            && !field.is_empty()
+            && field.chars().all(|c| c.is_ascii_alphanumeric() || "_.[]".contains(c))
+    }
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        if let Err(e) = Config::parse(text, "fuzz.toml") {
+            prop_assert!(!e.problems.is_empty());
+            for p in &e.problems {
+                prop_assert!(
+                    names_a_field_or_line(p),
+                    "{:?} names no field or line; file:\n{}",
+                    p,
+                    text
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn mangled_examples_never_panic_and_errors_are_placed(
+            example in 0..EXAMPLES.len(),
+            edits in proptest::collection::vec(edit(), 1..6),
+        ) {
+            check(&apply(EXAMPLES[example], &edits))?;
+        }
+
+        #[test]
+        fn random_text_never_panics(text in "(\\PC|\n|=|\\[|\\]|\"){0,300}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            check(&String::from_utf8_lossy(&bytes))?;
+        }
+    }
+
+    #[test]
+    fn every_example_is_valid() {
+        for (i, text) in EXAMPLES.iter().enumerate() {
+            if let Err(e) = Config::parse(text, "example") {
+                panic!("example {i}: {e}");
+            }
+        }
+    }
+}

@@ -118,3 +118,87 @@ mod tests {
         assert_eq!(&h6[12..16], &[0x21, 0x21, 0, 36]);
     }
 }
+
+/// Our headers checked by an independent parser (the `ppp` crate) for
+/// random addresses of both families, including mixed ones.
+#[cfg(test)]
+mod against_ppp {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    use proptest::prelude::*;
+
+    use super::header;
+    use crate::config::ProxyProtocol;
+
+    fn addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<u32>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((Ipv4Addr::from(ip), port))),
+            (any::<u128>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((Ipv6Addr::from(ip), port))),
+            // IPv4-mapped IPv6: what a dual-stack listener reports.
+            (any::<u32>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::from((Ipv4Addr::from(ip).to_ipv6_mapped(), port))),
+        ]
+    }
+
+    /// The pair as both ends should be reported: mapped addresses become
+    /// IPv4 when the other side is IPv4.
+    fn normalised(client: SocketAddr, local: SocketAddr) -> Option<(SocketAddr, SocketAddr)> {
+        let v4 = |a: SocketAddr| match a.ip() {
+            IpAddr::V6(ip) => ip.to_ipv4_mapped().map(|ip| SocketAddr::from((ip, a.port()))),
+            IpAddr::V4(_) => Some(a),
+        };
+        match (client.is_ipv4(), local.is_ipv4()) {
+            (true, true) | (false, false) => Some((client, local)),
+            (true, false) => v4(local).map(|l| (client, l)),
+            (false, true) => v4(client).map(|c| (c, local)),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+        ))]
+
+        #[test]
+        fn v1_headers_parse_back_to_the_same_addresses(client in addr(), local in addr()) {
+            let bytes = header(ProxyProtocol::V1, client, local);
+            prop_assert!(bytes.len() <= 107, "v1 headers are at most 107 bytes");
+            let text = std::str::from_utf8(&bytes).unwrap();
+            let parsed = ppp::v1::Header::try_from(text).map_err(|e| TestCaseError::fail(format!("{e:?}: {text:?}")))?;
+            match (normalised(client, local), parsed.addresses) {
+                (Some((c, l)), ppp::v1::Addresses::Tcp4(a)) => {
+                    prop_assert_eq!(SocketAddr::from((a.source_address, a.source_port)), c);
+                    prop_assert_eq!(SocketAddr::from((a.destination_address, a.destination_port)), l);
+                }
+                (Some((c, l)), ppp::v1::Addresses::Tcp6(a)) => {
+                    prop_assert_eq!(SocketAddr::from((a.source_address, a.source_port)), c);
+                    prop_assert_eq!(SocketAddr::from((a.destination_address, a.destination_port)), l);
+                }
+                (None, ppp::v1::Addresses::Unknown) => {}
+                (want, got) => prop_assert!(false, "{:?} parsed as {:?}", want, got),
+            }
+        }
+
+        #[test]
+        fn v2_headers_parse_back_to_the_same_addresses(client in addr(), local in addr()) {
+            let bytes = header(ProxyProtocol::V2, client, local);
+            let parsed = ppp::v2::Header::try_from(bytes.as_slice()).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+            prop_assert_eq!(parsed.command, ppp::v2::Command::Proxy);
+            prop_assert_eq!(parsed.len(), bytes.len(), "the length field covers exactly what we sent");
+            match (normalised(client, local), parsed.addresses) {
+                (Some((c, l)), ppp::v2::Addresses::IPv4(a)) => {
+                    prop_assert_eq!(parsed.protocol, ppp::v2::Protocol::Stream);
+                    prop_assert_eq!(SocketAddr::from((a.source_address, a.source_port)), c);
+                    prop_assert_eq!(SocketAddr::from((a.destination_address, a.destination_port)), l);
+                }
+                (Some((c, l)), ppp::v2::Addresses::IPv6(a)) => {
+                    prop_assert_eq!(parsed.protocol, ppp::v2::Protocol::Stream);
+                    prop_assert_eq!(SocketAddr::from((a.source_address, a.source_port)), c);
+                    prop_assert_eq!(SocketAddr::from((a.destination_address, a.destination_port)), l);
+                }
+                (None, ppp::v2::Addresses::Unspecified) => {}
+                (want, got) => prop_assert!(false, "{:?} parsed as {:?}", want, got),
+            }
+        }
+    }
+}
