@@ -30,6 +30,11 @@ async fn running_out_of_descriptors_ejects_no_backend_and_everyone_is_served() {
     let (admin, vip) = addrs();
     let config = format!("workers = 1\n{}", one_vip(admin, vip, &[a.addr, b.addr], ""));
     let lb = Lb::start_with_fd_limit(&config, admin, &[vip], NOFILE).await;
+    assert!(
+        lb.log().contains("need more file descriptors than RLIMIT_NOFILE"),
+        "max_connections (10000) past the limit is warned about at start:\n{}",
+        lb.log()
+    );
 
     // Every client holds its connection once greeted, until released: each
     // proxied connection costs halo-lb two descriptors, so at most ~NOFILE/2
