@@ -17,27 +17,33 @@
 //! close. One connect per interval costs nothing.
 //!
 //! Fail static, as Consul discovery ([`crate::discovery`]): a timeout, a
-//! refused connection or a server failure (SERVFAIL, REFUSED, …) keeps the
-//! last good table and shows in `/status` and `halo_discovery_up`. An
-//! answer that the name has no records (NXDOMAIN, or NOERROR with no SRV
-//! record) is a real answer and empties the table: it is how Consul's DNS
-//! says that no instance passes, just as an empty `?passing` list is.
+//! refused connection, a server failure (SERVFAIL, REFUSED, …) or an answer
+//! that cannot be trusted (truncated, answering another question, answer
+//! records but no SRV record, SRV records none of which has an address,
+//! more targets to look up than [`MAX_TARGET_LOOKUPS`] or more backends
+//! than [`MAX_BACKENDS`]) keeps the last good table and shows in `/status`
+//! and `halo_discovery_up`. An answer that the name has no records
+//! (NXDOMAIN, or NOERROR with no record, or only SRV records with the
+//! target "." that RFC 2782 uses for "not available") is a real answer and
+//! empties the table: it is how Consul's DNS says that no instance passes,
+//! just as an empty `?passing` list is. Reading answers is
+//! [`Resolution`], free of I/O, so property tests feed it random answers.
 //! Consul's DNS leaves out critical instances but, unlike `?passing`, keeps
 //! those in warning (its `only_passing` setting changes that). DNS answers
 //! carry no zone, so these backends never count as local to the
 //! balancer's zone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hickory_resolver::config::{NameServerConfig, ResolverOpts};
-use hickory_resolver::name_server::{NameServerPool, TokioConnectionProvider};
-use hickory_resolver::proto::op::{Query, ResponseCode};
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
-use hickory_resolver::proto::xfer::{DnsHandle, DnsRequestOptions, DnsResponse, FirstAnswer, Protocol};
-use hickory_resolver::proto::{ProtoError, ProtoErrorKind};
+use hickory_net::proto::op::{DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_net::proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_net::runtime::TokioRuntimeProvider;
+use hickory_net::tcp::TcpClientStream;
+use hickory_net::xfer::{DnsExchange, DnsHandle, FirstAnswer};
+use hickory_net::NetError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -124,13 +130,21 @@ pub struct DnsStatus {
 /// Why a refresh failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
-    /// The server could not be reached or answered with a failure.
+    /// The server could not be reached, or its reply could not be read.
     #[error("DNS server {server}: {source}")]
     Lookup {
         /// The server asked.
         server: SocketAddr,
         /// What went wrong.
-        source: ProtoError,
+        source: NetError,
+    },
+    /// The server's answer is a failure or cannot be trusted.
+    #[error("DNS server {server}: {source}")]
+    Answer {
+        /// The server asked.
+        server: SocketAddr,
+        /// Why the answer was refused.
+        source: AnswerError,
     },
     /// The refresh took longer than its deadline.
     #[error("DNS server {server}: no answer within {timeout:?}")]
@@ -213,6 +227,15 @@ async fn run(vip: Arc<Vip>, target: DnsTarget, status: Arc<Mutex<DnsStatus>>, st
                         tracing::info!(vip = vip.name(), name = %target.name, "dns discovery is up");
                         s.since = crate::discovery::unix_now();
                     }
+                    // Once per change, not per refresh.
+                    if answer.skipped != s.skipped && answer.skipped > 0 {
+                        tracing::warn!(
+                            vip = vip.name(),
+                            name = %target.name,
+                            skipped = answer.skipped,
+                            "SRV records without an address or a port; skipped"
+                        );
+                    }
                     s.up = true;
                     s.last_error = None;
                     s.instances = answer.backends.len();
@@ -250,103 +273,376 @@ async fn run(vip: Arc<Vip>, target: DnsTarget, status: Arc<Mutex<DnsStatus>>, st
 pub struct Answer {
     /// The backends, sorted.
     pub backends: Vec<Backend>,
-    /// SRV records whose target had no address.
+    /// SRV records left out: their target has no address, or their port
+    /// is 0.
     pub skipped: usize,
 }
 
-type Pool = NameServerPool<TokioConnectionProvider>;
+/// Most SRV targets looked up (A, then AAAA) in one refresh because the
+/// answer's additional section lacks their addresses. Consul puts every
+/// target's address there, so lookups are the exception; an answer that
+/// needs more is refused (fail static) rather than trusted to end.
+pub const MAX_TARGET_LOOKUPS: usize = 256;
 
-/// Looks up `name`'s SRV records on `server` over TCP and resolves their
-/// targets.
-pub async fn resolve(server: SocketAddr, name: &Name, timeout: Duration) -> Result<Answer, DnsError> {
-    let mut opts = ResolverOpts::default();
-    opts.timeout = timeout;
-    opts.cache_size = 0;
-    let pool: Pool = NameServerPool::from_config(
-        vec![NameServerConfig::new(server, Protocol::Tcp)].into(),
-        opts,
-        TokioConnectionProvider::default(),
-    );
-    let lookup_error = |source| DnsError::Lookup { server, source };
-    let Some(response) = query(&pool, name.clone(), RecordType::SRV)
-        .await
-        .map_err(lookup_error)?
-    else {
-        return Ok(Answer::default());
-    };
-    let mut records: Vec<(u16, u16, u16, Name)> = response
-        .answers()
-        .iter()
-        .filter_map(|r| match r.data() {
-            RData::SRV(srv) => Some((srv.priority(), srv.weight(), srv.port(), srv.target().clone())),
-            _ => None,
-        })
-        .collect();
-    if let Some(lowest) = records.iter().map(|r| r.0).min() {
-        records.retain(|r| r.0 == lowest);
-    }
-    let mut addresses = addresses_in(&response);
-    for (_, _, _, target) in &records {
-        let key = key(target);
-        if addresses.contains_key(&key) {
-            continue;
-        }
-        let mut found = Vec::new();
-        for rtype in [RecordType::A, RecordType::AAAA] {
-            if let Some(r) = query(&pool, target.clone(), rtype).await.map_err(lookup_error)? {
-                found.extend(addresses_in(&r).remove(&key).unwrap_or_default());
-            }
-            if !found.is_empty() {
-                break;
-            }
-        }
-        addresses.insert(key, found);
-    }
-    let mut skipped = 0;
-    let mut backends = Vec::new();
-    for (_, weight, port, target) in &records {
-        let ips = addresses.get(&key(target)).map(Vec::as_slice).unwrap_or_default();
-        if ips.is_empty() {
-            skipped += 1;
-            tracing::warn!(target = %target, "SRV target has no address; skipped");
-        }
-        for &ip in ips {
-            backends.push(Backend {
-                addr: SocketAddr::new(ip, *port),
-                // Weight 0 means "rarely" in RFC 2782; here the least share.
-                weight: u32::from(*weight).clamp(1, 1000),
-                zone: None,
-            });
-        }
-    }
-    backends.sort();
-    backends.dedup_by(|a, b| a.addr == b.addr);
-    Ok(Answer { backends, skipped })
+/// Most backends one answer may give. A TCP answer holds at most 64 KiB,
+/// a few thousand records, but every SRV record pairs its port with every
+/// address of its target, so a hostile answer could multiply the two into
+/// millions; one over this bound is refused.
+pub const MAX_BACKENDS: usize = 10_000;
+
+/// Why a DNS answer was refused. Each names the question and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    /// The server answered with a failure code (SERVFAIL, REFUSED, …).
+    #[error("{qtype} {name}: the server answered {code}")]
+    Code {
+        /// The name asked.
+        name: String,
+        /// The record type asked.
+        qtype: RecordType,
+        /// The response code.
+        code: ResponseCode,
+    },
+    /// The message is not an answer to a standard query.
+    #[error("{qtype} {name}: the reply is not an answer to a query (QR bit or opcode)")]
+    NotAnAnswer {
+        /// The name asked.
+        name: String,
+        /// The record type asked.
+        qtype: RecordType,
+    },
+    /// The answer's question section asks something else.
+    #[error("{qtype} {name}: the reply answers another question ({other})")]
+    OtherQuestion {
+        /// The name asked.
+        name: String,
+        /// The record type asked.
+        qtype: RecordType,
+        /// The question in the reply.
+        other: String,
+    },
+    /// The TC bit is set: the answer may lack records.
+    #[error("{qtype} {name}: the answer is truncated (TC bit set)")]
+    Truncated {
+        /// The name asked.
+        name: String,
+        /// The record type asked.
+        qtype: RecordType,
+    },
+    /// NXDOMAIN with records in the answer section.
+    #[error("{qtype} {name}: NXDOMAIN with {records} answer records")]
+    Contradictory {
+        /// The name asked.
+        name: String,
+        /// The record type asked.
+        qtype: RecordType,
+        /// Records in the answer section.
+        records: usize,
+    },
+    /// Answer records, but none of the type asked for the name asked.
+    #[error("SRV {name}: {records} answer records, none an SRV record of the name")]
+    NoSrv {
+        /// The name asked.
+        name: String,
+        /// Records in the answer section.
+        records: usize,
+    },
+    /// More targets lack addresses than one refresh looks up.
+    #[error("SRV {name}: {targets} targets lack an address in the additional section, more than the {MAX_TARGET_LOOKUPS} looked up per refresh")]
+    TooManyLookups {
+        /// The name asked.
+        name: String,
+        /// Distinct targets without addresses.
+        targets: usize,
+    },
+    /// The answer gives more backends than a table takes.
+    #[error("SRV {name}: more than {MAX_BACKENDS} backends (SRV records × target addresses)")]
+    TooManyBackends {
+        /// The name asked.
+        name: String,
+    },
+    /// SRV records, but none gives a usable backend: not the same as "no
+    /// instance", so it does not empty the table.
+    #[error("SRV {name}: none of the {records} SRV records has a target with an address and a port")]
+    NoUsableRecord {
+        /// The name asked.
+        name: String,
+        /// The SRV records (of the lowest priority).
+        records: usize,
+    },
 }
 
-/// One query; `None` when the server says the name has no such records.
-async fn query(pool: &Pool, name: Name, rtype: RecordType) -> Result<Option<DnsResponse>, ProtoError> {
+/// One SRV record of the lowest priority.
+#[derive(Debug)]
+struct Srv {
+    weight: u16,
+    port: u16,
+    target: Name,
+}
+
+/// An A or AAAA query the resolution needs answered; see
+/// [`Resolution::next_lookup`].
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The SRV target.
+    pub target: Name,
+    /// A, or AAAA after an A query found nothing.
+    pub rtype: RecordType,
+}
+
+/// Turning DNS answers into backends, without any I/O: the part of a
+/// refresh that reads untrusted bytes, so it is what the property tests
+/// feed with random answers.
+///
+/// [`Resolution::start`] reads the answer to the SRV query; while
+/// [`Resolution::next_lookup`] names a query, its answer goes to
+/// [`Resolution::feed`]; [`Resolution::finish`] gives the backends.
+#[derive(Debug)]
+pub struct Resolution {
+    name: Name,
+    /// The SRV records of the lowest priority, targets other than ".".
+    records: Vec<Srv>,
+    /// Addresses by target ([`key`]): from the SRV answer, then lookups.
+    addresses: HashMap<String, Vec<IpAddr>>,
+    /// Lookups still to make, last first.
+    pending: Vec<Lookup>,
+}
+
+impl Resolution {
+    /// Reads `response`, the answer to the SRV query for `name`. An answer
+    /// that the name has no records (NXDOMAIN, or NOERROR without any) is
+    /// a resolution with no backends; every failure code, a truncated
+    /// answer and answer records without an SRV record are errors.
+    pub fn start(name: &Name, response: &Message) -> Result<Resolution, AnswerError> {
+        let records = answer_records(name, RecordType::SRV, response)?;
+        let mut srv: Vec<Srv> = records
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(s) if r.name.eq_ignore_root(name) => Some((s.priority, s)),
+                _ => None,
+            })
+            .map(|(priority, s)| {
+                (
+                    priority,
+                    Srv {
+                        weight: s.weight,
+                        port: s.port,
+                        target: s.target.clone(),
+                    },
+                )
+            })
+            .fold(Vec::new(), |mut lowest: Vec<(u16, Srv)>, (priority, s)| {
+                match lowest.first().map(|l| l.0) {
+                    Some(p) if priority > p => {}
+                    Some(p) if priority < p => {
+                        lowest.clear();
+                        lowest.push((priority, s));
+                    }
+                    _ => lowest.push((priority, s)),
+                }
+                lowest
+            })
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        if !records.is_empty() && srv.is_empty() {
+            return Err(AnswerError::NoSrv {
+                name: name.to_ascii(),
+                records: records.len(),
+            });
+        }
+        // A target of "." says "decidedly not available" (RFC 2782).
+        srv.retain(|s| !s.target.is_root());
+        let addresses = addresses_in(response);
+        let mut missing = HashSet::new();
+        let mut pending: Vec<Lookup> = Vec::new();
+        for s in &srv {
+            let k = key(&s.target);
+            if !addresses.contains_key(&k) && missing.insert(k) {
+                pending.push(Lookup {
+                    target: s.target.clone(),
+                    rtype: RecordType::A,
+                });
+            }
+        }
+        if pending.len() > MAX_TARGET_LOOKUPS {
+            return Err(AnswerError::TooManyLookups {
+                name: name.to_ascii(),
+                targets: pending.len(),
+            });
+        }
+        pending.reverse();
+        Ok(Resolution {
+            name: name.clone(),
+            records: srv,
+            addresses,
+            pending,
+        })
+    }
+
+    /// The next A or AAAA query to make; `None` when all are answered.
+    pub fn next_lookup(&mut self) -> Option<Lookup> {
+        self.pending.pop()
+    }
+
+    /// Reads `response`, the answer to `lookup`. An A query that finds no
+    /// address queues the AAAA query for the same target.
+    pub fn feed(&mut self, lookup: Lookup, response: &Message) -> Result<(), AnswerError> {
+        let records = answer_records(&lookup.target, lookup.rtype, response)?;
+        let mut found: Vec<IpAddr> = Vec::new();
+        for r in records {
+            if !r.name.eq_ignore_root(&lookup.target) {
+                continue;
+            }
+            let ip = match (&r.data, lookup.rtype) {
+                (RData::A(a), RecordType::A) => IpAddr::V4(a.0),
+                (RData::AAAA(a), RecordType::AAAA) => IpAddr::V6(a.0),
+                _ => continue,
+            };
+            if !found.contains(&ip) {
+                found.push(ip);
+            }
+        }
+        if found.is_empty() && lookup.rtype == RecordType::A {
+            self.pending.push(Lookup {
+                target: lookup.target.clone(),
+                rtype: RecordType::AAAA,
+            });
+        }
+        self.addresses.entry(key(&lookup.target)).or_default().extend(found);
+        Ok(())
+    }
+
+    /// The backends: each usable SRV record's port with each address of
+    /// its target.
+    pub fn finish(self) -> Result<Answer, AnswerError> {
+        let mut skipped = 0;
+        let mut backends = Vec::new();
+        for s in &self.records {
+            let ips: Vec<IpAddr> = self
+                .addresses
+                .get(&key(&s.target))
+                .map(|ips| ips.iter().copied().filter(|ip| !ip.is_unspecified()).collect())
+                .unwrap_or_default();
+            if ips.is_empty() || s.port == 0 {
+                skipped += 1;
+                continue;
+            }
+            if backends.len() + ips.len() > MAX_BACKENDS {
+                return Err(AnswerError::TooManyBackends {
+                    name: self.name.to_ascii(),
+                });
+            }
+            for ip in ips {
+                backends.push(Backend {
+                    addr: SocketAddr::new(ip, s.port),
+                    // Weight 0 means "rarely" in RFC 2782; here the least share.
+                    weight: u32::from(s.weight).clamp(1, 1000),
+                    zone: None,
+                });
+            }
+        }
+        if backends.is_empty() && !self.records.is_empty() {
+            return Err(AnswerError::NoUsableRecord {
+                name: self.name.to_ascii(),
+                records: self.records.len(),
+            });
+        }
+        backends.sort();
+        backends.dedup_by(|a, b| a.addr == b.addr);
+        Ok(Answer { backends, skipped })
+    }
+}
+
+/// The answer section of `response` to the question (`name`, `qtype`),
+/// class IN only; empty for a negative answer (NXDOMAIN, or NOERROR
+/// without records). Every other response code is an error, and so is a
+/// reply that is not an answer, answers another question, or is truncated.
+fn answer_records<'m>(name: &Name, qtype: RecordType, response: &'m Message) -> Result<Vec<&'m Record>, AnswerError> {
+    let asked = || name.to_ascii();
+    if response.message_type != MessageType::Response || response.op_code != OpCode::Query {
+        return Err(AnswerError::NotAnAnswer { name: asked(), qtype });
+    }
+    if let Some(q) = response
+        .queries
+        .iter()
+        .find(|q| !(q.name().eq_ignore_root(name) && q.query_type() == qtype))
+    {
+        return Err(AnswerError::OtherQuestion {
+            name: asked(),
+            qtype,
+            other: format!("{} {}", q.query_type(), q.name().to_ascii()),
+        });
+    }
+    if response.truncation {
+        return Err(AnswerError::Truncated { name: asked(), qtype });
+    }
+    match response.response_code {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain if response.answers.is_empty() => {}
+        ResponseCode::NXDomain => {
+            return Err(AnswerError::Contradictory {
+                name: asked(),
+                qtype,
+                records: response.answers.len(),
+            })
+        }
+        code => {
+            return Err(AnswerError::Code {
+                name: asked(),
+                qtype,
+                code,
+            })
+        }
+    }
+    Ok(response
+        .answers
+        .iter()
+        .filter(|r| r.dns_class == DNSClass::IN)
+        .collect())
+}
+
+/// Looks up `name`'s SRV records on `server` over one TCP connection and
+/// resolves their targets.
+pub async fn resolve(server: SocketAddr, name: &Name, timeout: Duration) -> Result<Answer, DnsError> {
+    let lookup_error = |source| DnsError::Lookup { server, source };
+    let answer_error = |source| DnsError::Answer { server, source };
+    // The provider owns the connection's background task (a JoinSet that
+    // aborts it when the last clone drops): it lives until the refresh ends,
+    // which closes the connection. One query in flight at a time.
+    let provider = TokioRuntimeProvider::new();
+    let exchange = TcpClientStream::exchange(server, None, timeout, Some(1), provider.clone())
+        .await
+        .map_err(lookup_error)?;
+    let srv = query(&exchange, name.clone(), RecordType::SRV)
+        .await
+        .map_err(lookup_error)?;
+    let mut resolution = Resolution::start(name, &srv).map_err(answer_error)?;
+    while let Some(lookup) = resolution.next_lookup() {
+        let response = query(&exchange, lookup.target.clone(), lookup.rtype)
+            .await
+            .map_err(lookup_error)?;
+        resolution.feed(lookup, &response).map_err(answer_error)?;
+    }
+    let answer = resolution.finish().map_err(answer_error);
+    drop(provider);
+    answer
+}
+
+/// One query, its reply as it came.
+async fn query(
+    exchange: &DnsExchange<TokioRuntimeProvider>,
+    name: Name,
+    rtype: RecordType,
+) -> Result<Message, NetError> {
     let mut options = DnsRequestOptions::default();
     // Consul answers for its own domain; nothing to recurse into.
     options.recursion_desired = false;
-    match pool.lookup(Query::query(name, rtype), options).first_answer().await {
-        Ok(response) => Ok(Some(response)),
-        Err(e) if is_negative(&e) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// NXDOMAIN, or NOERROR without the records asked for: a real "none".
-/// Every other failure code (SERVFAIL, REFUSED, …) says nothing about the
-/// name and is an error.
-fn is_negative(e: &ProtoError) -> bool {
-    matches!(
-        e.kind(),
-        ProtoErrorKind::NoRecordsFound {
-            response_code: ResponseCode::NXDomain | ResponseCode::NoError,
-            ..
-        }
-    )
+    let response = exchange
+        .lookup(Query::query(name, rtype), options)
+        .first_answer()
+        .await?;
+    Ok(response.into_message())
 }
 
 /// Names compare without case.
@@ -355,15 +651,15 @@ fn key(name: &Name) -> String {
 }
 
 /// The A and AAAA records of a response (answers and additionals), by name.
-fn addresses_in(response: &DnsResponse) -> HashMap<String, Vec<IpAddr>> {
+fn addresses_in(response: &Message) -> HashMap<String, Vec<IpAddr>> {
     let mut by_name: HashMap<String, Vec<IpAddr>> = HashMap::new();
-    for r in response.answers().iter().chain(response.additionals()) {
-        let ip = match r.data() {
-            RData::A(a) => IpAddr::V4(a.0),
-            RData::AAAA(a) => IpAddr::V6(a.0),
+    for r in response.answers.iter().chain(&response.additionals) {
+        let ip = match &r.data {
+            RData::A(a) if r.dns_class == DNSClass::IN => IpAddr::V4(a.0),
+            RData::AAAA(a) if r.dns_class == DNSClass::IN => IpAddr::V6(a.0),
             _ => continue,
         };
-        let ips = by_name.entry(key(r.name())).or_default();
+        let ips = by_name.entry(key(&r.name)).or_default();
         if !ips.contains(&ip) {
             ips.push(ip);
         }
