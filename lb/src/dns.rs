@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_net::proto::op::{DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_net::proto::rr::rdata::SRV;
 use hickory_net::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_net::runtime::TokioRuntimeProvider;
 use hickory_net::tcp::TcpClientStream;
@@ -415,44 +416,33 @@ impl Resolution {
     /// answer and answer records without an SRV record are errors.
     pub fn start(name: &Name, response: &Message) -> Result<Resolution, AnswerError> {
         let records = answer_records(name, RecordType::SRV, response)?;
-        let mut srv: Vec<Srv> = records
+        let srv_of_name: Vec<&SRV> = records
             .iter()
             .filter_map(|r| match &r.data {
-                RData::SRV(s) if r.name.eq_ignore_root(name) => Some((s.priority, s)),
+                RData::SRV(s) if r.name.eq_ignore_root(name) => Some(s),
                 _ => None,
             })
-            .map(|(priority, s)| {
-                (
-                    priority,
-                    Srv {
-                        weight: s.weight,
-                        port: s.port,
-                        target: s.target.clone(),
-                    },
-                )
-            })
-            .fold(Vec::new(), |mut lowest: Vec<(u16, Srv)>, (priority, s)| {
-                match lowest.first().map(|l| l.0) {
-                    Some(p) if priority > p => {}
-                    Some(p) if priority < p => {
-                        lowest.clear();
-                        lowest.push((priority, s));
-                    }
-                    _ => lowest.push((priority, s)),
-                }
-                lowest
-            })
-            .into_iter()
-            .map(|(_, s)| s)
             .collect();
-        if !records.is_empty() && srv.is_empty() {
+        if !records.is_empty() && srv_of_name.is_empty() {
             return Err(AnswerError::NoSrv {
                 name: name.to_ascii(),
                 records: records.len(),
             });
         }
-        // A target of "." says "decidedly not available" (RFC 2782).
-        srv.retain(|s| !s.target.is_root());
+        // A target of "." says "decidedly not available" (RFC 2782): such
+        // records are dropped before the lowest priority is chosen, so only
+        // an answer of nothing else is "no instance".
+        let usable: Vec<_> = srv_of_name.into_iter().filter(|s| !s.target.is_root()).collect();
+        let lowest = usable.iter().map(|s| s.priority).min();
+        let srv: Vec<Srv> = usable
+            .into_iter()
+            .filter(|s| Some(s.priority) == lowest)
+            .map(|s| Srv {
+                weight: s.weight,
+                port: s.port,
+                target: s.target.clone(),
+            })
+            .collect();
         let addresses = addresses_in(response);
         let mut missing = HashSet::new();
         let mut pending: Vec<Lookup> = Vec::new();
@@ -670,6 +660,7 @@ fn addresses_in(response: &Message) -> HashMap<String, Vec<IpAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn parse(text: &str) -> (Option<DnsTarget>, Vec<String>) {
         let c: DnsConfig = toml::from_str(text).unwrap();
@@ -714,5 +705,421 @@ mod tests {
         let name = Name::from_ascii("web.service.consul.").unwrap();
         let e = resolve(addr, &name, Duration::from_secs(2)).await.unwrap_err();
         assert!(matches!(e, DnsError::Lookup { .. }), "{e}");
+    }
+
+    // Reading answers: example cases, then random answers (proptest).
+
+    use hickory_net::proto::rr::rdata::{A, AAAA, TXT};
+    use std::collections::BTreeSet;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn n(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    fn web() -> Name {
+        n("web.service.consul.")
+    }
+
+    fn reply(question: &Name, qtype: RecordType, code: ResponseCode) -> Message {
+        let mut m = Message::response(7, OpCode::Query);
+        m.metadata.response_code = code;
+        m.add_query(Query::query(question.clone(), qtype));
+        m
+    }
+
+    fn srv(priority: u16, weight: u16, port: u16, target: &str) -> Record {
+        Record::from_rdata(web(), 0, RData::SRV(SRV::new(priority, weight, port, n(target))))
+    }
+
+    fn a(owner: &str, ip: [u8; 4]) -> Record {
+        Record::from_rdata(n(owner), 0, RData::A(A(Ipv4Addr::from(ip))))
+    }
+
+    /// Runs a resolution to the end, answering lookups with `answer`.
+    fn run_with(
+        srv_reply: &Message,
+        mut answer: impl FnMut(&Lookup) -> Message,
+    ) -> Result<(Answer, Vec<Lookup>), AnswerError> {
+        let mut r = Resolution::start(&web(), srv_reply)?;
+        let mut asked = Vec::new();
+        while let Some(lookup) = r.next_lookup() {
+            assert!(asked.len() < 2 * MAX_TARGET_LOOKUPS, "lookups do not end");
+            let m = answer(&lookup);
+            asked.push(lookup.clone());
+            r.feed(lookup, &m)?;
+        }
+        Ok((r.finish()?, asked))
+    }
+
+    fn nxdomain(l: &Lookup) -> Message {
+        reply(&l.target, l.rtype, ResponseCode::NXDomain)
+    }
+
+    #[test]
+    fn glue_gives_backends_and_only_the_lowest_priority_counts() {
+        let mut m = reply(&web(), RecordType::SRV, ResponseCode::NoError);
+        m.add_answer(srv(1, 3, 9001, "a.node.consul."));
+        m.add_answer(srv(1, 0, 9002, "B.node.consul."));
+        m.add_answer(srv(2, 5, 9003, "c.node.consul."));
+        m.add_additional(a("a.node.consul.", [10, 0, 0, 1]));
+        m.add_additional(a("b.NODE.consul.", [10, 0, 0, 2]));
+        let (answer, asked) = run_with(&m, nxdomain).unwrap();
+        assert!(asked.is_empty(), "all glue present: {asked:?}");
+        let got: Vec<(String, u32)> = answer.backends.iter().map(|b| (b.addr.to_string(), b.weight)).collect();
+        assert_eq!(got, [("10.0.0.1:9001".to_owned(), 3), ("10.0.0.2:9002".to_owned(), 1)]);
+        assert_eq!(answer.skipped, 0);
+    }
+
+    #[test]
+    fn missing_glue_is_looked_up_a_then_aaaa() {
+        let mut m = reply(&web(), RecordType::SRV, ResponseCode::NoError);
+        m.add_answer(srv(0, 1, 80, "v6.node.consul."));
+        let (answer, asked) = run_with(&m, |l| {
+            let mut r = reply(&l.target, l.rtype, ResponseCode::NoError);
+            if l.rtype == RecordType::AAAA {
+                r.add_answer(Record::from_rdata(
+                    l.target.clone(),
+                    0,
+                    RData::AAAA(AAAA(Ipv6Addr::LOCALHOST)),
+                ));
+            }
+            r
+        })
+        .unwrap();
+        let types: Vec<RecordType> = asked.iter().map(|l| l.rtype).collect();
+        assert_eq!(types, [RecordType::A, RecordType::AAAA]);
+        assert_eq!(answer.backends[0].addr, "[::1]:80".parse().unwrap());
+    }
+
+    #[test]
+    fn negative_answers_are_empty_and_failures_are_errors() {
+        for code in [ResponseCode::NXDomain, ResponseCode::NoError] {
+            let (answer, _) = run_with(&reply(&web(), RecordType::SRV, code), nxdomain).unwrap();
+            assert_eq!(answer, Answer::default(), "{code}");
+        }
+        // RFC 2782's "decidedly not available".
+        let mut m = reply(&web(), RecordType::SRV, ResponseCode::NoError);
+        m.add_answer(srv(0, 1, 0, "."));
+        assert_eq!(run_with(&m, nxdomain).unwrap().0, Answer::default());
+        // ... but not when a record of a later priority has a target.
+        m.add_answer(srv(1, 1, 80, "a.node.consul."));
+        m.add_additional(a("a.node.consul.", [10, 0, 0, 1]));
+        assert_eq!(run_with(&m, nxdomain).unwrap().0.backends.len(), 1);
+
+        let mut good = reply(&web(), RecordType::SRV, ResponseCode::NoError);
+        good.add_answer(srv(0, 1, 80, "a.node.consul."));
+        good.add_additional(a("a.node.consul.", [10, 0, 0, 1]));
+        for code in [
+            ResponseCode::ServFail,
+            ResponseCode::Refused,
+            ResponseCode::FormErr,
+            ResponseCode::NotImp,
+        ] {
+            let mut m = good.clone();
+            m.metadata.response_code = code;
+            assert!(
+                matches!(run_with(&m, nxdomain), Err(AnswerError::Code { .. })),
+                "{code}"
+            );
+        }
+        let mut m = good.clone();
+        m.metadata.truncation = true;
+        assert!(matches!(run_with(&m, nxdomain), Err(AnswerError::Truncated { .. })));
+        let mut m = good.clone();
+        m.metadata.message_type = MessageType::Query;
+        assert!(matches!(run_with(&m, nxdomain), Err(AnswerError::NotAnAnswer { .. })));
+        let mut m = good.clone();
+        m.queries = vec![Query::query(n("db.service.consul."), RecordType::SRV)];
+        let e = run_with(&m, nxdomain).unwrap_err();
+        assert!(
+            e.to_string().contains("another question (SRV db.service.consul.)"),
+            "{e}"
+        );
+        let mut m = good.clone();
+        m.metadata.response_code = ResponseCode::NXDomain;
+        assert!(matches!(run_with(&m, nxdomain), Err(AnswerError::Contradictory { .. })));
+        let mut m = reply(&web(), RecordType::SRV, ResponseCode::NoError);
+        m.add_answer(a("web.service.consul.", [10, 0, 0, 1]));
+        assert!(matches!(run_with(&m, nxdomain), Err(AnswerError::NoSrv { .. })));
+        // SRV records, none with an address: not "no instance".
+        let mut m = reply(&web(), RecordType::SRV, ResponseCode::NoError);
+        m.add_answer(srv(0, 1, 80, "gone.node.consul."));
+        let e = run_with(&m, nxdomain).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "SRV web.service.consul.: none of the 1 SRV records has a target with an address and a port"
+        );
+        // A failed lookup fails the refresh.
+        let e = run_with(&m, |l| reply(&l.target, l.rtype, ResponseCode::ServFail)).unwrap_err();
+        assert_eq!(e.to_string(), "A gone.node.consul.: the server answered Server Failure");
+    }
+
+    #[test]
+    fn oversized_answers_are_refused() {
+        let mut m = reply(&web(), RecordType::SRV, ResponseCode::NoError);
+        for i in 0..=MAX_TARGET_LOOKUPS {
+            m.add_answer(srv(0, 1, 80, &format!("t{i}.node.consul.")));
+        }
+        assert!(
+            matches!(run_with(&m, nxdomain), Err(AnswerError::TooManyLookups { targets, .. }) if targets == MAX_TARGET_LOOKUPS + 1)
+        );
+        // 101 ports × 100 addresses of one target > MAX_BACKENDS.
+        let mut m = reply(&web(), RecordType::SRV, ResponseCode::NoError);
+        for port in 1..=101 {
+            m.add_answer(srv(0, 1, port, "big.node.consul."));
+        }
+        for i in 0..100u8 {
+            m.add_additional(a("big.node.consul.", [10, 0, 1, i]));
+        }
+        assert!(matches!(
+            run_with(&m, nxdomain),
+            Err(AnswerError::TooManyBackends { .. })
+        ));
+    }
+
+    /// A record of a random answer: from a small pool of names, so that
+    /// SRV targets and address records meet often enough.
+    #[derive(Debug, Clone)]
+    enum Rec {
+        Srv {
+            own: bool,
+            priority: u16,
+            weight: u16,
+            port: u16,
+            target: usize,
+        },
+        A {
+            owner: usize,
+            ip: u32,
+        },
+        Aaaa {
+            owner: usize,
+            ip: u128,
+        },
+        Txt {
+            own: bool,
+        },
+    }
+
+    const TARGETS: [&str; 6] = [
+        ".",
+        "a.node.consul.",
+        "A.Node.Consul.",
+        "b.addr.dc1.consul.",
+        "c.node.consul.",
+        "web.service.consul.",
+    ];
+
+    fn rec() -> impl Strategy<Value = Rec> {
+        prop_oneof![
+            4 => (prop::bool::weighted(0.9), 0u16..3, any::<u16>(), prop_oneof![Just(0u16), any::<u16>()], 0..TARGETS.len())
+                .prop_map(|(own, priority, weight, port, target)| Rec::Srv { own, priority, weight, port, target }),
+            3 => (0..TARGETS.len(), any::<u32>()).prop_map(|(owner, ip)| Rec::A { owner, ip }),
+            1 => (0..TARGETS.len(), any::<u128>()).prop_map(|(owner, ip)| Rec::Aaaa { owner, ip }),
+            1 => any::<bool>().prop_map(|own| Rec::Txt { own }),
+        ]
+    }
+
+    fn to_record(r: &Rec, class_in: bool) -> Record {
+        let mut record = match r {
+            Rec::Srv {
+                own,
+                priority,
+                weight,
+                port,
+                target,
+            } => Record::from_rdata(
+                if *own { web() } else { n("other.service.consul.") },
+                0,
+                RData::SRV(SRV::new(*priority, *weight, *port, n(TARGETS[*target]))),
+            ),
+            Rec::A { owner, ip } => Record::from_rdata(n(TARGETS[*owner]), 0, RData::A(A(Ipv4Addr::from(*ip)))),
+            Rec::Aaaa { owner, ip } => {
+                Record::from_rdata(n(TARGETS[*owner]), 0, RData::AAAA(AAAA(Ipv6Addr::from(*ip))))
+            }
+            Rec::Txt { own } => Record::from_rdata(
+                if *own { web() } else { n("x.consul.") },
+                0,
+                RData::TXT(TXT::new(vec!["garbage".into()])),
+            ),
+        };
+        if !class_in {
+            record.dns_class = DNSClass::CH;
+        }
+        record
+    }
+
+    /// The shape of a reply: its header, question and sections.
+    #[derive(Debug, Clone)]
+    struct Shape {
+        code: ResponseCode,
+        truncated: bool,
+        is_response: bool,
+        question: u8, // 0: ours, 1: none, 2: another
+        answers: Vec<(Rec, bool)>,
+        additionals: Vec<(Rec, bool)>,
+    }
+
+    fn code() -> impl Strategy<Value = ResponseCode> {
+        prop_oneof![
+            6 => Just(ResponseCode::NoError),
+            2 => Just(ResponseCode::NXDomain),
+            1 => Just(ResponseCode::ServFail),
+            1 => Just(ResponseCode::Refused),
+            1 => (1u16..4096).prop_map(<ResponseCode as From<u16>>::from),
+        ]
+    }
+
+    fn section(max: usize) -> impl Strategy<Value = Vec<(Rec, bool)>> {
+        prop_oneof![
+            4 => prop::collection::vec((rec(), prop::bool::weighted(0.95)), 0..8),
+            1 => prop::collection::vec((rec(), prop::bool::weighted(0.95)), 0..max),
+        ]
+    }
+
+    fn shape() -> impl Strategy<Value = Shape> {
+        (
+            code(),
+            prop::bool::weighted(0.05),
+            prop::bool::weighted(0.97),
+            prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
+            section(300),
+            section(300),
+        )
+            .prop_map(|(code, truncated, is_response, question, answers, additionals)| Shape {
+                code,
+                truncated,
+                is_response,
+                question,
+                answers,
+                additionals,
+            })
+    }
+
+    fn build(shape: &Shape, asked: &Name, qtype: RecordType) -> Message {
+        let mut m = Message::new(
+            9,
+            if shape.is_response {
+                MessageType::Response
+            } else {
+                MessageType::Query
+            },
+            OpCode::Query,
+        );
+        m.metadata.response_code = shape.code;
+        m.metadata.truncation = shape.truncated;
+        match shape.question {
+            0 => m.queries.push(Query::query(asked.clone(), qtype)),
+            1 => {}
+            _ => m.queries.push(Query::query(n("elsewhere.consul."), qtype)),
+        }
+        m.answers = shape
+            .answers
+            .iter()
+            .map(|(r, class_in)| to_record(r, *class_in))
+            .collect();
+        m.additionals = shape
+            .additionals
+            .iter()
+            .map(|(r, class_in)| to_record(r, *class_in))
+            .collect();
+        m
+    }
+
+    /// What a reply must look like for the answer to be "no records":
+    /// written apart from the code under test.
+    fn is_real_none(m: &Message, asked: &Name) -> bool {
+        let header_ok = m.message_type == MessageType::Response
+            && m.op_code == OpCode::Query
+            && !m.truncation
+            && m.queries
+                .iter()
+                .all(|q| q.name().eq_ignore_root(asked) && q.query_type() == RecordType::SRV);
+        let answers: Vec<&Record> = m.answers.iter().filter(|r| r.dns_class == DNSClass::IN).collect();
+        let usable_srv = answers
+            .iter()
+            .any(|r| matches!(&r.data, RData::SRV(s) if r.name.eq_ignore_root(asked) && !s.target.is_root()));
+        let any_srv = answers
+            .iter()
+            .any(|r| matches!(&r.data, RData::SRV(_) if r.name.eq_ignore_root(asked)));
+        let code_ok = match m.response_code {
+            ResponseCode::NoError => true,
+            ResponseCode::NXDomain => m.answers.is_empty(),
+            _ => false,
+        };
+        header_ok && code_ok && !usable_srv && (answers.is_empty() || any_srv)
+    }
+
+    fn is_failure(m: &Message) -> bool {
+        m.truncation
+            || m.message_type != MessageType::Response
+            || !matches!(m.response_code, ResponseCode::NoError | ResponseCode::NXDomain)
+    }
+
+    /// Flips bytes of the wire form; `None` if the result does not decode
+    /// (which the transport reports as an error before any answer is read).
+    fn garble(m: &Message, flips: &[(usize, u8)]) -> Option<Message> {
+        let mut bytes = m.to_vec().ok()?;
+        if bytes.is_empty() {
+            return None;
+        }
+        for &(at, value) in flips {
+            let len = bytes.len();
+            bytes[at % len] = value;
+        }
+        Message::from_vec(&bytes).ok()
+    }
+
+    proptest::proptest! {
+        // Cases: proptest's default (256), or PROPTEST_CASES; see README.
+        #[test]
+        fn random_answers_never_panic_stay_bounded_and_never_turn_errors_into_an_empty_table(
+            srv_shape in shape(),
+            flips in prop_oneof![3 => Just(Vec::new()), 1 => prop::collection::vec((any::<usize>(), any::<u8>()), 1..12)],
+            lookup_shapes in prop::collection::vec(shape(), 1..6),
+        ) {
+            let asked = web();
+            let built = build(&srv_shape, &asked, RecordType::SRV);
+            let srv_reply = if flips.is_empty() { Some(built) } else { garble(&built, &flips) };
+            let Some(srv_reply) = srv_reply else { return Ok(()) };
+
+            let mut lookups = 0usize;
+            let mut failed_lookup = false;
+            let mut seen_ips: BTreeSet<IpAddr> = addresses_in(&srv_reply).into_values().flatten().collect();
+            let result = run_with(&srv_reply, |l| {
+                let m = build(&lookup_shapes[lookups % lookup_shapes.len()], &l.target, l.rtype);
+                lookups += 1;
+                failed_lookup |= is_failure(&m);
+                seen_ips.extend(addresses_in(&m).into_values().flatten());
+                m
+            });
+            prop_assert!(lookups <= 2 * MAX_TARGET_LOOKUPS);
+            if is_failure(&srv_reply) || failed_lookup {
+                prop_assert!(result.is_err(), "a failure became an answer: {:?}", result);
+            }
+            if let Ok((answer, _)) = result {
+                prop_assert!(answer.backends.len() <= MAX_BACKENDS);
+                if answer.backends.is_empty() {
+                    prop_assert!(is_real_none(&srv_reply, &asked), "an empty table from {:?}", srv_reply);
+                }
+                let lowest = srv_reply.answers.iter().filter_map(|r| match &r.data {
+                    RData::SRV(s) if r.name.eq_ignore_root(&asked) && r.dns_class == DNSClass::IN && !s.target.is_root() => Some(s.priority),
+                    _ => None,
+                }).min();
+                let ports: BTreeSet<u16> = srv_reply.answers.iter().filter_map(|r| match &r.data {
+                    RData::SRV(s) if r.name.eq_ignore_root(&asked) && r.dns_class == DNSClass::IN && !s.target.is_root() && Some(s.priority) == lowest => Some(s.port),
+                    _ => None,
+                }).collect();
+                for (i, b) in answer.backends.iter().enumerate() {
+                    prop_assert!(ports.contains(&b.addr.port()) && b.addr.port() != 0, "{b:?} from no SRV record");
+                    prop_assert!(seen_ips.contains(&b.addr.ip()) && !b.addr.ip().is_unspecified(), "{b:?} from no address record");
+                    prop_assert!((1..=1000).contains(&b.weight));
+                    if i > 0 {
+                        prop_assert!(answer.backends[i - 1].addr < b.addr, "sorted, one per address");
+                    }
+                }
+            }
+        }
     }
 }
