@@ -26,12 +26,14 @@
 //! (NXDOMAIN, or NOERROR with no record, or only SRV records with the
 //! target "." that RFC 2782 uses for "not available") is a real answer and
 //! empties the table: it is how Consul's DNS says that no instance passes,
-//! just as an empty `?passing` list is. Reading answers is
-//! [`Resolution`], free of I/O, so property tests feed it random answers.
-//! Consul's DNS leaves out critical instances but, unlike `?passing`, keeps
-//! those in warning (its `only_passing` setting changes that). DNS answers
-//! carry no zone, so these backends never count as local to the
-//! balancer's zone.
+//! just as an empty `?passing` list is. Consul's DNS leaves out critical
+//! instances but, unlike `?passing`, keeps those in warning (its
+//! `only_passing` setting changes that). DNS answers carry no zone, so these
+//! backends never count as local to the balancer's zone.
+//!
+//! Reading answers is [`Resolution`], free of I/O, so that property tests
+//! can feed it random and garbled answers; [`resolve`] only carries queries
+//! and replies between it and the server.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
