@@ -90,11 +90,21 @@ impl DnsTarget {
         if server.is_err() {
             problems.push(format!("{at}.server: {:?} is not an ip:port address", c.server));
         }
-        if c.interval.is_zero() {
-            problems.push(format!("{at}.interval: must be above zero"));
+        // The same floors as health checks: a refresh is a TCP connect and
+        // one or more queries; "1ns" would be a load test of the DNS server.
+        if c.interval < halo_health::checker::MIN_INTERVAL {
+            problems.push(format!(
+                "{at}.interval: {} is below the floor of {}",
+                halo_consul::duration::format(c.interval),
+                halo_consul::duration::format(halo_health::checker::MIN_INTERVAL)
+            ));
         }
-        if c.timeout.is_zero() {
-            problems.push(format!("{at}.timeout: must be above zero"));
+        if c.timeout < halo_health::checker::MIN_TIMEOUT {
+            problems.push(format!(
+                "{at}.timeout: {} is below the floor of {}",
+                halo_consul::duration::format(c.timeout),
+                halo_consul::duration::format(halo_health::checker::MIN_TIMEOUT)
+            ));
         }
         (problems.len() == before).then(|| DnsTarget {
             name,
@@ -694,6 +704,12 @@ mod tests {
         ] {
             assert!(p.iter().any(|x| x.starts_with(needle)), "missing {needle}: {p:?}");
         }
+        let (_, p) = parse("name = \"web.service.consul\"\nserver = \"127.0.0.1:8600\"\ninterval = \"1ns\"");
+        assert!(
+            p.iter()
+                .any(|x| x.contains("interval: 1ns is below the floor of 100ms")),
+            "{p:?}"
+        );
         assert!(!parse("name = \"a..b\"").1.is_empty());
         assert!(!parse("name = \"\"").1.is_empty());
     }

@@ -24,6 +24,51 @@ struct Cli {
 enum Command {
     /// Validate the config file and exit: 0 if good, 1 with every problem if not.
     Check,
+    /// Remove the floating address (`[ha] vip_address`) from its interface if
+    /// it is there, and exit 0 (also when there was nothing to remove). For
+    /// a service manager to run after halo-lb exited (systemd's
+    /// `ExecStopPost=`): a process killed with -9 cannot remove it itself.
+    /// Refuses (exit 1) while the config's admin address is in use, i.e.
+    /// while halo-lb runs: the address belongs to a live active then.
+    ReleaseVip,
+}
+
+/// `halo-lb release-vip`: idempotent removal of a leftover floating address.
+fn release_vip(config: &halo_lb::config::Validated) -> ExitCode {
+    let Some(f) = config.ha.as_ref().and_then(|ha| ha.floating.as_ref()) else {
+        println!("halo-lb: no [ha] vip_address in the config: nothing to release");
+        return ExitCode::SUCCESS;
+    };
+    // A live halo-lb holds its admin address; an active's VIP is not ours
+    // to take. (Any other bind error means no halo-lb can be listening.)
+    match std::net::TcpListener::bind(config.admin) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            eprintln!(
+                "halo-lb: admin address {} is in use: halo-lb is running with this config; not removing {}/{} from {} (stop it first)",
+                config.admin, f.address, f.prefix, f.interface
+            );
+            return ExitCode::FAILURE;
+        }
+        _ => {}
+    }
+    let released = halo_lb::floating::FloatingIp::open(f.address, f.prefix, &f.interface).and_then(|ip| ip.release());
+    match released {
+        Ok(halo_lb::floating::Outcome::Changed) => {
+            println!("halo-lb: removed {}/{} from {}", f.address, f.prefix, f.interface);
+            ExitCode::SUCCESS
+        }
+        Ok(halo_lb::floating::Outcome::Unchanged) => {
+            println!("halo-lb: {} is not on {}: nothing to release", f.address, f.interface);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "halo-lb: cannot release {}/{} from {}: {e}",
+                f.address, f.prefix, f.interface
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -35,6 +80,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::ReleaseVip) = cli.command {
+        return release_vip(&config);
+    }
     if let Some(Command::Check) = cli.command {
         println!(
             "halo-lb: {} is valid ({} vip{})",

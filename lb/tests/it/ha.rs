@@ -417,6 +417,7 @@ struct HostLb {
     process: halo_testkit::netns::HostProcess,
     admin: SocketAddr,
     log: std::path::PathBuf,
+    config: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -439,6 +440,7 @@ impl HostLb {
             process: host.spawn(cmd),
             admin,
             log,
+            config: path,
             _dir: dir,
         }
     }
@@ -573,6 +575,51 @@ async fn a_floating_vip_follows_the_active_between_hosts() {
     .await;
     assert_eq!(client.neighbour(topology.vip()).as_deref(), Some(lb1.mac()));
     drop(one);
+
+    // `halo-lb release-vip` (a unit's ExecStopPost=): refused while halo-lb
+    // runs with that config, then removes the address a kill -9 left.
+    let release = |lb: &HostLb| {
+        lb1.command(env!("CARGO_BIN_EXE_halo-lb"))
+            .arg("--config")
+            .arg(&lb.config)
+            .arg("release-vip")
+            .output()
+            .unwrap()
+    };
+    let refused = release(&one_again);
+    assert!(!refused.status.success(), "refused while halo-lb runs");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is in use"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        lb1.addresses().contains(&topology.vip()),
+        "the live active keeps its address"
+    );
+    let mut one_again = one_again;
+    one_again.process.kill();
+    let removed = eventually(DEADLINE, "the killed process's admin port to be free", || async {
+        let out = release(&one_again);
+        out.status.success().then_some(out)
+    })
+    .await;
+    assert!(
+        String::from_utf8_lossy(&removed.stdout).contains("removed"),
+        "{}",
+        String::from_utf8_lossy(&removed.stdout)
+    );
+    assert!(
+        !lb1.addresses().contains(&topology.vip()),
+        "the leftover address is gone"
+    );
+    let again = release(&one_again);
+    assert!(again.status.success(), "idempotent");
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing to release"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
 }
 
 #[tokio::test]
