@@ -44,7 +44,12 @@ pub const DEFAULT_HA_CLUSTER: &str = "default";
 /// Default TTL of an HA instance's check.
 pub const DEFAULT_CHECK_TTL: Duration = Duration::from_secs(1);
 /// Default lock delay of an HA instance's session.
-pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_millis(200);
+pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_millis(300);
+/// Default time between two probes of the active by a standby.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Default probes in a row without an answer after which a standby judges
+/// the active gone.
+pub const DEFAULT_PROBE_MISSES: u32 = 3;
 /// Default fraction of local-zone backends that must be healthy for a VIP
 /// to route within the balancer's zone: about 1/1.4, Envoy's default
 /// overprovisioning factor (a zone at 70 % can carry its own load with the
@@ -110,16 +115,31 @@ pub struct HaConfig {
     /// the admin port, `<host>-<port>`.
     pub id: Option<String>,
     /// TTL of this instance's `halo-lb` service check, which the session is
-    /// bound to. It is heartbeated four times per TTL; the active stops
-    /// serving a fifth of a TTL before its check could expire. The main
-    /// knob of failover time. Unset: 1 s.
+    /// bound to, heartbeated four times per TTL: how long Consul alone takes
+    /// to notice a dead process when no standby probes it. Unset: 1 s.
     #[serde(default = "default_check_ttl", with = "go_duration")]
     pub check_ttl: Duration,
     /// The session's lock delay: after the active's session is invalidated,
-    /// nobody may take the lock for this long. At least the step-down margin
-    /// (a fifth of `check_ttl`). Unset: 200 ms.
+    /// nobody may take the lock for this long. It is also the active's
+    /// lease: the active serves only until four fifths of it after its last
+    /// read of the lock that the Consul servers confirmed, and confirms five
+    /// times per lock delay. The main knob of failover time (a forced
+    /// takeover waits it out) against tolerance of slow Consul answers.
+    /// 100 ms to 60 s. Unset: 300 ms.
     #[serde(default = "default_lock_delay", with = "go_duration")]
     pub lock_delay: Duration,
+    /// Where this instance answers its peers' probes (UDP `ip:port`,
+    /// advertised in the lock's value). Unset: the admin address (same ip
+    /// and port, UDP). Set it to an address the other balancers reach when
+    /// the admin API stays on loopback.
+    pub probe_listen: Option<String>,
+    /// How often a standby probes the active. Unset: 100 ms.
+    #[serde(default = "default_probe_interval", with = "go_duration")]
+    pub probe_interval: Duration,
+    /// Probes in a row without an answer after which a standby takes the
+    /// lock from the active (a refused probe counts at once). Unset: 3.
+    #[serde(default = "default_probe_misses")]
+    pub probe_misses: u32,
     /// A floating address (`198.18.0.100/24`; no prefix means /32) that the
     /// active adds to `vip_interface` and announces with gratuitous ARP.
     /// Needs CAP_NET_ADMIN. Unset: the pair shares one host, and the active
@@ -486,6 +506,12 @@ fn default_check_ttl() -> Duration {
 fn default_lock_delay() -> Duration {
     DEFAULT_LOCK_DELAY
 }
+fn default_probe_interval() -> Duration {
+    DEFAULT_PROBE_INTERVAL
+}
+fn default_probe_misses() -> u32 {
+    DEFAULT_PROBE_MISSES
+}
 fn default_zone_min_healthy() -> Fraction {
     Fraction(DEFAULT_ZONE_MIN_HEALTHY)
 }
@@ -548,9 +574,20 @@ pub struct HaSettings {
     pub lock_delay: Duration,
     /// How often the check is heartbeated: a quarter of the TTL.
     pub heartbeat: Duration,
-    /// How long before the check could expire the active stops serving: a
-    /// fifth of the TTL.
+    /// How long before the lock delay could end the active stops serving:
+    /// a fifth of the lock delay.
     pub margin: Duration,
+    /// The lease one server-confirmed read of the lock earns, from the time
+    /// it was sent: `lock_delay - margin`.
+    pub lease: Duration,
+    /// How often the active confirms its lock: a fifth of the lock delay.
+    pub confirm_every: Duration,
+    /// Where this instance answers probes (UDP).
+    pub probe: SocketAddr,
+    /// How often a standby probes the active.
+    pub probe_interval: Duration,
+    /// Unanswered probes in a row that mean the active is gone.
+    pub probe_misses: u32,
     /// The floating address and its prefix length, and the interface.
     pub floating: Option<FloatingAddress>,
 }
@@ -876,16 +913,43 @@ fn validate_ha(
             halo_consul::duration::format(ha.check_ttl)
         ));
     }
-    let margin = ha.check_ttl / 5;
     if ha.lock_delay > Duration::from_secs(60) {
         problems.push("ha.lock_delay: Consul caps the lock delay at 60s".to_owned());
-    } else if ha.lock_delay < margin {
+    } else if ha.lock_delay < Duration::from_millis(100) {
         problems.push(format!(
-            "ha.lock_delay: {} is below the step-down margin {} (a fifth of check_ttl)",
-            halo_consul::duration::format(ha.lock_delay),
-            halo_consul::duration::format(margin)
+            "ha.lock_delay: {} is below 100ms: it is also the active's lease, which must outlast a few reads of Consul",
+            halo_consul::duration::format(ha.lock_delay)
         ));
     }
+    let margin = ha.lock_delay / 5;
+    if ha.probe_interval < Duration::from_millis(10) || ha.probe_interval > Duration::from_secs(10) {
+        problems.push(format!(
+            "ha.probe_interval: {} must be between 10ms and 10s",
+            halo_consul::duration::format(ha.probe_interval)
+        ));
+    }
+    if !(1..=100).contains(&ha.probe_misses) {
+        problems.push(format!(
+            "ha.probe_misses: {} must be between 1 and 100",
+            ha.probe_misses
+        ));
+    }
+    let probe = match &ha.probe_listen {
+        None => admin,
+        Some(text) => match text.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                problems.push(format!(
+                    "ha.probe_listen: {a} is advertised to the peers; use a specific ip, not a wildcard"
+                ));
+                None
+            }
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(format!("ha.probe_listen: {text:?} is not an ip:port address"));
+                None
+            }
+        },
+    };
     if admin.is_some_and(|a| a.ip().is_unspecified()) {
         problems.push(
             "admin.listen: an HA instance advertises its admin address to its peer; use a specific ip, not 0.0.0.0"
@@ -927,6 +991,7 @@ fn validate_ha(
             })
         }
     };
+    let probe = probe?;
     (problems.len() == before).then(|| HaSettings {
         cluster: ha.cluster.clone(),
         id,
@@ -934,6 +999,11 @@ fn validate_ha(
         lock_delay: ha.lock_delay,
         heartbeat: ha.check_ttl / 4,
         margin,
+        lease: ha.lock_delay - margin,
+        confirm_every: ha.lock_delay / 5,
+        probe,
+        probe_interval: ha.probe_interval,
+        probe_misses: ha.probe_misses,
         floating,
     })
 }
@@ -1166,7 +1236,13 @@ mod tests {
         assert_eq!(ha.lock_key(), "halo/default/leader");
         assert_eq!((ha.check_ttl, ha.lock_delay), (DEFAULT_CHECK_TTL, DEFAULT_LOCK_DELAY));
         assert_eq!(ha.heartbeat, Duration::from_millis(250));
-        assert_eq!(ha.margin, Duration::from_millis(200));
+        assert_eq!(ha.margin, Duration::from_millis(60));
+        assert_eq!(ha.lease, Duration::from_millis(240));
+        assert_eq!(ha.confirm_every, Duration::from_millis(60));
+        assert_eq!(
+            (ha.probe_interval, ha.probe_misses),
+            (DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_MISSES)
+        );
         assert!(ha.floating.is_none());
         let v = Config::parse(
             &format!("{base}[ha]\nvip_address = \"198.18.0.100/24\"\nvip_interface = \"eth0\"\n"),
@@ -1180,13 +1256,16 @@ mod tests {
         );
 
         let e = err(&format!(
-            "[admin]\nlisten = \"0.0.0.0:9901\"\n{base}[ha]\ncluster = \"a/b\"\nid = \"\"\ncheck_ttl = \"100ms\"\nlock_delay = \"10ms\"\nvip_address = \"not-an-ip\"\n"
+            "[admin]\nlisten = \"0.0.0.0:9901\"\n{base}[ha]\ncluster = \"a/b\"\nid = \"\"\ncheck_ttl = \"100ms\"\nlock_delay = \"10ms\"\nvip_address = \"not-an-ip\"\nprobe_listen = \"here\"\nprobe_interval = \"1ms\"\nprobe_misses = 0\n"
         ));
         for needle in [
             "ha.cluster: \"a/b\"",
             "ha.id: \"\"",
             "ha.check_ttl: 100ms",
-            "ha.lock_delay: 10ms is below the step-down margin",
+            "ha.lock_delay: 10ms is below 100ms",
+            "ha.probe_listen: \"here\"",
+            "ha.probe_interval: 1ms",
+            "ha.probe_misses: 0",
             "admin.listen: an HA instance advertises",
             "ha.vip_interface: required with vip_address",
         ] {

@@ -60,6 +60,10 @@ pub enum Error {
     /// `vip_interface` names no interface in this network namespace.
     #[error("vip_interface {0}: no such interface")]
     NoSuchInterface(String),
+    /// The blocking task that made the change failed (panicked or was
+    /// cancelled).
+    #[error("the floating address task failed: {0}")]
+    Task(String),
     /// An IPv6 `vip_address`.
     #[error("floating vip_address {0}: only IPv4 is supported (IPv6 would need unsolicited neighbour advertisements)")]
     Ipv6Unsupported(IpAddr),

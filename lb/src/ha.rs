@@ -1,54 +1,91 @@
-//! Leadership of an active/standby pair, through a Consul session lock.
+//! Leadership of an active/standby pair (or more), through a Consul
+//! session lock.
 //!
 //! Each instance registers itself with its local agent as service `halo-lb`
-//! with a TTL check, heartbeats that check four times per TTL, and holds a
-//! session bound to the check and to the node's `serfHealth`. Whoever holds
-//! the key `halo/<cluster>/leader` with its session is the active and
-//! serves the VIPs; the other blocks on the key and acquires it the moment
-//! it is free. The key's `LockIndex` is the fencing epoch.
+//! with a TTL check it heartbeats four times per TTL, and holds a session
+//! bound to that check and to the node's `serfHealth`, with `lock_delay`.
+//! Whoever holds the key `halo/<cluster>/leader` with its session is the
+//! active and serves the VIPs; the others block on the key (a consistent
+//! blocking query) and acquire it the moment it is free. The key's
+//! `LockIndex` is the fencing epoch. This runs on a thread of its own
+//! (`halo-ha`, see [`crate::run`]): nothing else shares the thread that
+//! times the lease.
 //!
 //! # The invariant: stop before anyone else can start
 //!
 //! Two actives at once is the worst failure of a pair. Consul hands the
-//! lock to the standby only after the active's session is invalidated
-//! (its check went critical, it was destroyed, or its node failed) plus
-//! the session's lock delay; or after the active released the key itself.
-//! The active therefore stops serving on its own clock, before Consul
-//! could hand the lock on:
+//! lock to another session only after the holder's session was invalidated
+//! (its check went critical, its node failed, or it was destroyed, by
+//! itself or by a standby's forced takeover) **and then** the lock delay
+//! passed; or after the holder released the key itself. The active
+//! therefore serves only under a lease that ends before the lock delay
+//! after any invalidation could:
 //!
-//! - **Lease.** A heartbeat *sent* at `t` that succeeds restarts the
-//!   agent's TTL clock no earlier than `t`, so the check cannot go critical
-//!   before `t + check_ttl`. The active's lease ends at
-//!   `t + check_ttl - margin` for the last successful heartbeat; when it
-//!   ends the active stops serving ([`Server::stop_serving`], synchronous:
-//!   the listening sockets leave the LISTEN state before it returns). The
-//!   margin (a fifth of the TTL) covers timer lateness on our side; the
-//!   lock delay (at least the margin) lies on top of it on Consul's side.
-//! - **Consul says so.** A renew answering 404 (the session is gone) or the
-//!   consistent watch of the key showing another session, or none, makes
-//!   the active stop at once.
+//! - **Server-confirmed lease.** Every `lock_delay / 5` the active reads
+//!   the key with `?consistent`: the Consul leader answers only after
+//!   confirming its leadership with a quorum, so an answer to a read *sent*
+//!   at `t` that shows our session on the key proves the session held it at
+//!   some instant after `t`. Any invalidation comes later than that, and
+//!   nobody can acquire before the lock delay after the invalidation, so
+//!   not before `t + lock_delay`. The lease ends at `t + lock_delay -
+//!   margin` (a fifth of the lock delay: timer lateness and clock-rate
+//!   error) for the latest such read. Heartbeats to the local agent keep
+//!   the check passing but prove nothing about what the servers decided (a
+//!   local agent answers while it has lost every server), so they never
+//!   extend the lease.
+//! - **This covers every way of losing the lock**: the check going critical
+//!   (a dead or frozen process, an agent that lost our heartbeats), the
+//!   node failing in gossip (host death, cable pull, a partition from the
+//!   servers), a destroy (a forced takeover by a standby's detector, or our
+//!   own retirement of a suspect session), a leader election among the
+//!   servers (no confirmation is possible, so the lease runs out). The one
+//!   exception is a `?release` of our session or a delete of the key by
+//!   someone else, which start no lock delay; nothing in halo does either
+//!   to a session it does not hold, and the ACL policy in the README grants
+//!   `key:write` on the lock to halo-lb alone.
+//! - **Enforced where it matters.** When the lease ends the active stops
+//!   serving ([`Server::stop_serving`], synchronous: the listening sockets
+//!   leave LISTEN before it returns). Independently, the data plane checks
+//!   the lease ([`crate::lease`], one atomic deadline) for every accepted
+//!   connection, so a process frozen past its lease serves nothing when it
+//!   wakes, whatever order its tasks then run in.
+//! - **Evidence of loss** (a confirming read, or the key watch, showing
+//!   another session or none) stops the active at once.
 //! - **Handover.** On SIGTERM the active stops serving first and only then
-//!   releases the key, which starts no lock delay, so the standby can serve
+//!   releases the key, which starts no lock delay, so the standby serves
 //!   within milliseconds without ever overlapping.
-//! - **Promotion.** An instance starts serving only after its acquire
-//!   succeeded, a consistent read confirmed its session holds the key, and
-//!   its own lease is valid.
+//! - **Promotion.** An instance serves only after its acquire succeeded and
+//!   a consistent read (sent after the acquire) confirmed its session holds
+//!   the key; that read starts the lease. If any VIP cannot be bound, the
+//!   promotion is undone (stop serving, release the key, back off): a
+//!   promotion that cannot bind is not a promotion.
+//! - **Suspended.** A lease that runs out without evidence of loss (the
+//!   servers did not answer in time: a leader election, a partition, a slow
+//!   disk) suspends the active: it stops serving but keeps its session and
+//!   keeps confirming, and serves again (same epoch, a new term) as soon as
+//!   a confirming read succeeds. So a short Consul leader election costs
+//!   the VIP the election plus one confirmation, not a failover.
 //!
-//! - **Identity.** Every process registers its own service instance and
-//!   check (`halo-lb-<cluster>-<id>-<instance>`), and its session is bound
-//!   to that check alone (and `serfHealth`). No process ever destroys a
-//!   session it did not create, so the lock is lost only in the ways above.
-//!   A crashed predecessor's check is heartbeated by nobody, so it expires
-//!   and releases the lock through Consul (lock delay included); two live
-//!   processes with one `ha.id` contend fairly, and the younger leaves the
-//!   election ([`older_twin`]).
+//! # Failure detection
 //!
-//! Consul prefers liveness to safety in one case this cannot cover: if the
-//! agent stays reachable from halo-lb but loses its servers for longer than
-//! gossip takes to declare the node failed, the session is invalidated
-//! while heartbeats still succeed. The lock delay is then the only guard,
-//! and the active learns of it when its watch reaches a server again. See
-//! the README's HA section.
+//! Consul notices a dead process only when its check TTL runs out, and a
+//! dead host only when gossip declares its node failed (seconds). So a
+//! standby also probes the active directly ([`detector`]) and, on a
+//! refused probe, `probe_misses` unanswered ones, or an active that keeps
+//! answering `suspended`, destroys the active's session (a "forced
+//! takeover"; the lock delay applies) and acquires. Because of the
+//! server-confirmed lease, a false alarm costs a needless failover, never
+//! two actives. Forced takeovers are damped (see [`detector::Damping`]).
+//!
+//! # Identity
+//!
+//! Every process registers its own service instance and check
+//! (`halo-lb-<cluster>-<id>-<instance>`). A crashed predecessor's check is
+//! heartbeated by nobody, so it expires and releases the lock through
+//! Consul; two live processes with one `ha.id` contend fairly and the
+//! younger leaves the election ([`older_twin`]).
+
+mod detector;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -62,8 +99,12 @@ use halo_consul::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use detector::Damping;
+pub use detector::Evidence;
 
 use crate::config::HaSettings;
 use crate::floating::{FloatingIp, Outcome};
@@ -78,34 +119,56 @@ const ACQUIRE_RETRY: Duration = Duration::from_millis(20);
 const CONSUL_RETRY: Duration = Duration::from_millis(100);
 /// How often an instance looks for an older live instance with its id.
 const TWIN_RECHECK: Duration = Duration::from_secs(2);
+/// Confirming reads of the lock in flight at once, at most.
+const CONFIRMS_IN_FLIGHT: usize = 4;
+/// The first wait after a promotion that could not bind its listeners; it
+/// doubles with every failure in a row, up to [`BIND_BACKOFF_MAX`].
+const BIND_BACKOFF: Duration = Duration::from_secs(1);
+const BIND_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Terms kept for `/status`.
 const HISTORY: usize = 64;
 /// Deregister the `halo-lb` instance of a process that died without
 /// cleaning up (Consul's minimum).
 const DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 
-/// An instance's role in the pair.
+/// An instance's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// Not yet registered with a valid session.
+    /// Not yet registered with a valid session, or out of the election.
     Starting,
     /// Warm: tables and discovery run, listeners are closed.
     Standby,
-    /// Holds the lock and serves the VIPs.
+    /// Holds the lock under a valid lease and serves the VIPs.
     Active,
+    /// Holds the lock but could not confirm it with the servers in time:
+    /// serves nothing until a confirming read succeeds.
+    Suspended,
 }
 
-/// Why an active stopped being active.
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Starting => "starting",
+            Role::Standby => "standby",
+            Role::Active => "active",
+            Role::Suspended => "suspended",
+        }
+    }
+}
+
+/// Why an active stopped serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepDown {
-    /// No heartbeat succeeded in time: the lease ran out.
+    /// No read of the lock was confirmed by the servers in time.
     LeaseExpired,
-    /// A renew answered 404: the session was invalidated.
+    /// The session is gone.
     SessionLost,
     /// The key shows another session, or none.
     LockLost,
+    /// A VIP could not be bound: the promotion was undone.
+    BindFailed,
     /// The process is shutting down and handed the lock over.
     Shutdown,
 }
@@ -116,6 +179,7 @@ impl StepDown {
             StepDown::LeaseExpired => "lease_expired",
             StepDown::SessionLost => "session_lost",
             StepDown::LockLost => "lock_lost",
+            StepDown::BindFailed => "bind_failed",
             StepDown::Shutdown => "shutdown",
         }
     }
@@ -134,6 +198,10 @@ pub struct LeaderValue {
     /// written by older versions.
     #[serde(default)]
     pub instance: String,
+    /// Where the holder answers probes (UDP). `None` in values written by
+    /// older versions: no detector then.
+    #[serde(default)]
+    pub probe: Option<String>,
 }
 
 /// The lock key as last seen by the consistent watch.
@@ -158,6 +226,19 @@ pub struct Term {
     pub ended_by: Option<StepDown>,
 }
 
+/// What the detector saw, for `/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+struct DetectorStatus {
+    /// The probe address of the instance being watched.
+    peer: Option<String>,
+    /// Forced takeovers this process made.
+    forced_takeovers: u64,
+    /// Why the last one was made.
+    last_evidence: Option<String>,
+    /// Forced takeovers held back by damping.
+    damped: u64,
+}
+
 #[derive(Debug)]
 struct State {
     role: Role,
@@ -169,10 +250,12 @@ struct State {
     lease_until: Option<Instant>,
     /// An older live instance uses our `ha.id`: we stay out of the election.
     id_conflict: Option<String>,
+    detector: DetectorStatus,
+    damping: Damping,
 }
 
-/// One instance's view of the pair: shared by the election task, the admin
-/// API and `/status`.
+/// One instance's view of the election: shared by the election thread, the
+/// admin API and `/status`.
 #[derive(Debug)]
 pub struct Leadership {
     settings: HaSettings,
@@ -212,6 +295,8 @@ impl Leadership {
                 consul_error: None,
                 lease_until: None,
                 id_conflict: None,
+                detector: DetectorStatus::default(),
+                damping: Damping::default(),
             }),
         })
     }
@@ -241,6 +326,11 @@ impl Leadership {
         &self.settings.id
     }
 
+    /// The `[ha]` settings.
+    pub fn settings(&self) -> &HaSettings {
+        &self.settings
+    }
+
     /// This instance's role.
     pub fn role(&self) -> Role {
         self.state().role
@@ -264,6 +354,7 @@ impl Leadership {
                 json!({
                     "id": k.holder.as_ref().map(|h| h.id.clone()),
                     "admin": k.holder.as_ref().map(|h| h.admin.clone()),
+                    "instance": k.holder.as_ref().map(|h| h.instance.clone()),
                     "epoch": k.lock_index,
                 })
             })
@@ -271,6 +362,7 @@ impl Leadership {
         json!({
             "cluster": self.settings.cluster,
             "id": self.settings.id,
+            "instance": self.instance,
             "role": state.role,
             "epoch": state.epoch,
             "leader": leader,
@@ -280,9 +372,16 @@ impl Leadership {
                 .map(|until| until.saturating_duration_since(now).as_millis() as u64),
             "check_ttl_ms": self.settings.check_ttl.as_millis() as u64,
             "lock_delay_ms": self.settings.lock_delay.as_millis() as u64,
+            "probe": self.settings.probe.to_string(),
+            "detector": {
+                "peer": state.detector.peer,
+                "forced_takeovers": state.detector.forced_takeovers,
+                "last_evidence": state.detector.last_evidence,
+                "damped": state.detector.damped,
+                "damped_for_ms": state.damping.until(now).map(|u| (u - now).as_millis() as u64),
+            },
             "consul_error": state.consul_error,
             "id_conflict": state.id_conflict,
-            "instance": self.instance,
             "terms": state.terms,
         })
     }
@@ -290,10 +389,20 @@ impl Leadership {
     fn set_role(&self, role: Role) {
         self.state().role = role;
         metrics::gauge!("halo_ha_active").set(if role == Role::Active { 1.0 } else { 0.0 });
+        metrics::gauge!("halo_ha_suspended").set(if role == Role::Suspended { 1.0 } else { 0.0 });
     }
 
     fn set_consul_error(&self, error: Option<String>) {
         self.state().consul_error = error;
+    }
+
+    fn set_lease(&self, until: Option<Instant>) {
+        self.state().lease_until = until;
+    }
+
+    /// This instance lost the lock while alive: damp its forced takeovers.
+    fn lost_lock(&self) {
+        self.state().damping.incident(Instant::now());
     }
 
     fn value(&self) -> String {
@@ -302,35 +411,30 @@ impl Leadership {
             admin: self.admin.to_string(),
             start: self.started.clone(),
             instance: self.instance.clone(),
+            probe: Some(self.settings.probe.to_string()),
         })
         .expect("a struct of strings serialises")
     }
 }
 
-/// Consul calls of the election, with the deadlines they need.
-#[derive(Debug, Clone)]
-struct Consul {
-    /// Short calls: heartbeats, acquire, renew.
-    fast: Client,
-    /// The blocking key watch.
-    blocking: Client,
-}
-
 /// Runs the election until `stop` is cancelled, promoting and demoting
-/// `server`. On return this instance no longer serves and has released the
-/// lock if it held it.
+/// `server`. `probe` is the bound socket this instance answers probes on.
+/// On return this instance no longer serves and has released the lock if
+/// it held it.
 pub async fn run(
     leadership: Arc<Leadership>,
     client: Client,
     server: Arc<Server>,
-    floating: Option<FloatingIp>,
+    floating: Option<Arc<FloatingIp>>,
+    probe: std::net::UdpSocket,
     stop: CancellationToken,
 ) {
     let settings = leadership.settings.clone();
+    crate::lease::revoke();
     if let Some(floating) = &floating {
         // A previous process may have died while active and left the
         // address behind; a standby must not carry it.
-        match floating.release() {
+        match release_address(floating).await {
             Ok(Outcome::Changed) => {
                 tracing::warn!(address = %floating.address(), "removed a floating address left behind")
             }
@@ -338,102 +442,162 @@ pub async fn run(
             Err(e) => tracing::error!(error = %e, "cannot check the floating address"),
         }
     }
-    let consul = Consul {
-        fast: client.with_timeout(settings.check_ttl.max(Duration::from_millis(500))),
-        blocking: client.with_timeout(KEY_WAIT + KEY_WAIT / 16 + Duration::from_secs(2)),
-    };
+    // Short calls: heartbeats, acquire, confirm. The blocking watch adds
+    // its wait to this itself.
+    let client = client.with_timeout(
+        settings
+            .check_ttl
+            .clamp(Duration::from_millis(500), Duration::from_secs(5)),
+    );
     let tasks = stop.child_token();
 
-    // The lease: the deadline from the last successful heartbeat.
-    let (lease_tx, mut lease) = watch::channel(None::<Instant>);
+    match tokio::net::UdpSocket::from_std(probe) {
+        Ok(socket) => {
+            let me = Arc::clone(&leadership);
+            let responder = tokio::spawn(detector::respond(socket, move || {
+                (me.instance.clone(), me.role().as_str().to_owned())
+            }));
+            let t = tasks.clone();
+            tokio::spawn(async move {
+                t.cancelled().await;
+                responder.abort();
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "cannot answer probes; peers fall back to Consul's detection"),
+    }
+    // The check: until when it is known to pass (last successful
+    // heartbeat + TTL).
+    let (check_tx, mut check) = watch::channel(None::<Instant>);
     tokio::spawn(heartbeat(
         Arc::clone(&leadership),
-        consul.fast.clone(),
-        lease_tx,
+        client.clone(),
+        check_tx,
         tasks.clone(),
     ));
     let (key_tx, mut key) = watch::channel(None::<Option<KeyState>>);
     tokio::spawn(watch_key(
         Arc::clone(&leadership),
-        consul.blocking.clone(),
+        client.clone(),
         key_tx,
         tasks.clone(),
     ));
 
-    loop {
-        let Some(session) = open_session(&leadership, &consul.fast, &mut lease, &stop).await else {
+    let mut bind_backoff = BIND_BACKOFF;
+    'sessions: loop {
+        let Some(session) = open_session(&leadership, &client, &mut check, &stop).await else {
             break;
         };
         leadership.set_role(Role::Standby);
-        let epoch = match contend(&leadership, &consul.fast, &session, &mut key, &mut lease, &stop).await {
-            Contend::Acquired(epoch) => epoch,
-            Contend::SessionLost => {
-                leadership.state().session = None;
-                continue;
-            }
-            Contend::Twin => {
-                close_session(&consul.fast, &session).await;
-                leadership.state().session = None;
-                continue;
-            }
-            Contend::Stopped => {
-                close_session(&consul.fast, &session).await;
-                break;
-            }
-        };
-        let term = Serving {
-            server: &server,
-            floating: floating.as_ref(),
-            session: &session,
-            epoch,
-        };
-        let reason = lead(&leadership, &consul.fast, term, &mut key, &mut lease, &stop).await;
-        if reason == StepDown::Shutdown {
-            // Stopped serving already; now hand over. A release starts no
-            // lock delay, so the standby can take over at once.
-            match consul
-                .fast
-                .kv_release(&settings.lock_key(), leadership.value(), &session)
-                .await
-            {
-                Ok(released) => tracing::info!(released, "lock released for the standby"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot release the lock; the standby waits for the session to expire")
+        let (mut epoch, mut lease_until) =
+            match contend(&leadership, &client, &session, &mut key, &mut check, &stop).await {
+                Contend::Acquired { epoch, lease_until } => (epoch, lease_until),
+                Contend::SessionLost => {
+                    leadership.state().session = None;
+                    continue;
                 }
+                Contend::Twin => {
+                    close_session(&client, &session).await;
+                    leadership.state().session = None;
+                    continue;
+                }
+                Contend::Stopped => {
+                    close_session(&client, &session).await;
+                    break;
+                }
+            };
+        // Terms under this session: suspended in between when the servers
+        // could not confirm in time.
+        let reason = loop {
+            let term = Serving {
+                server: &server,
+                floating: floating.as_ref(),
+                session: &session,
+                epoch,
+                lease_until,
+            };
+            let reason = lead(&leadership, &client, term, &mut key, &stop).await;
+            if reason != StepDown::LeaseExpired {
+                break reason;
             }
-            close_session(&consul.fast, &session).await;
-            break;
+            match suspend(&leadership, &client, &session, &mut key, &stop).await {
+                Resume::Confirmed {
+                    epoch: e,
+                    lease_until: l,
+                } => {
+                    tracing::info!(epoch = e, "the servers confirm our lock again: resuming");
+                    (epoch, lease_until) = (e, l);
+                }
+                Resume::Lost => break StepDown::LockLost,
+                Resume::Stopped => break StepDown::Shutdown,
+            }
+        };
+        match reason {
+            StepDown::Shutdown => {
+                // Stopped serving already; now hand over. A release starts
+                // no lock delay, so the standby can take over at once.
+                release_lock(&leadership, &client, &session).await;
+                close_session(&client, &session).await;
+                break 'sessions;
+            }
+            StepDown::BindFailed => {
+                // Hand the lock to whoever can bind, then wait before
+                // contending again (the obstacle may be ours to outlast).
+                release_lock(&leadership, &client, &session).await;
+                close_session(&client, &session).await;
+                leadership.state().session = None;
+                leadership.set_role(Role::Starting);
+                tracing::warn!(retry_in = ?bind_backoff, "promotion undone: a vip could not be bound");
+                tokio::select! {
+                    () = stop.cancelled() => break 'sessions,
+                    () = tokio::time::sleep(bind_backoff) => {}
+                }
+                bind_backoff = (bind_backoff * 2).min(BIND_BACKOFF_MAX);
+            }
+            StepDown::LockLost | StepDown::SessionLost | StepDown::LeaseExpired => {
+                bind_backoff = BIND_BACKOFF;
+                leadership.lost_lock();
+                // The session is suspect (or gone). Destroy it, which frees
+                // the lock after the lock delay if it still held it, and
+                // contend again with a fresh one.
+                tokio::spawn(retire_session(client.clone(), session, stop.clone()));
+                leadership.state().session = None;
+            }
         }
-        // Stepped down for cause: this session is suspect (or gone). Destroy
-        // it, which frees the lock after the lock delay if it was still held
-        // (otherwise a session whose check we keep passing would hold it for
-        // ever), and contend again with a fresh one.
-        tokio::spawn(retire_session(consul.fast.clone(), session, stop.clone()));
-        leadership.state().session = None;
     }
     tasks.cancel();
-    if let Err(e) = consul.fast.deregister_service(&leadership.service_id()).await {
+    if let Err(e) = client.deregister_service(&leadership.service_id()).await {
         tracing::warn!(error = %e, "cannot deregister the halo-lb instance; Consul removes it a minute after its check fails");
     }
     leadership.set_role(Role::Standby);
 }
 
-/// Registers the instance and creates a session bound to its check and to
-/// the node's `serfHealth`. Retries until it succeeds or `stop`.
+async fn release_lock(leadership: &Leadership, client: &Client, session: &str) {
+    match client
+        .kv_release(&leadership.settings.lock_key(), leadership.value(), session)
+        .await
+    {
+        Ok(released) => tracing::info!(released, "lock released for the standby"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot release the lock; the standby waits for the session to end")
+        }
+    }
+}
+
+/// Creates a session bound to our check and the node's `serfHealth`, once
+/// the check passes. Retries until it succeeds or `stop`.
 async fn open_session(
     leadership: &Leadership,
     client: &Client,
-    lease: &mut watch::Receiver<Option<Instant>>,
+    check: &mut watch::Receiver<Option<Instant>>,
     stop: &CancellationToken,
 ) -> Option<String> {
     let settings = &leadership.settings;
     loop {
-        // A session can only be bound to a passing check: wait for a
-        // heartbeat to have succeeded.
-        while lease.borrow_and_update().is_none_or(|until| until <= Instant::now()) {
+        // A session can only be bound to a passing check.
+        while check.borrow_and_update().is_none_or(|until| until <= Instant::now()) {
             tokio::select! {
                 () = stop.cancelled() => return None,
-                changed = lease.changed() => if changed.is_err() { return None },
+                changed = check.changed() => if changed.is_err() { return None },
             }
         }
         if !wait_out_twin(leadership, client, stop).await {
@@ -492,20 +656,32 @@ async fn retire_session(client: Client, session: String, stop: CancellationToken
 
 /// How contending ended.
 enum Contend {
-    Acquired(u64),
+    /// We hold the key: its epoch, and the lease the confirming read earned.
+    Acquired {
+        epoch: u64,
+        lease_until: Instant,
+    },
     SessionLost,
     /// An older live instance uses our id: leave the election.
     Twin,
     Stopped,
 }
 
-/// The standby: waits for the key to be free and acquires it.
+/// The detector's watch of one holder.
+struct Watching {
+    /// The holder's session, destroyed on a forced takeover.
+    session: String,
+    task: AbortOnDrop<std::io::Result<Evidence>>,
+}
+
+/// The standby: waits for the key to be free and acquires it; meanwhile
+/// probes the holder and takes the lock from it when it is gone.
 async fn contend(
     leadership: &Leadership,
     client: &Client,
     session: &str,
     key: &mut watch::Receiver<Option<Option<KeyState>>>,
-    lease: &mut watch::Receiver<Option<Instant>>,
+    check: &mut watch::Receiver<Option<Instant>>,
     stop: &CancellationToken,
 ) -> Contend {
     let settings = &leadership.settings;
@@ -513,6 +689,9 @@ async fn contend(
     let mut twin_check = tokio::time::interval(TWIN_RECHECK);
     twin_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     twin_check.reset();
+    let mut watching: Option<Watching> = None;
+    // After a damped verdict: no new watch until the window ends.
+    let mut damped_until: Option<Instant> = None;
     loop {
         let seen = key.borrow_and_update().clone();
         // Unknown until the watch answers once; absent or without a session
@@ -522,12 +701,20 @@ async fn contend(
             Some(None) => true,
             Some(Some(k)) => k.session.is_none() || k.session.as_deref() == Some(session),
         };
-        let lease_valid = lease.borrow_and_update().is_some_and(|until| until > Instant::now());
+        let check_passing = check.borrow_and_update().is_some_and(|until| until > Instant::now());
         let mut retry_after = None;
-        if free && lease_valid {
+        if free && check_passing {
+            let sent = Instant::now();
             match client.kv_acquire(&lock_key, leadership.value(), session).await {
                 Ok(true) => match confirm(client, &lock_key, session).await {
-                    Ok(Some(epoch)) => return Contend::Acquired(epoch),
+                    // The confirming read was sent after `sent`: the lease
+                    // counts from then, conservatively.
+                    Ok(Some(epoch)) => {
+                        return Contend::Acquired {
+                            epoch,
+                            lease_until: sent + settings.lease,
+                        }
+                    }
                     Ok(None) => retry_after = Some(ACQUIRE_RETRY),
                     Err(e) => {
                         tracing::warn!(error = %e, "acquired the lock but cannot confirm it; retrying");
@@ -548,17 +735,79 @@ async fn contend(
                 }
             }
         }
+        // Probe whoever else holds the key.
+        let holder = match &seen {
+            Some(Some(k)) => k
+                .session
+                .as_ref()
+                .filter(|s| s.as_str() != session)
+                .and_then(|s| Some((s.clone(), k.holder.clone()?))),
+            _ => None,
+        };
+        let wanted = holder
+            .filter(|(_, h)| h.instance != leadership.instance)
+            .and_then(|(s, h)| Some((s, h.probe.as_deref()?.parse::<SocketAddr>().ok()?, h.instance)));
+        let now = Instant::now();
+        match (&wanted, &watching) {
+            (Some((s, _, _)), Some(w)) if *s == w.session => {}
+            (Some((s, peer, instance)), _) if damped_until.is_none_or(|u| now >= u) => {
+                damped_until = None;
+                let (peer, instance) = (*peer, instance.clone());
+                let (interval, misses) = (settings.probe_interval, settings.probe_misses);
+                leadership.state().detector.peer = Some(peer.to_string());
+                watching = Some(Watching {
+                    session: s.clone(),
+                    task: AbortOnDrop(tokio::spawn(async move {
+                        detector::watch_peer(peer, &instance, interval, misses).await
+                    })),
+                });
+            }
+            (None, Some(_)) => {
+                watching = None;
+                leadership.state().detector.peer = None;
+            }
+            _ => {}
+        }
         let retry = async {
             match retry_after {
                 Some(d) => tokio::time::sleep(d).await,
                 None => std::future::pending().await,
             }
         };
+        let verdict = async {
+            match watching.as_mut() {
+                Some(w) => (&mut w.task.0).await,
+                None => std::future::pending().await,
+            }
+        };
+        let undamp = async {
+            match damped_until {
+                Some(u) => tokio::time::sleep_until(u).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = stop.cancelled() => return Contend::Stopped,
-            _ = key.changed() => {}
-            _ = lease.changed() => {}
+            changed = key.changed() => if changed.is_err() { return Contend::Stopped },
+            changed = check.changed() => if changed.is_err() { return Contend::Stopped },
             () = retry => {}
+            () = undamp => {}
+            verdict = verdict => {
+                let target = watching.take().map(|w| w.session);
+                match verdict {
+                    Ok(Ok(evidence)) => {
+                        if let Some(target) = target {
+                            damped_until = force_takeover(leadership, client, &target, &evidence).await;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot probe the active; relying on Consul's detection");
+                        damped_until = Some(Instant::now() + TWIN_RECHECK);
+                    }
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => tracing::error!(error = %e, "the probe task failed"),
+                }
+            }
             _ = twin_check.tick() => match older_twin(leadership, client).await {
                 Ok(Some(twin)) => {
                     tracing::error!(id = %settings.id, twin = %twin, "an older live instance uses our ha.id; leaving the election");
@@ -567,6 +816,470 @@ async fn contend(
                 Ok(None) => {}
                 Err(e) => tracing::debug!(error = %e, "cannot look for instances sharing our id"),
             },
+        }
+    }
+}
+
+/// Destroys the holder's session on the detector's evidence, unless
+/// damped. Returns until when a new watch must wait (damped), if at all.
+async fn force_takeover(
+    leadership: &Leadership,
+    client: &Client,
+    target: &str,
+    evidence: &Evidence,
+) -> Option<Instant> {
+    let now = Instant::now();
+    {
+        let mut state = leadership.state();
+        if !state.damping.allows(now) {
+            state.detector.damped += 1;
+            let until = state.damping.until(now);
+            drop(state);
+            metrics::counter!("halo_ha_forced_takeovers_damped_total").increment(1);
+            tracing::warn!(%evidence, damped_for = ?until.map(|u| u - now), "the active looks gone, but forced takeovers are damped; waiting for Consul's own detection");
+            return until;
+        }
+    }
+    match client.session_destroy(target).await {
+        Ok(()) => {
+            let mut state = leadership.state();
+            state.damping.incident(now);
+            state.detector.forced_takeovers += 1;
+            state.detector.last_evidence = Some(evidence.to_string());
+            drop(state);
+            metrics::counter!("halo_ha_forced_takeovers_total", "evidence" => evidence.kind()).increment(1);
+            tracing::warn!(session = target, %evidence, "forced takeover: destroyed the active's session; acquiring after the lock delay");
+            None
+        }
+        // Gone already: Consul (or another standby) got there first.
+        Err(ConsulError::NotFound { .. }) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, %evidence, "cannot destroy the active's session; probing on");
+            None
+        }
+    }
+}
+
+/// A consistent read of the key: the epoch if `session` holds it.
+async fn confirm(client: &Client, key: &str, session: &str) -> Result<Option<u64>, ConsulError> {
+    let answer = client
+        .kv_get(key, QueryOptions::with_consistency(Consistency::Consistent))
+        .await?;
+    Ok(answer
+        .value
+        .filter(|pair| pair.session.as_deref() == Some(session))
+        .map(|pair| pair.lock_index))
+}
+
+/// What an active serves with, for one term.
+struct Serving<'a> {
+    server: &'a Server,
+    floating: Option<&'a Arc<FloatingIp>>,
+    session: &'a str,
+    epoch: u64,
+    lease_until: Instant,
+}
+
+/// Adds the floating address and announces it, off this thread (netlink and
+/// packet sockets block); logged, not fatal: the active retries.
+async fn claim(floating: &Arc<FloatingIp>) -> bool {
+    let f = Arc::clone(floating);
+    let started = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || f.claim()).await {
+        Ok(Ok(_)) => {
+            tracing::info!(address = %floating.address(), interface = floating.interface(), took = ?started.elapsed(), "floating address claimed and announced");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot claim the floating address; retrying");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the claim task failed; retrying");
+            false
+        }
+    }
+}
+
+async fn release_address(floating: &Arc<FloatingIp>) -> Result<Outcome, crate::floating::Error> {
+    let f = Arc::clone(floating);
+    match tokio::task::spawn_blocking(move || f.release()).await {
+        Ok(result) => result,
+        Err(e) => Err(crate::floating::Error::Task(e.to_string())),
+    }
+}
+
+/// Reads the key with `?consistent` every `confirm_every` (several in
+/// flight when answers are slow) and publishes the lease each confirming
+/// answer earns: its send time plus the lease length. Says `lost` when an
+/// answer shows the key is not ours.
+async fn confirm_lease(
+    client: Client,
+    key: String,
+    session: String,
+    settings: HaSettings,
+    lease: watch::Sender<Instant>,
+    lost: oneshot::Sender<()>,
+) {
+    let mut tick = tokio::time::interval(settings.confirm_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inflight = JoinSet::new();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if inflight.len() < CONFIRMS_IN_FLIGHT {
+                    let (c, k, s) = (client.clone(), key.clone(), session.clone());
+                    let limit = settings.lease;
+                    inflight.spawn(async move {
+                        let sent = Instant::now();
+                        (sent, tokio::time::timeout(limit, confirm(&c, &k, &s)).await)
+                    });
+                }
+            }
+            Some(done) = inflight.join_next() => match done {
+                Ok((sent, Ok(Ok(Some(_))))) => {
+                    if failing {
+                        tracing::info!("lock confirmations succeed again");
+                        failing = false;
+                    }
+                    let until = sent + settings.lease;
+                    lease.send_if_modified(|current| {
+                        let later = until > *current;
+                        if later {
+                            *current = until;
+                        }
+                        later
+                    });
+                }
+                Ok((_, Ok(Ok(None)))) => {
+                    tracing::warn!("a confirming read shows the lock is no longer ours");
+                    if lost.send(()).is_err() {
+                        tracing::debug!("the term already ended");
+                    }
+                    return;
+                }
+                Ok((_, Ok(Err(e)))) => {
+                    metrics::counter!("halo_ha_confirm_failures_total").increment(1);
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot confirm the lock with the servers; the lease runs out unless a read succeeds");
+                        failing = true;
+                    }
+                }
+                Ok((_, Err(_elapsed))) => {
+                    metrics::counter!("halo_ha_confirm_failures_total").increment(1);
+                    if !failing {
+                        tracing::warn!(after = ?settings.lease, "a confirming read got no answer in time");
+                        failing = true;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "a confirming read failed to run"),
+            },
+        }
+    }
+}
+
+/// The active: serves until a reason to step down, then stops serving
+/// before returning.
+async fn lead(
+    leadership: &Leadership,
+    client: &Client,
+    term: Serving<'_>,
+    key: &mut watch::Receiver<Option<Option<KeyState>>>,
+    stop: &CancellationToken,
+) -> StepDown {
+    let Serving {
+        server,
+        floating,
+        session,
+        epoch,
+        lease_until,
+    } = term;
+    let settings = &leadership.settings;
+    // Invariant: we hold the lock, confirmed by a consistent read sent
+    // before `lease_until - lease`; checked once more right before binding.
+    if lease_until <= Instant::now() {
+        tracing::warn!("the lease ran out while acquiring; not promoting");
+        return StepDown::LeaseExpired;
+    }
+    let (lease_tx, mut lease) = watch::channel(lease_until);
+    let (lost_tx, mut lost) = oneshot::channel();
+    let _confirming = AbortOnDrop(tokio::spawn(confirm_lease(
+        client.clone(),
+        settings.lock_key(),
+        session.to_owned(),
+        settings.clone(),
+        lease_tx,
+        lost_tx,
+    )));
+    crate::lease::serve_until(lease_until.into_std());
+    leadership.set_lease(Some(lease_until));
+    let from = SystemTime::now();
+    let failed = server.start_serving();
+    {
+        let mut state = leadership.state();
+        state.epoch = Some(epoch);
+        state.terms.push_back(Term {
+            epoch,
+            from_unix_us: unix_us(from),
+            to_unix_us: None,
+            ended_by: None,
+        });
+        while state.terms.len() > HISTORY {
+            state.terms.pop_front();
+        }
+    }
+    let reason = if failed.is_empty() {
+        leadership.set_role(Role::Active);
+        metrics::gauge!("halo_ha_epoch").set(epoch as f64);
+        metrics::counter!("halo_ha_promotions_total").increment(1);
+        tracing::info!(epoch, id = %settings.id, "promoted: active, serving the vips");
+        serve(leadership, floating, epoch, &mut lease, &mut lost, key, session, stop).await
+    } else {
+        for e in &failed {
+            tracing::error!(error = %e, "cannot serve a vip: undoing the promotion");
+        }
+        StepDown::BindFailed
+    };
+    // Stop before anyone else can start: the data plane first (one atomic
+    // store), then the listeners (synchronous), before any call that could
+    // let another instance in (release, destroy).
+    crate::lease::revoke();
+    server.stop_serving();
+    let to = SystemTime::now();
+    {
+        let mut state = leadership.state();
+        if let Some(term) = state.terms.back_mut() {
+            term.to_unix_us = Some(unix_us(to));
+            term.ended_by = Some(reason);
+        }
+        state.lease_until = None;
+    }
+    if let Some(f) = floating {
+        // After the listeners: the address going is not what stops us
+        // serving, and the new active's announcement wins either way.
+        if let Err(e) = release_address(f).await {
+            tracing::error!(error = %e, "cannot remove the floating address");
+        }
+    }
+    tracing::info!(
+        epoch,
+        from_unix_us = unix_us(from),
+        to_unix_us = unix_us(to),
+        reason = reason.as_str(),
+        "term ended"
+    );
+    leadership.set_role(if reason == StepDown::LeaseExpired {
+        Role::Suspended
+    } else {
+        Role::Standby
+    });
+    metrics::counter!("halo_ha_step_downs_total", "reason" => reason.as_str()).increment(1);
+    if reason == StepDown::Shutdown {
+        tracing::info!(epoch, "stepped down for shutdown: vips no longer served");
+    } else {
+        tracing::warn!(epoch, reason = reason.as_str(), "stepped down: vips no longer served");
+    }
+    reason
+}
+
+/// The active's loop, once every VIP is bound: follows the lease and
+/// watches for evidence of loss. Nothing here waits on Consul (confirming
+/// runs beside it), so the deadline fires on time.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    leadership: &Leadership,
+    floating: Option<&Arc<FloatingIp>>,
+    epoch: u64,
+    lease: &mut watch::Receiver<Instant>,
+    lost: &mut oneshot::Receiver<()>,
+    key: &mut watch::Receiver<Option<Option<KeyState>>>,
+    session: &str,
+    stop: &CancellationToken,
+) -> StepDown {
+    let settings = &leadership.settings;
+    // The address last: listeners are ready before any packet for it can
+    // arrive. Claimed off this thread; retried every heartbeat until done.
+    let mut claiming = floating.map(|f| {
+        let f = Arc::clone(f);
+        AbortOnDrop(tokio::spawn(async move { claim(&f).await }))
+    });
+    let mut claim_retry = tokio::time::interval(settings.heartbeat);
+    claim_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut claimed = floating.is_none();
+    // Announce once more a little later, as keepalived does, for neighbours
+    // that missed the first burst.
+    let reannounce = tokio::time::sleep(crate::floating::REANNOUNCE_AFTER);
+    tokio::pin!(reannounce);
+    let mut reannounced = floating.is_none();
+    loop {
+        let deadline = *lease.borrow_and_update();
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(deadline) => {
+                // The lease may have moved just now: look again before acting.
+                if *lease.borrow() <= Instant::now() {
+                    tracing::warn!(epoch, "no read of the lock confirmed in time: the lease ran out");
+                    return StepDown::LeaseExpired;
+                }
+            }
+            () = stop.cancelled() => return StepDown::Shutdown,
+            changed = lease.changed() => {
+                if changed.is_err() {
+                    // The confirming task ended without saying why.
+                    return StepDown::LeaseExpired;
+                }
+                let until = *lease.borrow();
+                crate::lease::serve_until(until.into_std());
+                leadership.set_lease(Some(until));
+            }
+            _ = &mut *lost => return StepDown::LockLost,
+            changed = key.changed() => {
+                let ours = key
+                    .borrow_and_update()
+                    .as_ref()
+                    .is_some_and(|k| k.as_ref().is_some_and(|k| k.session.as_deref() == Some(session)));
+                if changed.is_err() || !ours {
+                    return StepDown::LockLost;
+                }
+            }
+            done = async { (&mut claiming.as_mut().expect("guarded").0).await }, if claiming.is_some() => {
+                claiming = None;
+                claimed = matches!(done, Ok(true));
+            }
+            _ = claim_retry.tick(), if !claimed && claiming.is_none() => {
+                let f = Arc::clone(floating.expect("unclaimed implies a floating address"));
+                claiming = Some(AbortOnDrop(tokio::spawn(async move { claim(&f).await })));
+            }
+            () = &mut reannounce, if !reannounced => {
+                reannounced = true;
+                if let Some(f) = floating {
+                    let f = Arc::clone(f);
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = f.announce() {
+                            tracing::warn!(error = %e, "cannot re-announce the floating address");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// How a suspension ended.
+enum Resume {
+    /// The servers confirm the lock is still ours.
+    Confirmed {
+        epoch: u64,
+        lease_until: Instant,
+    },
+    /// It is not.
+    Lost,
+    Stopped,
+}
+
+/// The suspended active: serves nothing, keeps its session, and reads the
+/// key until the servers confirm it is still ours (resume) or show it is
+/// not (lost).
+async fn suspend(
+    leadership: &Leadership,
+    client: &Client,
+    session: &str,
+    key: &mut watch::Receiver<Option<Option<KeyState>>>,
+    stop: &CancellationToken,
+) -> Resume {
+    let settings = &leadership.settings;
+    let lock_key = settings.lock_key();
+    leadership.set_role(Role::Suspended);
+    let mut tick = tokio::time::interval(settings.confirm_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Resume::Stopped,
+            changed = key.changed() => {
+                let theirs = key.borrow_and_update().as_ref().is_some_and(|k| {
+                    k.as_ref().is_none_or(|k| k.session.as_deref() != Some(session))
+                });
+                if changed.is_err() || theirs {
+                    return Resume::Lost;
+                }
+            }
+            _ = tick.tick() => {
+                let sent = Instant::now();
+                match tokio::time::timeout(settings.lease, confirm(client, &lock_key, session)).await {
+                    Ok(Ok(Some(epoch))) => {
+                        return Resume::Confirmed { epoch, lease_until: sent + settings.lease };
+                    }
+                    Ok(Ok(None)) => return Resume::Lost,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "still cannot confirm the lock"),
+                    Err(_) => tracing::debug!("a confirming read got no answer in time"),
+                }
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Registers the instance, then passes its check every `heartbeat`,
+/// publishing until when the check is known to pass. Re-registers when the
+/// agent no longer knows the check. (This keeps the session valid; it does
+/// not extend the active's lease: only the servers can.)
+async fn heartbeat(
+    leadership: Arc<Leadership>,
+    client: Client,
+    check: watch::Sender<Option<Instant>>,
+    stop: CancellationToken,
+) {
+    let settings = leadership.settings.clone();
+    let check_id = leadership.check_id();
+    let mut registered = false;
+    let mut failing = false;
+    let mut tick = tokio::time::interval(settings.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sent = Instant::now();
+        let result = if registered {
+            match client.check_pass(&check_id, "").await {
+                Err(e) if e.is_not_found() => {
+                    tracing::warn!("the agent lost our check; registering again");
+                    registered = false;
+                    register(&leadership, &client).await
+                }
+                other => other,
+            }
+        } else {
+            register(&leadership, &client).await
+        };
+        match result {
+            Ok(()) => {
+                registered = true;
+                check.send_replace(Some(sent + settings.check_ttl));
+                if failing {
+                    tracing::info!("heartbeats reach the agent again");
+                    leadership.set_consul_error(None);
+                }
+                failing = false;
+            }
+            Err(e) => {
+                metrics::counter!("halo_ha_heartbeat_failures_total").increment(1);
+                if !failing {
+                    tracing::warn!(error = %e, "heartbeat failed; the check goes critical unless one succeeds");
+                }
+                leadership.set_consul_error(Some(e.to_string()));
+                failing = true;
+            }
         }
     }
 }
@@ -644,278 +1357,6 @@ async fn wait_out_twin(leadership: &Leadership, client: &Client, stop: &Cancella
         tokio::select! {
             () = stop.cancelled() => return false,
             () = tokio::time::sleep(TWIN_RECHECK) => {}
-        }
-    }
-}
-
-/// A consistent read of the key after an acquire: the epoch if `session`
-/// holds it.
-async fn confirm(client: &Client, key: &str, session: &str) -> Result<Option<u64>, ConsulError> {
-    let answer = client
-        .kv_get(key, QueryOptions::with_consistency(Consistency::Consistent))
-        .await?;
-    Ok(answer
-        .value
-        .filter(|pair| pair.session.as_deref() == Some(session))
-        .map(|pair| pair.lock_index))
-}
-
-/// What an active serves with, for one term.
-struct Serving<'a> {
-    server: &'a Server,
-    floating: Option<&'a FloatingIp>,
-    session: &'a str,
-    epoch: u64,
-}
-
-/// Adds the floating address and announces it; logged, not fatal: the
-/// active retries every heartbeat while it has not got the address.
-fn claim(floating: &FloatingIp) -> bool {
-    let started = std::time::Instant::now();
-    match floating.claim() {
-        Ok(_) => {
-            tracing::info!(address = %floating.address(), interface = floating.interface(), took = ?started.elapsed(), "floating address claimed and announced");
-            true
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot claim the floating address; retrying");
-            false
-        }
-    }
-}
-
-/// The active: serves until a reason to step down, then stops serving
-/// before returning.
-async fn lead(
-    leadership: &Leadership,
-    client: &Client,
-    term: Serving<'_>,
-    key: &mut watch::Receiver<Option<Option<KeyState>>>,
-    lease: &mut watch::Receiver<Option<Instant>>,
-    stop: &CancellationToken,
-) -> StepDown {
-    let Serving {
-        server,
-        floating,
-        session,
-        epoch,
-    } = term;
-    let settings = &leadership.settings;
-    // Invariant: we hold the lock (acquire + consistent confirm) and our
-    // lease is valid; checked once more right before binding.
-    if lease.borrow_and_update().is_none_or(|until| until <= Instant::now()) {
-        tracing::warn!("lease ran out while acquiring; not promoting");
-        return StepDown::LeaseExpired;
-    }
-    let from = SystemTime::now();
-    let failed = server.start_serving();
-    {
-        let mut state = leadership.state();
-        state.epoch = Some(epoch);
-        state.terms.push_back(Term {
-            epoch,
-            from_unix_us: unix_us(from),
-            to_unix_us: None,
-            ended_by: None,
-        });
-        while state.terms.len() > HISTORY {
-            state.terms.pop_front();
-        }
-    }
-    leadership.set_role(Role::Active);
-    metrics::gauge!("halo_ha_epoch").set(epoch as f64);
-    metrics::counter!("halo_ha_promotions_total").increment(1);
-    tracing::info!(epoch, id = %settings.id, "promoted: active, serving the vips");
-    for e in &failed {
-        tracing::error!(error = %e, "cannot serve a vip; retrying every heartbeat");
-    }
-    let mut unbound = !failed.is_empty();
-    // The address last: listeners are ready (pre-bound) before any packet
-    // for it can arrive.
-    let mut unclaimed = floating.is_some_and(|f| !claim(f));
-    // Announce once more a little later, as keepalived does, for neighbours
-    // that missed the first burst.
-    let reannounce = tokio::time::sleep(crate::floating::REANNOUNCE_AFTER);
-    tokio::pin!(reannounce);
-    let mut reannounced = floating.is_none();
-
-    // Renewing runs beside this loop, never inside it: nothing here may
-    // wait on Consul, or a hanging call would hold the loop past the lease
-    // deadline.
-    let (gone_tx, mut gone) = oneshot::channel();
-    let renewer = AbortOnDrop(tokio::spawn(renew_until_gone(
-        client.clone(),
-        session.to_owned(),
-        settings.heartbeat,
-        gone_tx,
-    )));
-    let mut retry_bind = tokio::time::interval(settings.heartbeat);
-    retry_bind.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reason = loop {
-        let deadline = lease.borrow_and_update().unwrap_or_else(Instant::now);
-        leadership.state().lease_until = Some(deadline);
-        tokio::select! {
-            biased;
-            () = tokio::time::sleep_until(deadline) => {
-                // The lease may have moved just now: look again before acting.
-                if lease.borrow().is_none_or(|until| until <= Instant::now()) {
-                    break StepDown::LeaseExpired;
-                }
-            }
-            () = stop.cancelled() => break StepDown::Shutdown,
-            _ = key.changed() => {
-                let ours = key
-                    .borrow_and_update()
-                    .as_ref()
-                    .is_some_and(|k| k.as_ref().is_some_and(|k| k.session.as_deref() == Some(session)));
-                if !ours {
-                    break StepDown::LockLost;
-                }
-            }
-            _ = lease.changed() => {}
-            Ok(()) = &mut gone => break StepDown::SessionLost,
-            _ = retry_bind.tick(), if unbound || unclaimed => {
-                if unbound {
-                    let failed = server.start_serving();
-                    for e in &failed {
-                        tracing::warn!(error = %e, "still cannot serve a vip");
-                    }
-                    unbound = !failed.is_empty();
-                }
-                if let Some(f) = floating.filter(|_| unclaimed) {
-                    unclaimed = !claim(f);
-                }
-            }
-            () = &mut reannounce, if !reannounced => {
-                reannounced = true;
-                if let Some(f) = floating {
-                    if let Err(e) = f.announce() {
-                        tracing::warn!(error = %e, "cannot re-announce the floating address");
-                    }
-                }
-            }
-        }
-    };
-    drop(renewer);
-    // Stop before anyone else can start: synchronous, and before any call
-    // that could let the standby in (release, destroy).
-    server.stop_serving();
-    let to = SystemTime::now();
-    {
-        let mut state = leadership.state();
-        if let Some(term) = state.terms.back_mut() {
-            term.to_unix_us = Some(unix_us(to));
-            term.ended_by = Some(reason);
-        }
-        state.lease_until = None;
-    }
-    if let Some(f) = floating {
-        // After the listeners: the address going is not what stops us
-        // serving, and the new active's announcement wins either way.
-        if let Err(e) = f.release() {
-            tracing::error!(error = %e, "cannot remove the floating address");
-        }
-    }
-    tracing::info!(
-        epoch,
-        from_unix_us = unix_us(from),
-        to_unix_us = unix_us(to),
-        reason = reason.as_str(),
-        "term ended"
-    );
-    leadership.set_role(Role::Standby);
-    metrics::counter!("halo_ha_step_downs_total", "reason" => reason.as_str()).increment(1);
-    if reason == StepDown::Shutdown {
-        tracing::info!(epoch, "stepped down for shutdown: vips no longer served");
-    } else {
-        tracing::warn!(epoch, reason = reason.as_str(), "stepped down: vips no longer served");
-    }
-    reason
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Renews `session` every `every` until Consul answers 404 (it is gone),
-/// then says so on `gone`. Other failures (no leader, agent unreachable)
-/// are no reason to step down by themselves; the lease decides those.
-async fn renew_until_gone(client: Client, session: String, every: Duration, gone: oneshot::Sender<()>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        match client.session_renew(&session).await {
-            Ok(_) => {}
-            Err(ConsulError::NotFound { .. }) => {
-                tracing::warn!(session, "renew: the session is gone");
-                let _receiver_gone = gone.send(());
-                return;
-            }
-            Err(e) => tracing::debug!(error = %e, "session renew failed"),
-        }
-    }
-}
-
-/// Registers the instance, then passes its check every `heartbeat`,
-/// publishing the lease each success earns. Re-registers when the agent
-/// no longer knows the check.
-async fn heartbeat(
-    leadership: Arc<Leadership>,
-    client: Client,
-    lease: watch::Sender<Option<Instant>>,
-    stop: CancellationToken,
-) {
-    let settings = leadership.settings.clone();
-    let check_id = leadership.check_id();
-    let earned = settings.check_ttl - settings.margin;
-    let mut registered = false;
-    let mut failing = false;
-    let mut tick = tokio::time::interval(settings.heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let sent = Instant::now();
-        let result = if registered {
-            match client.check_pass(&check_id, "").await {
-                Err(e) if e.is_not_found() => {
-                    tracing::warn!("the agent lost our check; registering again");
-                    registered = false;
-                    register(&leadership, &client).await
-                }
-                other => other,
-            }
-        } else {
-            register(&leadership, &client).await
-        };
-        match result {
-            Ok(()) => {
-                // Registration sets the check passing too: either way the
-                // TTL clock restarted no earlier than `sent`.
-                registered = true;
-                lease.send_replace(Some(sent + earned));
-                if failing {
-                    tracing::info!("heartbeats reach the agent again");
-                    leadership.set_consul_error(None);
-                }
-                failing = false;
-            }
-            Err(e) => {
-                metrics::counter!("halo_ha_heartbeat_failures_total").increment(1);
-                if !failing {
-                    tracing::warn!(error = %e, "heartbeat failed; the lease runs out unless one succeeds");
-                }
-                leadership.set_consul_error(Some(e.to_string()));
-                failing = true;
-            }
         }
     }
 }

@@ -34,7 +34,9 @@
 //! - [`proxy_protocol`]: PROXY v1/v2 headers.
 //! - [`server`]: the running set of VIPs, serving or not, reload, status,
 //!   drain.
-//! - [`ha`]: the active/standby election, its lease, and step-down.
+//! - [`ha`]: the active/standby election, its server-confirmed lease,
+//!   step-down, and the standby's failure detector; on a thread of its own.
+//! - [`lease`]: the lease as the data plane checks it, per connection.
 //! - [`admin`]: `/health`, `/status`, `/metrics`, backend enable/disable.
 //! - [`workers`]: one single-threaded runtime per core for the data plane.
 
@@ -47,6 +49,7 @@ pub mod discovery;
 pub mod dns;
 pub mod floating;
 pub mod ha;
+pub mod lease;
 pub mod pressure;
 pub mod proxy;
 pub mod proxy_protocol;
@@ -96,6 +99,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     let floating = match config.ha.as_ref().and_then(|ha| ha.floating.as_ref()) {
         Some(f) => Some(
             floating::FloatingIp::open(f.address, f.prefix, &f.interface)
+                .map(Arc::new)
                 .with_context(|| format!("ha.vip_address {}/{} on {}", f.address, f.prefix, f.interface))?,
         ),
         None => None,
@@ -114,16 +118,36 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         stop_admin.clone(),
     ));
     let stop_ha = CancellationToken::new();
+    // The election times the active's lease: it gets a thread and runtime
+    // of its own, shared with nothing that could delay it (table rebuilds,
+    // /status rendering and discovery run on this one).
     let election = match &leadership {
         Some(leadership) => {
             let client = server::consul_client(&config.config.consul).context("consul")?;
-            Some(tokio::spawn(ha::run(
-                Arc::clone(leadership),
-                client,
-                Arc::clone(&server),
-                floating,
-                stop_ha.clone(),
-            )))
+            let probe_at = leadership.settings().probe;
+            let probe = std::net::UdpSocket::bind(probe_at)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .with_context(|| format!("cannot listen for probes on ha.probe_listen {probe_at} (UDP)"))?;
+            let (leadership, server, stop) = (Arc::clone(leadership), Arc::clone(&server), stop_ha.clone());
+            let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name("halo-ha".into())
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // The receiver learns of it from the dropped sender.
+                            tracing::error!(error = %e, "cannot build the election's runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(ha::run(leadership, client, server, floating, probe, stop));
+                    if done_tx.send(()).is_err() {
+                        tracing::debug!("nobody waits for the election any more");
+                    }
+                })
+                .context("cannot start the election thread")?;
+            Some(done)
         }
         None => None,
     };
@@ -152,7 +176,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         stop_ha.cancel();
         match tokio::time::timeout(Duration::from_secs(5), election).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the election task failed"),
+            Ok(Err(_)) => tracing::error!("the election thread ended without finishing"),
             Err(_) => tracing::warn!("the election did not finish its handover in 5s; draining anyway"),
         }
     }

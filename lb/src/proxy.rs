@@ -108,6 +108,15 @@ pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Cancellatio
             accepted = listener.accept() => accepted,
         };
         match accepted {
+            Ok((stream, peer)) if !crate::lease::valid() => {
+                // Past the lease (a frozen process waking up, or the instant
+                // before the election shuts the listener): serve nothing.
+                // Closing at once lets the client try the new active.
+                vip.metrics().lease_refusals.increment(1);
+                tracing::debug!(vip = vip.name(), client = %peer, "accepted past the lease; closed");
+                drop(stream);
+                spare = Some(socket);
+            }
             Ok((stream, peer)) => {
                 slot.accepted();
                 let vip = Arc::clone(&vip);

@@ -225,6 +225,8 @@ pub struct VipMetrics {
     /// Client connections closed because the process stayed out of local
     /// resources (descriptors, ports) for too long.
     pub local_resource_closes: Counter,
+    /// Client connections accepted past the HA lease and closed unserved.
+    pub lease_refusals: Counter,
     /// Connections closed by the idle timeout.
     pub idle_timeouts: Counter,
     /// Times accepting paused at the connection limit.
@@ -259,6 +261,7 @@ impl VipMetrics {
             retries: metrics::counter!("halo_vip_retries_total", &l),
             no_backend: metrics::counter!("halo_vip_no_backend_total", &l),
             local_resource_closes: metrics::counter!("halo_vip_local_resource_closes_total", &l),
+            lease_refusals: metrics::counter!("halo_vip_lease_refusals_total", &l),
             idle_timeouts: metrics::counter!("halo_vip_idle_timeouts_total", &l),
             limit_reached: metrics::counter!("halo_vip_connection_limit_reached_total", &l),
             table_version: metrics::gauge!("halo_table_version", &l),

@@ -277,8 +277,14 @@ async fn an_active_cut_off_from_consul_stops_before_the_standby_starts_20_times(
         cut.cut();
         let promoted = wait_role(standby, "active").await;
         epochs.push(promoted["ha"]["epoch"].as_u64().unwrap());
-        // The cut-off instance stepped down by itself, on its lease.
-        let demoted = wait_role(active, "standby").await;
+        // The cut-off instance stopped by itself, on its lease: it cannot
+        // confirm the lock, so it is suspended (it still answers its
+        // peer's probes, saying so, which lets the peer take over at once).
+        let demoted = eventually(DEADLINE, "the cut-off instance to stop serving", || async {
+            let s: Value = serde_json::from_str(&halo_testkit::http::get(active.admin, "/status").await?.1).ok()?;
+            (role(&s) == "suspended" || role(&s) == "standby").then_some(s)
+        })
+        .await;
         let ended = demoted["ha"]["terms"].as_array().unwrap().last().unwrap()["ended_by"].clone();
         assert!(
             ended == "lease_expired" || ended == "lock_lost" || ended == "session_lost",
@@ -305,15 +311,16 @@ async fn an_active_cut_off_from_consul_stops_before_the_standby_starts_20_times(
         gaps.iter().max().unwrap() / 1000
     );
     assert!(epochs.windows(2).all(|w| w[0] < w[1]), "epochs rise: {epochs:?}");
-    assert_eq!(
-        terms(&sa).len() + terms(&sb).len(),
-        21,
+    // One term per round plus the first; more only if an active suspended
+    // and resumed on a slow answer, which is allowed (same epoch).
+    assert!(
+        terms(&sa).len() + terms(&sb).len() >= 21,
         "one term per round plus the first"
     );
 }
 
 #[tokio::test]
-async fn losing_the_consul_leader_changes_neither_the_active_nor_the_tables() {
+async fn losing_the_consul_leader_never_makes_two_actives_nor_empties_a_table() {
     let mut cluster = halo_testkit::ConsulCluster::start(3).await;
     let agent = cluster.add_client().await;
     let client = halo_consul::Client::from_address(agent.http_url()).unwrap();
@@ -381,11 +388,13 @@ async fn losing_the_consul_leader_changes_neither_the_active_nor_the_tables() {
     };
 
     let old = cluster.leader().await.expect("a leader");
+    let stopped = std::time::Instant::now();
     cluster.stop(old);
     eventually(DEADLINE, "a new Consul leader", || async {
         cluster.leader().await.filter(|l| *l != old)
     })
     .await;
+    let elected = std::time::Instant::now();
     // Past the election: both instances reach Consul through it again.
     for lb in [&a, &b] {
         eventually(DEADLINE, "the instance to reach Consul again", || async {
@@ -394,22 +403,53 @@ async fn losing_the_consul_leader_changes_neither_the_active_nor_the_tables() {
         })
         .await;
     }
+    served_after(&prober.log, elected).await;
     watching.store(false, std::sync::atomic::Ordering::Relaxed);
     let seen = monitor.await.unwrap();
     let log = prober.stop().await;
 
+    // Without a leader no read of the lock can be confirmed: the active
+    // suspends (serving nothing) rather than risk two actives, and serves
+    // again once a confirming read succeeds; a standby may instead take
+    // over, but never while the other serves.
     assert!(seen.len() > 10, "the monitor saw the outage");
-    for (admin, role, e, tables) in &seen {
-        let want = if *admin == a.admin { "active" } else { "standby" };
-        assert_eq!(role, want, "{admin} changed role during the leader loss");
-        if *admin == a.admin {
-            assert_eq!(*e, Some(epoch), "the epoch moved");
-        }
+    for (admin, _, _, tables) in &seen {
         assert_eq!(*tables, 2, "{admin}'s table lost backends");
     }
-    assert_eq!(terms(&a.status().await).len(), 1, "a single term, never interrupted");
-    let failed = log.iter().filter(|(_, ok)| !ok).count();
-    assert_eq!(failed, 0, "{failed} of {} client connections failed", log.len());
+    let (sa, sb) = eventually(DEADLINE, "one instance to serve again", || async {
+        let (sa, sb) = (a.status().await, b.status().await);
+        (role(&sa) == "active" || role(&sb) == "active").then_some((sa, sb))
+    })
+    .await;
+    assert_never_both_active(&sa, &sb);
+    if role(&sa) == "active" {
+        assert_eq!(
+            sa["ha"]["epoch"].as_u64(),
+            Some(epoch),
+            "a resumed active keeps its epoch"
+        );
+    }
+    // Served again soon after Consul had a leader (the goal is 1 s; the
+    // bound is generous).
+    let back = log
+        .iter()
+        .find(|(at, ok)| *ok && *at > elected)
+        .map(|(at, _)| at.duration_since(elected))
+        .expect("served after the election");
+    let outage = log
+        .iter()
+        .filter(|(at, ok)| !ok && *at > stopped)
+        .map(|(at, _)| *at)
+        .max()
+        .map(|last| last.duration_since(stopped));
+    eprintln!(
+        "consul leader loss: new leader {:?} after the stop; vip served {back:?} after that; failures until {outage:?} after the stop",
+        elected.duration_since(stopped)
+    );
+    assert!(
+        back < Duration::from_secs(5),
+        "served again {back:?} after the new leader"
+    );
 }
 
 /// A halo-lb in a namespace host, with its log in a temp dir.
