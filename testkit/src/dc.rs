@@ -488,7 +488,10 @@ impl Datacenter {
 
     /// Waits until every running server reports the same leader.
     pub async fn wait_for_leader(&self) -> String {
-        eventually(START_TIMEOUT, "the Consul servers to agree on a leader", || self.leader()).await
+        eventually(START_TIMEOUT, "the Consul servers to agree on a leader", || {
+            self.leader()
+        })
+        .await
     }
 
     /// The status of `node`'s `serfHealth` check (`passing`, `critical`)
