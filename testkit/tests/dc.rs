@@ -22,6 +22,15 @@ fn namespaces() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Consul's defaults but for `raft_multiplier = 1`: the first election takes
+/// about a second instead of several, for tests whose subject is not raft.
+fn fast_raft() -> DcSpec {
+    DcSpec {
+        raft_multiplier: Some(1),
+        ..DcSpec::default()
+    }
+}
+
 /// Whether `from` completes a TCP handshake with `to` within 2 s.
 async fn reaches(dc: &Datacenter, from: &str, to: SocketAddr) -> bool {
     dc.host(from).connect(to).await.is_ok()
@@ -100,7 +109,7 @@ async fn a_cut_separates_exactly_the_chosen_pairs_until_healed() {
     if !halo_testkit::netns::required("dc::a_cut_separates_exactly_the_chosen_pairs_until_healed") {
         return;
     }
-    let dc = Datacenter::start(DcSpec::default()).await;
+    let dc = Datacenter::start(fast_raft()).await;
     assert!(kv_works(&dc, "lb1").await && kv_works(&dc, "lb2").await);
 
     // lb1 from the servers only.
@@ -111,8 +120,9 @@ async fn a_cut_separates_exactly_the_chosen_pairs_until_healed() {
     })
     .await;
     eprintln!(
-        "FIGURE cut from servers: lb1's agent cannot name a leader (2 s HTTP timeout included) after {:?}",
-        began.elapsed()
+        "FIGURE cut from servers: lb1's agent cannot name a leader (2 s HTTP timeout included) after {:?} ({})",
+        began.elapsed(),
+        dc.spec().describe()
     );
     assert!(!kv_works(&dc, "lb1").await, "KV through lb1's agent fails");
     assert!(kv_works(&dc, "lb2").await, "KV through lb2's agent works");
@@ -161,7 +171,7 @@ async fn a_pulled_cable_isolates_a_host_whose_processes_run_on() {
     if !halo_testkit::netns::required("dc::a_pulled_cable_isolates_a_host_whose_processes_run_on") {
         return;
     }
-    let dc = Datacenter::start(DcSpec::default()).await;
+    let dc = Datacenter::start(fast_raft()).await;
     let agent = dc.agent_pid("lb1").unwrap();
     assert!(dc.net().is_plugged("lb1"));
     dc.unplug("lb1");
@@ -203,7 +213,7 @@ async fn power_off_kills_everything_in_a_host_and_power_on_restarts_its_agent() 
     if !halo_testkit::netns::required("dc::power_off_kills_everything_in_a_host_and_power_on_restarts_its_agent") {
         return;
     }
-    let dc = Datacenter::start(DcSpec::default()).await;
+    let dc = Datacenter::start(fast_raft()).await;
     let mut cmd = dc.host("lb1").command("sh");
     cmd.args(["-c", "echo started; exec sleep 600"]);
     let mut sleeper = dc.spawn("lb1", cmd, "sleeper");
@@ -290,7 +300,7 @@ async fn a_paused_process_completes_handshakes_but_does_not_answer_and_a_killed_
     }
     let dc = Datacenter::start(DcSpec {
         balancers: 1,
-        ..DcSpec::default()
+        ..fast_raft()
     })
     .await;
     // Any process with a listener will do: the backend host's agent.
@@ -391,4 +401,37 @@ async fn assert_timing(dc: &Datacenter, host: &str, election: &str, probe: &str,
     assert_eq!(debug["GossipLANProbeInterval"], probe, "{host}");
     assert_eq!(debug["GossipLANProbeTimeout"], probe_timeout, "{host}");
     assert_eq!(debug["GossipLANSuspicionMult"], suspicion, "{host}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_test_leaves_nothing_behind() {
+    if !halo_testkit::netns::required("dc::a_panicking_test_leaves_nothing_behind") {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let test = tokio::spawn(async move {
+        // Fast raft: this test is about the clean-up only.
+        let dc = Datacenter::start(fast_raft()).await;
+        dc.cut("lb1", "lb2");
+        dc.unplug("lb2");
+        let mut cmd = dc.host("lb1").command("sleep");
+        cmd.arg("600");
+        let sleeper = dc.spawn("lb1", cmd, "sleep");
+        let prefix = dc.host("client").netns().trim_end_matches("client").to_owned();
+        let pids: Vec<u32> = ["server1", "lb1"].iter().filter_map(|h| dc.agent_pid(h)).collect();
+        let dir = dc.log_dir().parent().unwrap().to_path_buf();
+        tx.send((prefix, pids, sleeper.pid(), dir)).unwrap();
+        panic!("a deliberate failure with a datacenter up");
+    });
+    let err = test.await.expect_err("the task panicked");
+    assert!(err.is_panic());
+    let (prefix, pids, sleeper, dir) = rx.recv().unwrap();
+    assert!(!namespaces().contains(&prefix), "namespaces left: {}", namespaces());
+    for pid in pids.into_iter().chain([sleeper]) {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} is gone"
+        );
+    }
+    assert!(!dir.exists(), "{} removed", dir.display());
 }
