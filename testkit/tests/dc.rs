@@ -267,16 +267,25 @@ async fn killing_the_leader_elects_another_and_it_rejoins() {
     let old = dc.kill_leader().await;
     let began = Instant::now();
     assert_eq!(dc.agent_pid(&old), None);
-    let new = eventually(WAIT, "a new leader, as the client's agent sees it", || async {
-        dc.leader_seen_by("client").await.filter(|l| *l != old)
+    let new = eventually(WAIT, "the surviving servers to agree on a new leader", || async {
+        dc.leader().await.filter(|l| *l != old)
+    })
+    .await;
+    let servers_agree = began.elapsed();
+    eventually(WAIT, "the client's agent to see the new leader", || async {
+        (dc.leader_seen_by("client").await.as_ref() == Some(&new)).then_some(())
     })
     .await;
     eprintln!(
-        "FIGURE leader kill: new leader {new} (was {old}) seen by the client's agent after {:?} ({})",
+        "FIGURE leader kill: new leader {new} (was {old}): servers agree after {servers_agree:?}, \
+         the client's agent sees it after {:?} ({})",
         began.elapsed(),
         dc.spec().describe()
     );
-    assert!(kv_works(&dc, "lb1").await);
+    eventually(WAIT, "KV through lb1's agent", || async {
+        kv_works(&dc, "lb1").await.then_some(())
+    })
+    .await;
     dc.start_agent(&old).await;
     assert_eq!(
         dc.leader().await.as_deref(),
