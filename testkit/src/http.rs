@@ -61,6 +61,17 @@ pub async fn request_over(stream: TcpStream, addr: SocketAddr, method: &str, pat
     exchange(stream, addr, method, path, "", "").await
 }
 
+/// [`request_over`] with a request body (e.g. a KV value).
+pub async fn request_body_over(
+    stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String)> {
+    exchange(stream, addr, method, path, "", body).await
+}
+
 /// One HTTP/1.0 exchange; `headers` are extra header lines, each ending in
 /// CRLF.
 async fn exchange(

@@ -21,9 +21,15 @@
 //! - [`eventually`]: poll a condition until a generous deadline.
 //! - [`fault`]: a TCP proxy that can cut the path to an agent like a
 //!   partition.
-//! - [`netns`]: a client, two balancers and a backend in network namespaces
-//!   on one bridge, removed on drop; [`netns::required`] gates such tests.
+//! - [`netns`]: hosts in network namespaces on one bridge (a client, two
+//!   balancers and a backend by default), network faults between them,
+//!   removed on drop; [`netns::required`] gates such tests.
+//! - [`dc`]: a production-shaped datacenter on that machinery: three Consul
+//!   servers, a client agent on every other host (balancers, backends, a
+//!   client), and fault primitives (power off, cable pull, partitions,
+//!   pause, leader kill).
 
+pub mod dc;
 pub mod fault;
 pub mod http;
 pub mod netns;

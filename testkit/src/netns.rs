@@ -15,6 +15,7 @@
 //! `HALO_NETNS_TESTS=1` (CI sets it) the test must run and fails if it
 //! cannot; otherwise it says loudly that it was skipped and returns.
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
@@ -133,6 +134,98 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&stdout).into_owned()
 }
 
+/// Runs `cmd` with `input` on its stdin, panicking with its stderr if it
+/// fails.
+fn run_with_input(cmd: &mut Command, input: &str) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    if let Err(e) = stdin.write_all(input.as_bytes()) {
+        panic!("cannot write to {cmd:?}: {e}");
+    }
+    drop(stdin);
+    let Output { status, stderr, .. } = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("cannot wait for {cmd:?}: {e}"));
+    if !status.success() {
+        panic!(
+            "{cmd:?} failed ({status}): {}\ninput:\n{input}",
+            String::from_utf8_lossy(&stderr).trim()
+        );
+    }
+}
+
+/// nftables' `nft`, for [`Topology::cut`]; panics naming the package if
+/// it is missing.
+fn nft() -> &'static PathBuf {
+    static NFT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    NFT.get_or_init(|| {
+        ["nft", "/usr/sbin/nft", "/sbin/nft"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|nft| {
+                Command::new(nft)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .ok_or_else(|| "nftables' `nft` is not installed (apt-get install nftables)".to_owned())
+    })
+    .as_ref()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The flags of one `ip -o link show` line: `<BROADCAST,UP,…>`.
+fn link_flags(line: &str) -> Vec<String> {
+    line.split_once('<')
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .map(|(flags, _)| flags.split(',').map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// A pid as nix wants it.
+pub(crate) fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"))
+}
+
+/// The last `max` bytes of the file at `path`, lossy UTF-8; empty if it
+/// cannot be read.
+pub(crate) fn tail(path: &std::path::Path, max: u64) -> String {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if f.seek(SeekFrom::Start(len.saturating_sub(max))).is_ok() {
+            if let Err(e) = f.take(max).read_to_end(&mut buf) {
+                return format!("(cannot read {}: {e})", path.display());
+            }
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// SIGKILLs every process in `host`'s namespace: the testkit's own (by the
+/// pids it keeps, which are not reaped before their guards drop) and any
+/// other `ip netns pids` lists.
+fn kill_all_in(host: &Host) {
+    let spawned = host.spawned.lock().map(|p| p.clone()).unwrap_or_default();
+    let listed = ip_run(["netns", "pids", &host.netns]);
+    let listed = listed.split_whitespace().filter_map(|p| p.parse::<u32>().ok());
+    for pid in spawned.into_iter().chain(listed) {
+        if let Err(e) = kill(pid_of(pid), Signal::SIGKILL) {
+            if e != nix::errno::Errno::ESRCH {
+                panic!("cannot kill {pid} in {}: {e}", host.netns);
+            }
+        }
+    }
+}
+
 /// `ip <args>`, panicking on failure.
 fn ip_run<I, S>(args: I) -> String
 where
@@ -145,7 +238,7 @@ where
 /// One host of a [`Topology`]: a namespace with `lo` and `eth0` up.
 #[derive(Debug)]
 pub struct Host {
-    name: &'static str,
+    name: String,
     netns: String,
     ip: Ipv4Addr,
     mac: String,
@@ -156,9 +249,11 @@ pub struct Host {
 }
 
 impl Host {
-    /// `client`, `lb1`, `lb2` or `backend`.
+    /// `client`, `lb1`, `lb2` or `backend` in a [`Topology::start`]; see
+    /// [`crate::dc`] for a datacenter's names. Also the name of its port on
+    /// the bridge.
     pub fn name(&self) -> &str {
-        self.name
+        &self.name
     }
 
     /// The namespace's name, for `ip netns exec` and `ip -n`.
@@ -197,7 +292,26 @@ impl Host {
     /// Starts a long-running process made by [`Host::command`]. It is killed
     /// when the returned guard drops, when the test's thread dies
     /// (`PR_SET_PDEATHSIG`), or at the latest with the topology.
-    pub fn spawn(&self, mut cmd: Command) -> HostProcess {
+    pub fn spawn(&self, cmd: Command) -> HostProcess {
+        self.spawn_inner(cmd, None)
+    }
+
+    /// [`Host::spawn`] with the process's stdout and stderr appended to
+    /// `log` (created if missing), which [`HostProcess::log_tail`] reads.
+    pub fn spawn_logged(&self, mut cmd: Command, log: &std::path::Path) -> HostProcess {
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open log file {}: {e}", log.display()));
+        let stderr = file
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot clone log file handle {}: {e}", log.display()));
+        cmd.stdin(Stdio::null()).stdout(file).stderr(stderr);
+        self.spawn_inner(cmd, Some(log.to_path_buf()))
+    }
+
+    fn spawn_inner(&self, mut cmd: Command, log: Option<PathBuf>) -> HostProcess {
         let args: Vec<&OsStr> = cmd.get_args().take(3).collect();
         assert!(
             args == [OsStr::new("netns"), OsStr::new("exec"), OsStr::new(&self.netns)],
@@ -209,7 +323,12 @@ impl Host {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?} in {}: {e}", self.netns));
         self.spawned.lock().expect("spawned pids poisoned").push(child.id());
-        HostProcess { host: self.name, child }
+        HostProcess {
+            host: self.name.clone(),
+            child,
+            log,
+            spawned: Arc::clone(&self.spawned),
+        }
     }
 
     /// Runs `f` on a thread that has entered this host's network namespace.
@@ -272,8 +391,13 @@ impl Host {
 /// A process started in a host's namespace; SIGKILLed and reaped on drop.
 #[derive(Debug)]
 pub struct HostProcess {
-    host: &'static str,
+    host: String,
     child: Child,
+    /// Where its output goes, if started with [`Host::spawn_logged`].
+    log: Option<PathBuf>,
+    /// Its host's list of unreaped pids, which it leaves once reaped so
+    /// that the topology never signals a reused pid.
+    spawned: Arc<Mutex<Vec<u32>>>,
 }
 
 impl HostProcess {
@@ -283,13 +407,77 @@ impl HostProcess {
     }
 
     /// The child, for its stdin and stdout pipes and its exit status.
+    /// Reaping it here (`wait`) rather than through this guard leaves its
+    /// pid on the topology's kill list until the guard drops.
     pub fn child(&mut self) -> &mut Child {
         &mut self.child
     }
 
-    /// SIGKILLs and reaps it. Idempotent.
+    /// Whether it has been reaped; takes its pid off the host's kill list
+    /// if so.
+    fn reaped(&mut self) -> bool {
+        let done = matches!(self.child.try_wait(), Ok(Some(_)));
+        if done {
+            let pid = self.child.id();
+            self.spawned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|p| *p != pid);
+        }
+        done
+    }
+
+    /// The name of the host it runs in.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Its log file, if started with [`Host::spawn_logged`].
+    pub fn log_path(&self) -> Option<&std::path::Path> {
+        self.log.as_deref()
+    }
+
+    /// The last `max` bytes of its log file (lossy UTF-8); empty without
+    /// one.
+    pub fn log_tail(&self, max: u64) -> String {
+        self.log.as_deref().map(|p| tail(p, max)).unwrap_or_default()
+    }
+
+    /// Whether it has not exited yet (reaping it if it has).
+    pub fn is_running(&mut self) -> bool {
+        !self.reaped()
+    }
+
+    /// Sends `signal` to it; an error if it has exited and been reaped
+    /// (the pid is still ours until then, so it cannot hit another process).
+    pub fn signal(&mut self, signal: Signal) -> nix::Result<()> {
+        if self.reaped() {
+            return Err(nix::errno::Errno::ESRCH);
+        }
+        kill(pid_of(self.child.id()), signal)
+    }
+
+    /// Freezes it with SIGSTOP, as a stalled VM or a debugger would: its
+    /// sockets stay open and the kernel still completes TCP handshakes on
+    /// its listeners, but nothing is read or answered. Panics if it has
+    /// exited.
+    pub fn pause(&mut self) {
+        if let Err(e) = self.signal(Signal::SIGSTOP) {
+            panic!("cannot SIGSTOP {} in {}: {e}", self.child.id(), self.host);
+        }
+    }
+
+    /// Thaws it with SIGCONT after [`HostProcess::pause`]. Panics if it has
+    /// exited.
+    pub fn resume(&mut self) {
+        if let Err(e) = self.signal(Signal::SIGCONT) {
+            panic!("cannot SIGCONT {} in {}: {e}", self.child.id(), self.host);
+        }
+    }
+
+    /// SIGKILLs and reaps it, as a crash would. Idempotent.
     pub fn kill(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
+        if self.reaped() {
             return;
         }
         if let Err(e) = self.child.kill() {
@@ -298,6 +486,7 @@ impl HostProcess {
         if let Err(e) = self.child.wait() {
             eprintln!("testkit: reap {} in {}: {e}", self.child.id(), self.host);
         }
+        self.reaped();
     }
 }
 
@@ -307,27 +496,60 @@ impl Drop for HostProcess {
     }
 }
 
-/// The client, two balancers and a backend on one bridge, each in its own
-/// namespace; deleted with everything in it on drop.
+/// Hosts on one bridge, each in its own namespace; deleted with everything
+/// in it on drop. [`Topology::start`] makes the client, two balancers and a
+/// backend; [`crate::dc::Datacenter`] builds a larger one with the same
+/// machinery.
+///
+/// # Network faults
+/// Each is usable mid-test and undone by its counterpart:
+/// - [`Topology::unplug`] / [`Topology::plug`]: the host's cable, i.e. its
+///   port on the bridge, goes down / up. The host keeps its processes and
+///   its own `eth0` state (an unplugged machine does not know why the
+///   carrier went away).
+/// - [`Topology::cut`] / [`Topology::heal`]: drop every frame between two
+///   hosts, both ways, while both still reach everybody else. Done with an
+///   nftables `bridge` table in the bridge's namespace matching the two
+///   bridge ports, so it covers every address either host owns (a floating
+///   VIP too) and ARP, and neither host's own netfilter state is touched;
+///   senders see silent loss, as on a broken path. Needs `nft` (Debian
+///   package `nftables`).
+/// - [`Topology::power_off`] / [`Topology::power_on`]: SIGKILL everything in
+///   the host and take its `eth0` down; on power-on, `eth0` comes back up
+///   with only the host's own address (a reboot forgets added ones, such
+///   as a VIP).
 #[derive(Debug)]
 pub struct Topology {
     /// `halo-<pid>-<n>-`.
     prefix: String,
     /// x in 198.18.x.0/24.
     subnet: u8,
+    /// The namespace holding `br0` and the hosts' bridge-side veth ends.
+    bridge: String,
     /// Every namespace created so far, bridge first, for the cleanup.
     namespaces: Vec<String>,
     hosts: Vec<Host>,
+    /// Pairs of host names cut apart by [`Topology::cut`], each sorted.
+    cuts: Mutex<BTreeSet<(String, String)>>,
 }
 
 /// The hosts and the last octet of their addresses.
 const HOSTS: [(&str, u8); 4] = [("client", 10), ("lb1", 11), ("lb2", 12), ("backend", 20)];
+
+/// The nftables table [`Topology::cut`] keeps in the bridge's namespace.
+const CUT_TABLE: &str = "halo_cuts";
 
 impl Topology {
     /// Creates the namespaces, the bridge and the links, and brings them up.
     /// Panics if any step fails, after removing what it had made. Call
     /// [`required`] first.
     pub fn start() -> Topology {
+        Topology::with_hosts(&HOSTS.map(|(name, last)| (name.to_owned(), last)))
+    }
+
+    /// A topology of the given hosts (name, last octet of its address).
+    /// Names are at most 15 bytes (they name the bridge ports).
+    pub(crate) fn with_hosts(hosts: &[(String, u8)]) -> Topology {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         static SWEEP: OnceLock<()> = OnceLock::new();
         // One topology at a time per test process: the first `ip netns add`
@@ -341,11 +563,14 @@ impl Topology {
         // The namespaces keep topologies apart; a subnet per topology only
         // makes addresses in logs and captures tell tests apart.
         let subnet = u8::try_from((pid.wrapping_mul(31).wrapping_add(n)) % 256).expect("below 256");
+        let prefix = format!("{PREFIX}{pid}-{n}-");
         let mut topology = Topology {
-            prefix: format!("{PREFIX}{pid}-{n}-"),
+            bridge: format!("{prefix}br"),
+            prefix,
             subnet,
             namespaces: Vec::new(),
             hosts: Vec::new(),
+            cuts: Mutex::default(),
         };
         // From here on, a panic drops `topology`, which removes what exists.
         let bridge = topology.add_namespace("br");
@@ -361,7 +586,11 @@ impl Topology {
             "0",
         ]);
         ip_run(["-n", &bridge, "link", "set", "br0", "up"]);
-        for (name, last) in HOSTS {
+        for (name, last) in hosts {
+            assert!(
+                name.len() <= 15,
+                "host name {name} is longer than an interface name may be"
+            );
             let netns = topology.add_namespace(name);
             // Created directly in their namespaces: no name ever appears in
             // the host's own namespace, where it could clash.
@@ -369,7 +598,7 @@ impl Topology {
                 "link", "add", INTERFACE, "netns", &netns, "type", "veth", "peer", "name", name, "netns", &bridge,
             ]);
             ip_run(["-n", &bridge, "link", "set", name, "master", "br0", "up"]);
-            let ip = topology.addr(last);
+            let ip = topology.addr(*last);
             ip_run([
                 "-n",
                 &netns,
@@ -388,7 +617,7 @@ impl Topology {
                 .unwrap_or_else(|| panic!("no MAC in `ip link show` of {netns}: {link}"))
                 .to_owned();
             topology.hosts.push(Host {
-                name,
+                name: name.clone(),
                 netns,
                 ip,
                 mac,
@@ -404,6 +633,137 @@ impl Topology {
         self.namespaces.push(netns.clone());
         ip_run(["-n", &netns, "link", "set", "lo", "up"]);
         netns
+    }
+
+    /// Every host, in the order they were made.
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// The namespace holding the bridge `br0`, whose ports are named after
+    /// the hosts.
+    pub fn bridge_netns(&self) -> &str {
+        &self.bridge
+    }
+
+    /// Pulls `host`'s cable: its port on the bridge goes down, so nothing
+    /// reaches it or leaves it; its processes run on. Undo with
+    /// [`Topology::plug`].
+    pub fn unplug(&self, host: &str) {
+        let port = &self.host(host).name;
+        ip_run(["-n", &self.bridge, "link", "set", port, "down"]);
+    }
+
+    /// Plugs `host`'s cable back in after [`Topology::unplug`].
+    pub fn plug(&self, host: &str) {
+        let port = &self.host(host).name;
+        ip_run(["-n", &self.bridge, "link", "set", port, "up"]);
+    }
+
+    /// Whether `host`'s port on the bridge is up (`ip link`'s `UP` flag).
+    pub fn is_plugged(&self, host: &str) -> bool {
+        let port = &self.host(host).name;
+        let out = ip_run(["-n", &self.bridge, "-o", "link", "show", "dev", port]);
+        link_flags(&out).iter().any(|f| f == "UP")
+    }
+
+    /// Cuts `a` and `b` apart: every frame between the two is dropped, both
+    /// ways, while each still reaches every other host. Idempotent. Undo
+    /// with [`Topology::heal`] or [`Topology::heal_all`]. Panics if `nft`
+    /// is missing or refuses the rules.
+    pub fn cut(&self, a: &str, b: &str) {
+        let pair = self.pair(a, b);
+        let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
+        cuts.insert(pair);
+        self.apply_cuts(&cuts);
+    }
+
+    /// Lets `a` and `b` talk again after [`Topology::cut`]. Idempotent.
+    pub fn heal(&self, a: &str, b: &str) {
+        let pair = self.pair(a, b);
+        let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
+        cuts.remove(&pair);
+        self.apply_cuts(&cuts);
+    }
+
+    /// Heals every cut.
+    pub fn heal_all(&self) {
+        let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
+        cuts.clear();
+        self.apply_cuts(&cuts);
+    }
+
+    /// The pairs cut apart now, each as (smaller name, larger name).
+    pub fn cuts(&self) -> Vec<(String, String)> {
+        let cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
+        cuts.iter().cloned().collect()
+    }
+
+    fn pair(&self, a: &str, b: &str) -> (String, String) {
+        assert_ne!(a, b, "a host cannot be cut from itself");
+        let (a, b) = (self.host(a).name.clone(), self.host(b).name.clone());
+        if a < b {
+            (a, b)
+        } else {
+            (b, a)
+        }
+    }
+
+    /// Replaces the cut table with one dropping the pairs in `cuts`,
+    /// atomically (one `nft -f` transaction).
+    fn apply_cuts(&self, cuts: &BTreeSet<(String, String)>) {
+        // `add` then `delete` makes the delete succeed whether or not the
+        // table existed; the whole file is one transaction.
+        let mut script = format!("add table bridge {CUT_TABLE}\ndelete table bridge {CUT_TABLE}\n");
+        if !cuts.is_empty() {
+            script.push_str(&format!(
+                "table bridge {CUT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n"
+            ));
+            for (a, b) in cuts {
+                script.push_str(&format!("    iifname \"{a}\" oifname \"{b}\" drop\n"));
+                script.push_str(&format!("    iifname \"{b}\" oifname \"{a}\" drop\n"));
+            }
+            script.push_str("  }\n}\n");
+        }
+        let mut cmd = Command::new(ip());
+        cmd.args(["netns", "exec", &self.bridge]).arg(nft()).args(["-f", "-"]);
+        run_with_input(&mut cmd, &script);
+    }
+
+    /// Powers `host` off: SIGKILLs every process in its namespace (also
+    /// those not started by the testkit) and takes its `eth0` down. The
+    /// processes' guards stay valid and see them dead. Undo with
+    /// [`Topology::power_on`].
+    pub fn power_off(&self, host: &str) {
+        let host = self.host(host);
+        kill_all_in(host);
+        ip_run(["-n", &host.netns, "link", "set", INTERFACE, "down"]);
+    }
+
+    /// Powers `host` back on after [`Topology::power_off`]: `eth0` up with
+    /// only the host's own address, as after a reboot. Starts nothing.
+    pub fn power_on(&self, host: &str) {
+        let host = self.host(host);
+        let out = ip_run(["-n", &host.netns, "-4", "-o", "addr", "show", "dev", INTERFACE]);
+        let own = format!("{}/{PREFIX_LEN}", host.ip);
+        for line in out.lines() {
+            let mut words = line.split_whitespace();
+            let Some(cidr) = words.find(|w| *w == "inet").and_then(|_| words.next()) else {
+                continue;
+            };
+            if cidr != own {
+                ip_run(["-n", &host.netns, "addr", "del", cidr, "dev", INTERFACE]);
+            }
+        }
+        ip_run(["-n", &host.netns, "link", "set", INTERFACE, "up"]);
+    }
+
+    /// Whether `host`'s `eth0` is administratively up (it is not while
+    /// powered off).
+    pub fn is_powered(&self, host: &str) -> bool {
+        let host = self.host(host);
+        let out = ip_run(["-n", &host.netns, "-o", "link", "show", "dev", INTERFACE]);
+        link_flags(&out).iter().any(|f| f == "UP")
     }
 
     /// 198.18.x.`last`, on this topology's subnet.
@@ -448,7 +808,7 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         for host in &self.hosts {
-            // Not reaped until their HostProcess guard waits for them, so
+            // A guard takes its pid off this list when it reaps it, so
             // these pids cannot have been reused.
             for pid in host.spawned.lock().map(|p| p.clone()).unwrap_or_default() {
                 if let Err(e) = kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
@@ -561,7 +921,7 @@ mod tests {
     #[should_panic(expected = "Host::spawn takes a command from Host::command")]
     fn spawn_refuses_a_command_outside_the_namespace() {
         let host = Host {
-            name: "client",
+            name: "client".to_owned(),
             netns: "halo-0-0-client".to_owned(),
             ip: Ipv4Addr::new(198, 18, 0, 10),
             mac: "02:00:00:00:00:0a".to_owned(),
