@@ -404,12 +404,27 @@ impl Server {
 
     /// The `/status` document.
     pub fn status(&self) -> serde_json::Value {
-        let vips = self.vips.lock().expect("vip registry poisoned");
+        // Snapshot under the registry lock, render without it: the election
+        // thread takes that lock to stop serving, and a /status of a large
+        // table takes milliseconds to render.
+        let snapshot: Vec<(Arc<Vip>, SocketAddr, bool, Option<serde_json::Value>)> = {
+            let vips = self.vips.lock().expect("vip registry poisoned");
+            vips.values()
+                .map(|r| {
+                    let discovery = r
+                        .discovery
+                        .as_ref()
+                        .map(|d| json!(d.status()))
+                        .or_else(|| r.dns.as_ref().map(|d| json!(d.status())));
+                    (Arc::clone(&r.vip), r.listen, r.listener.is_some(), discovery)
+                })
+                .collect()
+        };
         let now = Vip::now();
-        let list: Vec<serde_json::Value> = vips
-            .values()
-            .map(|r| {
-                let table = r.vip.table();
+        let list: Vec<serde_json::Value> = snapshot
+            .into_iter()
+            .map(|(vip, listen, listening, discovery)| {
+                let table = vip.table();
                 let backends: Vec<serde_json::Value> = table
                     .entries
                     .iter()
@@ -437,17 +452,17 @@ impl Server {
                     })
                     .collect();
                 json!({
-                    "name": r.vip.name(),
-                    "listen": r.listen.to_string(),
-                    "listening": r.listener.is_some(),
+                    "name": vip.name(),
+                    "listen": listen.to_string(),
+                    "listening": listening,
                     "algorithm": table.settings.algorithm,
                     "copy": table.settings.copy,
                     "proxy_protocol": table.settings.proxy_protocol,
                     "max_connections": table.settings.max_connections,
-                    "active_connections": r.vip.active(),
+                    "active_connections": vip.active(),
                     "table_version": table.version,
-                    "table_error": r.vip.build_error(),
-                    "discovery": r.discovery.as_ref().map(|d| json!(d.status())).or_else(|| r.dns.as_ref().map(|d| json!(d.status()))),
+                    "table_error": vip.build_error(),
+                    "discovery": discovery,
                     "zone": table.zone_status(now),
                     "backends": backends,
                 })
