@@ -226,6 +226,22 @@ impl FloatingIp {
         })
     }
 
+    /// Who else answers ARP for the address: sends an ARP probe for it
+    /// (RFC 5227: sender address 0.0.0.0, so no neighbour learns anything
+    /// from it) and collects, for `wait`, the MACs other than ours that
+    /// claim the address. A host that still has it (a balancer killed with
+    /// -9 before it could remove it) answers. Blocks up to `wait`.
+    pub fn others_answering(&self, wait: Duration) -> Result<Vec<[u8; 6]>, Error> {
+        let Some(arp) = &self.arp else {
+            return Ok(Vec::new());
+        };
+        arp.probe(self.index, self.address, wait).map_err(|source| Error::Arp {
+            interface: self.interface.clone(),
+            address: self.address,
+            source,
+        })
+    }
+
     /// Removes the address from the interface (already absent is success).
     pub fn release(&self) -> Result<Outcome, Error> {
         match self.change(RouteNetlinkMessage::DelAddress(self.message()), 0) {
@@ -452,6 +468,63 @@ impl Announcer {
     }
 }
 
+impl Announcer {
+    /// Sends an ARP probe for `address` and reads ARP frames on the link for
+    /// `wait`, returning the other MACs that claim `address`.
+    fn probe(&self, index: u32, address: Ipv4Addr, wait: Duration) -> io::Result<Vec<[u8; 6]>> {
+        // A socket of its own that receives ARP: opened per probe, so no
+        // frames queue up for nobody between probes.
+        let protocol = socket2::Protocol::from(i32::from((libc::ETH_P_ARP as u16).to_be()));
+        let listener = Socket::new(Domain::PACKET, Type::DGRAM, Some(protocol))?;
+        listener.bind(&link_broadcast(index)?)?;
+        self.socket.send_to(&arp_probe(self.mac, address), &self.destination)?;
+        let deadline = std::time::Instant::now() + wait;
+        let mut others = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            listener.set_read_timeout(Some(left))?;
+            let n = match io::Read::read(&mut &listener, &mut buf) {
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let frame = &buf[..n];
+            if let Some(mac) = claimant(frame, address) {
+                if mac != self.mac && !others.contains(&mac) {
+                    others.push(mac);
+                }
+            }
+        }
+        Ok(others)
+    }
+}
+
+/// An ARP probe (RFC 5227) for `address` from `mac`: sender IP 0.0.0.0,
+/// target MAC zero.
+fn arp_probe(mac: [u8; 6], address: Ipv4Addr) -> [u8; 28] {
+    let mut packet = garp(ArpOp::Request, mac, address);
+    packet[14..18].copy_from_slice(&[0, 0, 0, 0]);
+    packet
+}
+
+/// The sender MAC of an ARP frame whose sender IP is `address`: a host
+/// answering for it, or announcing it.
+fn claimant(frame: &[u8], address: Ipv4Addr) -> Option<[u8; 6]> {
+    if frame.len() < 28 || frame[0..2] != [0, 1] || frame[2..4] != [8, 0] || frame[4] != 6 || frame[5] != 4 {
+        return None;
+    }
+    (frame[14..18] == address.octets()).then(|| {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&frame[8..14]);
+        mac
+    })
+}
+
 #[derive(Debug, Clone, Copy)]
 enum ArpOp {
     Request = 1,
@@ -514,6 +587,24 @@ mod tests {
 
     const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
     const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 100);
+
+    #[test]
+    fn an_arp_probe_has_no_sender_address_and_claimants_are_read_from_replies() {
+        let p = arp_probe(MAC, VIP);
+        assert_eq!(&p[6..8], &1u16.to_be_bytes(), "a request");
+        assert_eq!(&p[14..18], &[0, 0, 0, 0], "sender IP 0.0.0.0 (RFC 5227)");
+        assert_eq!(&p[24..28], &VIP.octets());
+        // Another host's reply for the VIP names its MAC; our own probe and
+        // frames about other addresses name nobody.
+        let other = [0x02, 0, 0, 0, 0, 0x0c];
+        assert_eq!(claimant(&garp(ArpOp::Reply, other, VIP), VIP), Some(other));
+        assert_eq!(claimant(&p, VIP), None);
+        assert_eq!(
+            claimant(&garp(ArpOp::Reply, other, Ipv4Addr::new(198, 18, 7, 1)), VIP),
+            None
+        );
+        assert_eq!(claimant(&[0u8; 10], VIP), None);
+    }
 
     #[test]
     fn garp_request_announces_the_address_with_a_zero_target_mac() {

@@ -125,6 +125,10 @@ const CONFIRMS_IN_FLIGHT: usize = 4;
 /// doubles with every failure in a row, up to [`BIND_BACKOFF_MAX`].
 const BIND_BACKOFF: Duration = Duration::from_secs(1);
 const BIND_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often an active with a floating address probes for other hosts
+/// answering ARP for it, and how long each probe listens.
+const CONFLICT_CHECK: Duration = Duration::from_secs(1);
+const CONFLICT_LISTEN: Duration = Duration::from_millis(100);
 /// Terms kept for `/status`.
 const HISTORY: usize = 64;
 /// Deregister the `halo-lb` instance of a process that died without
@@ -252,6 +256,9 @@ struct State {
     id_conflict: Option<String>,
     detector: DetectorStatus,
     damping: Damping,
+    /// Other hosts that answered ARP for the floating address after we
+    /// claimed it (MACs), and since when.
+    vip_conflict: Option<(Vec<String>, SystemTime)>,
 }
 
 /// One instance's view of the election: shared by the election thread, the
@@ -297,6 +304,7 @@ impl Leadership {
                 id_conflict: None,
                 detector: DetectorStatus::default(),
                 damping: Damping::default(),
+                vip_conflict: None,
             }),
         })
     }
@@ -380,6 +388,10 @@ impl Leadership {
                 "damped": state.detector.damped,
                 "damped_for_ms": state.damping.until(now).map(|u| (u - now).as_millis() as u64),
             },
+            "vip_conflict": state.vip_conflict.as_ref().map(|(macs, since)| json!({
+                "macs": macs,
+                "since": halo_health::server::rfc3339(*since),
+            })),
             "consul_error": state.consul_error,
             "id_conflict": state.id_conflict,
             "terms": state.terms,
@@ -1054,7 +1066,9 @@ async fn lead(
             term.ended_by = Some(reason);
         }
         state.lease_until = None;
+        state.vip_conflict = None;
     }
+    metrics::gauge!("halo_ha_vip_conflict").set(0.0);
     if let Some(f) = floating {
         // After the listeners: the address going is not what stops us
         // serving, and the new active's announcement wins either way.
@@ -1112,6 +1126,12 @@ async fn serve(
     let reannounce = tokio::time::sleep(crate::floating::REANNOUNCE_AFTER);
     tokio::pin!(reannounce);
     let mut reannounced = floating.is_none();
+    // Once claimed, look every second for another host still answering for
+    // the address (one killed with -9 keeps it), and announce again while
+    // one does.
+    let mut conflict_check = tokio::time::interval(CONFLICT_CHECK);
+    conflict_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checking: Option<AbortOnDrop<Result<Vec<[u8; 6]>, crate::floating::Error>>> = None;
     loop {
         let deadline = *lease.borrow_and_update();
         tokio::select! {
@@ -1150,6 +1170,45 @@ async fn serve(
             _ = claim_retry.tick(), if !claimed && claiming.is_none() => {
                 let f = Arc::clone(floating.expect("unclaimed implies a floating address"));
                 claiming = Some(AbortOnDrop(tokio::spawn(async move { claim(&f).await })));
+            }
+            _ = conflict_check.tick(), if claimed && checking.is_none() => {
+                let f = Arc::clone(floating.expect("claimed implies a floating address"));
+                checking = Some(AbortOnDrop(tokio::task::spawn_blocking(move || {
+                    f.others_answering(CONFLICT_LISTEN)
+                })));
+            }
+            done = async { (&mut checking.as_mut().expect("guarded").0).await }, if checking.is_some() => {
+                checking = None;
+                match done {
+                    Ok(Ok(others)) if others.is_empty() => {
+                        if leadership.state().vip_conflict.take().is_some() {
+                            tracing::info!("no other host answers for the floating address any more");
+                            metrics::gauge!("halo_ha_vip_conflict").set(0.0);
+                        }
+                    }
+                    Ok(Ok(others)) => {
+                        let macs: Vec<String> = others.iter().map(|m| {
+                            m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+                        }).collect();
+                        let mut state = leadership.state();
+                        if state.vip_conflict.as_ref().is_none_or(|(old, _)| *old != macs) {
+                            tracing::warn!(macs = ?macs, "another host still answers ARP for the floating address; announcing again while it does");
+                            state.vip_conflict = Some((macs, SystemTime::now()));
+                        }
+                        drop(state);
+                        metrics::gauge!("halo_ha_vip_conflict").set(1.0);
+                        if let Some(f) = floating {
+                            let f = Arc::clone(f);
+                            tokio::task::spawn_blocking(move || {
+                                if let Err(e) = f.announce() {
+                                    tracing::warn!(error = %e, "cannot announce the floating address");
+                                }
+                            });
+                        }
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "cannot probe for other holders of the floating address"),
+                    Err(e) => tracing::debug!(error = %e, "the ARP probe task failed"),
+                }
             }
             () = &mut reannounce, if !reannounced => {
                 reannounced = true;

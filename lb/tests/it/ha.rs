@@ -589,7 +589,17 @@ async fn a_floating_vip_follows_the_active_between_hosts() {
         killed.elapsed()
     );
 
-    // lb1 died holding the address; restarted, it removes it and stands by.
+    // lb1 died holding the address, and its kernel still answers ARP for
+    // it: the new active's ARP probe sees that and says so.
+    assert!(lb1.addresses().contains(&topology.vip()), "the leftover address");
+    let conflict = eventually(DEADLINE, "lb2 to report the other holder", || async {
+        let s = host_status(lb2, two.admin).await?;
+        s["ha"]["vip_conflict"]["macs"].as_array().cloned()
+    })
+    .await;
+    assert_eq!(conflict, vec![serde_json::json!(lb1.mac())], "{}", two.log());
+
+    // Restarted, lb1 removes it and stands by; the conflict clears.
     let one_again = HostLb::start(lb1, &config(lb1, "lb1"), admin1);
     host_role(lb1, &one_again, "standby").await;
     assert!(
@@ -597,6 +607,11 @@ async fn a_floating_vip_follows_the_active_between_hosts() {
         "a restarted standby removes the address it died with:\n{}",
         one_again.log()
     );
+    eventually(DEADLINE, "lb2's conflict to clear", || async {
+        let s = host_status(lb2, two.admin).await?;
+        s["ha"]["vip_conflict"].is_null().then_some(())
+    })
+    .await;
 
     // SIGTERM on lb2: the address moves back with the lock.
     nix::sys::signal::kill(
