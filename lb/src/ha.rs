@@ -1028,7 +1028,10 @@ async fn lead(
     leadership.set_lease(Some(lease_until));
     let from = SystemTime::now();
     let failed = server.start_serving();
-    {
+    // A term is recorded if anything was bound, however briefly: a
+    // promotion that bound nothing served nothing.
+    let bound_any = server.listening_count() > 0;
+    if bound_any {
         let mut state = leadership.state();
         state.epoch = Some(epoch);
         state.terms.push_back(Term {
@@ -1058,12 +1061,22 @@ async fn lead(
     // let another instance in (release, destroy).
     crate::lease::revoke();
     server.stop_serving();
-    let to = SystemTime::now();
+    let stopped = SystemTime::now();
     {
         let mut state = leadership.state();
-        if let Some(term) = state.terms.back_mut() {
-            term.to_unix_us = Some(unix_us(to));
-            term.ended_by = Some(reason);
+        // Serving ended when the listeners shut, or when the lease ran out
+        // if that was earlier: past it the data plane accepted nothing (a
+        // process frozen past its lease stops here only when it wakes).
+        let now = Instant::now();
+        let to = match state.lease_until {
+            Some(end) if end < now => stopped - (now - end),
+            _ => stopped,
+        };
+        if bound_any {
+            if let Some(term) = state.terms.back_mut() {
+                term.to_unix_us = Some(unix_us(to));
+                term.ended_by = Some(reason);
+            }
         }
         state.lease_until = None;
         state.vip_conflict = None;
@@ -1079,7 +1092,7 @@ async fn lead(
     tracing::info!(
         epoch,
         from_unix_us = unix_us(from),
-        to_unix_us = unix_us(to),
+        to_unix_us = unix_us(stopped),
         reason = reason.as_str(),
         "term ended"
     );
@@ -1171,7 +1184,7 @@ async fn serve(
                 let f = Arc::clone(floating.expect("unclaimed implies a floating address"));
                 claiming = Some(AbortOnDrop(tokio::spawn(async move { claim(&f).await })));
             }
-            _ = conflict_check.tick(), if claimed && checking.is_none() => {
+            _ = conflict_check.tick(), if floating.is_some() && claimed && checking.is_none() => {
                 let f = Arc::clone(floating.expect("claimed implies a floating address"));
                 checking = Some(AbortOnDrop(tokio::task::spawn_blocking(move || {
                     f.others_answering(CONFLICT_LISTEN)

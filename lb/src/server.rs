@@ -357,6 +357,12 @@ impl Server {
         self.ha.clone()
     }
 
+    /// How many VIPs have their listener bound and accepting.
+    pub fn listening_count(&self) -> usize {
+        let vips = self.vips.lock().expect("vip registry poisoned");
+        vips.values().filter(|r| r.listener.is_some()).count()
+    }
+
     /// Whether the VIPs are being served (listeners bound).
     pub fn is_serving(&self) -> bool {
         self.serving.load(Ordering::Relaxed)

@@ -203,6 +203,80 @@ async fn kill_9_of_the_active_fails_over_within_ttl_plus_lock_delay() {
 }
 
 #[tokio::test]
+async fn a_frozen_active_serves_nothing_when_it_wakes_and_the_standby_never_claims_an_unbound_vip() {
+    // SIGSTOP of the active for 3 s on one host: the standby's probes go
+    // unanswered, it takes the lock, but cannot bind the port the frozen
+    // process still holds, so it must not call itself active (it releases
+    // and retries). The frozen one wakes past its lease: it serves nothing
+    // (the data plane checks the lease per connection) and steps down.
+    let consul = ConsulAgent::start().await;
+    let p = pair("frozen", &consul.http_url(), &consul.http_url()).await;
+    let prober = Prober::start(p.vip);
+    served_after(&prober.log, Instant::now()).await;
+
+    // Watch b's claims: whenever it says active, its listener must be bound.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let monitor = {
+        let (admin, watching) = (p.b.admin, std::sync::Arc::clone(&watching));
+        tokio::spawn(async move {
+            let mut lies = Vec::new();
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some((200, body)) = halo_testkit::http::get(admin, "/status").await {
+                    let s: Value = serde_json::from_str(&body).unwrap();
+                    if role(&s) == "active" && s["vips"][0]["listening"] != true {
+                        lies.push(s);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            lies
+        })
+    };
+    let frozen = Instant::now();
+    p.a.signal(nix::sys::signal::Signal::SIGSTOP);
+    // The standby takes the lock (forced takeover) while a is frozen.
+    eventually(DEADLINE, "the standby to force the takeover", || async {
+        let s = p.b.status().await;
+        (s["ha"]["detector"]["forced_takeovers"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    tokio::time::sleep_until((frozen + Duration::from_secs(3)).into()).await;
+    p.a.signal(nix::sys::signal::Signal::SIGCONT);
+    let thawed = Instant::now();
+    // Either may serve next: b when its back-off ends, or a, which finds the
+    // lock free once it has stepped down (b released it on failing to bind).
+    served_after(&prober.log, thawed).await;
+    let (sa, _) = eventually(DEADLINE, "one instance to serve", || async {
+        let (sa, sb) = (p.a.status().await, p.b.status().await);
+        (role(&sa) == "active" || role(&sb) == "active").then_some((sa, sb))
+    })
+    .await;
+    // The thawed a did not serve on past its lease: its frozen term ended
+    // on the lease (or a loss it learned of), not by a handover.
+    let first = sa["ha"]["terms"].as_array().unwrap()[0].clone();
+    assert!(
+        first["ended_by"] == "lease_expired" || first["ended_by"] == "lock_lost",
+        "{first}"
+    );
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let lies = monitor.await.unwrap();
+    let log = prober.stop().await;
+    assert!(
+        lies.is_empty(),
+        "b claimed to be active without its listener: {}",
+        lies[0]
+    );
+    let (sa, sb) = (p.a.status().await, p.b.status().await);
+    assert_never_both_active(&sa, &sb);
+    let gap = log
+        .iter()
+        .find(|(at, ok)| *at > thawed && *ok)
+        .map(|(at, _)| at.duration_since(frozen))
+        .unwrap();
+    eprintln!("frozen active: served again {gap:?} after the SIGSTOP (frozen for 3 s)");
+}
+
+#[tokio::test]
 async fn sigterm_on_the_active_hands_over_within_100ms() {
     let consul = ConsulAgent::start().await;
     let mut p = pair("term", &consul.http_url(), &consul.http_url()).await;
