@@ -163,12 +163,34 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     }
     tracing::info!(admin = %config.admin, vips = config.vips.len(), "halo-lb started");
 
-    loop {
+    let mut election = election;
+    let election_died = loop {
+        let ended = async {
+            match election.as_mut() {
+                Some(done) => done.await.is_err(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sighup.recv() => reload(&server, &config_path).await,
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break false,
+            _ = sigint.recv() => break false,
+            // The election thread only ends on shutdown; ending now means it
+            // panicked. Fail fast: stop serving and exit non-zero, for the
+            // service manager to restart a whole process.
+            died = ended => {
+                if died {
+                    break true;
+                }
+                election = None;
+            }
         }
+    };
+    if election_died {
+        crate::lease::revoke();
+        server.stop_serving();
+        tracing::error!("the election thread died; serving stopped, exiting");
+        return Err(anyhow::anyhow!("the election thread died unexpectedly"));
     }
     tracing::info!("shutdown requested");
     if let Some(election) = election {
