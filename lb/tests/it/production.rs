@@ -325,11 +325,16 @@ fn request(target: SocketAddr, connect_timeout: Duration, answer_timeout: Durati
     }
 }
 
-/// The longest time between the starts of two successive successful probes
-/// from the last success before `from` to the first at or after `to`'s
-/// window end; `None` if nothing succeeded in `[from, to]`.
+/// The client's gap around an event at `from`: the longest time between
+/// the starts of two successive successful probes, counting from the last
+/// success before `from` through the successes started in `[from, to]`;
+/// `None` if none started then (or none before).
 fn gap(probes: &[Probe], from: Instant, to: Instant) -> Option<Duration> {
-    let mut prev = probes.iter().filter(|p| p.ok && p.at < from).map(|p| p.at).last()?;
+    let mut prev = probes
+        .iter()
+        .filter(|p| p.ok && p.at < from)
+        .map(|p| p.at)
+        .next_back()?;
     let mut worst = None;
     for p in probes.iter().filter(|p| p.ok && p.at >= from && p.at <= to) {
         worst = Some(worst.unwrap_or(Duration::ZERO).max(p.at - prev));
