@@ -12,4 +12,5 @@ mod exhaustion;
 mod floating;
 mod ha;
 mod lifecycle;
+mod production;
 mod zone;
