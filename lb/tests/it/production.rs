@@ -972,12 +972,10 @@ async fn the_two_balancers_cut_apart_only() {
 /// freeze until it removed the address (a frozen process cannot). Two
 /// rounds; the woken instance is restarted between them. raft_multiplier 1.
 ///
-/// Ignored: the woken instance's `/status` term ends when it woke (its
-/// `to_unix_us` is taken after the listeners shut), not when its lease ran
-/// out, so its recorded term overlaps the new active's by about 2.3 s
-/// although its data plane served nothing past the lease.
+/// (This once found a bug: the woken instance's term was recorded as ending
+/// when it woke, overlapping the new active's by about 2.3 s although its
+/// data plane served nothing past the lease. Terms now end at the lease.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "halo-lb bug: a process frozen past its lease records its term as ending at wake-up, so /status terms overlap the new active's by ~2.3 s (the data plane itself refuses correctly)"]
 async fn sigstop_of_the_active_for_3s() {
     if !halo_testkit::netns::required("production::sigstop_of_the_active_for_3s") {
         return;
