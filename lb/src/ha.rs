@@ -568,6 +568,9 @@ pub async fn run(
             StepDown::LockLost | StepDown::SessionLost | StepDown::LeaseExpired => {
                 bind_backoff = BIND_BACKOFF;
                 leadership.lost_lock();
+                // Not a standby until it has a session again (its node may
+                // still be failed in gossip, its check critical).
+                leadership.set_role(Role::Starting);
                 // The session is suspect (or gone). Destroy it, which frees
                 // the lock after the lock delay if it still held it, and
                 // contend again with a fresh one.

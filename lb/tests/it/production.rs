@@ -819,7 +819,18 @@ async fn cable_pull_of_the_active_for_20s() {
     tokio::time::sleep(Duration::from_secs(20).saturating_sub(pulled.elapsed())).await;
     let plugged = Instant::now();
     rig.dc.plug(&format!("lb{a}"));
-    rig.wait_role(a, "standby").await;
+    // Back as a standby once its agent is a member again: Consul's servers
+    // retry a failed member every 30 s (serf's reconnect interval), so this
+    // can take that long; until then it has no session and says `starting`.
+    eventually(WAIT * 3, &format!("lb{a} to be standby"), || async {
+        let s = rig.status(a).await?;
+        (role(&s) == "standby").then_some(())
+    })
+    .await;
+    eprintln!(
+        "FIGURE cable pull: lb{a} standby again {:?} after the re-plug",
+        plugged.elapsed()
+    );
     // The new active is not disturbed for a while after the re-plug.
     let quiet_until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < quiet_until {
