@@ -15,8 +15,9 @@
 //!
 //! The rules this client encodes (durations as strings, the blocking-query
 //! index rules, what an explicit empty check list means for a session, which
-//! answers mean "not found" on Consul 1.8 and on current Consul) are those of
-//! the project's `CONSUL.md`; it is tested against a real Consul 1.8.7 agent.
+//! answers mean "not found" on Consul 1.8 and on current Consul) are written
+//! down in the repository's `docs/consul.md`; it is tested against a real
+//! Consul 1.8.7 agent.
 //!
 //! Answers are untrusted bytes. Every body is read piece by piece up to
 //! [`Config::max_response_bytes`] (default [`DEFAULT_MAX_RESPONSE_BYTES`]),

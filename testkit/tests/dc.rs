@@ -132,7 +132,7 @@ async fn a_cut_separates_exactly_the_chosen_pairs_until_healed() {
     assert!(reaches(&dc, "client", dc.agent_addr_of("lb1")).await);
     assert!(!reaches(&dc, "lb1", dc.agent_addr_of("server1")).await);
     assert!(!reaches(&dc, "server2", dc.agent_addr_of("lb1")).await);
-    // Its own agent still answers agent endpoints: the trap CONSUL.md names.
+    // Its own agent still answers agent endpoints: the trap docs/consul.md names.
     assert!(matches!(
         dc.consul("lb1", "GET", "/v1/agent/self", "").await,
         Some((200, _))
