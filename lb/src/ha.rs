@@ -707,6 +707,9 @@ async fn contend(
     let mut watching: Option<Watching> = None;
     // After a damped verdict: no new watch until the window ends.
     let mut damped_until: Option<Instant> = None;
+    // The holder session a second "suspended" verdict (soon after) forces
+    // out, and since when.
+    let mut armed: Option<(String, Instant)> = None;
     loop {
         let seen = key.borrow_and_update().clone();
         // Unknown until the watch answers once; absent or without a session
@@ -767,6 +770,9 @@ async fn contend(
             (Some((s, _, _)), Some(w)) if *s == w.session => {}
             (Some((s, peer, instance)), _) if damped_until.is_none_or(|u| now >= u) => {
                 damped_until = None;
+                if armed.as_ref().is_some_and(|(a, _)| a != s) {
+                    armed = None;
+                }
                 let (peer, instance) = (*peer, instance.clone());
                 let (interval, misses) = (settings.probe_interval, settings.probe_misses);
                 leadership.state().detector.peer = Some(peer.to_string());
@@ -810,6 +816,32 @@ async fn contend(
             verdict = verdict => {
                 let target = watching.take().map(|w| w.session);
                 match verdict {
+                    Ok(Ok(evidence @ Evidence::NotServing(_))) => {
+                        // The active is alive but cannot confirm its lease.
+                        // If we cannot reach the servers either, Consul
+                        // itself is out (an election): the active resumes on
+                        // its own when it is back, and forcing would only
+                        // race it. So force only on a second such verdict
+                        // with a read the servers answered us in between.
+                        if let Some(target) = target {
+                            let fresh = settings.probe_interval * (settings.probe_misses * 2) + settings.lease;
+                            if armed.as_ref().is_some_and(|(s, at)| *s == target && at.elapsed() <= fresh) {
+                                armed = None;
+                                damped_until = force_takeover(leadership, client, &target, &evidence).await;
+                            } else {
+                                let reachable = tokio::time::timeout(
+                                    settings.lease,
+                                    client.kv_get(&lock_key, QueryOptions::with_consistency(Consistency::Consistent)),
+                                )
+                                .await
+                                .is_ok_and(|r| r.is_ok());
+                                if reachable {
+                                    tracing::info!(%evidence, "the servers answer us; forcing a takeover if the active stays suspended");
+                                    armed = Some((target, Instant::now()));
+                                }
+                            }
+                        }
+                    }
                     Ok(Ok(evidence)) => {
                         if let Some(target) = target {
                             damped_until = force_takeover(leadership, client, &target, &evidence).await;

@@ -16,7 +16,11 @@
 //!   process was replaced;
 //! - the holder answering `suspended` `probe_misses` times in a row means it
 //!   holds the lock but cannot confirm it with the Consul servers, so it
-//!   serves nothing.
+//!   serves nothing. The election acts on this only if the servers answer
+//!   the standby itself and the active is still suspended after another
+//!   `probe_misses` probes: when nobody reaches the servers (a leader
+//!   election), the active resumes on its own once they are back, and a
+//!   forced takeover would only race it.
 //!
 //! The election then destroys the holder's session ("forced takeover"),
 //! which starts the lock delay, and acquires. This is safe whatever the
