@@ -412,7 +412,8 @@ impl Leadership {
         self.state().lease_until = until;
     }
 
-    /// This instance lost the lock while alive: damp its forced takeovers.
+    /// This instance lost the lock while serving under a valid lease: damp
+    /// its forced takeovers.
     fn lost_lock(&self) {
         self.state().damping.incident(Instant::now());
     }
@@ -528,6 +529,13 @@ pub async fn run(
                 lease_until,
             };
             let reason = lead(&leadership, &client, term, &mut key, &stop).await;
+            if matches!(reason, StepDown::LockLost | StepDown::SessionLost) {
+                // Taken from us while we served under a valid lease: from
+                // here, a takeover we did not deserve (a broken link to the
+                // peer, not a dead active). Damp our own forced takeovers,
+                // or we would take the lock straight back.
+                leadership.lost_lock();
+            }
             if reason != StepDown::LeaseExpired {
                 break reason;
             }
@@ -567,7 +575,16 @@ pub async fn run(
             }
             StepDown::LockLost | StepDown::SessionLost | StepDown::LeaseExpired => {
                 bind_backoff = BIND_BACKOFF;
-                leadership.lost_lock();
+                if leadership.state().damping.until(Instant::now()).is_some() {
+                    // Taken from us while we served: whoever took it waits
+                    // out the lock delay before it can acquire. Do not race
+                    // it for the lock (we would win half the time, and it
+                    // would take the lock back); contend again after that.
+                    tokio::select! {
+                        () = stop.cancelled() => break 'sessions,
+                        () = tokio::time::sleep(settings.lock_delay * 3) => {}
+                    }
+                }
                 // Not a standby until it has a session again (its node may
                 // still be failed in gossip, its check critical).
                 leadership.set_role(Role::Starting);
@@ -890,7 +907,6 @@ async fn force_takeover(
     match client.session_destroy(target).await {
         Ok(()) => {
             let mut state = leadership.state();
-            state.damping.incident(now);
             state.detector.forced_takeovers += 1;
             state.detector.last_evidence = Some(evidence.to_string());
             drop(state);

@@ -244,16 +244,21 @@ pub async fn watch_peer(peer: SocketAddr, instance: &str, interval: Duration, mi
     }
 }
 
-/// Damping of forced takeovers: after this instance forced a takeover or
-/// lost the lock while alive, it forces no takeover for a window that
-/// doubles with every incident (from [`DAMP_BASE`] to [`DAMP_MAX`]) and
-/// starts over after [`DAMP_RESET`] without one. Consul's own detection
-/// (the active's check TTL, its node's serfHealth) still works meanwhile;
-/// only the shortcut is held back.
+/// Damping of forced takeovers: after this instance lost the lock *while it
+/// was serving under a valid lease* (a takeover it did not deserve, as far
+/// as it can tell), it forces no takeover for a window that doubles with
+/// every such incident (from [`DAMP_BASE`] to [`DAMP_MAX`]) and starts over
+/// after [`DAMP_RESET`] without one. Consul's own detection (the active's
+/// check TTL, its node's serfHealth) still works meanwhile; only the
+/// shortcut is held back.
 ///
 /// Two balancers cut apart from each other (both reaching Consul): the
-/// standby forces once and becomes active; the old active lost its lock, so
-/// it is damped, and does not force it back while the link stays broken.
+/// standby forces once and becomes active; the old active lost its lock
+/// while serving, so it is damped, and does not force it back while the
+/// link stays broken. An active that lost its lock after its lease had run
+/// out (cut off from Consul, frozen, its cable pulled) deserved the
+/// takeover and is not damped: the next real failure of the other side is
+/// handled as fast as the first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damping {
     until: Option<Instant>,

@@ -901,8 +901,10 @@ async fn the_active_cut_off_from_the_servers_only() {
         assert_ne!(role(&st), "active", "{}", st["ha"]);
         assert!(!rig.holds_vip(a), "the cut-off active removed the VIP");
         rig.dc.heal_all();
+        // No restart between rounds: it lost the lock after its own lease
+        // ran out, which damps nothing, so in the next round it takes over
+        // as fast as its peer did.
         rig.wait_role(a, "standby").await;
-        rig.renew(a).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probes = prober.stop();
@@ -1063,7 +1065,8 @@ async fn sigstop_of_the_active_for_3s() {
             removed <= Duration::from_secs(2),
             "removed the VIP {removed:?} after waking"
         );
-        rig.renew(a).await;
+        // No restart between rounds: a process frozen past its lease
+        // deserved the takeover and is not damped.
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probes = prober.stop();
