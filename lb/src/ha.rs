@@ -624,6 +624,10 @@ async fn open_session(
     stop: &CancellationToken,
 ) -> Option<String> {
     let settings = &leadership.settings;
+    // While Consul refuses (its servers out of reach, our node failed in
+    // gossip), retry with a growing pause and log the first refusal only.
+    let mut retry = CONSUL_RETRY;
+    let mut failing = false;
     loop {
         // A session can only be bound to a passing check.
         while check.borrow_and_update().is_none_or(|until| until <= Instant::now()) {
@@ -653,14 +657,20 @@ async fn open_session(
                 return Some(id);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot create a session; retrying");
+                if failing {
+                    tracing::debug!(error = %e, "still cannot create a session");
+                } else {
+                    tracing::warn!(error = %e, "cannot create a session; retrying");
+                }
+                failing = true;
                 leadership.set_consul_error(Some(e.to_string()));
             }
         }
         tokio::select! {
             () = stop.cancelled() => return None,
-            () = tokio::time::sleep(CONSUL_RETRY) => {}
+            () = tokio::time::sleep(retry) => {}
         }
+        retry = (retry * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -727,6 +737,9 @@ async fn contend(
     // The holder session a second "suspended" verdict (soon after) forces
     // out, and since when.
     let mut armed: Option<(String, Instant)> = None;
+    // A session we destroyed: the key watch shows it a moment longer; do not
+    // probe (and "force") it again.
+    let mut forced: Option<String> = None;
     loop {
         let seen = key.borrow_and_update().clone();
         // Unknown until the watch answers once; absent or without a session
@@ -785,6 +798,7 @@ async fn contend(
         let now = Instant::now();
         match (&wanted, &watching) {
             (Some((s, _, _)), Some(w)) if *s == w.session => {}
+            (Some((s, _, _)), None) if forced.as_deref() == Some(s.as_str()) => {}
             (Some((s, peer, instance)), _) if damped_until.is_none_or(|u| now >= u) => {
                 damped_until = None;
                 if armed.as_ref().is_some_and(|(a, _)| a != s) {
@@ -844,7 +858,11 @@ async fn contend(
                             let fresh = settings.probe_interval * (settings.probe_misses * 2) + settings.lease;
                             if armed.as_ref().is_some_and(|(s, at)| *s == target && at.elapsed() <= fresh) {
                                 armed = None;
-                                damped_until = force_takeover(leadership, client, &target, &evidence).await;
+                                damped_until = after_force(
+                                    force_takeover(leadership, client, &target, &evidence).await,
+                                    &target,
+                                    &mut forced,
+                                );
                             } else {
                                 let reachable = tokio::time::timeout(
                                     settings.lease,
@@ -861,7 +879,11 @@ async fn contend(
                     }
                     Ok(Ok(evidence)) => {
                         if let Some(target) = target {
-                            damped_until = force_takeover(leadership, client, &target, &evidence).await;
+                            damped_until = after_force(
+                                force_takeover(leadership, client, &target, &evidence).await,
+                                &target,
+                                &mut forced,
+                            );
                         }
                     }
                     Ok(Err(e)) => {
@@ -884,14 +906,32 @@ async fn contend(
     }
 }
 
+/// Records a forced takeover's outcome for [`contend`]: the session it
+/// destroyed, and until when a damped detector must wait.
+fn after_force(outcome: Forced, target: &str, forced: &mut Option<String>) -> Option<Instant> {
+    match outcome {
+        Forced::Done => {
+            *forced = Some(target.to_owned());
+            None
+        }
+        Forced::Damped(until) => until,
+        Forced::Failed => None,
+    }
+}
+
+/// What a forced takeover came to.
+enum Forced {
+    /// The holder's session is gone (destroyed by us, or already).
+    Done,
+    /// Held back by damping until then.
+    Damped(Option<Instant>),
+    /// Consul refused; probe on and try again.
+    Failed,
+}
+
 /// Destroys the holder's session on the detector's evidence, unless
-/// damped. Returns until when a new watch must wait (damped), if at all.
-async fn force_takeover(
-    leadership: &Leadership,
-    client: &Client,
-    target: &str,
-    evidence: &Evidence,
-) -> Option<Instant> {
+/// damped.
+async fn force_takeover(leadership: &Leadership, client: &Client, target: &str, evidence: &Evidence) -> Forced {
     let now = Instant::now();
     {
         let mut state = leadership.state();
@@ -901,7 +941,7 @@ async fn force_takeover(
             drop(state);
             metrics::counter!("halo_ha_forced_takeovers_damped_total").increment(1);
             tracing::warn!(%evidence, damped_for = ?until.map(|u| u - now), "the active looks gone, but forced takeovers are damped; waiting for Consul's own detection");
-            return until;
+            return Forced::Damped(until);
         }
     }
     match client.session_destroy(target).await {
@@ -912,13 +952,13 @@ async fn force_takeover(
             drop(state);
             metrics::counter!("halo_ha_forced_takeovers_total", "evidence" => evidence.kind()).increment(1);
             tracing::warn!(session = target, %evidence, "forced takeover: destroyed the active's session; acquiring after the lock delay");
-            None
+            Forced::Done
         }
         // Gone already: Consul (or another standby) got there first.
-        Err(ConsulError::NotFound { .. }) => None,
+        Err(ConsulError::NotFound { .. }) => Forced::Done,
         Err(e) => {
             tracing::warn!(error = %e, %evidence, "cannot destroy the active's session; probing on");
-            None
+            Forced::Failed
         }
     }
 }
@@ -1432,16 +1472,40 @@ async fn older_twin(leadership: &Leadership, client: &Client) -> Result<Option<S
     let answer = client.health_service("halo-lb", query, QueryOptions::default()).await?;
     let me = (leadership.started_us, leadership.instance.as_str());
     let own = leadership.service_id();
-    Ok(answer.value.iter().filter(|e| e.service.id != own).find_map(|e| {
-        let start: u64 = e.service.meta.get("start_us")?.parse().ok()?;
-        let instance = e.service.meta.get("instance")?;
-        ((start, instance.as_str()) < me).then(|| {
-            format!(
-                "service {} on node {} (admin {}:{})",
-                e.service.id, e.node.node, e.service.address, e.service.port
+    for e in answer.value.iter().filter(|e| e.service.id != own) {
+        let Some(start) = e.service.meta.get("start_us").and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        let Some(instance) = e.service.meta.get("instance") else {
+            continue;
+        };
+        if (start, instance.as_str()) >= me {
+            continue;
+        }
+        // Its check may still pass for up to a TTL after it died (a restart
+        // right after kill -9): ask the process itself, when it says where.
+        if let Some(probe) = e.service.meta.get("probe").and_then(|p| p.parse::<SocketAddr>().ok()) {
+            let settings = &leadership.settings;
+            let silence = settings.probe_interval * (settings.probe_misses + 1);
+            let verdict = tokio::time::timeout(
+                silence,
+                detector::watch_peer(probe, instance, settings.probe_interval, settings.probe_misses),
             )
-        })
-    }))
+            .await;
+            if matches!(
+                verdict,
+                Ok(Ok(Evidence::Refused | Evidence::Silent(_) | Evidence::Replaced(_)))
+            ) {
+                tracing::info!(instance = %instance, "an older instance with our id is registered but gone");
+                continue;
+            }
+        }
+        return Ok(Some(format!(
+            "service {} on node {} (admin {}:{})",
+            e.service.id, e.node.node, e.service.address, e.service.port
+        )));
+    }
+    Ok(None)
 }
 
 /// Waits while an older live instance uses our id, saying so in the log and
@@ -1473,7 +1537,7 @@ async fn wait_out_twin(leadership: &Leadership, client: &Client, stop: &Cancella
             // Not knowing is no reason to stay out: the lock still decides
             // who serves, and a twin cannot destroy our session any more.
             Err(e) => {
-                tracing::warn!(error = %e, "cannot look for instances sharing our id; joining the election");
+                tracing::debug!(error = %e, "cannot look for instances sharing our id; joining the election");
                 return true;
             }
         }
@@ -1504,6 +1568,7 @@ async fn register(leadership: &Leadership, client: &Client) -> Result<(), Consul
             ("id".to_owned(), settings.id.clone()),
             ("instance".to_owned(), leadership.instance.clone()),
             ("start_us".to_owned(), leadership.started_us.to_string()),
+            ("probe".to_owned(), settings.probe.to_string()),
         ]
         .into_iter()
         .collect(),

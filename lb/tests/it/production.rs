@@ -588,32 +588,6 @@ impl Rig {
         at
     }
 
-    /// Stops `lb<i>`'s process with SIGTERM (a standby: no handover) and
-    /// keeps its terms.
-    async fn stop(&mut self, i: usize) {
-        let status = self.status(i).await.expect("/status answers");
-        assert_ne!(role(&status), "active", "stop only a standby");
-        let mut lb = self.lbs[i - 1].take().unwrap();
-        lb.process.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
-        let exited = eventually(WAIT, "the standby to exit on SIGTERM", || {
-            let done = lb.process.child().try_wait().unwrap();
-            async move { done }
-        })
-        .await;
-        assert!(exited.success(), "{exited}:\n{}", lb.log_tail());
-        let who = self.who(i);
-        self.retired.extend(terms(&who, &status, unix_us(SystemTime::now())));
-    }
-
-    /// A fresh process on `lb<i>` as a standby with a full table, after
-    /// SIGTERM of the one there (which lost the lock and is damped).
-    async fn renew(&mut self, i: usize) {
-        self.stop(i).await;
-        self.launch(i);
-        self.wait_role(i, "standby").await;
-        self.wait_table(i).await;
-    }
-
     /// Every term: those of gone processes and every live instance's own.
     async fn all_terms(&self) -> Vec<TermRec> {
         let mut all = self.retired.clone();
@@ -884,7 +858,7 @@ async fn the_active_cut_off_from_the_servers_only() {
     if !halo_testkit::netns::required("production::the_active_cut_off_from_the_servers_only") {
         return;
     }
-    let mut rig = Rig::start(spec(2, 1)).await;
+    let rig = Rig::start(spec(2, 1)).await;
     let sampler = VipSampler::start(&rig.dc);
     let prober = rig.prober();
     let mut events = Vec::new();
