@@ -177,7 +177,22 @@ def serve_main(args):
             time.sleep(0.5)
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if args.claim:
+        # Claim the floating address as an operator's script under `consul
+        # lock` would: add it, announce it with gratuitous ARP (three now,
+        # as the new owner must repoint the client), remove it on SIGTERM.
+        ip = shutil.which("ip") or "/usr/sbin/ip"
+        subprocess.run([ip, "addr", "add", args.claim, "dev", args.dev], check=False)
+        address = args.claim.split("/")[0]
+        threading.Thread(target=announce, args=(args.dev, address), daemon=True).start()
+
+        def release(*_):
+            subprocess.run([ip, "addr", "del", args.claim, "dev", args.dev], check=False)
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, release)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     while True:
         conn, _ = sock.accept()
         try:
@@ -185,6 +200,24 @@ def serve_main(args):
         except OSError:
             pass
         conn.close()
+
+
+def announce(dev, address, count=3, every=0.2):
+    """Gratuitous ARP (a broadcast ARP request for `address` from it) on
+    `dev`, `count` times."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    sock.bind((dev, 0x0806))
+    mac = sock.getsockname()[4][:6]
+    ip4 = socket.inet_aton(address)
+    frame = (
+        b"\xff" * 6 + mac + b"\x08\x06"  # Ethernet: broadcast, ARP
+        + b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet/IPv4, request
+        + mac + ip4 + b"\x00" * 6 + ip4
+    )  # fmt: skip
+    for _ in range(count):
+        sock.send(frame)
+        time.sleep(every)
+    sock.close()
 
 
 # ----------------------------------------------------------- processes
@@ -880,6 +913,8 @@ def main():
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--name", required=True)
     s.add_argument("--freebind", action="store_true")
+    s.add_argument("--claim", default=None, help="add this address/prefix to --dev first, announce it, remove it on SIGTERM")
+    s.add_argument("--dev", default="eth0")
     r = sub.add_parser("run")
     r.add_argument("--run-id", required=True, help="names the namespaces hfb-<run-id>-*")
     r.add_argument("--consul", required=True)
