@@ -19,7 +19,8 @@
 # Knobs (environment): FAILOVER_ROUNDS (20, halo and keepalived),
 # FAILOVER_CONSUL_ROUNDS (3; FAILOVER_CONSUL_KILL_ROUNDS is read too),
 # FAILOVER_SYSTEMS ("halo,keepalived,consul-lock"), FAILOVER_EVENTS
-# ("kill,power-off,cable"), FAILOVER_FAULT_SECONDS (10: how long a host stays powered off or unplugged), FAILOVER_KEEPALIVED_ROUNDS (FAILOVER_ROUNDS), FAILOVER_MAX_SECONDS
+# ("kill,power-off,cable"), FAILOVER_CABLE_FRESH=1 (halo: restart the old
+# active after each cable round: no damping carried over), FAILOVER_FAULT_SECONDS (10: how long a host stays powered off or unplugged), FAILOVER_KEEPALIVED_ROUNDS (FAILOVER_ROUNDS), FAILOVER_MAX_SECONDS
 # (3600: rounds left when it is used up are skipped), HALO_LB_BIN (use this
 # halo-lb instead of building), CONSUL_BIN, KEEPALIVED_BIN,
 # FAILOVER_NO_INSTALL=1 (never apt-get keepalived).

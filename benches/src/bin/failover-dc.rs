@@ -143,6 +143,10 @@ struct Settings {
     rounds: usize,
     consul_rounds: usize,
     fault_seconds: u64,
+    /// FAILOVER_CABLE_FRESH=1: after a cable round, restart the old
+    /// active (now the standby), so the next round's standby carries no
+    /// damping of forced takeovers from the round before.
+    cable_fresh: bool,
     keepalived_rounds: usize,
     max_seconds: u64,
 }
@@ -193,6 +197,7 @@ impl Settings {
             rounds: usize::try_from(num("FAILOVER_ROUNDS", 20)?).map_err(|e| e.to_string())?,
             consul_rounds: usize::try_from(num("FAILOVER_CONSUL_ROUNDS", 3)?).map_err(|e| e.to_string())?,
             fault_seconds: num("FAILOVER_FAULT_SECONDS", 10)?,
+            cable_fresh: var("FAILOVER_CABLE_FRESH").as_deref() == Some("1"),
             keepalived_rounds: usize::try_from(num("FAILOVER_KEEPALIVED_ROUNDS", num("FAILOVER_ROUNDS", 20)?)?)
                 .map_err(|e| e.to_string())?,
             max_seconds: num("FAILOVER_MAX_SECONDS", 3600)?,
@@ -667,9 +672,11 @@ impl<'a> Pair<'a> {
                 b.is_some() && (m.is_none() || m < b)
             }
             System::ConsulLock => {
+                // Waiting: it tried to acquire and has not started its child
+                // ("Starting handler") nor lost a lock since it started.
                 let text = self.log_since_start(host);
                 text.contains("Attempting lock acquisition")
-                    && !text.contains("Lock acquired")
+                    && !text.contains("Starting handler")
                     && !text.contains("Lock lost")
             }
         }
@@ -991,6 +998,13 @@ async fn round(
     // Attempts in flight at the answer end within a probe deadline.
     let settle = (t_answer + PROBE_DEADLINE.as_nanos() as i64 + 100_000_000 - mono_ns()).max(0);
     tokio::time::sleep(Duration::from_nanos(settle as u64)).await;
+    if event == Event::Cable && s.cable_fresh && pair.system == System::Halo {
+        // Measured before the restart: the samples up to here count.
+        pair.kill(active);
+        pair.start(active);
+        pair.wait("the restarted old active to be the standby", active, true, sampler)
+            .await?;
+    }
     wait_steady(pl).await?;
     let t_end = mono_ns();
     let failed = pl.fails_between(t_event - PROBE_DEADLINE.as_nanos() as i64, t_answer);
@@ -1124,6 +1138,12 @@ fn render(s: &Settings, dc_desc: &str, results: &BTreeMap<(System, Event), Vec<R
         s.fault_seconds,
         s.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
     );
+    if s.cable_fresh && s.events.contains(&Event::Cable) {
+        out.push_str(
+            "\nFAILOVER_CABLE_FRESH=1: after each cable round the old active (by then the standby) was restarted, so no \
+             round's standby carried the damping of forced takeovers left by the round before.\n",
+        );
+    }
     for n in notes {
         let _infallible = writeln!(out, "\n{n}.");
     }
