@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# Failover benchmark: the gap a client sees when the active of a pair dies
-# (kill -9) or hands over (SIGTERM), for halo-lb's pair with its default
-# settings, `consul lock` with its defaults, and keepalived VRRP with
-# advert_int 1. One command, one table:
+# Failover benchmark in the production-shaped datacenter of halo_testkit::dc
+# (3 Consul servers, a Consul client agent on every other host, two
+# balancer hosts, a backend host and a client host, in network namespaces
+# on 198.18.0.0/15): the gap a client on the client host sees, and samples
+# in which two hosts held the VIP, when the active of a pair is killed
+# (kill -9), its host is powered off, or its cable is pulled. For halo-lb's
+# pair with its default [ha] settings, keepalived VRRP (advert_int 1) and
+# `consul lock` with its defaults. One command, one table:
 #
 #   benches/failover.sh
 #
-# Writes the table to benches/results/failover.md and stdout; raw output
-# (logs, configs, every client attempt, rounds.json) to
+# Needs root (network namespaces). Writes the table to
+# benches/results/failover.md and stdout; raw output (every client attempt,
+# each process's log and config, every agent's log, rounds.txt) to
 # benches/results/failover-<timestamp>/, which git ignores. See
 # benches/README.md ("Failover") for how each row is made.
 #
-# Knobs (environment): FAILOVER_ROUNDS (20), FAILOVER_CONSUL_KILL_ROUNDS (3),
-# FAILOVER_SYSTEMS ("halo,consul-lock,keepalived"), FAILOVER_MAX_SECONDS
-# (2400: rounds left when it is used up are skipped), HALO_LB_BIN (use this
+# Knobs (environment): FAILOVER_ROUNDS (20, halo and keepalived),
+# FAILOVER_CONSUL_ROUNDS (3; FAILOVER_CONSUL_KILL_ROUNDS is read too),
+# FAILOVER_SYSTEMS ("halo,keepalived,consul-lock"), FAILOVER_EVENTS
+# ("kill,power-off,cable"), FAILOVER_CABLE_FRESH=1 (halo: restart the old
+# active after each cable round: no damping carried over), FAILOVER_FAULT_SECONDS (10: how long a host stays powered off or unplugged), FAILOVER_KEEPALIVED_ROUNDS (FAILOVER_ROUNDS), FAILOVER_MAX_SECONDS
+# (3600: rounds left when it is used up are skipped), HALO_LB_BIN (use this
 # halo-lb instead of building), CONSUL_BIN, KEEPALIVED_BIN,
 # FAILOVER_NO_INSTALL=1 (never apt-get keepalived).
 #
-# Traffic goes to 127.0.0.1 and, for keepalived, to 198.19.77.0/24 inside
-# network namespaces hfb-<pid>-* that it creates (root only) and deletes on
-# exit, with every process in them. Every process it starts is stopped on
-# exit, by pid.
+# Every process it starts runs inside the datacenter's namespaces and is
+# killed by pid on exit; the namespaces (halo-<pid>-*) are deleted, also on
+# failure or interruption.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,27 +36,27 @@ PY=${PYTHON:-python3}
 export PATH="$PATH:/usr/sbin:/sbin"
 log() { printf '[failover %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-RUN_ID=$$
 OUT="$HERE/results/failover-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 
-# Namespaces left by a harness that was killed outright (the Python side
-# removes its own on any other exit).
+# Namespaces of the bench binary (halo-<its pid>-*), should it be killed
+# outright (on any other exit it removes its own).
+bench_pid=
 sweep_netns() {
   local ns pid
+  [ -n "$bench_pid" ] || return 0
   command -v ip >/dev/null 2>&1 || return 0
-  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^hfb-$RUN_ID-" || true); do
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^halo-$bench_pid-" || true); do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
   done
 }
-py_pid=
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [ -n "$py_pid" ] && kill -0 "$py_pid" 2>/dev/null; then
-    kill -TERM "$py_pid" 2>/dev/null || true
-    wait "$py_pid" 2>/dev/null || true
+  if [ -n "$bench_pid" ] && kill -0 "$bench_pid" 2>/dev/null; then
+    kill -TERM "$bench_pid" 2>/dev/null || true
+    wait "$bench_pid" 2>/dev/null || true
   fi
   sweep_netns
   exit "$rc"
@@ -66,6 +73,9 @@ else
   (cd "$ROOT" && cargo build --release --quiet -p halo-lb --bin halo-lb)
   halo_lb="${CARGO_TARGET_DIR:-$ROOT/target}/release/halo-lb"
 fi
+log "building the bench binary (release)"
+(cd "$ROOT" && cargo build --release --quiet -p halo-benches --bin failover-dc)
+bench_bin="${CARGO_TARGET_DIR:-$ROOT/target}/release/failover-dc"
 [ -x "$halo_lb" ] || { log "no halo-lb at $halo_lb"; exit 1; }
 commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')
 if [ -n "$(git -C "$ROOT" status --porcelain -- lb consul health 2>/dev/null)" ]; then commit="$commit+changes"; fi
@@ -76,7 +86,7 @@ consul=$("$ROOT/scripts/consul.sh")
 # machine has its own policy.
 keepalived=${KEEPALIVED_BIN:-$(command -v keepalived || true)}
 keepalived_note=
-case ",${FAILOVER_SYSTEMS:-halo,consul-lock,keepalived}," in
+case ",${FAILOVER_SYSTEMS:-halo,keepalived,consul-lock}," in
   *,keepalived,*)
     if [ -z "$keepalived" ]; then
       if [ "${FAILOVER_NO_INSTALL:-0}" = 1 ]; then
@@ -97,16 +107,19 @@ case ",${FAILOVER_SYSTEMS:-halo,consul-lock,keepalived}," in
     ;;
 esac
 
-args=(run --run-id "$RUN_ID" --consul "$consul" --halo-lb "$halo_lb" --halo-commit "$commit"
-  --out "$OUT" --table "$HERE/results/failover.md"
-  --rounds "${FAILOVER_ROUNDS:-20}" --consul-kill-rounds "${FAILOVER_CONSUL_KILL_ROUNDS:-3}"
-  --systems "${FAILOVER_SYSTEMS:-halo,consul-lock,keepalived}" --max-seconds "${FAILOVER_MAX_SECONDS:-2400}")
-[ -z "$keepalived" ] || args+=(--keepalived "$keepalived")
-[ -z "$keepalived_note" ] || args+=(--keepalived-note "$keepalived_note")
+[ "$(id -u)" = 0 ] || { log "needs root (network namespaces)"; exit 1; }
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || log "note: nft (nftables) is missing; the datacenter's cuts need it (not used here)"
+python=$("$PY" -c 'import sys; print(sys.executable)')
 
-"$PY" "$HERE/failover.py" "${args[@]}" &
-py_pid=$!
+export HALO_NETNS_TESTS=1 CONSUL_BIN="$consul"
+export FAILOVER_HALO_LB="$halo_lb" FAILOVER_HALO_COMMIT="$commit" FAILOVER_PYTHON="$python"
+export FAILOVER_PY="$HERE/failover.py" FAILOVER_OUT="$OUT" FAILOVER_TABLE="$HERE/results/failover.md"
+export FAILOVER_KEEPALIVED="$keepalived" FAILOVER_KEEPALIVED_NOTE="$keepalived_note"
+export FAILOVER_CONSUL_ROUNDS="${FAILOVER_CONSUL_ROUNDS:-${FAILOVER_CONSUL_KILL_ROUNDS:-3}}"
+export FAILOVER_SYSTEMS="${FAILOVER_SYSTEMS:-halo,keepalived,consul-lock}"
+
+"$bench_bin" 2> >(tee "$OUT/harness.log" >&2) &
+bench_pid=$!
 rc=0
-wait "$py_pid" || rc=$?
-py_pid=
+wait "$bench_pid" || rc=$?
 exit "$rc"
