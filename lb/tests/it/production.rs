@@ -692,21 +692,7 @@ async fn kill_9_of_the_active() {
         });
         rig.wait_table(a).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let probes = prober.stop();
-    let samples = sampler.stop();
-    let mut gaps = Vec::new();
-    for (n, (round, at)) in events.iter().enumerate() {
-        let until = events.get(n + 1).map_or(Instant::now(), |e| e.1);
-        let g = gap(&probes, *at, until).expect("served after the kill");
-        eprintln!("FIGURE kill -9 round {round}: client gap {}", ms(g));
-        gaps.push(g);
-    }
-    rig.check("kill -9", &samples, &excuses).await;
-    assert!(
-        gaps.iter().all(|g| *g <= KILL_BOUND),
-        "gaps {gaps:?} within {KILL_BOUND:?}"
-    );
+    finish_rounds(&rig, prober, sampler, &events, &excuses, "kill -9", KILL_BOUND).await;
 }
 
 /// Power-off of the active's host (halo-lb and the agent die, the link goes
@@ -741,21 +727,7 @@ async fn power_off_of_the_active_host() {
         rig.wait_role(a, "standby").await;
         rig.wait_table(a).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let probes = prober.stop();
-    let samples = sampler.stop();
-    let mut gaps = Vec::new();
-    for (n, (round, at)) in events.iter().enumerate() {
-        let until = events.get(n + 1).map_or(Instant::now(), |e| e.1);
-        let g = gap(&probes, *at, until).expect("served after the power-off");
-        eprintln!("FIGURE power-off round {round}: client gap {}", ms(g));
-        gaps.push(g);
-    }
-    rig.check("power-off", &samples, &excuses).await;
-    assert!(
-        gaps.iter().all(|g| *g <= POWER_OFF_BOUND),
-        "gaps {gaps:?} within {POWER_OFF_BOUND:?}"
-    );
+    finish_rounds(&rig, prober, sampler, &events, &excuses, "power-off", POWER_OFF_BOUND).await;
 }
 
 /// The active's cable pulled for 20 s, then plugged back: the cut-off
@@ -880,21 +852,16 @@ async fn the_active_cut_off_from_the_servers_only() {
         // as fast as its peer did.
         rig.wait_role(a, "standby").await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let probes = prober.stop();
-    let samples = sampler.stop();
-    let mut gaps = Vec::new();
-    for (n, (round, at)) in events.iter().enumerate() {
-        let until = events.get(n + 1).map_or(Instant::now(), |e| e.1);
-        let g = gap(&probes, *at, until).expect("served after the cut");
-        eprintln!("FIGURE cut from the servers round {round}: client gap {}", ms(g));
-        gaps.push(g);
-    }
-    rig.check("cut from the servers", &samples, &[]).await;
-    assert!(
-        gaps.iter().all(|g| *g <= FAILOVER_BOUND),
-        "gaps {gaps:?} within {FAILOVER_BOUND:?}"
-    );
+    finish_rounds(
+        &rig,
+        prober,
+        sampler,
+        &events,
+        &[],
+        "cut from the servers",
+        FAILOVER_BOUND,
+    )
+    .await;
 }
 
 /// The two balancers cut apart only, both still reaching Consul, for 10 s:
@@ -1042,20 +1009,36 @@ async fn sigstop_of_the_active_for_3s() {
         // No restart between rounds: a process frozen past its lease
         // deserved the takeover and is not damped.
     }
+    finish_rounds(&rig, prober, sampler, &events, &excuses, "SIGSTOP", FAILOVER_BOUND).await;
+}
+
+/// Ends a test of rounds: stops the prober and the VIP sampler, prints each
+/// round's client gap (from its event to the next round's), checks that no
+/// two instances served and no two hosts held the VIP (but for `excuses`),
+/// and asserts every gap within `bound`.
+async fn finish_rounds(
+    rig: &Rig,
+    prober: Prober,
+    sampler: VipSampler,
+    events: &[(usize, Instant)],
+    excuses: &[Excuse],
+    what: &str,
+    bound: Duration,
+) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probes = prober.stop();
     let samples = sampler.stop();
     let mut gaps = Vec::new();
     for (n, (round, at)) in events.iter().enumerate() {
         let until = events.get(n + 1).map_or(Instant::now(), |e| e.1);
-        let g = gap(&probes, *at, until).expect("served after the freeze");
-        eprintln!("FIGURE SIGSTOP round {round}: client gap {}", ms(g));
+        let g = gap(&probes, *at, until).unwrap_or_else(|| panic!("{what} round {round}: never served again"));
+        eprintln!("FIGURE {what} round {round}: client gap {}", ms(g));
         gaps.push(g);
     }
-    rig.check("SIGSTOP", &samples, &excuses).await;
+    rig.check(what, &samples, excuses).await;
     assert!(
-        gaps.iter().all(|g| *g <= FAILOVER_BOUND),
-        "gaps {gaps:?} within {FAILOVER_BOUND:?}"
+        gaps.iter().all(|g| *g <= bound),
+        "{what}: gaps {gaps:?} within {bound:?}"
     );
 }
 
@@ -1289,21 +1272,7 @@ async fn three_instances() {
         });
         rig.wait_table(a).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let probes = prober.stop();
-    let samples = sampler.stop();
-    let mut gaps = Vec::new();
-    for (n, (round, at)) in events.iter().enumerate() {
-        let until = events.get(n + 1).map_or(Instant::now(), |e| e.1);
-        let g = gap(&probes, *at, until).expect("served after the kill");
-        eprintln!("FIGURE three instances round {round}: client gap {}", ms(g));
-        gaps.push(g);
-    }
-    rig.check("three instances", &samples, &excuses).await;
-    assert!(
-        gaps.iter().all(|g| *g <= KILL_BOUND),
-        "gaps {gaps:?} within {KILL_BOUND:?}"
-    );
+    finish_rounds(&rig, prober, sampler, &events, &excuses, "three instances", KILL_BOUND).await;
 }
 
 #[test]
