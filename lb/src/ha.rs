@@ -117,6 +117,9 @@ const KEY_WAIT: Duration = Duration::from_secs(10);
 const ACQUIRE_RETRY: Duration = Duration::from_millis(20);
 /// Back-off after a failed Consul call in the election loop.
 const CONSUL_RETRY: Duration = Duration::from_millis(100);
+/// How long a standby leaves a peer alone whose probe address led back to
+/// itself (a misconfigured `probe_listen`).
+const SELF_ANSWERED_RETRY: Duration = Duration::from_secs(60);
 /// How often an instance looks for an older live instance with its id.
 const TWIN_RECHECK: Duration = Duration::from_secs(2);
 /// Confirming reads of the lock in flight at once, at most.
@@ -804,13 +807,13 @@ async fn contend(
                 if armed.as_ref().is_some_and(|(a, _)| a != s) {
                     armed = None;
                 }
-                let (peer, instance) = (*peer, instance.clone());
+                let (peer, instance, me) = (*peer, instance.clone(), leadership.instance.clone());
                 let (interval, misses) = (settings.probe_interval, settings.probe_misses);
                 leadership.state().detector.peer = Some(peer.to_string());
                 watching = Some(Watching {
                     session: s.clone(),
                     task: AbortOnDrop(tokio::spawn(async move {
-                        detector::watch_peer(peer, &instance, interval, misses).await
+                        detector::watch_peer(peer, &instance, &me, interval, misses).await
                     })),
                 });
             }
@@ -847,6 +850,12 @@ async fn contend(
             verdict = verdict => {
                 let target = watching.take().map(|w| w.session);
                 match verdict {
+                    Ok(Ok(evidence @ Evidence::SelfAnswered)) => {
+                        // A misconfiguration, not a failure: never force on
+                        // it; say so, and look again in a while.
+                        tracing::error!(%evidence, "cannot probe the active; relying on Consul's detection");
+                        damped_until = Some(Instant::now() + SELF_ANSWERED_RETRY);
+                    }
                     Ok(Ok(evidence @ Evidence::NotServing(_))) => {
                         // The active is alive but cannot confirm its lease.
                         // If we cannot reach the servers either, Consul
@@ -1489,7 +1498,13 @@ async fn older_twin(leadership: &Leadership, client: &Client) -> Result<Option<S
             let silence = settings.probe_interval * (settings.probe_misses + 1);
             let verdict = tokio::time::timeout(
                 silence,
-                detector::watch_peer(probe, instance, settings.probe_interval, settings.probe_misses),
+                detector::watch_peer(
+                    probe,
+                    instance,
+                    &leadership.instance,
+                    settings.probe_interval,
+                    settings.probe_misses,
+                ),
             )
             .await;
             if matches!(

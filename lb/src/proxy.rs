@@ -88,7 +88,7 @@ pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Cancellatio
             Some(s) => s,
             // The family most backends of the table have; a connection to
             // one of the other family swaps it (one descriptor for another).
-            None => match Spare::new(vip.table().mostly_v4()) {
+            None => match Spare::new(vip.mostly_v4()) {
                 Ok(s) => s,
                 Err(e) if pressure::is_local(&e) => {
                     pressure::report(Op::Accept, vip.name(), &e);

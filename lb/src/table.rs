@@ -325,6 +325,12 @@ impl Vip {
         self.build_error.lock().expect("build_error lock poisoned").clone()
     }
 
+    /// Whether most backends of the published table are IPv4, without
+    /// taking a reference on the table (the accept loop asks per accept).
+    pub fn mostly_v4(&self) -> bool {
+        self.table.load().mostly_v4()
+    }
+
     /// The round-robin cursor.
     pub fn cursor(&self) -> &AtomicUsize {
         &self.cursor

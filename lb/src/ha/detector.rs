@@ -150,6 +150,10 @@ pub enum Evidence {
     Replaced(String),
     /// The active answered `suspended` this many times in a row.
     NotServing(u32),
+    /// Not evidence: the active's probe address reached this very process
+    /// (its `probe_listen` is a loopback or otherwise local address as seen
+    /// from here). The detector cannot watch that peer.
+    SelfAnswered,
 }
 
 impl std::fmt::Display for Evidence {
@@ -158,6 +162,9 @@ impl std::fmt::Display for Evidence {
             Evidence::Refused => f.write_str("its probe port refuses: the process is gone"),
             Evidence::Silent(n) => write!(f, "{n} probes in a row went unanswered"),
             Evidence::Replaced(other) => write!(f, "instance {other} answers on its probe address instead"),
+            Evidence::SelfAnswered => f.write_str(
+                "its probe address reaches this instance itself: set ha.probe_listen to an address the other balancers reach",
+            ),
             Evidence::NotServing(n) => {
                 write!(
                     f,
@@ -176,13 +183,23 @@ impl Evidence {
             Evidence::Silent(_) => "silent",
             Evidence::Replaced(_) => "replaced",
             Evidence::NotServing(_) => "not_serving",
+            Evidence::SelfAnswered => "self_answered",
         }
     }
 }
 
 /// Probes `peer` (which must be `instance`) every `interval` and returns
 /// once it is judged gone. Returns `Err` only if no socket can be made.
-pub async fn watch_peer(peer: SocketAddr, instance: &str, interval: Duration, misses: u32) -> io::Result<Evidence> {
+/// `me` is this process's own instance: an answer from it means the peer's
+/// probe address leads back here (a loopback `probe_listen` on another
+/// host), which is no evidence about the peer at all.
+pub async fn watch_peer(
+    peer: SocketAddr,
+    instance: &str,
+    me: &str,
+    interval: Duration,
+    misses: u32,
+) -> io::Result<Evidence> {
     let local: SocketAddr = if peer.is_ipv4() {
         "0.0.0.0:0".parse().expect("static address")
     } else {
@@ -227,6 +244,7 @@ pub async fn watch_peer(peer: SocketAddr, instance: &str, interval: Duration, mi
                     return Ok(Evidence::Silent(silent));
                 }
             }
+            Some(a) if a.instance == me && me != instance => return Ok(Evidence::SelfAnswered),
             Some(a) if a.instance != instance => return Ok(Evidence::Replaced(a.instance)),
             Some(a) => {
                 silent = 0;
@@ -356,12 +374,12 @@ mod tests {
         let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = gone.local_addr().unwrap();
         drop(gone);
-        let e = watch_peer(addr, "x", Duration::from_millis(20), 3).await.unwrap();
+        let e = watch_peer(addr, "x", "me", Duration::from_millis(20), 3).await.unwrap();
         assert_eq!(e, Evidence::Refused);
 
         // Silent: bound, never answers.
         let mute = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let e = watch_peer(mute.local_addr().unwrap(), "x", Duration::from_millis(20), 3)
+        let e = watch_peer(mute.local_addr().unwrap(), "x", "me", Duration::from_millis(20), 3)
             .await
             .unwrap();
         assert_eq!(e, Evidence::Silent(3));
@@ -376,12 +394,25 @@ mod tests {
             let instance = if n < 10 { "aaaa" } else { "bbbb" };
             (instance.to_owned(), "active".to_owned())
         }));
-        let e = watch_peer(addr, "aaaa", Duration::from_millis(10), 3).await.unwrap();
+        let e = watch_peer(addr, "aaaa", "me", Duration::from_millis(10), 3)
+            .await
+            .unwrap();
         assert_eq!(e, Evidence::Replaced("bbbb".into()));
         assert!(
             answers.load(std::sync::atomic::Ordering::Relaxed) >= 10,
             "kept while alive"
         );
+        responder.abort();
+
+        // The peer's advertised address leads back to ourselves (a loopback
+        // probe_listen seen from another host): no evidence, never forced.
+        let own = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = own.local_addr().unwrap();
+        let responder = tokio::spawn(respond(own, || ("me".to_owned(), "standby".to_owned())));
+        let e = watch_peer(addr, "peer", "me", Duration::from_millis(10), 3)
+            .await
+            .unwrap();
+        assert_eq!(e, Evidence::SelfAnswered);
         responder.abort();
     }
 }
