@@ -38,7 +38,8 @@
 //! # Readiness
 //! `start` returns once every server reports the same leader and every
 //! client agent knows that leader and sees its own node in the catalog with
-//! `serfHealth` passing. [`Datacenter::startup`] tells how long it took.
+//! `serfHealth` passing, and every agent sees every other one alive in
+//! gossip. [`Datacenter::startup`] tells how long it took.
 //!
 //! # Fault primitives
 //! Each can be used mid-test, and the reversible ones undone:
@@ -355,6 +356,12 @@ impl Datacenter {
         dc.startup.leader = began.elapsed();
         for name in names.iter().filter(|n| !SERVERS.contains(&n.as_str())) {
             dc.wait_agent_ready(name).await;
+        }
+        // Gossip has converged: every agent sees every other one alive (a
+        // client agent can be ready, with the leader known, before the
+        // others have heard of it).
+        for name in &names {
+            dc.wait_sees_all(name, names.len()).await;
         }
         dc.startup.ready = began.elapsed();
         dc
@@ -696,6 +703,25 @@ impl Datacenter {
                     "the Consul agent of {name} not ready after {START_TIMEOUT:?}; log tail:\n{}",
                     crate::netns::tail(&self.agent_log(name), 4096)
                 );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the agent of `name` sees `count` members, all alive;
+    /// panics with its member list after [`START_TIMEOUT`].
+    async fn wait_sees_all(&self, name: &str, count: usize) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let members = self.members(name).await;
+            if members
+                .as_ref()
+                .is_some_and(|m| m.len() == count && m.iter().all(|m| m.status == 1))
+            {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("the Consul agent of {name} sees {members:?} after {START_TIMEOUT:?}, not {count} live members");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
