@@ -15,8 +15,8 @@ use crate::{duration, Error};
 pub enum CheckStatus {
     /// The check passes.
     Passing,
-    /// The check warns; the instance still counts as up for `?passing`
-    /// queries only if Consul is asked to treat warnings so (halo does not).
+    /// The check warns: `?passing` queries leave the instance out; Consul's
+    /// DNS (and halo-lb's discovery) keep it, at its `Weights.Warning`.
     Warning,
     /// The check fails.
     Critical,

@@ -236,11 +236,6 @@ impl Watch {
         self.failures
     }
 
-    /// Forgets the index, so the next call answers at once.
-    pub fn reset(&mut self) {
-        self.index = 0;
-    }
-
     /// The options of the next call.
     pub fn options(&self) -> QueryOptions {
         QueryOptions {

@@ -1,10 +1,8 @@
 //! Sessions: the liveness handle that locks hang on.
 
-use std::future::Future;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
-use tokio::time::Instant;
 
 use crate::client::{decode_json, escape_path, Call, Client};
 use crate::{duration, Error};
@@ -225,49 +223,6 @@ impl Client {
         let path = format!("session/info/{}", escape_path(id));
         let answer = self.send(Call::get(path)).await?.ok()?;
         Ok(decode_sessions(&answer.path, &answer.body)?.into_iter().next())
-    }
-
-    /// Keeps a TTL session alive until `shutdown` resolves, then destroys it.
-    ///
-    /// Renews every half TTL, adopting the TTL Consul returns. Returns
-    /// [`Error::NotFound`] as soon as Consul says the session is gone, and the
-    /// last error once renewals have failed for a whole TTL (the session must
-    /// be presumed expired). Like Go's `api.Session.RenewPeriodic`.
-    pub async fn session_renew_periodic(
-        &self,
-        id: &str,
-        ttl: Duration,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<(), Error> {
-        tokio::pin!(shutdown);
-        let mut ttl = ttl;
-        let mut last_ok = Instant::now();
-        let mut wait = ttl / 2;
-        loop {
-            tokio::select! {
-                () = &mut shutdown => {
-                    return self.session_destroy(id).await;
-                }
-                () = tokio::time::sleep(wait) => {}
-            }
-            match self.session_renew(id).await {
-                Ok(info) => {
-                    if let Some(new_ttl) = info.ttl.filter(|t| !t.is_zero()) {
-                        ttl = new_ttl;
-                    }
-                    last_ok = Instant::now();
-                    wait = ttl / 2;
-                }
-                Err(e) if e.is_not_found() => return Err(e),
-                Err(e) => {
-                    if last_ok.elapsed() >= ttl {
-                        return Err(e);
-                    }
-                    tracing::warn!(session = id, error = %e, "session renewal failed; retrying");
-                    wait = Duration::from_secs(1).min(ttl / 4);
-                }
-            }
-        }
     }
 }
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::probe::{Outcome, Probe, Prober};
 
 /// A check's state as callers see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Up, last result passed.

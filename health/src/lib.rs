@@ -20,6 +20,7 @@
 //!   its [`server::ServerLimits`].
 //! - [`telemetry`]: logging (coloured only on a terminal) and the Prometheus
 //!   recorder for both binaries.
+//! - [`host_name`]: the host name both binaries derive default ids from.
 
 pub mod checker;
 pub mod probe;
@@ -28,3 +29,39 @@ pub mod telemetry;
 
 pub use checker::{spawn, CheckConfig, CheckHandle, CheckState, Hysteresis, Status};
 pub use probe::{ExecProbe, HttpProbe, Outcome, Probe, ProbeResult, Prober};
+
+/// This host's name as both binaries put it into the ids they derive from
+/// it (the sidecar's service ID, the balancer's `ha.id`): letters, digits,
+/// '-', '_' and '.' are kept and any other character becomes '-', so a
+/// host name never makes an id Consul or a config check refuses. An
+/// unreadable name is "localhost".
+pub fn host_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    sanitize_host(&host)
+}
+
+fn sanitize_host(host: &str) -> String {
+    host.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_names_keep_only_id_characters() {
+        assert_eq!(super::sanitize_host("web-1.example_x"), "web-1.example_x");
+        assert_eq!(super::sanitize_host("wéb 1:2"), "w-b-1-2");
+        assert!(!super::host_name().is_empty());
+    }
+}

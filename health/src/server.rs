@@ -358,9 +358,10 @@ pub fn readiness(checks: &[CheckHandle], draining: bool) -> (bool, serde_json::V
     (ready, body)
 }
 
-/// A JSON response with a trailing newline.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
-    let mut text = serde_json::to_vec_pretty(body).expect("JSON values serialize");
+/// A JSON response with a trailing newline. `body` is a JSON value or a
+/// plain serde struct (string keys, no custom serializer that can fail).
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> HttpResponse {
+    let mut text = serde_json::to_vec_pretty(body).expect("plain JSON documents serialize");
     text.push(b'\n');
     Response::builder()
         .status(status)

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use halo_lb::config::Config;
+use halo_lb::Config;
 
 /// Default config file location.
 const DEFAULT_CONFIG: &str = "/etc/halo/halo-lb.toml";
@@ -34,7 +34,7 @@ enum Command {
 }
 
 /// `halo-lb release-vip`: idempotent removal of a leftover floating address.
-fn release_vip(config: &halo_lb::config::Validated) -> ExitCode {
+fn release_vip(config: &halo_lb::Validated) -> ExitCode {
     let Some(f) = config.ha.as_ref().and_then(|ha| ha.floating.as_ref()) else {
         println!("halo-lb: no [ha] vip_address in the config: nothing to release");
         return ExitCode::SUCCESS;
@@ -51,13 +51,13 @@ fn release_vip(config: &halo_lb::config::Validated) -> ExitCode {
         }
         _ => {}
     }
-    let released = halo_lb::floating::FloatingIp::open(f.address, f.prefix, &f.interface).and_then(|ip| ip.release());
+    let released = halo_lb::FloatingIp::open(f.address, f.prefix, &f.interface).and_then(|ip| ip.release());
     match released {
-        Ok(halo_lb::floating::Outcome::Changed) => {
+        Ok(halo_lb::FloatingOutcome::Changed) => {
             println!("halo-lb: removed {}/{} from {}", f.address, f.prefix, f.interface);
             ExitCode::SUCCESS
         }
-        Ok(halo_lb::floating::Outcome::Unchanged) => {
+        Ok(halo_lb::FloatingOutcome::Unchanged) => {
             println!("halo-lb: {} is not on {}: nothing to release", f.address, f.interface);
             ExitCode::SUCCESS
         }

@@ -622,10 +622,7 @@ fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Sett
         }
     }
     let service_id = config.service.id.clone().unwrap_or_else(|| {
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into());
+        let host = halo_health::host_name();
         let id = format!("{}-{host}-{}", config.service.name, config.service.port);
         validate_id(
             "service.id (unset, derived from the hostname; set it)",

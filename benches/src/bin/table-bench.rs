@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use halo_lb::backend::Backend;
-use halo_lb::config::{Algorithm, CopyMode, PassiveConfig, ProxyProtocol};
-use halo_lb::table::{Table, Vip, VipSettings};
+use halo_lb::settings::Backend;
+use halo_lb::settings::VipSettings;
+use halo_lb::settings::{Algorithm, CopyMode, PassiveConfig, ProxyProtocol};
+use halo_lb::{Table, Vip};
 
 fn settings(algorithm: Algorithm) -> VipSettings {
     VipSettings {

@@ -93,33 +93,6 @@ async fn renew_adopts_the_ttl_and_a_gone_session_is_not_found() {
 }
 
 #[tokio::test]
-async fn periodic_renewal_stops_on_a_lost_session_and_destroys_on_shutdown() {
-    let (_agent, client) = agent().await;
-    let ttl = Duration::from_secs(10);
-    let request = SessionRequest {
-        ttl: Some(ttl),
-        ..SessionRequest::default()
-    };
-
-    // Shutdown destroys the session.
-    let id = client.session_create(&request).await.unwrap();
-    client
-        .session_renew_periodic(&id, ttl, std::future::ready(()))
-        .await
-        .unwrap();
-    assert_eq!(client.session_info(&id).await.unwrap(), None);
-
-    // A session destroyed behind the renewer's back ends it with NotFound at
-    // the next renewal (half a TTL).
-    let id = client.session_create(&request).await.unwrap();
-    client.session_destroy(&id).await.unwrap();
-    let start = Instant::now();
-    let result = client.session_renew_periodic(&id, ttl, std::future::pending()).await;
-    assert!(matches!(result, Err(Error::NotFound { .. })), "{result:?}");
-    assert!(start.elapsed() < ttl, "noticed within the TTL: {:?}", start.elapsed());
-}
-
-#[tokio::test]
 async fn a_session_bound_to_a_ttl_check_is_invalidated_when_the_check_goes_critical() {
     let (_agent, client) = agent().await;
     let check = register_with_ttl(&client, "lb", "lb-1", Duration::from_millis(500)).await;

@@ -127,7 +127,7 @@ async fn a_consul_outage_keeps_the_last_good_table_serving() {
 
 #[test]
 fn static_and_consul_backends_are_exclusive() {
-    let e = halo_lb::config::Config::parse(
+    let e = halo_lb::Config::parse(
         "[[vip]]\nname = \"w\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\nservice = \"web\"\n",
         "t",
     )

@@ -98,14 +98,14 @@ async fn srv_records_become_backends_and_a_dns_outage_keeps_the_last_good_table(
 
 #[test]
 fn dns_excludes_the_other_backend_sources_naming_the_field() {
-    let e = halo_lb::config::Config::parse(
+    let e = halo_lb::Config::parse(
         "[[vip]]\nname = \"w\"\nlisten = \"127.0.0.1:1\"\nservice = \"web\"\ndns = { name = \"web.service.consul\" }\n",
         "t",
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("vip[0].dns: set exactly one of"), "{e}");
-    let e = halo_lb::config::Config::parse(
+    let e = halo_lb::Config::parse(
         "[[vip]]\nname = \"w\"\nlisten = \"127.0.0.1:1\"\ndns = { name = \"web service\", server = \"nowhere\" }\n",
         "t",
     )

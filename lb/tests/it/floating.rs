@@ -4,7 +4,7 @@
 //! see [`helper_process`]) that binds a listener on VIP:port with
 //! `lb::proxy::bind` (IP_FREEBIND) before the address exists, greets every
 //! connection with its host's name, and claims or releases the VIP with
-//! `halo_lb::floating::FloatingIp` on command. The client connects through
+//! `halo_lb::FloatingIp` on command. The client connects through
 //! its own helper process. Needs root: see `halo_testkit::netns::required`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,7 +13,7 @@ use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use halo_lb::floating::FloatingIp;
+use halo_lb::FloatingIp;
 use halo_testkit::eventually;
 use halo_testkit::netns::{self, Host, HostProcess, Topology, INTERFACE, PREFIX_LEN};
 
@@ -143,7 +143,7 @@ fn answer(line: &str) {
     std::io::stdout().flush().unwrap();
 }
 
-fn open(address: Ipv4Addr, interface: &str) -> Result<FloatingIp, halo_lb::floating::Error> {
+fn open(address: Ipv4Addr, interface: &str) -> Result<FloatingIp, halo_lb::FloatingError> {
     FloatingIp::open(IpAddr::V4(address), PREFIX_LEN, interface)
 }
 
@@ -152,7 +152,7 @@ fn open(address: Ipv4Addr, interface: &str) -> Result<FloatingIp, halo_lb::float
 /// answered with "ok <command> <outcome> <µs>" or "error <why>".
 fn helper_vip(address: Ipv4Addr, interface: &str, name: &str) {
     // Before the address exists, as halo-lb binds its VIPs.
-    let listener = halo_lb::proxy::bind(SocketAddr::from((address, PORT)), 128).unwrap();
+    let listener = halo_lb::bind(SocketAddr::from((address, PORT)), 128).unwrap();
     listener.set_nonblocking(false).unwrap();
     let greeting = format!("{name}\n");
     std::thread::spawn(move || {

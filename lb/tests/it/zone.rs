@@ -116,14 +116,14 @@ async fn traffic_stays_in_zone_while_enough_local_backends_are_healthy() {
 
 #[test]
 fn zone_min_healthy_must_be_a_fraction() {
-    let e = halo_lb::config::Config::parse(
+    let e = halo_lb::Config::parse(
         "zone = \"zone-a\"\n[[vip]]\nname = \"w\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\nzone_min_healthy = 1.5\n",
         "t",
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("vip[0].zone_min_healthy: 1.5 is not between 0 and 1"), "{e}");
-    let e = halo_lb::config::Config::parse(
+    let e = halo_lb::Config::parse(
         "zone = \"\"\n[[vip]]\nname = \"w\"\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\n",
         "t",
     )

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::time::Instant;
 
-use crate::config::Algorithm;
-use crate::table::Entry;
+use crate::balance::backend::Entry;
+use crate::settings::Algorithm;
 
 /// Maglev lookup-table sizes: primes, the smallest at least 100× the backend
 /// count is used, so each backend owns ≥ 100 slots and the spread stays within
@@ -50,7 +50,7 @@ pub enum SelectorError {
 
 /// Precomputed selection state; one per table, immutable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selector {
+pub(crate) enum Selector {
     /// A weighted interleaving of selectable indices, walked by a counter.
     RoundRobin {
         /// Backend indices, each appearing `weight` times, interleaved.
@@ -70,7 +70,11 @@ pub enum Selector {
 impl Selector {
     /// Builds the state of `algorithm` over `entries`, using only the indices
     /// in `selectable`.
-    pub fn build(algorithm: Algorithm, entries: &[Entry], selectable: &[u32]) -> Result<Selector, SelectorError> {
+    pub(crate) fn build(
+        algorithm: Algorithm,
+        entries: &[Entry],
+        selectable: &[u32],
+    ) -> Result<Selector, SelectorError> {
         Ok(match algorithm {
             Algorithm::RoundRobin => Selector::RoundRobin {
                 wheel: weighted_wheel(entries, selectable),
@@ -99,7 +103,7 @@ pub struct PickContext<'a> {
 
 /// Picks a backend index among `selectable` entries, or `None` when every
 /// selectable backend has been tried.
-pub fn pick(selector: &Selector, entries: &[Entry], selectable: &[u32], ctx: &PickContext<'_>) -> Option<usize> {
+pub(crate) fn pick(selector: &Selector, entries: &[Entry], selectable: &[u32], ctx: &PickContext<'_>) -> Option<usize> {
     if selectable.is_empty() {
         return None;
     }
@@ -111,7 +115,7 @@ pub fn pick(selector: &Selector, entries: &[Entry], selectable: &[u32], ctx: &Pi
 
 /// Like [`pick`] without panic mode: only backends that are available
 /// (neither ejected nor failing their active check) and not yet tried.
-pub fn pick_available(
+pub(crate) fn pick_available(
     selector: &Selector,
     entries: &[Entry],
     selectable: &[u32],
@@ -240,7 +244,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 /// The lookup-table size for `n` backends.
-pub fn maglev_size(n: usize) -> usize {
+pub(crate) fn maglev_size(n: usize) -> usize {
     MAGLEV_SIZES
         .iter()
         .copied()
@@ -323,7 +327,7 @@ fn addr_key(addr: SocketAddr) -> Vec<u8> {
 }
 
 /// The hash of a client's IP (not its port: one client, one backend).
-pub fn client_hash(ip: IpAddr) -> u64 {
+pub(crate) fn client_hash(ip: IpAddr) -> u64 {
     match ip {
         IpAddr::V4(ip) => hash64(&ip.octets(), 0x5851_f42d_4c95_7f2d),
         IpAddr::V6(ip) => hash64(&ip.octets(), 0x5851_f42d_4c95_7f2d),
@@ -351,7 +355,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::backend::{Backend, BackendState};
+    use crate::balance::backend::{Backend, BackendState};
 
     fn entries(n: usize, weight: impl Fn(usize) -> u32) -> Vec<Entry> {
         (0..n)
@@ -511,7 +515,7 @@ mod tests {
         let e = entries(3, |_| 1);
         let sel = all(&e);
         let now = Instant::now();
-        let policy = crate::config::PassiveConfig {
+        let policy = crate::settings::PassiveConfig {
             eject_after: 1,
             base_ejection: std::time::Duration::from_secs(60),
             max_ejection: std::time::Duration::from_secs(60),
@@ -564,7 +568,7 @@ mod tests {
         ) {
             let e = entries(n, |i| (i % 3 + 1) as u32);
             let now = Instant::now();
-            let policy = crate::config::PassiveConfig {
+            let policy = crate::settings::PassiveConfig {
                 eject_after: 1,
                 base_ejection: std::time::Duration::from_secs(60),
                 max_ejection: std::time::Duration::from_secs(60),

@@ -27,16 +27,16 @@ use tokio::sync::Notify;
 
 /// How long accept loops pause after a local resource error when no
 /// connection ends meanwhile.
-pub const PAUSE: Duration = Duration::from_millis(250);
+pub(crate) const PAUSE: Duration = Duration::from_millis(250);
 
 /// How long an accepted client waits for local resources to come back
 /// before it is closed.
-pub const CLIENT_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const CLIENT_WAIT: Duration = Duration::from_secs(30);
 
 /// Whether `e` is the process's own resource running out rather than
 /// anything the peer did: EMFILE and ENFILE (descriptors), ENOBUFS and ENOMEM
 /// (kernel memory), EADDRNOTAVAIL (no ephemeral port left).
-pub fn is_local(e: &io::Error) -> bool {
+pub(crate) fn is_local(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
@@ -45,7 +45,7 @@ pub fn is_local(e: &io::Error) -> bool {
 
 /// Where a local error happened, for logs and the metric's `op` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// Accepting a client connection.
     Accept,
     /// Making or connecting the backend socket.
@@ -83,7 +83,7 @@ fn now_ms() -> u64 {
 
 /// Records a local resource error: counts it, logs it (rate-limited) and
 /// puts the process under pressure for [`PAUSE`].
-pub fn report(op: Op, vip: &str, e: &io::Error) {
+pub(crate) fn report(op: Op, vip: &str, e: &io::Error) {
     let errno = errno_name(e);
     metrics::counter!("halo_local_resource_errors_total", "op" => op.as_str(), "errno" => errno).increment(1);
     STATE
@@ -101,13 +101,13 @@ pub fn report(op: Op, vip: &str, e: &io::Error) {
 }
 
 /// Whether the process is under pressure now.
-pub fn under_pressure() -> bool {
+pub(crate) fn under_pressure() -> bool {
     STATE.until_ms.load(Ordering::Acquire) > now_ms()
 }
 
 /// A connection ended and freed its descriptors: lifts the pressure and
 /// wakes whoever waits for it. Cheap when there is no pressure.
-pub fn relieve() {
+pub(crate) fn relieve() {
     if STATE.until_ms.load(Ordering::Acquire) != 0 && STATE.until_ms.swap(0, Ordering::AcqRel) != 0 {
         STATE.relieved.notify_waiters();
     }
@@ -115,7 +115,7 @@ pub fn relieve() {
 
 /// Waits while the process is under pressure: until [`relieve`] or until
 /// the pause runs out.
-pub async fn wait_clear() {
+pub(crate) async fn wait_clear() {
     loop {
         let notified = STATE.relieved.notified();
         let until = STATE.until_ms.load(Ordering::Acquire);
@@ -132,7 +132,7 @@ pub async fn wait_clear() {
 
 /// Waits for relief (a connection ending) or the pause to pass, at most
 /// until `deadline`. Returns false if the deadline came first.
-pub async fn wait_relief(deadline: tokio::time::Instant) -> bool {
+pub(crate) async fn wait_relief(deadline: tokio::time::Instant) -> bool {
     tokio::select! {
         () = wait_clear() => true,
         () = tokio::time::sleep_until(deadline) => false,
@@ -152,7 +152,7 @@ fn errno_name(e: &io::Error) -> &'static str {
 
 /// Lets one event through per interval and counts the ones held back.
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     interval_ms: u64,
     /// [`now_ms`] of the last event let through, plus one (0: never).
     last_ms: AtomicU64,
@@ -161,7 +161,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// One event per `interval`.
-    pub fn new(interval: Duration) -> RateLimit {
+    pub(crate) fn new(interval: Duration) -> RateLimit {
         RateLimit {
             interval_ms: interval.as_millis() as u64,
             last_ms: AtomicU64::new(0),
@@ -171,7 +171,7 @@ impl RateLimit {
 
     /// `Some(number held back since the last one)` if this event may be
     /// logged, else `None` (and it is counted as held back).
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         let now = now_ms() + 1;
         let last = self.last_ms.load(Ordering::Acquire);
         if (last == 0 || now >= last + self.interval_ms)

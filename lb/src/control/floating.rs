@@ -2,7 +2,7 @@
 //! not.
 //!
 //! Listeners are bound with `IP_FREEBIND` before the address exists (see
-//! [`crate::proxy::bind`]), so promotion is one netlink request and a few
+//! [`crate::dataplane::proxy::bind`]), so promotion is one netlink request and a few
 //! ARP frames, with no re-bind: [`FloatingIp::claim`] adds the address to the
 //! interface and sends gratuitous ARP so that neighbours repoint their cache
 //! entry for it to this host's MAC at once; [`FloatingIp::release`] removes
@@ -35,13 +35,13 @@ use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 /// How many request-and-reply pairs one announcement sends, back to back, as
 /// keepalived's `garp_master_repeat`: a lost frame costs nothing while
 /// another arrives.
-pub const GARP_REPEATS: usize = 3;
+pub(crate) const GARP_REPEATS: usize = 3;
 
 /// When to announce again after a claim ([`FloatingIp::announce`]): a
 /// neighbour that was busy or a switch that was still learning gets a second
 /// chance, as keepalived's `garp_master_delay` (5 s there; sooner here, since
 /// clients are waiting).
-pub const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
+pub(crate) const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
 
 /// Bounds every netlink receive; the kernel answers at once, so hitting it
 /// means something is badly wrong, and the caller should hear about it rather
@@ -184,11 +184,6 @@ impl FloatingIp {
     /// The floating address.
     pub fn address(&self) -> Ipv4Addr {
         self.address
-    }
-
-    /// Its prefix length.
-    pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
     }
 
     /// The interface it goes on.

@@ -11,18 +11,18 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ProxyProtocol;
-use crate::copy::{self, Ended, Meters};
-use crate::pressure::{self, Op, RateLimit};
-use crate::proxy_protocol;
-use crate::selection::PickContext;
-use crate::table::Vip;
+use crate::balance::selection::PickContext;
+use crate::balance::table::Vip;
+use crate::dataplane::copy::{self, Ended, Meters};
+use crate::dataplane::pressure::{self, Op, RateLimit};
+use crate::dataplane::proxy_protocol;
+use crate::settings::ProxyProtocol;
 
 /// Binds a VIP listener: SO_REUSEADDR (restart without waiting out
 /// TIME_WAIT), IP_FREEBIND (bind an address not yet on the host, for the
 /// floating VIP), and the given backlog. Deliberately not SO_REUSEPORT: a
 /// second process binding the same VIP must fail, not silently share it.
-/// Workers share this one socket (see [`crate::workers`]).
+/// Workers share this one socket (see [`crate::dataplane::workers`]).
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -66,7 +66,7 @@ impl Spare {
 /// Accepts on `listener` until `stop` is cancelled, handing each connection
 /// to a task on `tracker`. Pauses at the VIP's connection limit, and while
 /// the process is out of descriptors ([`pressure`]).
-pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
+pub(crate) async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: CancellationToken, tracker: TaskTracker) {
     let local = listener.local_addr().ok();
     tracing::info!(vip = vip.name(), listen = ?local, "accepting");
     let accept_errors = RateLimit::new(Duration::from_secs(1));
@@ -108,7 +108,7 @@ pub async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Cancellatio
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) if !crate::lease::valid() => {
+            Ok((stream, peer)) if !crate::dataplane::lease::valid() => {
                 // Past the lease (a frozen process waking up, or the instant
                 // before the election shuts the listener): serve nothing.
                 // Closing at once lets the client try the new active.

@@ -19,9 +19,9 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::ha::{Leadership, Role};
-use crate::server::Server;
-use crate::table::{AdminError, Vip};
+use crate::balance::table::{AdminError, Vip};
+use crate::control::ha::{Leadership, Role};
+use crate::control::server::Server;
 
 /// Header marking a request a standby forwarded, so it is never forwarded
 /// twice (both instances briefly believing the other leads).
@@ -30,7 +30,7 @@ const FORWARDED: &str = "x-halo-forwarded-by";
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     server: Arc<Server>,
     leadership: Option<Arc<Leadership>>,
@@ -65,7 +65,7 @@ async fn route(server: &Server, leadership: Option<&Leadership>, req: Request<In
         }
         (&Method::GET, ["status"]) => {
             let mut status = server.status();
-            status["ha"] = leadership.map_or(serde_json::Value::Null, Leadership::status);
+            status.ha = leadership.map(Leadership::status);
             json_response(StatusCode::OK, &status)
         }
         (&Method::GET, ["metrics"]) => match server.render_metrics() {

@@ -26,7 +26,7 @@
 //! which starts the lock delay, and acquires. This is safe whatever the
 //! detector gets wrong: the active serves only under a lease confirmed by
 //! the Consul servers, which ends before the lock delay after any
-//! invalidation does (see the module docs of [`crate::ha`]), so a false
+//! invalidation does (see the module docs of [`crate::control::ha`]), so a false
 //! alarm costs a needless failover, never two actives.
 //!
 //! Forced takeovers are damped ([`Damping`]) so that a broken link between
@@ -45,21 +45,21 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 /// The size of a probe, and the most an answer may be.
-pub const PROBE_LEN: usize = 96;
+pub(super) const PROBE_LEN: usize = 96;
 const PROBE_MAGIC: &str = "HALO-PROBE 1";
 const ANSWER_MAGIC: &str = "HALO-ALIVE 1";
 
 /// The first damping window after a forced takeover or a lost lock.
-pub const DAMP_BASE: Duration = Duration::from_secs(30);
+pub(super) const DAMP_BASE: Duration = Duration::from_secs(30);
 /// The longest damping window.
-pub const DAMP_MAX: Duration = Duration::from_secs(600);
+pub(super) const DAMP_MAX: Duration = Duration::from_secs(600);
 /// Without incident for this long after a window ends, the next window
 /// starts at [`DAMP_BASE`] again.
-pub const DAMP_RESET: Duration = Duration::from_secs(600);
+pub(super) const DAMP_RESET: Duration = Duration::from_secs(600);
 
 /// What an instance says about itself in an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
+pub(super) struct Answer {
     /// Echo of the probe's nonce.
     pub nonce: u64,
     /// The answering process's instance.
@@ -69,7 +69,7 @@ pub struct Answer {
 }
 
 /// A probe carrying `nonce`, padded to [`PROBE_LEN`].
-pub fn probe(nonce: u64) -> [u8; PROBE_LEN] {
+pub(super) fn probe(nonce: u64) -> [u8; PROBE_LEN] {
     let mut buf = [b' '; PROBE_LEN];
     let text = format!("{PROBE_MAGIC} {nonce:016x}");
     buf[..text.len()].copy_from_slice(text.as_bytes());
@@ -77,7 +77,7 @@ pub fn probe(nonce: u64) -> [u8; PROBE_LEN] {
 }
 
 /// The nonce of a well-formed probe.
-pub fn parse_probe(datagram: &[u8]) -> Option<u64> {
+pub(super) fn parse_probe(datagram: &[u8]) -> Option<u64> {
     if datagram.len() != PROBE_LEN {
         return None;
     }
@@ -92,7 +92,7 @@ pub fn parse_probe(datagram: &[u8]) -> Option<u64> {
 
 /// The answer to a probe, at most [`PROBE_LEN`] bytes (the instance is cut
 /// to fit; ours are 16 characters).
-pub fn answer(nonce: u64, instance: &str, role: &str) -> Vec<u8> {
+pub(super) fn answer(nonce: u64, instance: &str, role: &str) -> Vec<u8> {
     let instance: String = instance.chars().filter(char::is_ascii_alphanumeric).take(32).collect();
     let role: String = role.chars().filter(char::is_ascii_alphabetic).take(16).collect();
     let mut text = format!("{ANSWER_MAGIC} {nonce:016x} {instance} {role}").into_bytes();
@@ -101,7 +101,7 @@ pub fn answer(nonce: u64, instance: &str, role: &str) -> Vec<u8> {
 }
 
 /// Reads an answer.
-pub fn parse_answer(datagram: &[u8]) -> Option<Answer> {
+pub(super) fn parse_answer(datagram: &[u8]) -> Option<Answer> {
     let text = std::str::from_utf8(datagram).ok()?;
     let mut words = text.split_ascii_whitespace();
     let magic = format!("{} {}", words.next()?, words.next()?);
@@ -117,7 +117,7 @@ pub fn parse_answer(datagram: &[u8]) -> Option<Answer> {
 
 /// Answers probes on `socket` until the task is dropped; `me` says who we
 /// are and our role at the moment of each answer.
-pub async fn respond(socket: UdpSocket, me: impl Fn() -> (String, String)) {
+pub(super) async fn respond(socket: UdpSocket, me: impl Fn() -> (String, String)) {
     let mut buf = [0u8; PROBE_LEN + 1];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -141,7 +141,7 @@ pub async fn respond(socket: UdpSocket, me: impl Fn() -> (String, String)) {
 
 /// Why the detector judged the active gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Evidence {
+pub(crate) enum Evidence {
     /// The probe was refused: nothing listens on the active's probe address.
     Refused,
     /// This many probes in a row got no answer.
@@ -177,7 +177,7 @@ impl std::fmt::Display for Evidence {
 
 impl Evidence {
     /// For the metric label.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Evidence::Refused => "refused",
             Evidence::Silent(_) => "silent",
@@ -193,7 +193,7 @@ impl Evidence {
 /// `me` is this process's own instance: an answer from it means the peer's
 /// probe address leads back here (a loopback `probe_listen` on another
 /// host), which is no evidence about the peer at all.
-pub async fn watch_peer(
+pub(super) async fn watch_peer(
     peer: SocketAddr,
     instance: &str,
     me: &str,
@@ -278,7 +278,7 @@ pub async fn watch_peer(
 /// takeover and is not damped: the next real failure of the other side is
 /// handled as fast as the first.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Damping {
+pub(super) struct Damping {
     until: Option<Instant>,
     window: Duration,
 }
@@ -294,7 +294,7 @@ impl Default for Damping {
 
 impl Damping {
     /// Records an incident (a forced takeover, or losing the lock) at `now`.
-    pub fn incident(&mut self, now: Instant) {
+    pub(super) fn incident(&mut self, now: Instant) {
         if let Some(until) = self.until {
             if now >= until + DAMP_RESET {
                 self.window = DAMP_BASE;
@@ -306,12 +306,12 @@ impl Damping {
     }
 
     /// Whether a forced takeover is allowed at `now`.
-    pub fn allows(&self, now: Instant) -> bool {
+    pub(super) fn allows(&self, now: Instant) -> bool {
         self.until.is_none_or(|until| now >= until)
     }
 
     /// When the current window ends, if one runs at `now`.
-    pub fn until(&self, now: Instant) -> Option<Instant> {
+    pub(super) fn until(&self, now: Instant) -> Option<Instant> {
         self.until.filter(|&u| u > now)
     }
 }

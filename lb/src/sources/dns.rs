@@ -16,7 +16,7 @@
 //! seconds), so a kept connection would fail the first query after each
 //! close. One connect per interval costs nothing.
 //!
-//! Fail static, as Consul discovery ([`crate::discovery`]): a timeout, a
+//! Fail static, as every source (see [`crate::sources`]): a timeout, a
 //! refused connection, a server failure (SERVFAIL, REFUSED, …) or an answer
 //! that cannot be trusted (truncated, answering another question, answer
 //! records but no SRV record, SRV records none of which has an address,
@@ -37,7 +37,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_net::proto::op::{DnsRequestOptions, Message, MessageType, OpCode, Query, ResponseCode};
@@ -48,101 +47,13 @@ use hickory_net::tcp::TcpClientStream;
 use hickory_net::xfer::{DnsExchange, DnsHandle, FirstAnswer};
 use hickory_net::NetError;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::backend::Backend;
-use crate::config::DnsConfig;
-use crate::table::Vip;
-
-/// A validated `dns = { ... }`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsTarget {
-    /// The name looked up, fully qualified (with the final dot).
-    pub name: String,
-    /// The DNS server.
-    pub server: SocketAddr,
-    /// Time between lookups.
-    pub interval: Duration,
-    /// Deadline of one refresh.
-    pub timeout: Duration,
-}
-
-impl DnsTarget {
-    /// Validates `c`, pushing each problem (named under `at`) to `problems`.
-    pub fn from_config(c: &DnsConfig, at: &str, problems: &mut Vec<String>) -> Option<DnsTarget> {
-        let before = problems.len();
-        let name = if c.name.ends_with('.') {
-            c.name.clone()
-        } else {
-            format!("{}.", c.name)
-        };
-        let labels_ok = name.len() <= 254
-            && name.trim_end_matches('.').split('.').all(|l| {
-                (1..=63).contains(&l.len()) && l.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-            });
-        if !labels_ok || Name::from_ascii(&name).is_err() {
-            problems.push(format!(
-                "{at}.name: {:?} is not a DNS name like \"web.service.consul\"",
-                c.name
-            ));
-        }
-        let server = c.server.parse::<SocketAddr>();
-        if server.is_err() {
-            problems.push(format!("{at}.server: {:?} is not an ip:port address", c.server));
-        }
-        // The same floors as health checks: a refresh is a TCP connect and
-        // one or more queries; "1ns" would be a load test of the DNS server.
-        if c.interval < halo_health::checker::MIN_INTERVAL {
-            problems.push(format!(
-                "{at}.interval: {} is below the floor of {}",
-                halo_consul::duration::format(c.interval),
-                halo_consul::duration::format(halo_health::checker::MIN_INTERVAL)
-            ));
-        }
-        if c.timeout < halo_health::checker::MIN_TIMEOUT {
-            problems.push(format!(
-                "{at}.timeout: {} is below the floor of {}",
-                halo_consul::duration::format(c.timeout),
-                halo_consul::duration::format(halo_health::checker::MIN_TIMEOUT)
-            ));
-        }
-        (problems.len() == before).then(|| DnsTarget {
-            name,
-            server: server.expect("checked above"),
-            interval: c.interval,
-            timeout: c.timeout,
-        })
-    }
-}
-
-/// The state of one VIP's DNS discovery, for `/status`: the fields of
-/// Consul discovery's status where they mean the same.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DnsStatus {
-    /// Always `"dns"`.
-    pub source: &'static str,
-    /// The name looked up.
-    pub name: String,
-    /// The server asked.
-    pub server: String,
-    /// Whether the last refresh succeeded (false: serving the last good
-    /// table).
-    pub up: bool,
-    /// The last error, while `up` is false.
-    pub last_error: Option<String>,
-    /// Backends in the last good answer.
-    pub instances: usize,
-    /// SRV records skipped because their target has no address.
-    pub skipped: usize,
-    /// Unix seconds of the last change of `up`.
-    pub since: u64,
-    /// Unix seconds of the last good answer; `None` before the first.
-    pub last_update: Option<u64>,
-}
+use super::Source;
+use crate::settings::{Backend, DnsTarget};
 
 /// Why a refresh failed.
 #[derive(Debug, thiserror::Error)]
-pub enum DnsError {
+pub(crate) enum DnsError {
     /// The server could not be reached, or its reply could not be read.
     #[error("DNS server {server}: {source}")]
     Lookup {
@@ -169,121 +80,50 @@ pub enum DnsError {
     },
 }
 
-/// A running DNS discovery task.
+/// A VIP's DNS discovery: one refresh per interval, the first at once.
 #[derive(Debug)]
-pub struct DnsDiscovery {
-    /// What it looks up.
-    pub target: DnsTarget,
-    status: Arc<Mutex<DnsStatus>>,
-    stop: CancellationToken,
+pub(crate) struct DnsSource {
+    target: DnsTarget,
+    name: Name,
+    next: Instant,
 }
 
-impl DnsDiscovery {
-    /// Starts refreshing `vip` from `target` on the current runtime.
-    pub fn spawn(vip: Arc<Vip>, target: DnsTarget) -> DnsDiscovery {
-        let status = Arc::new(Mutex::new(DnsStatus {
-            source: "dns",
-            name: target.name.clone(),
-            server: target.server.to_string(),
-            up: false,
-            last_error: Some("no answer from the DNS server yet".into()),
-            instances: 0,
-            skipped: 0,
-            since: crate::discovery::unix_now(),
-            last_update: None,
-        }));
-        let stop = CancellationToken::new();
-        tokio::spawn(run(vip, target.clone(), Arc::clone(&status), stop.clone()));
-        DnsDiscovery { target, status, stop }
-    }
-
-    /// A snapshot of the discovery state.
-    pub fn status(&self) -> DnsStatus {
-        self.status.lock().expect("dns status poisoned").clone()
-    }
-}
-
-impl Drop for DnsDiscovery {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn run(vip: Arc<Vip>, target: DnsTarget, status: Arc<Mutex<DnsStatus>>, stop: CancellationToken) {
-    let labels = [("vip", vip.name().to_owned()), ("source", "dns".to_owned())];
-    let up_gauge = metrics::gauge!("halo_discovery_up", &labels);
-    let errors = metrics::counter!("halo_discovery_errors_total", &labels);
-    let updates = metrics::counter!("halo_discovery_updates_total", &labels);
-    up_gauge.set(0.0);
-    let name = Name::from_ascii(&target.name).expect("validated");
-    let mut last: Option<Vec<Backend>> = None;
-    let mut next = Instant::now();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep_until(next) => {}
+impl DnsSource {
+    /// Looks `target` up on its interval.
+    pub(crate) fn new(target: DnsTarget) -> DnsSource {
+        DnsSource {
+            name: Name::from_ascii(&target.name).expect("validated as a DNS name"),
+            target,
+            next: Instant::now(),
         }
-        next = Instant::now() + target.interval;
-        let refreshed = tokio::select! {
-            () = stop.cancelled() => return,
-            r = tokio::time::timeout(target.timeout, resolve(target.server, &name, target.timeout)) => r,
-        };
-        let answer = refreshed.unwrap_or(Err(DnsError::Timeout {
-            server: target.server,
-            timeout: target.timeout,
-        }));
-        match answer {
-            Ok(answer) => {
-                {
-                    let mut s = status.lock().expect("dns status poisoned");
-                    if !s.up {
-                        tracing::info!(vip = vip.name(), name = %target.name, "dns discovery is up");
-                        s.since = crate::discovery::unix_now();
-                    }
-                    // Once per change, not per refresh.
-                    if answer.skipped != s.skipped && answer.skipped > 0 {
-                        tracing::warn!(
-                            vip = vip.name(),
-                            name = %target.name,
-                            skipped = answer.skipped,
-                            "SRV records without an address or a port; skipped"
-                        );
-                    }
-                    s.up = true;
-                    s.last_error = None;
-                    s.instances = answer.backends.len();
-                    s.skipped = answer.skipped;
-                    s.last_update = Some(crate::discovery::unix_now());
-                }
-                up_gauge.set(1.0);
-                if last.as_ref() != Some(&answer.backends) {
-                    if answer.backends.is_empty() {
-                        tracing::warn!(vip = vip.name(), name = %target.name, "dns reports no instance");
-                    }
-                    if vip.set_backends(answer.backends.clone()) {
-                        updates.increment(1);
-                    }
-                    last = Some(answer.backends);
-                }
-            }
-            Err(e) => {
-                errors.increment(1);
-                up_gauge.set(0.0);
-                let mut s = status.lock().expect("dns status poisoned");
-                if s.up {
-                    tracing::warn!(vip = vip.name(), name = %target.name, error = %e, "dns lookup failed; serving the last good table");
-                    s.since = crate::discovery::unix_now();
-                }
-                s.up = false;
-                s.last_error = Some(e.to_string());
-            }
+    }
+}
+
+impl Source for DnsSource {
+    async fn next(&mut self) -> super::Answer {
+        tokio::time::sleep_until(self.next).await;
+        self.next = Instant::now() + self.target.interval;
+        let (server, timeout) = (self.target.server, self.target.timeout);
+        let refreshed = tokio::time::timeout(timeout, resolve(server, &self.name, timeout))
+            .await
+            .unwrap_or(Err(DnsError::Timeout { server, timeout }));
+        match refreshed {
+            Ok(answer) => super::Answer::Backends {
+                backends: answer.backends,
+                skipped: answer.skipped,
+                index: None,
+            },
+            Err(e) => super::Answer::Failed {
+                error: e.to_string(),
+                acl_filter_suspected: false,
+            },
         }
     }
 }
 
 /// What one refresh found.
 #[derive(Debug, Default, PartialEq)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// The backends, sorted.
     pub backends: Vec<Backend>,
     /// SRV records left out: their target has no address, or their port
@@ -295,17 +135,17 @@ pub struct Answer {
 /// answer's additional section lacks their addresses. Consul puts every
 /// target's address there, so lookups are the exception; an answer that
 /// needs more is refused (fail static) rather than trusted to end.
-pub const MAX_TARGET_LOOKUPS: usize = 256;
+pub(crate) const MAX_TARGET_LOOKUPS: usize = 256;
 
 /// Most backends one answer may give. A TCP answer holds at most 64 KiB,
 /// a few thousand records, but every SRV record pairs its port with every
 /// address of its target, so a hostile answer could multiply the two into
 /// millions; one over this bound is refused.
-pub const MAX_BACKENDS: usize = 10_000;
+pub(crate) const MAX_BACKENDS: usize = 10_000;
 
 /// Why a DNS answer was refused. Each names the question and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AnswerError {
+pub(crate) enum AnswerError {
     /// The server answered with a failure code (SERVFAIL, REFUSED, …).
     #[error("{qtype} {name}: the server answered {code}")]
     Code {
@@ -396,7 +236,7 @@ struct Srv {
 /// An A or AAAA query the resolution needs answered; see
 /// [`Resolution::next_lookup`].
 #[derive(Debug, Clone)]
-pub struct Lookup {
+pub(crate) struct Lookup {
     /// The SRV target.
     pub target: Name,
     /// A, or AAAA after an A query found nothing.
@@ -411,7 +251,7 @@ pub struct Lookup {
 /// [`Resolution::next_lookup`] names a query, its answer goes to
 /// [`Resolution::feed`]; [`Resolution::finish`] gives the backends.
 #[derive(Debug)]
-pub struct Resolution {
+pub(crate) struct Resolution {
     name: Name,
     /// The SRV records of the lowest priority, targets other than ".".
     records: Vec<Srv>,
@@ -426,7 +266,7 @@ impl Resolution {
     /// that the name has no records (NXDOMAIN, or NOERROR without any) is
     /// a resolution with no backends; every failure code, a truncated
     /// answer and answer records without an SRV record are errors.
-    pub fn start(name: &Name, response: &Message) -> Result<Resolution, AnswerError> {
+    pub(crate) fn start(name: &Name, response: &Message) -> Result<Resolution, AnswerError> {
         let records = answer_records(name, RecordType::SRV, response)?;
         let srv_of_name: Vec<&SRV> = records
             .iter()
@@ -483,13 +323,13 @@ impl Resolution {
     }
 
     /// The next A or AAAA query to make; `None` when all are answered.
-    pub fn next_lookup(&mut self) -> Option<Lookup> {
+    pub(crate) fn next_lookup(&mut self) -> Option<Lookup> {
         self.pending.pop()
     }
 
     /// Reads `response`, the answer to `lookup`. An A query that finds no
     /// address queues the AAAA query for the same target.
-    pub fn feed(&mut self, lookup: Lookup, response: &Message) -> Result<(), AnswerError> {
+    pub(crate) fn feed(&mut self, lookup: Lookup, response: &Message) -> Result<(), AnswerError> {
         let records = answer_records(&lookup.target, lookup.rtype, response)?;
         let mut found: Vec<IpAddr> = Vec::new();
         for r in records {
@@ -517,7 +357,7 @@ impl Resolution {
 
     /// The backends: each usable SRV record's port with each address of
     /// its target.
-    pub fn finish(self) -> Result<Answer, AnswerError> {
+    pub(crate) fn finish(self) -> Result<Answer, AnswerError> {
         let mut skipped = 0;
         let mut backends = Vec::new();
         for s in &self.records {
@@ -606,7 +446,7 @@ fn answer_records<'m>(name: &Name, qtype: RecordType, response: &'m Message) -> 
 
 /// Looks up `name`'s SRV records on `server` over one TCP connection and
 /// resolves their targets.
-pub async fn resolve(server: SocketAddr, name: &Name, timeout: Duration) -> Result<Answer, DnsError> {
+pub(crate) async fn resolve(server: SocketAddr, name: &Name, timeout: Duration) -> Result<Answer, DnsError> {
     let lookup_error = |source| DnsError::Lookup { server, source };
     let answer_error = |source| DnsError::Answer { server, source };
     // The provider owns the connection's background task (a JoinSet that
@@ -673,46 +513,6 @@ fn addresses_in(response: &Message) -> HashMap<String, Vec<IpAddr>> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    fn parse(text: &str) -> (Option<DnsTarget>, Vec<String>) {
-        let c: DnsConfig = toml::from_str(text).unwrap();
-        let mut problems = Vec::new();
-        (DnsTarget::from_config(&c, "vip[0].dns", &mut problems), problems)
-    }
-
-    #[test]
-    fn a_good_target_is_fully_qualified_with_defaults() {
-        let (t, p) = parse("name = \"web.service.consul\"");
-        assert!(p.is_empty(), "{p:?}");
-        let t = t.unwrap();
-        assert_eq!(t.name, "web.service.consul.");
-        assert_eq!(t.server, "127.0.0.1:8600".parse().unwrap());
-        assert_eq!(t.interval, Duration::from_secs(5));
-        let (t, _) = parse("name = \"_web._tcp.service.consul.\"\nserver = \"10.0.0.1:53\"\ninterval = \"1s\"");
-        assert_eq!(t.unwrap().name, "_web._tcp.service.consul.");
-    }
-
-    #[test]
-    fn every_bad_field_is_named() {
-        let (t, p) = parse("name = \"web service\"\nserver = \"localhost\"\ninterval = \"0s\"\ntimeout = \"0s\"");
-        assert!(t.is_none());
-        for needle in [
-            "vip[0].dns.name",
-            "vip[0].dns.server",
-            "vip[0].dns.interval",
-            "vip[0].dns.timeout",
-        ] {
-            assert!(p.iter().any(|x| x.starts_with(needle)), "missing {needle}: {p:?}");
-        }
-        let (_, p) = parse("name = \"web.service.consul\"\nserver = \"127.0.0.1:8600\"\ninterval = \"1ns\"");
-        assert!(
-            p.iter()
-                .any(|x| x.contains("interval: 1ns is below the floor of 100ms")),
-            "{p:?}"
-        );
-        assert!(!parse("name = \"a..b\"").1.is_empty());
-        assert!(!parse("name = \"\"").1.is_empty());
-    }
 
     #[tokio::test]
     async fn an_unreachable_server_is_an_error_not_an_empty_answer() {

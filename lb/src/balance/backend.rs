@@ -8,14 +8,14 @@
 //!
 //! Two things take a backend out of selection without a table rebuild:
 //! passive ejection (failed connects) and a failing active check (see
-//! [`crate::active_check`]). Both live here as atomics, and every change of
+//! [`crate::sources::checks`]). Both live here as atomics, and every change of
 //! either bumps the process-wide [`health_epoch`], so derived decisions (the
-//! zone-aware routing in [`crate::zone`]) can be cached until health moves.
+//! zone-aware routing in [`crate::balance::zone`]) can be cached until health moves.
 //! An operator's disable is different: it is an input of the table.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use halo_health::CheckHandle;
@@ -23,32 +23,8 @@ use halo_health::CheckHandle;
 use metrics::{Counter, Gauge};
 use tokio::time::Instant;
 
-use crate::config::PassiveConfig;
-
-/// A backend as discovery or the config file describes it.
-///
-/// Equality covers address, weight and zone, so a change of any of them makes
-/// a new table; hashing for consistent selection uses the address only.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
-    /// Where to connect.
-    pub addr: SocketAddr,
-    /// Relative share of new connections, ≥ 1.
-    pub weight: u32,
-    /// Fault domain (zone), if known.
-    pub zone: Option<String>,
-}
-
-impl Backend {
-    /// A backend of weight 1 with no zone.
-    pub fn new(addr: SocketAddr) -> Self {
-        Backend {
-            addr,
-            weight: 1,
-            zone: None,
-        }
-    }
-}
+pub(crate) use crate::settings::Backend;
+use crate::settings::PassiveConfig;
 
 /// What the data plane currently thinks of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -85,7 +61,7 @@ static HEALTH_EPOCH: AtomicU64 = AtomicU64::new(1);
 
 /// The current health epoch: if it is unchanged, no backend was ejected,
 /// re-admitted, or flipped by its active check since it was read.
-pub fn health_epoch() -> u64 {
+pub(crate) fn health_epoch() -> u64 {
     HEALTH_EPOCH.load(Ordering::Acquire)
 }
 
@@ -256,12 +232,12 @@ impl BackendState {
     }
 
     /// Counts a proxied connection until the guard drops.
-    pub fn start_connection(self: &std::sync::Arc<Self>) -> ActiveConnection {
+    pub fn start_connection(self: &Arc<Self>) -> ActiveConnection {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.metrics.connections.increment(1);
         self.metrics.active.increment(1.0);
         ActiveConnection {
-            state: std::sync::Arc::clone(self),
+            state: Arc::clone(self),
         }
     }
 }
@@ -269,7 +245,7 @@ impl BackendState {
 /// One live connection to a backend; dropping it ends the count.
 #[derive(Debug)]
 pub struct ActiveConnection {
-    state: std::sync::Arc<BackendState>,
+    state: Arc<BackendState>,
 }
 
 impl Drop for ActiveConnection {
@@ -277,6 +253,17 @@ impl Drop for ActiveConnection {
         self.state.active.fetch_sub(1, Ordering::Relaxed);
         self.state.metrics.active.decrement(1.0);
     }
+}
+
+/// One backend in a table.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Identity and metadata.
+    pub backend: Backend,
+    /// Live state shared with every other table holding this address.
+    pub state: Arc<BackendState>,
+    /// Disabled by an operator: listed, never picked.
+    pub disabled: bool,
 }
 
 #[cfg(test)]

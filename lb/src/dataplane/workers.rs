@@ -13,14 +13,14 @@ use tokio::runtime::Handle;
 
 /// Handles on the worker runtimes; cloning shares them.
 #[derive(Debug, Clone)]
-pub struct Workers {
+pub(crate) struct Workers {
     handles: Arc<Vec<Handle>>,
 }
 
 impl Workers {
     /// Starts `n` worker threads (at least one), each running a
     /// single-threaded runtime until the process exits.
-    pub fn start(n: usize) -> std::io::Result<Workers> {
+    pub(crate) fn start(n: usize) -> std::io::Result<Workers> {
         let mut handles = Vec::new();
         for i in 0..n.max(1) {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -51,12 +51,12 @@ impl Workers {
     }
 
     /// The worker runtimes.
-    pub fn handles(&self) -> &[Handle] {
+    pub(crate) fn handles(&self) -> &[Handle] {
         &self.handles
     }
 }
 
 /// The default worker count: one per available core.
-pub fn default_count() -> usize {
+pub(crate) fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }

@@ -3,14 +3,14 @@
 
 use std::net::SocketAddr;
 
-use crate::config::ProxyProtocol;
+use crate::settings::ProxyProtocol;
 
 /// The v2 signature.
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
 /// The header for a connection from `client` to `local` (the VIP address it
 /// arrived on); empty when the protocol is off.
-pub fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+pub(crate) fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     // Mixed families (an IPv4 client on a dual-stack IPv6 listener) are
     // reported with the mapped address normalised to the client's family.
     let (client, local) = match (client, local) {
@@ -128,7 +128,7 @@ mod against_ppp {
     use proptest::prelude::*;
 
     use super::header;
-    use crate::config::ProxyProtocol;
+    use crate::settings::ProxyProtocol;
 
     fn addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![

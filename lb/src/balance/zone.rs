@@ -28,52 +28,21 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::health_epoch;
-use crate::config::Algorithm;
-use crate::selection::{Selector, SelectorError};
-use crate::table::Entry;
+use crate::balance::backend::health_epoch;
+use crate::balance::backend::Entry;
+use crate::balance::selection::{Selector, SelectorError};
+use crate::settings::{Algorithm, ZonePolicy};
 
 /// The longest a cached decision is trusted without recomputing. The epoch
 /// and the ejection deadline already make the cache exact; this bounds the
 /// damage of anything they miss (two recomputations racing across an
 /// epoch bump) to a fraction of a second.
-pub const MAX_DECISION_AGE: Duration = Duration::from_millis(250);
-
-/// Parts per million in a whole.
-const PPM: u64 = 1_000_000;
-
-/// The zone policy of one VIP, from the balancer's `zone` and the VIP's
-/// `zone_min_healthy`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ZonePolicy {
-    /// The balancer's own zone.
-    pub zone: String,
-    /// Fraction of local backends that must be healthy to route locally, in
-    /// parts per million (integers keep `0.7 × 10` at exactly 7).
-    pub min_healthy_ppm: u32,
-}
-
-impl ZonePolicy {
-    /// A policy for `zone` with the fraction `min_healthy` (0..=1).
-    pub fn new(zone: &str, min_healthy: f64) -> ZonePolicy {
-        ZonePolicy {
-            zone: zone.to_owned(),
-            min_healthy_ppm: (min_healthy.clamp(0.0, 1.0) * PPM as f64).round() as u32,
-        }
-    }
-
-    /// Healthy local backends needed to route locally, out of `listed`.
-    pub fn needed(&self, listed: usize) -> usize {
-        let listed = listed as u64;
-        let needed = (listed * u64::from(self.min_healthy_ppm)).div_ceil(PPM);
-        usize::try_from(needed.max(1)).unwrap_or(usize::MAX)
-    }
-}
+pub(crate) const MAX_DECISION_AGE: Duration = Duration::from_millis(250);
 
 /// A table's precomputed zone state: the local subset, its selector, and
 /// the cached decision.
 #[derive(Debug)]
-pub struct ZoneRouting {
+pub(crate) struct ZoneRouting {
     policy: ZonePolicy,
     /// Local entries, disabled ones included: the denominator.
     listed: usize,
@@ -87,7 +56,7 @@ pub struct ZoneRouting {
 }
 
 /// Where a VIP's picks currently go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
     /// To backends in the balancer's zone.
@@ -97,7 +66,7 @@ pub enum Routing {
 }
 
 /// The zone state of one VIP, for `/status`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ZoneStatus {
     /// The balancer's zone.
     pub zone: String,
@@ -155,7 +124,11 @@ impl Cached {
 
 impl ZoneRouting {
     /// Precomputes the local subset of `entries` for `policy`.
-    pub fn build(policy: &ZonePolicy, algorithm: Algorithm, entries: &[Entry]) -> Result<ZoneRouting, SelectorError> {
+    pub(crate) fn build(
+        policy: &ZonePolicy,
+        algorithm: Algorithm,
+        entries: &[Entry],
+    ) -> Result<ZoneRouting, SelectorError> {
         let local = |e: &Entry| e.backend.zone.as_deref() == Some(policy.zone.as_str());
         let listed = entries.iter().filter(|e| local(e)).count();
         let selectable: Vec<u32> = entries
@@ -176,18 +149,18 @@ impl ZoneRouting {
     }
 
     /// The local backends that may be picked.
-    pub fn selectable(&self) -> &[u32] {
+    pub(crate) fn selectable(&self) -> &[u32] {
         &self.selectable
     }
 
     /// The selector over [`ZoneRouting::selectable`].
-    pub fn selector(&self) -> &Selector {
+    pub(crate) fn selector(&self) -> &Selector {
         &self.selector
     }
 
     /// Whether picks at `now` go to the local zone. Cheap: a cached answer
     /// unless backend health moved since it was computed.
-    pub fn routes_locally(&self, entries: &[Entry], now: Instant) -> bool {
+    pub(crate) fn routes_locally(&self, entries: &[Entry], now: Instant) -> bool {
         if self.selectable.is_empty() {
             return false;
         }
@@ -230,7 +203,7 @@ impl ZoneRouting {
     }
 
     /// The state at `now`, computed afresh.
-    pub fn status(&self, entries: &[Entry], now: Instant) -> ZoneStatus {
+    pub(crate) fn status(&self, entries: &[Entry], now: Instant) -> ZoneStatus {
         let (healthy, _) = self.count(entries, now);
         ZoneStatus {
             zone: self.policy.zone.clone(),
@@ -242,7 +215,7 @@ impl ZoneRouting {
             local_backends: self.listed,
             healthy_local: healthy,
             needed: self.needed,
-            min_healthy: f64::from(self.policy.min_healthy_ppm) / PPM as f64,
+            min_healthy: self.policy.min_healthy(),
         }
     }
 }
@@ -257,10 +230,11 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::backend::{Backend, BackendState};
-    use crate::config::PassiveConfig;
-    use crate::selection::PickContext;
-    use crate::table::{Table, VipSettings};
+    use crate::balance::backend::{Backend, BackendState};
+    use crate::balance::selection::PickContext;
+    use crate::balance::table::Table;
+    use crate::settings::PassiveConfig;
+    use crate::settings::VipSettings;
 
     const ALGORITHMS: [Algorithm; 4] = [
         Algorithm::RoundRobin,
@@ -275,8 +249,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_connections: 10,
-            proxy_protocol: crate::config::ProxyProtocol::Off,
-            copy: crate::config::CopyMode::Buffered,
+            proxy_protocol: crate::settings::ProxyProtocol::Off,
+            copy: crate::settings::CopyMode::Buffered,
             retries: 2,
             passive: PassiveConfig::default(),
             zone: Some(ZonePolicy::new("a", min_healthy)),
@@ -327,21 +301,6 @@ mod tests {
                 t.pick(&ctx).expect("a pick")
             })
             .collect()
-    }
-
-    #[test]
-    fn the_number_needed_is_a_ceiling_with_a_floor_of_one() {
-        let p = ZonePolicy::new("a", 0.7);
-        assert_eq!(p.needed(10), 7, "0.7 × 10 is exactly 7, not 8");
-        assert_eq!(p.needed(3), 3);
-        assert_eq!(p.needed(1), 1);
-        assert_eq!(ZonePolicy::new("a", 0.5).needed(3), 2);
-        assert_eq!(
-            ZonePolicy::new("a", 0.0).needed(5),
-            1,
-            "one healthy local backend at least"
-        );
-        assert_eq!(ZonePolicy::new("a", 1.0).needed(4), 4);
     }
 
     #[tokio::test(start_paused = true)]

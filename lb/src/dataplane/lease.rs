@@ -1,7 +1,7 @@
 //! The active's lease as the data plane sees it: one process-wide atomic
 //! deadline, checked for every accepted connection.
 //!
-//! The election ([`crate::ha`]) sets it to the end of its server-confirmed
+//! The election ([`crate::control::ha`]) sets it to the end of its server-confirmed
 //! lease and zeroes it before anything else when it steps down. The accept
 //! loops refuse (close at once) every connection accepted at or past the
 //! deadline, whatever order the control plane's tasks run in: a process
@@ -27,19 +27,19 @@ fn millis(at: Instant) -> u64 {
 
 /// Serves until `deadline` (rounded down to the millisecond: never later
 /// than the election's own deadline).
-pub fn serve_until(deadline: Instant) {
+pub(crate) fn serve_until(deadline: Instant) {
     // Force the epoch first, so `deadline` is never before it.
     LazyLock::force(&EPOCH);
     DEADLINE_MS.store(millis(deadline), Ordering::Release);
 }
 
 /// Serves nothing from now on, until [`serve_until`] again.
-pub fn revoke() {
+pub(crate) fn revoke() {
     DEADLINE_MS.store(0, Ordering::Release);
 }
 
 /// Whether a connection accepted now may be served.
-pub fn valid() -> bool {
+pub(crate) fn valid() -> bool {
     let deadline = DEADLINE_MS.load(Ordering::Acquire);
     deadline == u64::MAX || millis(Instant::now()) < deadline
 }

@@ -46,7 +46,7 @@
 //! - **Enforced where it matters.** When the lease ends the active stops
 //!   serving ([`Server::stop_serving`], synchronous: the listening sockets
 //!   leave LISTEN before it returns). Independently, the data plane checks
-//!   the lease ([`crate::lease`], one atomic deadline) for every accepted
+//!   the lease ([`crate::dataplane::lease`], one atomic deadline) for every accepted
 //!   connection, so a process frozen past its lease serves nothing when it
 //!   wakes, whatever order its tasks then run in.
 //! - **Evidence of loss** (a confirming read, or the key watch, showing
@@ -97,18 +97,19 @@ use halo_consul::{
     ServiceRegistration, SessionBehavior, SessionChecks, SessionRequest, Watch,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use detector::Damping;
-pub use detector::Evidence;
+pub(crate) use detector::Evidence;
 
-use crate::config::HaSettings;
-use crate::floating::{FloatingIp, Outcome};
-use crate::server::Server;
+use crate::control::floating::{FloatingIp, Outcome};
+use crate::control::server::Server;
+use crate::control::status::{DetectorStatus, HaStatus, LeaderStatus, VipConflict};
+pub(crate) use crate::control::status::{Role, StepDown, Term};
+use crate::settings::HaSettings;
 
 /// How long the key watch blocks per call.
 const KEY_WAIT: Duration = Duration::from_secs(10);
@@ -138,63 +139,9 @@ const HISTORY: usize = 64;
 /// cleaning up (Consul's minimum).
 const DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 
-/// An instance's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Not yet registered with a valid session, or out of the election.
-    Starting,
-    /// Warm: tables and discovery run, listeners are closed.
-    Standby,
-    /// Holds the lock under a valid lease and serves the VIPs.
-    Active,
-    /// Holds the lock but could not confirm it with the servers in time:
-    /// serves nothing until a confirming read succeeds.
-    Suspended,
-}
-
-impl Role {
-    fn as_str(self) -> &'static str {
-        match self {
-            Role::Starting => "starting",
-            Role::Standby => "standby",
-            Role::Active => "active",
-            Role::Suspended => "suspended",
-        }
-    }
-}
-
-/// Why an active stopped serving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StepDown {
-    /// No read of the lock was confirmed by the servers in time.
-    LeaseExpired,
-    /// The session is gone.
-    SessionLost,
-    /// The key shows another session, or none.
-    LockLost,
-    /// A VIP could not be bound: the promotion was undone.
-    BindFailed,
-    /// The process is shutting down and handed the lock over.
-    Shutdown,
-}
-
-impl StepDown {
-    fn as_str(self) -> &'static str {
-        match self {
-            StepDown::LeaseExpired => "lease_expired",
-            StepDown::SessionLost => "session_lost",
-            StepDown::LockLost => "lock_lost",
-            StepDown::BindFailed => "bind_failed",
-            StepDown::Shutdown => "shutdown",
-        }
-    }
-}
-
 /// The lock key's value: who holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaderValue {
+pub(crate) struct LeaderValue {
     /// The holder's `ha.id`.
     pub id: String,
     /// The holder's admin address, where a standby forwards writes.
@@ -219,33 +166,6 @@ struct KeyState {
     holder: Option<LeaderValue>,
 }
 
-/// One period as active, on this process's own clock.
-#[derive(Debug, Clone, Serialize)]
-pub struct Term {
-    /// The fencing epoch (the key's LockIndex).
-    pub epoch: u64,
-    /// Wall-clock microseconds since the epoch, taken just before the
-    /// listeners were bound (so the real serving time lies inside).
-    pub from_unix_us: u64,
-    /// Taken just after the listeners were shut; `None` while still active.
-    pub to_unix_us: Option<u64>,
-    /// Why the term ended.
-    pub ended_by: Option<StepDown>,
-}
-
-/// What the detector saw, for `/status`.
-#[derive(Debug, Clone, Default, Serialize)]
-struct DetectorStatus {
-    /// The probe address of the instance being watched.
-    peer: Option<String>,
-    /// Forced takeovers this process made.
-    forced_takeovers: u64,
-    /// Why the last one was made.
-    last_evidence: Option<String>,
-    /// Forced takeovers held back by damping.
-    damped: u64,
-}
-
 #[derive(Debug)]
 struct State {
     role: Role,
@@ -267,7 +187,7 @@ struct State {
 /// One instance's view of the election: shared by the election thread, the
 /// admin API and `/status`.
 #[derive(Debug)]
-pub struct Leadership {
+pub(crate) struct Leadership {
     settings: HaSettings,
     admin: SocketAddr,
     started: String,
@@ -288,7 +208,7 @@ fn unix_us(t: SystemTime) -> u64 {
 
 impl Leadership {
     /// The view of a new instance (role: starting).
-    pub fn new(settings: HaSettings, admin: SocketAddr) -> Arc<Leadership> {
+    pub(crate) fn new(settings: HaSettings, admin: SocketAddr) -> Arc<Leadership> {
         let now = SystemTime::now();
         Arc::new(Leadership {
             settings,
@@ -314,7 +234,7 @@ impl Leadership {
 
     /// This process's service ID at the agent:
     /// `halo-lb-<cluster>-<id>-<instance>`.
-    pub fn service_id(&self) -> String {
+    pub(crate) fn service_id(&self) -> String {
         format!(
             "halo-lb-{}-{}-{}",
             self.settings.cluster,
@@ -324,7 +244,7 @@ impl Leadership {
     }
 
     /// This process's TTL check ID at the agent.
-    pub fn check_id(&self) -> String {
+    pub(crate) fn check_id(&self) -> String {
         format!("{}:ttl", self.service_id())
     }
 
@@ -333,22 +253,22 @@ impl Leadership {
     }
 
     /// This instance's `ha.id`.
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.settings.id
     }
 
     /// The `[ha]` settings.
-    pub fn settings(&self) -> &HaSettings {
+    pub(crate) fn settings(&self) -> &HaSettings {
         &self.settings
     }
 
     /// This instance's role.
-    pub fn role(&self) -> Role {
+    pub(crate) fn role(&self) -> Role {
         self.state().role
     }
 
     /// The active's admin address as the key names it, unless that is us.
-    pub fn leader_admin(&self) -> Option<String> {
+    pub(crate) fn leader_admin(&self) -> Option<String> {
         let state = self.state();
         let key = state.key.as_ref()?;
         key.session.as_ref()?;
@@ -357,48 +277,44 @@ impl Leadership {
     }
 
     /// The `ha` part of `/status`.
-    pub fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> HaStatus {
         let state = self.state();
         let now = Instant::now();
         let leader = state.key.as_ref().and_then(|k| {
-            k.session.as_ref().map(|_| {
-                json!({
-                    "id": k.holder.as_ref().map(|h| h.id.clone()),
-                    "admin": k.holder.as_ref().map(|h| h.admin.clone()),
-                    "instance": k.holder.as_ref().map(|h| h.instance.clone()),
-                    "epoch": k.lock_index,
-                })
+            k.session.as_ref().map(|_| LeaderStatus {
+                id: k.holder.as_ref().map(|h| h.id.clone()),
+                admin: k.holder.as_ref().map(|h| h.admin.clone()),
+                instance: k.holder.as_ref().map(|h| h.instance.clone()),
+                epoch: k.lock_index,
             })
         });
-        json!({
-            "cluster": self.settings.cluster,
-            "id": self.settings.id,
-            "instance": self.instance,
-            "role": state.role,
-            "epoch": state.epoch,
-            "leader": leader,
-            "session": state.session,
-            "lease_remaining_ms": state
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        HaStatus {
+            cluster: self.settings.cluster.clone(),
+            id: self.settings.id.clone(),
+            instance: self.instance.clone(),
+            role: state.role,
+            epoch: state.epoch,
+            leader,
+            session: state.session.clone(),
+            lease_remaining_ms: state
                 .lease_until
-                .map(|until| until.saturating_duration_since(now).as_millis() as u64),
-            "check_ttl_ms": self.settings.check_ttl.as_millis() as u64,
-            "lock_delay_ms": self.settings.lock_delay.as_millis() as u64,
-            "probe": self.settings.probe.to_string(),
-            "detector": {
-                "peer": state.detector.peer,
-                "forced_takeovers": state.detector.forced_takeovers,
-                "last_evidence": state.detector.last_evidence,
-                "damped": state.detector.damped,
-                "damped_for_ms": state.damping.until(now).map(|u| (u - now).as_millis() as u64),
+                .map(|until| millis(until.saturating_duration_since(now))),
+            check_ttl_ms: millis(self.settings.check_ttl),
+            lock_delay_ms: millis(self.settings.lock_delay),
+            probe: self.settings.probe.to_string(),
+            detector: DetectorStatus {
+                damped_for_ms: state.damping.until(now).map(|u| millis(u - now)),
+                ..state.detector.clone()
             },
-            "vip_conflict": state.vip_conflict.as_ref().map(|(macs, since)| json!({
-                "macs": macs,
-                "since": halo_health::server::rfc3339(*since),
-            })),
-            "consul_error": state.consul_error,
-            "id_conflict": state.id_conflict,
-            "terms": state.terms,
-        })
+            vip_conflict: state.vip_conflict.as_ref().map(|(macs, since)| VipConflict {
+                macs: macs.clone(),
+                since: halo_health::server::rfc3339(*since),
+            }),
+            consul_error: state.consul_error.clone(),
+            id_conflict: state.id_conflict.clone(),
+            terms: state.terms.iter().cloned().collect(),
+        }
     }
 
     fn set_role(&self, role: Role) {
@@ -437,7 +353,7 @@ impl Leadership {
 /// `server`. `probe` is the bound socket this instance answers probes on.
 /// On return this instance no longer serves and has released the lock if
 /// it held it.
-pub async fn run(
+pub(crate) async fn run(
     leadership: Arc<Leadership>,
     client: Client,
     server: Arc<Server>,
@@ -446,7 +362,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let settings = leadership.settings.clone();
-    crate::lease::revoke();
+    crate::dataplane::lease::revoke();
     if let Some(floating) = &floating {
         // A previous process may have died while active and left the
         // address behind; a standby must not carry it.
@@ -1013,11 +929,11 @@ async fn claim(floating: &Arc<FloatingIp>) -> bool {
     }
 }
 
-async fn release_address(floating: &Arc<FloatingIp>) -> Result<Outcome, crate::floating::Error> {
+async fn release_address(floating: &Arc<FloatingIp>) -> Result<Outcome, crate::control::floating::Error> {
     let f = Arc::clone(floating);
     match tokio::task::spawn_blocking(move || f.release()).await {
         Ok(result) => result,
-        Err(e) => Err(crate::floating::Error::Task(e.to_string())),
+        Err(e) => Err(crate::control::floating::Error::Task(e.to_string())),
     }
 }
 
@@ -1124,7 +1040,7 @@ async fn lead(
         lease_tx,
         lost_tx,
     )));
-    crate::lease::serve_until(lease_until.into_std());
+    crate::dataplane::lease::serve_until(lease_until.into_std());
     leadership.set_lease(Some(lease_until));
     let from = SystemTime::now();
     let failed = server.start_serving();
@@ -1159,7 +1075,7 @@ async fn lead(
     // Stop before anyone else can start: the data plane first (one atomic
     // store), then the listeners (synchronous), before any call that could
     // let another instance in (release, destroy).
-    crate::lease::revoke();
+    crate::dataplane::lease::revoke();
     server.stop_serving();
     let stopped = SystemTime::now();
     {
@@ -1236,7 +1152,7 @@ async fn serve(
     let mut claimed = floating.is_none();
     // Announce once more a little later, as keepalived does, for neighbours
     // that missed the first burst.
-    let reannounce = tokio::time::sleep(crate::floating::REANNOUNCE_AFTER);
+    let reannounce = tokio::time::sleep(crate::control::floating::REANNOUNCE_AFTER);
     tokio::pin!(reannounce);
     let mut reannounced = floating.is_none();
     // Once claimed, look every second for another host still answering for
@@ -1244,7 +1160,7 @@ async fn serve(
     // one does.
     let mut conflict_check = tokio::time::interval(CONFLICT_CHECK);
     conflict_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut checking: Option<AbortOnDrop<Result<Vec<[u8; 6]>, crate::floating::Error>>> = None;
+    let mut checking: Option<AbortOnDrop<Result<Vec<[u8; 6]>, crate::control::floating::Error>>> = None;
     loop {
         let deadline = *lease.borrow_and_update();
         tokio::select! {
@@ -1263,7 +1179,7 @@ async fn serve(
                     return StepDown::LeaseExpired;
                 }
                 let until = *lease.borrow();
-                crate::lease::serve_until(until.into_std());
+                crate::dataplane::lease::serve_until(until.into_std());
                 leadership.set_lease(Some(until));
             }
             _ = &mut *lost => return StepDown::LockLost,

@@ -25,7 +25,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::CopyMode;
+use crate::settings::CopyMode;
 
 /// Bytes a single read or splice moves at most.
 const CHUNK: usize = 64 * 1024;
@@ -36,7 +36,7 @@ thread_local! {
 
 /// How a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// Both directions reached end of stream.
     Closed,
     /// No bytes moved either way for the idle timeout.
@@ -45,7 +45,7 @@ pub enum Ended {
 
 /// Counters a transfer feeds.
 #[derive(Debug, Clone, Copy)]
-pub struct Meters<'a> {
+pub(crate) struct Meters<'a> {
     /// Client → backend bytes.
     pub bytes_in: &'a Counter,
     /// Backend → client bytes.
@@ -54,7 +54,7 @@ pub struct Meters<'a> {
 
 /// Copies both ways until both directions end, an error, or `idle` passes
 /// with no bytes moved.
-pub async fn proxy(
+pub(crate) async fn proxy(
     client: &TcpStream,
     backend: &TcpStream,
     mode: CopyMode,

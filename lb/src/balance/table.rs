@@ -12,73 +12,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Instant as StdInstant;
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::active_check::CheckSpec;
-use crate::backend::{Backend, BackendState};
-use crate::config::{Algorithm, CopyMode, PassiveConfig, ProxyProtocol, ValidatedVip};
-use crate::selection::{self, PickContext, Selector, SelectorError};
-use crate::zone::{ZonePolicy, ZoneRouting, ZoneStatus};
-
-/// The per-VIP settings a connection reads from its table snapshot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VipSettings {
-    /// Balancing algorithm.
-    pub algorithm: Algorithm,
-    /// Deadline of one backend connect.
-    pub connect_timeout: Duration,
-    /// Idle timeout of a proxied connection.
-    pub idle_timeout: Duration,
-    /// Live connection limit.
-    pub max_connections: usize,
-    /// PROXY protocol header to send.
-    pub proxy_protocol: ProxyProtocol,
-    /// Copy strategy.
-    pub copy: CopyMode,
-    /// Extra backends tried after a failed connect.
-    pub retries: u32,
-    /// Passive ejection policy.
-    pub passive: PassiveConfig,
-    /// Zone-aware routing; `None` when the balancer has no `zone`.
-    pub zone: Option<ZonePolicy>,
-    /// Active health check of every backend; `None`: no active checks.
-    pub check: Option<CheckSpec>,
-}
-
-impl VipSettings {
-    /// The settings of a validated `[[vip]]`.
-    pub fn from_config(vip: &ValidatedVip) -> Self {
-        let c = &vip.config;
-        VipSettings {
-            algorithm: c.algorithm,
-            connect_timeout: c.connect_timeout,
-            idle_timeout: c.idle_timeout,
-            max_connections: c.max_connections,
-            proxy_protocol: c.proxy_protocol,
-            copy: c.copy,
-            retries: c.retries,
-            passive: c.passive,
-            zone: vip.zone.clone(),
-            check: vip.check.clone(),
-        }
-    }
-}
-
-/// One backend in a table.
-#[derive(Debug, Clone)]
-pub struct Entry {
-    /// Identity and metadata.
-    pub backend: Backend,
-    /// Live state shared with every other table holding this address.
-    pub state: Arc<BackendState>,
-    /// Disabled by an operator: listed, never picked.
-    pub disabled: bool,
-}
+use crate::balance::backend::{Backend, BackendState, Entry};
+use crate::balance::selection::{self, PickContext, Selector, SelectorError};
+use crate::balance::zone::{ZoneRouting, ZoneStatus};
+use crate::settings::VipSettings;
 
 /// An immutable backend table.
 #[derive(Debug)]

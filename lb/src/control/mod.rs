@@ -1,0 +1,233 @@
+//! Control: the running set of VIPs and what steers it. Runs on the main
+//! runtime's thread (reloads, `/status`, discovery's table rebuilds), except
+//! the election, which has the `halo-ha` thread and a runtime of its own so
+//! that nothing else can delay its lease.
+//!
+//! - [`server`]: the VIPs, their tables, sources and listeners; serving or
+//!   not; reload; drain.
+//! - [`status`]: the typed `/status` document.
+//! - [`admin`]: the admin HTTP API.
+//! - [`ha`]: the active/standby election, its server-confirmed lease,
+//!   step-down, and the standby's failure detector.
+//! - [`floating`]: the floating VIP address (netlink, gratuitous ARP).
+//!
+//! [`run`] wires them together with the data plane's workers and the
+//! signals.
+
+pub(crate) mod admin;
+pub(crate) mod floating;
+pub(crate) mod ha;
+pub(crate) mod server;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::dataplane::workers::{self, Workers};
+use crate::settings::{self, Config, Validated};
+
+use self::ha::Leadership;
+use self::server::Server;
+
+/// Runs the balancer until SIGTERM or SIGINT, then drains. SIGHUP reloads
+/// `config_path`; a bad file is logged and the running config kept.
+pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<PrometheusHandle>) -> anyhow::Result<()> {
+    let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+
+    let count = config.workers.unwrap_or_else(workers::default_count);
+    if count > workers::default_count() {
+        tracing::warn!(
+            workers = count,
+            cores = workers::default_count(),
+            "more data-plane workers than cores"
+        );
+    }
+    warn_about_operation(&config);
+    let workers = Workers::start(count).context("cannot start the worker threads")?;
+    let leadership = config
+        .ha
+        .clone()
+        .map(|settings| Leadership::new(settings, config.admin));
+    // The floating address is checked before anything starts: a missing
+    // interface or capability is a start-up error, not a failed promotion.
+    let floating = match config.ha.as_ref().and_then(|ha| ha.floating.as_ref()) {
+        Some(f) => Some(
+            floating::FloatingIp::open(f.address, f.prefix, &f.interface)
+                .map(Arc::new)
+                .with_context(|| format!("ha.vip_address {}/{} on {}", f.address, f.prefix, f.interface))?,
+        ),
+        None => None,
+    };
+    // A lone balancer serves from the start; one of a pair only once elected.
+    let server = Server::new(&config, prometheus.clone(), workers, leadership.is_none());
+    let admin_listener = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("cannot listen on admin.listen {}", config.admin))?;
+    server.apply(&config).context("cannot start the configured vips")?;
+    let stop_admin = CancellationToken::new();
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&server),
+        leadership.clone(),
+        stop_admin.clone(),
+    ));
+    let stop_ha = CancellationToken::new();
+    // The election times the active's lease: it gets a thread and runtime
+    // of its own, shared with nothing that could delay it (table rebuilds,
+    // /status rendering and discovery run on this one).
+    let election = match &leadership {
+        Some(leadership) => {
+            let client = config.consul.client().context("consul")?;
+            let probe_at = leadership.settings().probe;
+            let probe = std::net::UdpSocket::bind(probe_at)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .with_context(|| format!("cannot listen for probes on ha.probe_listen {probe_at} (UDP)"))?;
+            let (leadership, server, stop) = (Arc::clone(leadership), Arc::clone(&server), stop_ha.clone());
+            let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name("halo-ha".into())
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // The receiver learns of it from the dropped sender.
+                            tracing::error!(error = %e, "cannot build the election's runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(ha::run(leadership, client, server, floating, probe, stop));
+                    if done_tx.send(()).is_err() {
+                        tracing::debug!("nobody waits for the election any more");
+                    }
+                })
+                .context("cannot start the election thread")?;
+            Some(done)
+        }
+        None => None,
+    };
+    if let Some(handle) = prometheus {
+        // Histograms need periodic upkeep to drain their buckets.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
+    tracing::info!(admin = %config.admin, vips = config.vips.len(), "halo-lb started");
+
+    let mut election = election;
+    let election_died = loop {
+        let ended = async {
+            match election.as_mut() {
+                Some(done) => done.await.is_err(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sighup.recv() => reload(&server, &config_path).await,
+            _ = sigterm.recv() => break false,
+            _ = sigint.recv() => break false,
+            // The election thread only ends on shutdown; ending now means it
+            // panicked. Fail fast: stop serving and exit non-zero, for the
+            // service manager to restart a whole process.
+            died = ended => {
+                if died {
+                    break true;
+                }
+                election = None;
+            }
+        }
+    };
+    if election_died {
+        crate::dataplane::lease::revoke();
+        server.stop_serving();
+        tracing::error!("the election thread died; serving stopped, exiting");
+        return Err(anyhow::anyhow!("the election thread died unexpectedly"));
+    }
+    tracing::info!("shutdown requested");
+    if let Some(election) = election {
+        // Stop serving, then hand the lock over, before the drain.
+        stop_ha.cancel();
+        match tokio::time::timeout(Duration::from_secs(5), election).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tracing::error!("the election thread ended without finishing"),
+            Err(_) => tracing::warn!("the election did not finish its handover in 5s; draining anyway"),
+        }
+    }
+    let left = server.drain().await;
+    stop_admin.cancel();
+    if left > 0 {
+        tracing::warn!(left, "exiting with connections still open");
+    }
+    Ok(())
+}
+
+/// Start-up (and reload) warnings about settings that are valid but risky
+/// on this machine.
+fn warn_about_operation(config: &Validated) {
+    if !config.admin.ip().is_loopback() {
+        tracing::warn!(
+            admin = %config.admin,
+            "admin.listen is not a loopback address: anyone who reaches it can read /status and disable backends"
+        );
+    }
+    if let Some((need, limit)) = fd_shortfall(config) {
+        tracing::warn!(
+            need,
+            limit,
+            "the vips' max_connections need more file descriptors than RLIMIT_NOFILE allows; past it clients wait in the backlog (raise LimitNOFILE or lower max_connections)"
+        );
+    }
+}
+
+/// `(descriptors the connection limits could need, the soft limit)` when the
+/// first exceeds the second: two per connection (client and backend), two
+/// more for a splice pipe, and 64 for everything else.
+fn fd_shortfall(config: &Validated) -> Option<(u64, u64)> {
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+    let need = config.vips.iter().fold(64u64, |sum, v| {
+        let per = if v.settings.copy == settings::CopyMode::Splice {
+            4
+        } else {
+            2
+        };
+        sum.saturating_add((v.settings.max_connections as u64).saturating_mul(per))
+    });
+    (need > soft).then_some((need, soft))
+}
+
+async fn reload(server: &Server, path: &std::path::Path) {
+    tracing::info!(path = %path.display(), "SIGHUP: reloading");
+    // File I/O off the control runtime's thread.
+    let owned = path.to_owned();
+    let loaded = match tokio::task::spawn_blocking(move || Config::load(&owned)).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            tracing::error!(error = %e, "reload task failed; the running config stays in force");
+            return;
+        }
+    };
+    match loaded {
+        Ok(config) if config.ha != server.ha_settings() => {
+            tracing::error!("reload rejected: [ha] changes need a restart; the running config stays in force")
+        }
+        Ok(config) => match server.apply(&config) {
+            Ok(()) => {
+                warn_about_operation(&config);
+                tracing::info!(vips = config.vips.len(), "reload applied");
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed; the running config stays in force"),
+        },
+        Err(e) => tracing::error!(error = %e, "reload rejected; the running config stays in force"),
+    }
+}

@@ -1,0 +1,322 @@
+//! The `/status` document, typed: the one place its shape is defined.
+//!
+//! `GET /status` serializes a [`Status`]; a client (or a test) can
+//! deserialize the same types. Times are Unix seconds unless a field's name
+//! says otherwise (`_ms`, `_us`); addresses are `ip:port` strings.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::balance::backend::{BackendState, Health};
+use crate::balance::table::Vip;
+pub use crate::balance::zone::{Routing, ZoneStatus};
+use crate::settings::{Algorithm, CopyMode, ProxyProtocol};
+pub use crate::sources::{SourceStatus, Watched};
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// A drain (SIGTERM) is under way.
+    pub draining: bool,
+    /// The VIPs have listeners: always for a lone balancer, only while
+    /// active for one of an HA pair.
+    pub serving: bool,
+    /// The admin address.
+    pub admin: String,
+    /// Every configured VIP, by name.
+    pub vips: Vec<VipStatus>,
+    /// The election, for a balancer with `[ha]`; `null` without.
+    pub ha: Option<HaStatus>,
+}
+
+/// One VIP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipStatus {
+    /// Its name.
+    pub name: String,
+    /// Its listen address.
+    pub listen: String,
+    /// Whether its listener is bound and accepting.
+    pub listening: bool,
+    /// The balancing algorithm.
+    pub algorithm: Algorithm,
+    /// The copy strategy.
+    pub copy: CopyMode,
+    /// The PROXY protocol header sent.
+    pub proxy_protocol: ProxyProtocol,
+    /// Its live connection limit.
+    pub max_connections: usize,
+    /// Live client connections.
+    pub active_connections: usize,
+    /// The published table's version (one more per swap).
+    pub table_version: u64,
+    /// Why the last table rebuild failed (the previous table keeps
+    /// serving); `None` when it succeeded.
+    pub table_error: Option<String>,
+    /// Its discovery (Consul or DNS); `None` for static backends.
+    pub discovery: Option<SourceStatus>,
+    /// Zone-aware routing, when the balancer has a `zone`.
+    pub zone: Option<ZoneStatus>,
+    /// Every backend of the published table.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// One backend of a VIP's table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    /// `ip:port`.
+    pub address: String,
+    /// Its weight.
+    pub weight: u32,
+    /// Its zone, if known.
+    pub zone: Option<String>,
+    /// Whether (and why not) it is picked.
+    pub state: BackendHealth,
+    /// Milliseconds of passive ejection left (0: not ejected).
+    pub ejected_for_ms: u64,
+    /// Live connections to it.
+    pub active_connections: usize,
+    /// Its active check, when the VIP has `[vip.check]`.
+    pub check: Option<CheckStatus>,
+}
+
+/// Whether a backend is picked, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendHealth {
+    /// Picked.
+    Healthy,
+    /// Passively ejected after failed connects, for `ejected_for_ms`.
+    Ejected,
+    /// Disabled by an operator: listed, never picked.
+    Disabled,
+    /// Failing the balancer's active check.
+    CheckFailing,
+}
+
+/// A backend's active check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    /// `passing`, `warning` or `critical` (critical: not picked).
+    pub status: halo_health::Status,
+    /// What the most recent check saw.
+    pub output: String,
+    /// Unix seconds of the last flip (or of the start).
+    pub since: u64,
+    /// Checks run so far.
+    pub probes: u64,
+}
+
+/// The election, as this instance sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HaStatus {
+    /// The pair's name.
+    pub cluster: String,
+    /// This instance's `ha.id`.
+    pub id: String,
+    /// This process (random, new with every start).
+    pub instance: String,
+    /// Its role now.
+    pub role: Role,
+    /// The fencing epoch (the lock's LockIndex) of its current or last
+    /// term; `None` before its first.
+    pub epoch: Option<u64>,
+    /// The holder of the lock, as last read; `None` when nobody holds it.
+    pub leader: Option<LeaderStatus>,
+    /// Its Consul session, while it has one.
+    pub session: Option<String>,
+    /// Milliseconds of serving lease left, while it holds one.
+    pub lease_remaining_ms: Option<u64>,
+    /// `ha.check_ttl` in milliseconds.
+    pub check_ttl_ms: u64,
+    /// `ha.lock_delay` in milliseconds.
+    pub lock_delay_ms: u64,
+    /// Where it answers probes (UDP `ip:port`).
+    pub probe: String,
+    /// The standby's failure detector.
+    pub detector: DetectorStatus,
+    /// Other hosts that answered ARP for the floating address after this
+    /// instance claimed it.
+    pub vip_conflict: Option<VipConflict>,
+    /// The last Consul error, while the election cannot reach Consul.
+    pub consul_error: Option<String>,
+    /// An older live instance uses the same `ha.id`: this one stays out.
+    pub id_conflict: Option<String>,
+    /// Its recent terms as active, oldest first, on its own clock.
+    pub terms: Vec<Term>,
+}
+
+/// Who holds the lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderStatus {
+    /// The holder's `ha.id`.
+    pub id: Option<String>,
+    /// The holder's admin address.
+    pub admin: Option<String>,
+    /// The holder's process.
+    pub instance: Option<String>,
+    /// The lock's LockIndex.
+    pub epoch: u64,
+}
+
+/// What the failure detector saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetectorStatus {
+    /// The probe address of the instance being watched.
+    pub peer: Option<String>,
+    /// Forced takeovers this process made.
+    pub forced_takeovers: u64,
+    /// Why the last one was made.
+    pub last_evidence: Option<String>,
+    /// Forced takeovers held back by damping.
+    pub damped: u64,
+    /// Milliseconds of damping left, while damped.
+    #[serde(default)]
+    pub damped_for_ms: Option<u64>,
+}
+
+/// Other answers for the floating address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipConflict {
+    /// Their MAC addresses.
+    pub macs: Vec<String>,
+    /// When they were first seen (RFC 3339).
+    pub since: String,
+}
+
+// The election's vocabulary: the election (`control::ha`) uses these
+// types, and the document shows them as they are.
+
+/// An instance's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Not yet registered with a valid session, or out of the election.
+    Starting,
+    /// Warm: tables and discovery run, listeners are closed.
+    Standby,
+    /// Holds the lock under a valid lease and serves the VIPs.
+    Active,
+    /// Holds the lock but could not confirm it with the servers in time:
+    /// serves nothing until a confirming read succeeds.
+    Suspended,
+}
+
+impl Role {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Role::Starting => "starting",
+            Role::Standby => "standby",
+            Role::Active => "active",
+            Role::Suspended => "suspended",
+        }
+    }
+}
+
+/// Why an active stopped serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepDown {
+    /// No read of the lock was confirmed by the servers in time.
+    LeaseExpired,
+    /// The session is gone.
+    SessionLost,
+    /// The key shows another session, or none.
+    LockLost,
+    /// A VIP could not be bound: the promotion was undone.
+    BindFailed,
+    /// The process is shutting down and handed the lock over.
+    Shutdown,
+}
+
+impl StepDown {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StepDown::LeaseExpired => "lease_expired",
+            StepDown::SessionLost => "session_lost",
+            StepDown::LockLost => "lock_lost",
+            StepDown::BindFailed => "bind_failed",
+            StepDown::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One period as active, on this process's own clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Term {
+    /// The fencing epoch (the key's LockIndex).
+    pub epoch: u64,
+    /// Wall-clock microseconds since the epoch, taken just before the
+    /// listeners were bound (so the real serving time lies inside).
+    pub from_unix_us: u64,
+    /// Taken just after the listeners were shut; `None` while still active.
+    pub to_unix_us: Option<u64>,
+    /// Why the term ended.
+    pub ended_by: Option<StepDown>,
+}
+
+/// A VIP's part of the document. `listen`, `listening` and `discovery`
+/// come from the server's registry; the rest from the published table.
+pub(crate) fn vip_status(vip: &Vip, listen: SocketAddr, listening: bool, discovery: Option<SourceStatus>) -> VipStatus {
+    let now = Vip::now();
+    let table = vip.table();
+    let backends = table
+        .entries
+        .iter()
+        .map(|e| {
+            let (health, remaining) = e.state.health(now);
+            let state = if e.disabled {
+                BackendHealth::Disabled
+            } else if e.state.check_failing() {
+                BackendHealth::CheckFailing
+            } else {
+                match health {
+                    Health::Healthy => BackendHealth::Healthy,
+                    Health::Ejected => BackendHealth::Ejected,
+                }
+            };
+            BackendStatus {
+                address: e.backend.addr.to_string(),
+                weight: e.backend.weight,
+                zone: e.backend.zone.clone(),
+                state,
+                ejected_for_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
+                active_connections: e.state.active(),
+                check: check_status(&e.state),
+            }
+        })
+        .collect();
+    VipStatus {
+        name: vip.name().to_owned(),
+        listen: listen.to_string(),
+        listening,
+        algorithm: table.settings.algorithm,
+        copy: table.settings.copy,
+        proxy_protocol: table.settings.proxy_protocol,
+        max_connections: table.settings.max_connections,
+        active_connections: vip.active(),
+        table_version: table.version,
+        table_error: vip.build_error(),
+        discovery,
+        zone: table.zone_status(now),
+        backends,
+    }
+}
+
+/// The active check of a backend, if one runs.
+fn check_status(state: &BackendState) -> Option<CheckStatus> {
+    state.check().map(|handle| {
+        let s = handle.state();
+        CheckStatus {
+            status: s.status,
+            output: s.output,
+            since: s
+                .since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            probes: s.probes,
+        }
+    })
+}

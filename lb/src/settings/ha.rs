@@ -1,0 +1,208 @@
+//! `[ha]` validated: the pair's lock, this instance's id, the timings
+//! derived from the check TTL and the lock delay, the probe address and the
+//! floating address.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::file::HaConfig;
+
+/// Validated `[ha]`, with the timings derived from the check TTL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaSettings {
+    /// The pair's name.
+    pub cluster: String,
+    /// This instance's name.
+    pub id: String,
+    /// The check TTL.
+    pub check_ttl: Duration,
+    /// The session's lock delay.
+    pub lock_delay: Duration,
+    /// How often the check is heartbeated: a quarter of the TTL.
+    pub heartbeat: Duration,
+    /// How long before the lock delay could end the active stops serving:
+    /// a fifth of the lock delay.
+    pub margin: Duration,
+    /// The lease one server-confirmed read of the lock earns, from the time
+    /// it was sent: `lock_delay - margin`.
+    pub lease: Duration,
+    /// How often the active confirms its lock: a fifth of the lock delay.
+    pub confirm_every: Duration,
+    /// Where this instance answers probes (UDP).
+    pub probe: SocketAddr,
+    /// How often a standby probes the active.
+    pub probe_interval: Duration,
+    /// Unanswered probes in a row that mean the active is gone.
+    pub probe_misses: u32,
+    /// The floating address and its prefix length, and the interface.
+    pub floating: Option<FloatingAddress>,
+}
+
+/// `vip_address` on `vip_interface`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloatingAddress {
+    /// The address.
+    pub address: std::net::IpAddr,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The interface.
+    pub interface: String,
+}
+
+impl HaSettings {
+    /// The KV key that is the pair's lock.
+    pub fn lock_key(&self) -> String {
+        format!("halo/{}/leader", self.cluster)
+    }
+}
+
+pub(super) fn is_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// The default `ha.id`: `<hostname>-<admin port>-<network namespace
+/// inode, hex>`. Two containers may share a hostname and an admin port,
+/// never a network namespace, so the id is unique per host; it is stable
+/// across restarts of the process in one namespace. At most 64 characters
+/// (the hostname part is cut). Set `ha.id` for a readable name.
+pub(super) fn default_id(host: &str, port: u16, netns: Option<u64>) -> String {
+    let suffix = match netns {
+        Some(inode) => format!("-{port}-{inode:x}"),
+        None => format!("-{port}"),
+    };
+    let host: String = host.chars().take(64 - suffix.len()).collect();
+    format!("{host}{suffix}")
+}
+
+/// This process's network namespace inode, from `/proc/self/ns/net`
+/// ("net:[4026531992]").
+fn netns_inode() -> Option<u64> {
+    let link = std::fs::read_link("/proc/self/ns/net").ok()?;
+    let text = link.to_str()?;
+    text.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Checks `[ha]`; pushes each problem and returns the settings if there are
+/// none. The Consul address it needs is checked with the rest of `[consul]`.
+pub(super) fn validate_ha(ha: &HaConfig, admin: Option<SocketAddr>, problems: &mut Vec<String>) -> Option<HaSettings> {
+    let before = problems.len();
+    if !is_name(&ha.cluster) {
+        problems.push(format!(
+            "ha.cluster: {:?} must be 1 to 64 letters, digits, '-', '_', '.'",
+            ha.cluster
+        ));
+    }
+    let id = match &ha.id {
+        Some(id) => id.clone(),
+        None => default_id(&halo_health::host_name(), admin.map_or(0, |a| a.port()), netns_inode()),
+    };
+    if !is_name(&id) {
+        problems.push(format!("ha.id: {id:?} must be 1 to 64 letters, digits, '-', '_', '.'"));
+    }
+    if ha.check_ttl < Duration::from_millis(200) || ha.check_ttl > Duration::from_secs(60) {
+        problems.push(format!(
+            "ha.check_ttl: {} must be between 200ms and 60s",
+            halo_consul::duration::format(ha.check_ttl)
+        ));
+    }
+    if ha.lock_delay > Duration::from_secs(60) {
+        problems.push("ha.lock_delay: Consul caps the lock delay at 60s".to_owned());
+    } else if ha.lock_delay < Duration::from_millis(100) {
+        problems.push(format!(
+            "ha.lock_delay: {} is below 100ms: it is also the active's lease, which must outlast a few reads of Consul",
+            halo_consul::duration::format(ha.lock_delay)
+        ));
+    }
+    let margin = ha.lock_delay / 5;
+    if ha.probe_interval < Duration::from_millis(10) || ha.probe_interval > Duration::from_secs(10) {
+        problems.push(format!(
+            "ha.probe_interval: {} must be between 10ms and 10s",
+            halo_consul::duration::format(ha.probe_interval)
+        ));
+    }
+    if !(1..=100).contains(&ha.probe_misses) {
+        problems.push(format!(
+            "ha.probe_misses: {} must be between 1 and 100",
+            ha.probe_misses
+        ));
+    }
+    let probe = match &ha.probe_listen {
+        None => admin,
+        Some(text) => match text.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                problems.push(format!(
+                    "ha.probe_listen: {a} is advertised to the peers; use a specific ip, not a wildcard"
+                ));
+                None
+            }
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(format!("ha.probe_listen: {text:?} is not an ip:port address"));
+                None
+            }
+        },
+    };
+    if admin.is_some_and(|a| a.ip().is_unspecified()) {
+        problems.push(
+            "admin.listen: an HA instance advertises its admin address to its peer; use a specific ip, not 0.0.0.0"
+                .to_owned(),
+        );
+    }
+    let floating = match (&ha.vip_address, &ha.vip_interface) {
+        (None, None) => None,
+        (Some(_), None) => {
+            problems.push("ha.vip_interface: required with vip_address".to_owned());
+            None
+        }
+        (None, Some(_)) => {
+            problems.push("ha.vip_address: required with vip_interface".to_owned());
+            None
+        }
+        (Some(address), Some(interface)) => {
+            let parsed = parse_cidr(address);
+            if parsed.is_none() {
+                problems.push(format!(
+                    "ha.vip_address: {address:?} is not an address with an optional prefix length (198.18.0.100/24)"
+                ));
+            }
+            if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
+                problems.push(format!("ha.vip_interface: {interface:?} is not an interface name"));
+            }
+            parsed.map(|(address, prefix)| FloatingAddress {
+                address,
+                prefix,
+                interface: interface.clone(),
+            })
+        }
+    };
+    let probe = probe?;
+    (problems.len() == before).then(|| HaSettings {
+        cluster: ha.cluster.clone(),
+        id,
+        check_ttl: ha.check_ttl,
+        lock_delay: ha.lock_delay,
+        heartbeat: ha.check_ttl / 4,
+        margin,
+        lease: ha.lock_delay - margin,
+        confirm_every: ha.lock_delay / 5,
+        probe,
+        probe_interval: ha.probe_interval,
+        probe_misses: ha.probe_misses,
+        floating,
+    })
+}
+
+/// `ip` or `ip/prefix`.
+fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, prefix)) => (ip, Some(prefix)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = ip.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max)?,
+        None => max,
+    };
+    Some((ip, prefix))
+}
