@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use halo_health::server::{json_response, metrics_response, text_response, HttpResponse};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Empty, Full};
+use http_body_util::{BodyExt as _, Empty, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
@@ -28,6 +28,8 @@ use crate::control::server::Server;
 const FORWARDED: &str = "x-halo-forwarded-by";
 /// Deadline of a forwarded request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer relayed from the active.
+const MAX_FORWARDED_BODY: usize = 64 * 1024;
 
 /// Serves the admin API on `listener` until `stop` is cancelled.
 pub(crate) async fn serve(
@@ -150,7 +152,13 @@ async fn forward(leadership: &Leadership, req: &Request<Incoming>) -> HttpRespon
             .map_err(|e| e.to_string())?;
         let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
         let (parts, body) = response.into_parts();
-        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        // The active's answers are a few hundred bytes; anything past the
+        // cap is not one of them.
+        let body = Limited::new(body, MAX_FORWARDED_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("reading its answer: {e}"))?
+            .to_bytes();
         Ok::<_, String>(Response::from_parts(parts, Full::new(body)))
     };
     match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {

@@ -72,6 +72,75 @@ async fn passing_instances_become_backends_and_failing_ones_leave() {
     assert_eq!(served_by(vip, 6).await, HashSet::from(["b".to_owned()]));
 }
 
+/// Consul's check states give weights as Consul's DNS does: passing →
+/// `Weights.Passing`, warning → `Weights.Warning`, critical (the instance's
+/// own check, or maintenance mode) → out of the table.
+#[tokio::test]
+async fn warning_instances_serve_at_their_warning_weight_and_critical_ones_leave() {
+    use halo_lb::status::{BackendHealth, Watched};
+
+    let consul = ConsulAgent::start().await;
+    let client = Client::from_address(consul.http_url()).unwrap();
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let b = TestBackend::start("b", Behavior::GreetEcho).await;
+    register(&client, "web-a", &a, "zone-a").await;
+    register(&client, "web-b", &b, "zone-b").await;
+    client.check_warn("web-b:ttl", "slow").await.unwrap();
+
+    let (admin, vip) = addrs();
+    let lb = Lb::start(&config(&consul, admin, vip), admin, &[vip]).await;
+    let weights = |status: &halo_lb::status::Status| -> BTreeMap<String, u32> {
+        status.vips[0]
+            .backends
+            .iter()
+            .map(|b| (b.address.clone(), b.weight))
+            .collect()
+    };
+    let warned = BTreeMap::from([(a.addr.to_string(), 3), (b.addr.to_string(), 1)]);
+    let status = eventually(DEADLINE, "a at its passing weight, b at its warning weight", || async {
+        let status = lb.typed_status().await;
+        (weights(&status) == warned).then_some(status)
+    })
+    .await;
+    let vip_status = &status.vips[0];
+    assert!(vip_status.backends.iter().all(|b| b.state == BackendHealth::Healthy));
+    let discovery = vip_status.discovery.as_ref().expect("consul discovery in /status");
+    assert_eq!(
+        discovery.watched,
+        Watched::Consul {
+            service: "web".into(),
+            tag: None
+        }
+    );
+    assert!(discovery.up && discovery.index.is_some(), "{discovery:?}");
+    assert_eq!(discovery.instances, 2);
+    assert_eq!(
+        served_by(vip, 16).await,
+        HashSet::from(["a".to_owned(), "b".to_owned()]),
+        "a warning instance still serves"
+    );
+
+    // Back to passing: its passing weight.
+    client.check_pass("web-b:ttl", "fine").await.unwrap();
+    let passing = BTreeMap::from([(a.addr.to_string(), 3), (b.addr.to_string(), 3)]);
+    eventually(DEADLINE, "b back at its passing weight", || async {
+        (weights(&lb.typed_status().await) == passing).then_some(())
+    })
+    .await;
+
+    // Maintenance mode is a critical check: out.
+    client
+        .set_service_maintenance("web-b", true, Some("deploy"))
+        .await
+        .unwrap();
+    let only_a = BTreeMap::from([(a.addr.to_string(), 3)]);
+    eventually(DEADLINE, "b in maintenance to leave the table", || async {
+        (weights(&lb.typed_status().await) == only_a).then_some(())
+    })
+    .await;
+    assert_eq!(served_by(vip, 6).await, HashSet::from(["a".to_owned()]));
+}
+
 #[tokio::test]
 async fn a_consul_outage_keeps_the_last_good_table_serving() {
     let mut consul = ConsulAgent::start().await;

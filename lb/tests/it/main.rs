@@ -11,6 +11,7 @@ mod dns;
 mod exhaustion;
 mod floating;
 mod ha;
+mod layout;
 mod lifecycle;
 mod production;
 mod zone;

@@ -289,6 +289,17 @@ impl Lb {
         assert_eq!(code, 200);
         serde_json::from_str(&body).unwrap()
     }
+
+    /// `/status` read into the crate's own types: the document has the
+    /// shape `halo_lb::status` defines.
+    pub async fn typed_status(&self) -> halo_lb::status::Status {
+        let (code, body) = halo_testkit::http::get(self.admin, "/status")
+            .await
+            .expect("/status answers");
+        assert_eq!(code, 200);
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("/status does not match halo_lb::status::Status: {e}\n{body}"))
+    }
 }
 
 impl Drop for Lb {
