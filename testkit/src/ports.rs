@@ -1,15 +1,23 @@
 //! Free ports and loopback addresses for test processes.
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::sync::{Mutex, PoisonError};
 
 /// A free TCP port on `ip` that is also free for UDP (Consul's DNS and serf
 /// ports use both). Another process can still take it before ours binds it;
 /// [`crate::process`] retries a start that loses that race.
 pub fn free_port(ip: Ipv4Addr) -> u16 {
-    for _ in 0..100 {
+    // The kernel may hand the port it just gave (and we released) to the
+    // next bind: an agent once got the same port for HTTP and Serf WAN.
+    // Never give out one port twice in a process.
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    for _ in 0..1000 {
         let tcp = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}:0: {e}"));
         let port = tcp.local_addr().expect("bound socket has an address").port();
-        if UdpSocket::bind(SocketAddr::from((ip, port))).is_ok() {
+        if UdpSocket::bind(SocketAddr::from((ip, port))).is_ok()
+            && GIVEN.lock().unwrap_or_else(PoisonError::into_inner).insert(port)
+        {
             return port;
         }
     }

@@ -29,7 +29,7 @@ use crate::settings::PassiveConfig;
 /// What the data plane currently thinks of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Health {
+pub(crate) enum Health {
     /// Takes new connections.
     Healthy,
     /// Refused connections recently; skipped until its ejection runs out.
@@ -38,7 +38,7 @@ pub enum Health {
 
 /// Live, shared state of one backend of one VIP.
 #[derive(Debug)]
-pub struct BackendState {
+pub(crate) struct BackendState {
     addr: SocketAddr,
     active: AtomicUsize,
     consecutive_failures: AtomicU32,
@@ -93,7 +93,7 @@ fn nanos_since_epoch(t: Instant) -> u64 {
 
 impl BackendState {
     /// Fresh state for `addr` of VIP `vip`.
-    pub fn new(vip: &str, addr: SocketAddr) -> Self {
+    pub(crate) fn new(vip: &str, addr: SocketAddr) -> Self {
         let labels = [("vip", vip.to_owned()), ("backend", addr.to_string())];
         let metrics = BackendMetrics {
             connections: metrics::counter!("halo_backend_connections_total", &labels),
@@ -116,41 +116,36 @@ impl BackendState {
         }
     }
 
-    /// The backend's address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// Live proxied connections to this backend.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
 
     /// Whether the backend is ejected at `now`.
-    pub fn is_ejected(&self, now: Instant) -> bool {
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
         until != 0 && nanos_since_epoch(now) < until
     }
 
     /// Whether a pick may choose this backend at `now`: neither ejected nor
     /// failing its active check.
-    pub fn available(&self, now: Instant) -> bool {
+    pub(crate) fn available(&self, now: Instant) -> bool {
         !self.check_failing() && !self.is_ejected(now)
     }
 
     /// When the current ejection ends, if the backend is ejected at `now`.
-    pub fn ejected_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn ejected_until(&self, now: Instant) -> Option<Instant> {
         let until = self.ejected_until.load(Ordering::Relaxed);
         (until != 0 && nanos_since_epoch(now) < until).then(|| epoch() + Duration::from_nanos(until))
     }
 
     /// Whether the active check currently says the backend is down.
-    pub fn check_failing(&self) -> bool {
+    pub(crate) fn check_failing(&self) -> bool {
         self.check_failing.load(Ordering::Relaxed)
     }
 
     /// Records the active check's verdict; returns whether it changed.
-    pub fn set_check_failing(&self, failing: bool) -> bool {
+    pub(crate) fn set_check_failing(&self, failing: bool) -> bool {
         let changed = self.check_failing.swap(failing, Ordering::Relaxed) != failing;
         if changed {
             health_changed();
@@ -161,7 +156,7 @@ impl BackendState {
     /// Attaches (or, with `None`, detaches) the active check whose state
     /// `/status` shows. Detaching also clears a failing verdict: with no
     /// check, nothing says the backend is down.
-    pub fn set_check(&self, check: Option<CheckHandle>) {
+    pub(crate) fn set_check(&self, check: Option<CheckHandle>) {
         let detached = check.is_none();
         *self.check.lock().expect("check handle poisoned") = check;
         if detached {
@@ -170,12 +165,12 @@ impl BackendState {
     }
 
     /// The active check, if one runs for this backend.
-    pub fn check(&self) -> Option<CheckHandle> {
+    pub(crate) fn check(&self) -> Option<CheckHandle> {
         self.check.lock().expect("check handle poisoned").clone()
     }
 
     /// Health at `now`, and for how much longer an ejection lasts.
-    pub fn health(&self, now: Instant) -> (Health, Duration) {
+    pub(crate) fn health(&self, now: Instant) -> (Health, Duration) {
         let until = self.ejected_until.load(Ordering::Relaxed);
         let now = nanos_since_epoch(now);
         if until != 0 && now < until {
@@ -186,7 +181,7 @@ impl BackendState {
     }
 
     /// A connect succeeded: the backend is healthy and its back-off resets.
-    pub fn connect_succeeded(&self) {
+    pub(crate) fn connect_succeeded(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         if self.ejections_in_a_row.swap(0, Ordering::Relaxed) > 0 {
             tracing::info!(backend = %self.addr, "backend re-admitted after a successful connect");
@@ -205,7 +200,7 @@ impl BackendState {
     /// before and has not connected since (then for twice as long as last
     /// time, up to `policy.max_ejection`). Returns the ejection time if it
     /// ejected.
-    pub fn connect_failed(&self, now: Instant, policy: &PassiveConfig) -> Option<Duration> {
+    pub(crate) fn connect_failed(&self, now: Instant, policy: &PassiveConfig) -> Option<Duration> {
         self.metrics.connect_failures.increment(1);
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if policy.eject_after == 0 || self.is_ejected(now) {
@@ -232,7 +227,7 @@ impl BackendState {
     }
 
     /// Counts a proxied connection until the guard drops.
-    pub fn start_connection(self: &Arc<Self>) -> ActiveConnection {
+    pub(crate) fn start_connection(self: &Arc<Self>) -> ActiveConnection {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.metrics.connections.increment(1);
         self.metrics.active.increment(1.0);
@@ -244,7 +239,7 @@ impl BackendState {
 
 /// One live connection to a backend; dropping it ends the count.
 #[derive(Debug)]
-pub struct ActiveConnection {
+pub(crate) struct ActiveConnection {
     state: Arc<BackendState>,
 }
 
@@ -257,7 +252,7 @@ impl Drop for ActiveConnection {
 
 /// One backend in a table.
 #[derive(Debug, Clone)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Identity and metadata.
     pub backend: Backend,
     /// Live state shared with every other table holding this address.

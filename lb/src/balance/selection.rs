@@ -33,7 +33,7 @@ const MAGLEV_WALK: usize = 64;
 
 /// Why a selector could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SelectorError {
+pub(crate) enum SelectorError {
     /// A backend's Maglev permutation did not cover the table. Cannot happen
     /// with a prime table size; the fill stops with this error rather than
     /// looping for ever if the arithmetic is ever wrong.
@@ -90,7 +90,7 @@ impl Selector {
 
 /// What a pick needs besides the table.
 #[derive(Debug)]
-pub struct PickContext<'a> {
+pub(crate) struct PickContext<'a> {
     /// The client's address (Maglev hashes its IP).
     pub client: SocketAddr,
     /// The VIP's round-robin position; survives table swaps.

@@ -28,11 +28,11 @@ use crate::settings::VipSettings;
 #[derive(Debug)]
 pub struct Table {
     /// Rises by one with every published table of this VIP.
-    pub version: u64,
+    pub(crate) version: u64,
     /// Settings in force for connections picked from this table.
-    pub settings: Arc<VipSettings>,
+    pub(crate) settings: Arc<VipSettings>,
     /// Every backend, sorted by address, disabled ones included.
-    pub entries: Vec<Entry>,
+    pub(crate) entries: Vec<Entry>,
     /// Indices of entries that may be picked.
     selectable: Vec<u32>,
     selector: Selector,
@@ -44,7 +44,7 @@ pub struct Table {
 
 impl Table {
     /// Builds a table (version 0; the publisher numbers it).
-    pub fn build(settings: Arc<VipSettings>, entries: Vec<Entry>) -> Result<Table, SelectorError> {
+    pub(crate) fn build(settings: Arc<VipSettings>, entries: Vec<Entry>) -> Result<Table, SelectorError> {
         let selectable: Vec<u32> = entries
             .iter()
             .enumerate()
@@ -74,7 +74,7 @@ impl Table {
     /// among available local backends while enough are healthy, and fall
     /// back to every zone (panic mode included) when none of those is left
     /// untried.
-    pub fn pick(&self, ctx: &PickContext<'_>) -> Option<usize> {
+    pub(crate) fn pick(&self, ctx: &PickContext<'_>) -> Option<usize> {
         if let Some(zone) = &self.zone {
             if zone.routes_locally(&self.entries, ctx.now) {
                 let local = selection::pick_available(zone.selector(), &self.entries, zone.selectable(), ctx);
@@ -87,18 +87,18 @@ impl Table {
     }
 
     /// Where picks go at `now`; `None` unless the VIP routes zone-aware.
-    pub fn zone_status(&self, now: Instant) -> Option<ZoneStatus> {
+    pub(crate) fn zone_status(&self, now: Instant) -> Option<ZoneStatus> {
         self.zone.as_ref().map(|z| z.status(&self.entries, now))
     }
 
     /// Whether most backends are IPv4: the family of the backend socket an
     /// accept loop makes before it accepts.
-    pub fn mostly_v4(&self) -> bool {
+    pub(crate) fn mostly_v4(&self) -> bool {
         self.mostly_v4
     }
 
     /// Number of backends that may be picked.
-    pub fn selectable_len(&self) -> usize {
+    pub(crate) fn selectable_len(&self) -> usize {
         self.selectable.len()
     }
 
@@ -151,40 +151,40 @@ pub struct Vip {
 
 /// Per-VIP metric handles, registered once.
 #[derive(Debug)]
-pub struct VipMetrics {
+pub(crate) struct VipMetrics {
     /// Accepted client connections.
-    pub connections: Counter,
+    pub(crate) connections: Counter,
     /// Live client connections.
-    pub active: Gauge,
+    pub(crate) active: Gauge,
     /// Bytes from clients to backends.
-    pub bytes_in: Counter,
+    pub(crate) bytes_in: Counter,
     /// Bytes from backends to clients.
-    pub bytes_out: Counter,
+    pub(crate) bytes_out: Counter,
     /// Failed backend connects.
-    pub connect_failures: Counter,
+    pub(crate) connect_failures: Counter,
     /// Connects retried on another backend.
-    pub retries: Counter,
+    pub(crate) retries: Counter,
     /// Client connections closed because no backend could be reached.
-    pub no_backend: Counter,
+    pub(crate) no_backend: Counter,
     /// Client connections closed because the process stayed out of local
     /// resources (descriptors, ports) for too long.
-    pub local_resource_closes: Counter,
+    pub(crate) local_resource_closes: Counter,
     /// Client connections accepted past the HA lease and closed unserved.
-    pub lease_refusals: Counter,
+    pub(crate) lease_refusals: Counter,
     /// Connections closed by the idle timeout.
-    pub idle_timeouts: Counter,
+    pub(crate) idle_timeouts: Counter,
     /// Times accepting paused at the connection limit.
-    pub limit_reached: Counter,
+    pub(crate) limit_reached: Counter,
     /// Published table version.
-    pub table_version: Gauge,
+    pub(crate) table_version: Gauge,
     /// Tables swapped in.
-    pub swaps: Counter,
+    pub(crate) swaps: Counter,
     /// Time to build a table.
-    pub build_seconds: Histogram,
+    pub(crate) build_seconds: Histogram,
     /// Backends that may be picked.
-    pub selectable: Gauge,
+    pub(crate) selectable: Gauge,
     /// Rebuilds that failed (the previous table kept serving).
-    pub build_errors: Counter,
+    pub(crate) build_errors: Counter,
 }
 
 impl VipMetrics {
@@ -219,7 +219,7 @@ impl VipMetrics {
 
 /// Why an admin change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AdminError {
+pub(crate) enum AdminError {
     /// The address is not a backend of this VIP.
     #[error("{0} is not a backend of this vip")]
     UnknownBackend(SocketAddr),
@@ -265,29 +265,29 @@ impl Vip {
     }
 
     /// Why the last rebuild failed, if it did (the table before it serves).
-    pub fn build_error(&self) -> Option<String> {
+    pub(crate) fn build_error(&self) -> Option<String> {
         self.build_error.lock().expect("build_error lock poisoned").clone()
     }
 
     /// Whether most backends of the published table are IPv4, without
     /// taking a reference on the table (the accept loop asks per accept).
-    pub fn mostly_v4(&self) -> bool {
+    pub(crate) fn mostly_v4(&self) -> bool {
         self.table.load().mostly_v4()
     }
 
     /// The round-robin cursor.
-    pub fn cursor(&self) -> &AtomicUsize {
+    pub(crate) fn cursor(&self) -> &AtomicUsize {
         &self.cursor
     }
 
     /// Metric handles.
-    pub fn metrics(&self) -> &VipMetrics {
+    pub(crate) fn metrics(&self) -> &VipMetrics {
         &self.metrics
     }
 
     /// Wakes on every published table (its version); read the table itself
     /// with [`Vip::table`].
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
     }
 
@@ -302,7 +302,7 @@ impl Vip {
     }
 
     /// Replaces the settings (a reload); rebuilds if they changed.
-    pub fn set_settings(&self, settings: VipSettings) -> bool {
+    pub(crate) fn set_settings(&self, settings: VipSettings) -> bool {
         let mut b = self.builder.lock().expect("builder lock poisoned");
         if *b.settings == settings {
             return false;
@@ -316,7 +316,7 @@ impl Vip {
 
     /// Disables (or re-enables) a backend by hand. The choice survives
     /// reloads and discovery updates until undone.
-    pub fn set_disabled(&self, addr: SocketAddr, disabled: bool) -> Result<bool, AdminError> {
+    pub(crate) fn set_disabled(&self, addr: SocketAddr, disabled: bool) -> Result<bool, AdminError> {
         let mut b = self.builder.lock().expect("builder lock poisoned");
         if !b.backends.iter().any(|x| x.addr == addr) {
             return Err(AdminError::UnknownBackend(addr));
@@ -387,14 +387,14 @@ impl Vip {
     }
 
     /// Live client connections.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
 
     /// Takes a connection slot, waiting while the VIP is at its limit. Each
     /// worker reserves a slot before it accepts, so several workers can never
     /// together accept past the limit.
-    pub async fn reserve_slot(self: &Arc<Self>) -> ClientSlot {
+    pub(crate) async fn reserve_slot(self: &Arc<Self>) -> ClientSlot {
         let mut counted = false;
         loop {
             let notified = self.slot_freed.notified();
@@ -424,7 +424,7 @@ impl Vip {
     }
 
     /// Now, for ejection decisions.
-    pub fn now() -> Instant {
+    pub(crate) fn now() -> Instant {
         Instant::now()
     }
 }
@@ -432,14 +432,14 @@ impl Vip {
 /// A connection slot of a VIP: reserved before accepting, then held by the
 /// accepted connection until it ends.
 #[derive(Debug)]
-pub struct ClientSlot {
+pub(crate) struct ClientSlot {
     vip: Arc<Vip>,
     accepted: bool,
 }
 
 impl ClientSlot {
     /// The reservation now belongs to an accepted connection.
-    pub fn accepted(&mut self) {
+    pub(crate) fn accepted(&mut self) {
         if !self.accepted {
             self.accepted = true;
             self.vip.active.fetch_add(1, Ordering::Relaxed);

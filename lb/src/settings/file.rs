@@ -423,7 +423,7 @@ pub enum ActiveCheckType {
 /// is not picked (like an ejected one, panic mode included) without a table
 /// rebuild; an operator's disable stays a separate state.
 ///
-/// A new backend starts *up*: its source (Consul's passing view, or the
+/// A new backend starts *up*: its source (Consul's health view, or the
 /// operator's list) already vouches for it, and starting down would take
 /// capacity away on every table change. It goes down after `fall` failures
 /// in a row and comes back after `rise` passes in a row.

@@ -8,8 +8,8 @@
 //! ([`BackendState::set_check_failing`]), an atomic flag every pick reads.
 //! A flip therefore never rebuilds the table. How the states combine:
 //!
-//! - the backend source decides what is in the table (with Consul, only
-//!   instances whose Consul checks pass);
+//! - the backend source decides what is in the table (with Consul, the
+//!   instances none of whose Consul checks is critical);
 //! - an operator's disable keeps a backend listed but never picked (a table
 //!   input, shown as `disabled`);
 //! - a failing active check and a passive ejection both make a listed
