@@ -20,11 +20,14 @@
 //!   its [`server::ServerLimits`].
 //! - [`telemetry`]: logging (coloured only on a terminal) and the Prometheus
 //!   recorder for both binaries.
+//! - [`service`]: life under a service manager: systemd's readiness
+//!   protocol and watchdog, and the `healthcheck` subcommand's request.
 //! - [`host_name`]: the host name both binaries derive default ids from.
 
 pub mod checker;
 pub mod probe;
 pub mod server;
+pub mod service;
 pub mod telemetry;
 
 pub use checker::{spawn, CheckConfig, CheckHandle, CheckState, Hysteresis, Status};

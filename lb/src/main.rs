@@ -31,6 +31,18 @@ enum Command {
     /// Refuses (exit 1) while the config's admin address is in use, i.e.
     /// while halo-lb runs: the address belongs to a live active then.
     ReleaseVip,
+    /// GET /health on the admin API of the halo-lb running with this config
+    /// and exit 0 if it answers 2xx within --timeout, 1 otherwise: a
+    /// container's health check in an image without curl.
+    Healthcheck {
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    halo_consul::duration::parse(text).map_err(|e| e.to_string())
 }
 
 /// `halo-lb release-vip`: idempotent removal of a leftover floating address.
@@ -82,6 +94,9 @@ fn main() -> ExitCode {
     };
     if let Some(Command::ReleaseVip) = cli.command {
         return release_vip(&config);
+    }
+    if let Some(Command::Healthcheck { timeout }) = cli.command {
+        return halo_health::service::healthcheck("halo-lb", config.admin, "/health", timeout);
     }
     if let Some(Command::Check) = cli.command {
         println!(

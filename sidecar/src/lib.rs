@@ -80,6 +80,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         .collect();
     let (draining_tx, mut draining) = watch::channel(false);
     let (sync_status, sync_rx) = watch::channel(sync::SyncStatus::default());
+    let sync_rx_for_notify = sync_rx.clone();
     let draining_gauge = metrics::gauge!("halo_sidecar_draining");
 
     let listener = tokio::net::TcpListener::bind(settings.admin)
@@ -110,6 +111,8 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         sync_status,
     ));
     tracing::info!(service = %settings.service_id, admin = %settings.admin, consul = client.address(), "halo-sidecar started");
+    tokio::spawn(tell_service_manager_when_registered(sync_rx_for_notify));
+    halo_health::service::spawn_watchdog();
 
     let grace = settings.config.drain.grace;
     loop {
@@ -121,6 +124,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         }
         draining.mark_unchanged();
         draining_gauge.set(1.0);
+        halo_health::service::notify_or_log("STATUS=draining: in maintenance in Consul until the grace ends");
         tracing::info!(?grace, "draining: in maintenance, deregistering after the grace period");
         let undrained = tokio::select! {
             () = tokio::time::sleep(grace) => false,
@@ -133,6 +137,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         tracing::info!("drain cancelled by /undrain; serving again");
     }
 
+    halo_health::service::stopping("deregistering");
     // Stop pushing (a late heartbeat could re-register), then deregister.
     // The sync task abandons any call in flight on `stop`.
     stop.cancel();
@@ -141,6 +146,17 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
     }
     deregister(&client, &settings, SHUTDOWN_MARGIN).await;
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) the sidecar is ready once the admin API
+/// listens (it does by now) and the agent has the registration, so that
+/// `systemctl start` returns with the instance in Consul. Until then the
+/// status line says what it waits for.
+async fn tell_service_manager_when_registered(mut sync: watch::Receiver<sync::SyncStatus>) {
+    halo_health::service::notify_or_log("STATUS=registering with the Consul agent");
+    if sync.wait_for(|s| s.registered).await.is_ok() {
+        halo_health::service::ready("registered");
+    }
 }
 
 /// Deregisters the instance, retrying until `budget` is spent; every call's

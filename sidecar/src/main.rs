@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,83 @@ struct Cli {
 enum Command {
     /// Validate the configuration and exit.
     Check,
+    /// GET /health/ready (or /health/live with --live) on the admin API of
+    /// the sidecar running with this config; exit 0 if it answers 2xx
+    /// within --timeout, 1 otherwise: a container's health check in an
+    /// image without curl.
+    Healthcheck {
+        /// Ask /health/live (the process answers) instead of /health/ready.
+        #[arg(long)]
+        live: bool,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Drain the instance through the admin API of the sidecar running with
+    /// this config (POST /drain): it goes into maintenance in Consul, and
+    /// the sidecar deregisters it and exits after drain.grace. For a
+    /// preStop hook or a script that must stop traffic before the app.
+    Drain {
+        /// Return only once Consul has the instance in maintenance (out of
+        /// every healthy view: `?passing`, DNS, halo-lb), or the sidecar has
+        /// already deregistered it and exited. Exit 1 if that takes longer
+        /// than --timeout.
+        #[arg(long)]
+        wait: bool,
+        /// The longest wait with --wait.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    halo_consul::duration::parse(text).map_err(|e| e.to_string())
+}
+
+/// Deadline of one admin API request made by a subcommand.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `halo-sidecar drain [--wait]`.
+fn drain(admin: std::net::SocketAddr, wait: bool, timeout: Duration) -> ExitCode {
+    let addr = halo_health::service::local_address(admin);
+    match halo_health::service::http(addr, "POST", "/drain", ADMIN_TIMEOUT) {
+        Ok((200, _)) => {}
+        Ok((code, body)) => {
+            eprintln!("halo-sidecar: POST http://{addr}/drain answered {code}: {}", body.trim());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("halo-sidecar: POST http://{addr}/drain: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if !wait {
+        println!("halo-sidecar: draining");
+        return ExitCode::SUCCESS;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        match halo_health::service::http(addr, "GET", "/status", ADMIN_TIMEOUT) {
+            Ok((200, body)) => {
+                let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                if status["consul"]["maintenance"] == true {
+                    println!("halo-sidecar: drained: Consul has the instance in maintenance");
+                    return ExitCode::SUCCESS;
+                }
+            }
+            // The sidecar finished the drain (deregistered) and exited.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                println!("halo-sidecar: drained: the sidecar deregistered the instance and exited");
+                return ExitCode::SUCCESS;
+            }
+            Ok(_) | Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            eprintln!("halo-sidecar: the instance is not in maintenance in Consul after {timeout:?} (see the sidecar's /status)");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn main() -> ExitCode {
@@ -34,6 +112,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match cli.command {
+        Some(Command::Healthcheck { live, timeout }) => {
+            let path = if live { "/health/live" } else { "/health/ready" };
+            return halo_health::service::healthcheck("halo-sidecar", settings.admin, path, timeout);
+        }
+        Some(Command::Drain { wait, timeout }) => return drain(settings.admin, wait, timeout),
+        Some(Command::Check) | None => {}
+    }
     if let Some(Command::Check) = cli.command {
         for warning in &settings.warnings {
             eprintln!("halo-sidecar: warning: {warning}");

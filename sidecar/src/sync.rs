@@ -69,6 +69,9 @@ fn consul_status(s: Status) -> CheckStatus {
 pub struct SyncStatus {
     /// The agent has our registration (as far as we know).
     pub registered: bool,
+    /// Consul has the instance in maintenance (draining): out of `?passing`
+    /// answers and DNS.
+    pub maintenance: bool,
     /// Passes attempted since start (each a few Consul calls).
     pub attempts: u64,
     /// Failed passes in a row; 0 after a success.
@@ -235,6 +238,7 @@ pub async fn run(
             let mut report = status.borrow().clone();
             report.attempts += 1;
             report.registered = registered;
+            report.maintenance = registered && maintenance == Some(true);
             match result {
                 Ok(()) => {
                     backoff.reset();

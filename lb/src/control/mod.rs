@@ -124,6 +124,8 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         });
     }
     tracing::info!(admin = %config.admin, vips = config.vips.len(), "halo-lb started");
+    tokio::spawn(tell_service_manager_when_ready(leadership.clone()));
+    halo_health::service::spawn_watchdog();
 
     let mut election = election;
     let election_died = loop {
@@ -155,6 +157,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         return Err(anyhow::anyhow!("the election thread died unexpectedly"));
     }
     tracing::info!("shutdown requested");
+    halo_health::service::stopping("handing over and draining");
     if let Some(election) = election {
         // Stop serving, then hand the lock over, before the drain.
         stop_ha.cancel();
@@ -170,6 +173,28 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         tracing::warn!(left, "exiting with connections still open");
     }
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) that the balancer is ready: at once for a
+/// lone balancer, whose listeners and admin API are up by now; for one of a
+/// pair, once the election has placed it (active or standby), so that
+/// `systemctl start` returns with the instance in the pair. Until then the
+/// status line says what it waits for.
+async fn tell_service_manager_when_ready(leadership: Option<Arc<Leadership>>) {
+    let Some(leadership) = leadership else {
+        halo_health::service::ready("serving");
+        return;
+    };
+    halo_health::service::notify_or_log("STATUS=joining the election (waiting for Consul)");
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        let role = leadership.role();
+        if role != ha::Role::Starting {
+            halo_health::service::ready(&format!("in the pair as {}", role.as_str()));
+            return;
+        }
+    }
 }
 
 /// Start-up (and reload) warnings about settings that are valid but risky

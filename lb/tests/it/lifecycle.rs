@@ -105,3 +105,56 @@ async fn raising_the_connection_limit_on_reload_wakes_paused_accepting() {
         "served once the limit rose, with the first connection still open"
     );
 }
+
+/// Reads the next notification datagram, waiting up to `DEADLINE`.
+async fn next_message(socket: &std::sync::Arc<std::os::unix::net::UnixDatagram>) -> String {
+    let socket = std::sync::Arc::clone(socket);
+    tokio::task::spawn_blocking(move || {
+        socket.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut buf = [0u8; 1024];
+        let n = socket.recv(&mut buf).expect("a notification within the deadline");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+async fn healthcheck(lb: &Lb) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_halo-lb"));
+    cmd.arg("--config").arg(&lb.config_path).args(["healthcheck", "--timeout", "1s"]);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+}
+
+/// Under systemd (`Type=notify`) a lone balancer says READY=1 once it
+/// serves and STOPPING=1 on SIGTERM; `halo-lb healthcheck` follows
+/// `/health` (200 serving, 503 draining, nothing once gone).
+#[tokio::test]
+async fn systemd_hears_ready_and_stopping_and_the_healthcheck_follows_health() {
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let (admin, vip) = addrs();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let socket = std::sync::Arc::new(std::os::unix::net::UnixDatagram::bind(&path).unwrap());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_halo-lb"));
+    cmd.env("NOTIFY_SOCKET", &path);
+    let mut lb = Lb::start_command(cmd, &one_vip(admin, vip, &[a.addr], ""), admin, &[vip]).await;
+
+    let ready = next_message(&socket).await;
+    assert!(ready.contains("READY=1") && ready.contains("STATUS=serving"), "{ready:?}");
+    let out = healthcheck(&lb).await;
+    assert!(out.status.success(), "{out:?}");
+
+    let (_, live) = greeting(vip).await.unwrap();
+    lb.signal(Signal::SIGTERM);
+    let mut message = next_message(&socket).await;
+    while !message.contains("STOPPING=1") {
+        message = next_message(&socket).await;
+    }
+    let out = healthcheck(&lb).await;
+    assert!(!out.status.success(), "draining is not healthy: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("503"), "{out:?}");
+
+    drop(live);
+    assert!(lb.wait_exit().await.success());
+    assert!(!healthcheck(&lb).await.status.success(), "nothing answers once it exited");
+}

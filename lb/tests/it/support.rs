@@ -196,7 +196,7 @@ impl Lb {
         Lb::start_command(cmd, config, admin, vips).await
     }
 
-    async fn start_command(mut cmd: Command, config: &str, admin: SocketAddr, vips: &[SocketAddr]) -> Lb {
+    pub async fn start_command(mut cmd: Command, config: &str, admin: SocketAddr, vips: &[SocketAddr]) -> Lb {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("lb.toml");
         std::fs::write(&config_path, config).unwrap();

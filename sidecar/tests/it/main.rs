@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 mod behaviour;
 mod config;
 mod refusal;
+mod service;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -80,12 +81,18 @@ impl Drop for App {
 pub struct Sidecar {
     child: Option<Child>,
     pub admin: SocketAddr,
+    pub config_path: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Sidecar {
     pub async fn start(config: &str, admin: SocketAddr) -> Sidecar {
+        Sidecar::start_with_env(config, admin, &[]).await
+    }
+
+    /// [`Sidecar::start`] with extra environment variables.
+    pub async fn start_with_env(config: &str, admin: SocketAddr, env: &[(&str, &std::ffi::OsStr)]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sidecar.toml");
         std::fs::write(&path, config).unwrap();
@@ -94,6 +101,7 @@ impl Sidecar {
         let child = sidecar_command()
             .arg("--config")
             .arg(&path)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("CONSUL_HTTP_ADDR")
@@ -106,6 +114,7 @@ impl Sidecar {
         let mut sidecar = Sidecar {
             child: Some(child),
             admin,
+            config_path: path,
             log,
             _dir: dir,
         };
