@@ -122,7 +122,12 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> io
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {addr} within {timeout:?}")))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer from {addr} within {timeout:?}"),
+                )
+            })
     };
     let mut stream = TcpStream::connect_timeout(&addr, left()?)?;
     stream.set_write_timeout(Some(left()?))?;
@@ -194,9 +199,18 @@ mod tests {
 
     #[test]
     fn wildcards_are_reached_on_loopback() {
-        assert_eq!(local_address("0.0.0.0:9901".parse().unwrap()), "127.0.0.1:9901".parse().unwrap());
-        assert_eq!(local_address("[::]:9901".parse().unwrap()), "[::1]:9901".parse().unwrap());
-        assert_eq!(local_address("10.0.0.1:9901".parse().unwrap()), "10.0.0.1:9901".parse().unwrap());
+        assert_eq!(
+            local_address("0.0.0.0:9901".parse().unwrap()),
+            "127.0.0.1:9901".parse().unwrap()
+        );
+        assert_eq!(
+            local_address("[::]:9901".parse().unwrap()),
+            "[::1]:9901".parse().unwrap()
+        );
+        assert_eq!(
+            local_address("10.0.0.1:9901".parse().unwrap()),
+            "10.0.0.1:9901".parse().unwrap()
+        );
     }
 
     #[test]
@@ -207,7 +221,8 @@ mod tests {
             let (mut s, _) = listener.accept().unwrap();
             let mut req = [0u8; 1024];
             let _ = s.read(&mut req).unwrap();
-            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\ndraining\n").unwrap();
+            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\n\r\ndraining\n")
+                .unwrap();
         });
         let (code, body) = http(addr, "GET", "/health", Duration::from_secs(2)).unwrap();
         server.join().unwrap();

@@ -6,7 +6,7 @@
 # Needs: bash, coreutils, diffutils, and systemd-analyze from systemd >= 250
 # (for `verify --root=`); Debian package `systemd` (Debian 12 has 252).
 # The halo binaries come from HALO_LB_BIN and HALO_SIDECAR_BIN, by default
-# target/release/<name> if it exists, else target/debug/<name>; nothing is
+# the newer of target/release/<name> and target/debug/<name>; nothing is
 # built here.
 #
 # What it does, for halo-lb.service, halo-sidecar.service and
@@ -64,12 +64,13 @@ fi
 echo "== systemd-analyze from systemd $sd_version"
 
 pick_bin() { # pick_bin NAME ENV_VALUE
+    local r="$repo/target/release/$1" d="$repo/target/debug/$1"
     if [ -n "$2" ]; then
         echo "$2"
-    elif [ -x "$repo/target/release/$1" ]; then
-        echo "$repo/target/release/$1"
+    elif [ -x "$r" ] && { [ ! -x "$d" ] || [ "$r" -nt "$d" ]; }; then
+        echo "$r"
     else
-        echo "$repo/target/debug/$1"
+        echo "$d"
     fi
 }
 lb_bin=$(pick_bin halo-lb "${HALO_LB_BIN:-}")

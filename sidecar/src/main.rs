@@ -66,7 +66,10 @@ fn drain(admin: std::net::SocketAddr, wait: bool, timeout: Duration) -> ExitCode
     match halo_health::service::http(addr, "POST", "/drain", ADMIN_TIMEOUT) {
         Ok((200, _)) => {}
         Ok((code, body)) => {
-            eprintln!("halo-sidecar: POST http://{addr}/drain answered {code}: {}", body.trim());
+            eprintln!(
+                "halo-sidecar: POST http://{addr}/drain answered {code}: {}",
+                body.trim()
+            );
             return ExitCode::FAILURE;
         }
         Err(e) => {

@@ -121,8 +121,12 @@ async fn next_message(socket: &std::sync::Arc<std::os::unix::net::UnixDatagram>)
 
 async fn healthcheck(lb: &Lb) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_halo-lb"));
-    cmd.arg("--config").arg(&lb.config_path).args(["healthcheck", "--timeout", "1s"]);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+    cmd.arg("--config")
+        .arg(&lb.config_path)
+        .args(["healthcheck", "--timeout", "1s"]);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 /// Under systemd (`Type=notify`) a lone balancer says READY=1 once it
@@ -140,7 +144,10 @@ async fn systemd_hears_ready_and_stopping_and_the_healthcheck_follows_health() {
     let mut lb = Lb::start_command(cmd, &one_vip(admin, vip, &[a.addr], ""), admin, &[vip]).await;
 
     let ready = next_message(&socket).await;
-    assert!(ready.contains("READY=1") && ready.contains("STATUS=serving"), "{ready:?}");
+    assert!(
+        ready.contains("READY=1") && ready.contains("STATUS=serving"),
+        "{ready:?}"
+    );
     let out = healthcheck(&lb).await;
     assert!(out.status.success(), "{out:?}");
 
@@ -156,5 +163,8 @@ async fn systemd_hears_ready_and_stopping_and_the_healthcheck_follows_health() {
 
     drop(live);
     assert!(lb.wait_exit().await.success());
-    assert!(!healthcheck(&lb).await.status.success(), "nothing answers once it exited");
+    assert!(
+        !healthcheck(&lb).await.status.success(),
+        "nothing answers once it exited"
+    );
 }

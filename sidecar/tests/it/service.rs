@@ -25,7 +25,9 @@ async fn next_message(socket: &std::sync::Arc<UnixDatagram>) -> String {
 async fn run(sidecar: &Sidecar, args: &[&str]) -> Output {
     let mut cmd = sidecar_command();
     cmd.arg("--config").arg(&sidecar.config_path).args(args);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -46,7 +48,10 @@ async fn systemd_hears_ready_once_registered_and_stopping_on_sigterm() {
 
     let mut message = next_message(&socket).await;
     while !message.contains("READY=1") {
-        assert!(message.starts_with("STATUS="), "only status lines before READY: {message:?}");
+        assert!(
+            message.starts_with("STATUS="),
+            "only status lines before READY: {message:?}"
+        );
         message = next_message(&socket).await;
     }
     assert!(
@@ -99,10 +104,7 @@ async fn drain_wait_returns_with_the_instance_out_of_the_healthy_view() {
 
     let out = run(&sidecar, &["drain", "--wait", "--timeout", "20s"]).await;
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("maintenance"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("maintenance"), "{out:?}");
     // When it returned, no healthy view listed the instance any more.
     assert_eq!(passing(&client).await.unwrap(), Vec::<String>::new());
     assert!(sidecar.is_running(), "still in its grace period");
