@@ -83,5 +83,27 @@ for p in halo-lb halo-sidecar; do
         sh -c "grep -q '^ Section: net' '$tmp/$p.info'"
 done
 
+# Install and purge on this host, as root: the maintainer scripts run for
+# real (deb-systemd-helper records the units, enables nothing). Skipped
+# when not root or when halo is installed here already (not ours to purge).
+if [ "$(id -u)" -ne 0 ]; then
+    echo "skip install test: not root"
+elif dpkg-query -W -f '${Status}' halo-lb halo-sidecar 2>/dev/null | grep -q 'install ok installed'; then
+    echo "skip install test: halo is installed on this host already"
+else
+    lb_deb=$(ls "$debs/halo-lb_${version}"-*_amd64.deb | head -n 1)
+    sidecar_deb=$(ls "$debs/halo-sidecar_${version}"-*_amd64.deb | head -n 1)
+    trap 'dpkg --purge halo-lb halo-sidecar >/dev/null 2>&1; rm -rf "$tmp"' EXIT
+    check "dpkg -i installs both packages" dpkg -i "$lb_deb" "$sidecar_deb"
+    check "/usr/bin/halo-lb check accepts the installed /etc/halo/halo-lb.toml" /usr/bin/halo-lb --config /etc/halo/halo-lb.toml check
+    check "the installed units are known to systemctl, and disabled" \
+        sh -c "[ \"\$(systemctl is-enabled halo-lb.service 2>/dev/null)\" = disabled ] &&
+               [ \"\$(systemctl is-enabled halo-sidecar.service 2>/dev/null)\" = disabled ]"
+    check "dpkg --purge removes binaries, units and conffiles" \
+        sh -c "dpkg --purge halo-lb halo-sidecar >/dev/null &&
+               [ ! -e /usr/bin/halo-lb ] && [ ! -e /usr/lib/systemd/system/halo-lb.service ] &&
+               [ ! -e /etc/halo/halo-lb.toml ] && [ ! -e /etc/default/halo-sidecar ]"
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
