@@ -20,10 +20,13 @@
 //!   its [`server::ServerLimits`].
 //! - [`telemetry`]: logging (coloured only on a terminal) and the Prometheus
 //!   recorder for both binaries.
+//! - [`auth`]: who may use the admin APIs' write endpoints (bearer token,
+//!   loopback, `Host`/`Origin` checks against browsers), and token files.
 //! - [`service`]: life under a service manager: systemd's readiness
 //!   protocol and watchdog, and the `healthcheck` subcommand's request.
 //! - [`host_name`]: the host name both binaries derive default ids from.
 
+pub mod auth;
 pub mod checker;
 pub mod probe;
 pub mod server;

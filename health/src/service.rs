@@ -117,6 +117,18 @@ const MAX_ANSWER: u64 = 64 * 1024;
 /// the status code and the body (at most 64 KiB). For the command-line
 /// tools that talk to the program's own admin API.
 pub fn http(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
+    http_with(addr, method, path, &[], timeout)
+}
+
+/// [`http`] with extra request headers (`(name, value)`, e.g. a write's
+/// `X-Halo-Request` and `Authorization`). Neither is echoed anywhere.
+pub fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
     let deadline = Instant::now() + timeout;
     let left = || {
         deadline
@@ -131,10 +143,12 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> io
     };
     let mut stream = TcpStream::connect_timeout(&addr, left()?)?;
     stream.set_write_timeout(Some(left()?))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
     let mut answer = Vec::new();
     let mut limited = (&mut stream).take(MAX_ANSWER);
     let mut buf = [0u8; 4096];
