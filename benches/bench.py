@@ -383,7 +383,7 @@ def swap_loop(args):
         action = "disable" if i % 2 == 0 else "enable"
         path = f"/vips/{vip}/backends/{addr}/{action}"
         try:
-            conn.request("POST", path, body=b"", headers={"Content-Length": "0"})
+            conn.request("POST", path, body=b"", headers={"Content-Length": "0", "X-Halo-Request": "1"})
             r = conn.getresponse()
             body = r.read()
             statuses[r.status] = statuses.get(r.status, 0) + 1
@@ -413,7 +413,7 @@ def swap_loop(args):
     # Leave the backend enabled whatever happened.
     try:
         conn.request("POST", f"/vips/{vip}/backends/{addr}/enable", body=b"",
-                     headers={"Content-Length": "0"})
+                     headers={"Content-Length": "0", "X-Halo-Request": "1"})
         conn.getresponse().read()
     except (OSError, http.client.HTTPException):
         pass

@@ -213,12 +213,21 @@ pub struct AdminSection {
     /// `/health/live`, `/health/ready`, `/metrics`, `POST /drain`, `POST /undrain`.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// A file holding the bearer token `POST /drain` and `POST /undrain`
+    /// require (`Authorization: Bearer <token>`), from any peer;
+    /// owner-only mode. Read once at start (the sidecar has no reload:
+    /// restart it to change the token). `HALO_ADMIN_TOKEN_FILE` sets or
+    /// overrides it like every `HALO_*` variable. Unset: writes are
+    /// accepted only from loopback peers.
+    #[serde(default)]
+    pub token_file: Option<String>,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: default_admin_listen(),
+            token_file: None,
         }
     }
 }
@@ -272,6 +281,9 @@ pub struct Settings {
     pub service_id: String,
     /// Admin address.
     pub admin: SocketAddr,
+    /// The admin API's write token, read from `admin.token_file`; `None`:
+    /// writes from loopback only.
+    pub admin_token: Option<halo_health::auth::Token>,
     /// The checks, ready for `halo_health::spawn`.
     pub checks: Vec<CheckConfig>,
     /// Things worth telling the operator that do not stop the sidecar (an
@@ -526,7 +538,7 @@ fn set(table: &mut toml::Table, field: &str, raw: &str) {
         // Strings that happen to parse as numbers stay numbers; ports and
         // thresholds want that. Free-text fields (name, id, address, url)
         // are strings either way.
-        ("name" | "id" | "address" | "url" | "token" | "listen" | "method" | "expect_body", _) => {
+        ("name" | "id" | "address" | "url" | "token" | "token_file" | "listen" | "method" | "expect_body", _) => {
             toml::Value::String(raw.into())
         }
         (_, Some(v)) => v,
@@ -593,6 +605,18 @@ fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Sett
             ))
         })
         .ok();
+    let admin_token = match config.admin.token_file.as_deref() {
+        Some("") => {
+            problems.push(
+                "admin.token_file: must not be empty (leave it unset for loopback-only writes)".to_owned(),
+            );
+            None
+        }
+        Some(path) => halo_health::auth::read_token_file(Path::new(path))
+            .map_err(|e| problems.push(format!("admin.token_file: {e}")))
+            .ok(),
+        None => None,
+    };
     let mut names = std::collections::HashSet::new();
     let mut checks = Vec::new();
     for (i, c) in config.checks.iter().enumerate() {
@@ -637,6 +661,7 @@ fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Sett
     Ok(Settings {
         service_id,
         admin: admin.expect("checked above"),
+        admin_token,
         checks,
         config,
         warnings: Vec::new(),

@@ -12,6 +12,10 @@
 //! maintenance, so balancers stop sending new connections; after
 //! `drain.grace` it is deregistered and the process exits 0. `POST /undrain`
 //! during the grace period takes it out of maintenance and cancels the exit.
+//! Both writes pass [`halo_health::auth::authorize`]: the bearer token of
+//! `admin.token_file` (read once at start), or without one a loopback peer
+//! sending `X-Halo-Request`; `Host` and `Origin` are checked against
+//! browsers.
 //! Shutdown is bounded: after the grace, deregistration gets at most
 //! [`SHUTDOWN_MARGIN`] (each call a deadline within it), then the sidecar
 //! logs what it gave up on and exits; Consul reaps the workload once the
@@ -51,6 +55,8 @@ const DEREGISTER_RETRY: Duration = Duration::from_millis(250);
 struct Admin {
     checks: Vec<CheckHandle>,
     draining: watch::Sender<bool>,
+    /// The write token (fixed for the process's life: no reload).
+    token: Option<halo_health::auth::Token>,
     prometheus: Option<PrometheusHandle>,
     sync: watch::Receiver<sync::SyncStatus>,
 }
@@ -87,14 +93,22 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         .await
         .with_context(|| format!("cannot listen on admin.listen {}", settings.admin))?;
     if !settings.admin.ip().is_loopback() {
-        tracing::warn!(
-            admin = %settings.admin,
-            "admin.listen is not a loopback address: anyone who reaches it can POST /drain"
-        );
+        if settings.admin_token.is_some() {
+            tracing::warn!(
+                admin = %settings.admin,
+                "admin.listen is not a loopback address: anyone who reaches it can read /status and /metrics; POST /drain and /undrain need the admin token"
+            );
+        } else {
+            tracing::warn!(
+                admin = %settings.admin,
+                "admin.listen is not a loopback address: anyone who reaches it can read /status and /metrics; with no admin.token_file, POST /drain and /undrain are accepted only from loopback peers"
+            );
+        }
     }
     let admin = Arc::new(Admin {
         checks: checks.clone(),
         draining: draining_tx.clone(),
+        token: settings.admin_token.clone(),
         prometheus,
         sync: sync_rx,
     });
@@ -110,7 +124,13 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         stop.clone(),
         sync_status,
     ));
-    tracing::info!(service = %settings.service_id, admin = %settings.admin, consul = client.address(), "halo-sidecar started");
+    tracing::info!(
+        service = %settings.service_id,
+        admin = %settings.admin,
+        admin_writes = if settings.admin_token.is_some() { "bearer token" } else { "loopback only" },
+        consul = client.address(),
+        "halo-sidecar started"
+    );
     tokio::spawn(tell_service_manager_when_registered(sync_rx_for_notify));
     halo_health::service::spawn_watchdog();
 
@@ -223,15 +243,18 @@ fn route(admin: &Admin, req: Request<Incoming>) -> HttpResponse {
             let sync = admin.sync.borrow().clone();
             json_response(StatusCode::OK, &json!({"draining": draining, "consul": sync}))
         }
-        (&Method::POST, "/drain") => {
-            let changed = !admin.draining.send_replace(true);
-            tracing::info!(client = %client(&req), changed, "drain requested through the admin API");
-            json_response(StatusCode::OK, &json!({"draining": true, "changed": changed}))
-        }
-        (&Method::POST, "/undrain") => {
-            let changed = admin.draining.send_replace(false);
-            tracing::info!(client = %client(&req), changed, "undrain requested through the admin API");
-            json_response(StatusCode::OK, &json!({"draining": false, "changed": changed}))
+        (&Method::POST, write @ ("/drain" | "/undrain")) => {
+            let grant = match halo_health::auth::authorize(&req, admin.token.as_ref()) {
+                Ok(grant) => grant,
+                Err(denied) => {
+                    tracing::warn!(path = write, client = %client(&req), status = %denied.status, reason = denied.reason, "admin write refused");
+                    return denied.response();
+                }
+            };
+            let drain = write == "/drain";
+            let changed = admin.draining.send_replace(drain) != drain;
+            tracing::info!(client = %client(&req), auth = grant.as_str(), changed, "{} requested through the admin API", &write[1..]);
+            json_response(StatusCode::OK, &json!({"draining": drain, "changed": changed}))
         }
         (_, "/metrics" | "/status") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         (_, "/drain" | "/undrain") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),

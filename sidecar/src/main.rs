@@ -60,10 +60,21 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Deadline of one admin API request made by a subcommand.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `halo-sidecar drain [--wait]`.
-fn drain(admin: std::net::SocketAddr, wait: bool, timeout: Duration) -> ExitCode {
+/// `halo-sidecar drain [--wait]`: with the custom header every write
+/// needs, and the bearer token when `admin.token_file` is configured.
+fn drain(
+    admin: std::net::SocketAddr,
+    token: Option<&halo_health::auth::Token>,
+    wait: bool,
+    timeout: Duration,
+) -> ExitCode {
     let addr = halo_health::service::local_address(admin);
-    match halo_health::service::http(addr, "POST", "/drain", ADMIN_TIMEOUT) {
+    let bearer = token.map(|t| format!("Bearer {}", t.expose()));
+    let mut headers = vec![(halo_health::auth::REQUEST_HEADER, "1")];
+    if let Some(bearer) = &bearer {
+        headers.push(("Authorization", bearer));
+    }
+    match halo_health::service::http_with(addr, "POST", "/drain", &headers, ADMIN_TIMEOUT) {
         Ok((200, _)) => {}
         Ok((code, body)) => {
             eprintln!(
@@ -120,7 +131,9 @@ fn main() -> ExitCode {
             let path = if live { "/health/live" } else { "/health/ready" };
             return halo_health::service::healthcheck("halo-sidecar", settings.admin, path, timeout);
         }
-        Some(Command::Drain { wait, timeout }) => return drain(settings.admin, wait, timeout),
+        Some(Command::Drain { wait, timeout }) => {
+            return drain(settings.admin, settings.admin_token.as_ref(), wait, timeout)
+        }
         Some(Command::Check) | None => {}
     }
     if let Some(Command::Check) = cli.command {

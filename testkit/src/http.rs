@@ -48,6 +48,40 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str) -> Option<(u16,
     request_over(stream, addr, method, path).await
 }
 
+/// A write to a halo admin API at `addr` the way halo's own clients make
+/// it without a token: `POST path` with `X-Halo-Request: 1`. The status
+/// and body; `None` on any failure or after 2 s.
+pub async fn admin_post(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    request_with_headers(addr, "POST", path, &[("X-Halo-Request", "1")]).await
+}
+
+/// Sends a body-less `method` request for `path` to `addr` with extra
+/// `headers` (`(name, value)`; a `Host` among them replaces the default
+/// one), and returns the status and body; `None` on any failure or after
+/// 2 s.
+pub async fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    let stream = connect(addr).await?;
+    request_with_headers_over(stream, addr, method, path, headers).await
+}
+
+/// [`request_with_headers`] over a connection the caller made (e.g. from
+/// inside a network namespace).
+pub async fn request_with_headers_over(
+    stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    let lines: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    exchange(stream, addr, method, path, &lines, "").await
+}
+
 async fn connect(addr: SocketAddr) -> Option<TcpStream> {
     tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
@@ -83,8 +117,12 @@ async fn exchange(
     body: &str,
 ) -> Option<(u16, String)> {
     let exchange = async {
+        let has_host = headers
+            .lines()
+            .any(|l| l.split_once(':').is_some_and(|(k, _)| k.eq_ignore_ascii_case("host")));
+        let host = if has_host { String::new() } else { format!("Host: {addr}\r\n") };
         let request = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.0\r\n{host}{headers}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).await.ok()?;

@@ -5,12 +5,19 @@
 //! the role and the leader); the standby forwards writes to the active,
 //! whose tables are the ones serving, as Marathon's followers proxy to
 //! their leader.
+//!
+//! Writes pass [`halo_health::auth::authorize`] first (bearer token, or
+//! loopback with `X-Halo-Request`; `Host` and `Origin` checked), on the
+//! standby too before it forwards: the standby's request to the active
+//! carries the pair's token and the header, and comes from the standby's
+//! address, so a pair on two hosts needs a token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use halo_health::auth::{AdminAuth, Grant, REQUEST_HEADER};
 use halo_health::server::{json_response, metrics_response, text_response, HttpResponse};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full, Limited};
@@ -36,21 +43,38 @@ pub(crate) async fn serve(
     listener: TcpListener,
     server: Arc<Server>,
     leadership: Option<Arc<Leadership>>,
+    auth: Arc<AdminAuth>,
     stop: CancellationToken,
 ) {
     halo_health::server::serve(listener, stop, move |req| {
-        let (server, leadership) = (Arc::clone(&server), leadership.clone());
-        async move { route(&server, leadership.as_deref(), req).await }
+        let (server, leadership, auth) = (Arc::clone(&server), leadership.clone(), Arc::clone(&auth));
+        async move { route(&server, leadership.as_deref(), &auth, req).await }
     })
     .await;
 }
 
-async fn route(server: &Server, leadership: Option<&Leadership>, req: Request<Incoming>) -> HttpResponse {
+async fn route(
+    server: &Server,
+    leadership: Option<&Leadership>,
+    auth: &AdminAuth,
+    req: Request<Incoming>,
+) -> HttpResponse {
     let path = req.uri().path().trim_end_matches('/');
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let mut grant = None;
     if req.method() == Method::POST {
+        // Every POST is a write (or a 404): checked before anything else,
+        // on the standby before it forwards.
+        let token = auth.token();
+        match halo_health::auth::authorize(&req, token.as_ref()) {
+            Ok(g) => grant = Some(g),
+            Err(denied) => {
+                tracing::warn!(path, client = %client(&req), status = %denied.status, reason = denied.reason, "admin write refused");
+                return denied.response();
+            }
+        }
         if let Some(leadership) = leadership.filter(|l| l.role() != Role::Active) {
-            return forward(leadership, &req).await;
+            return forward(leadership, token.as_ref(), &req).await;
         }
     }
     match (req.method(), segments.as_slice()) {
@@ -87,20 +111,26 @@ async fn route(server: &Server, leadership: Option<&Leadership>, req: Request<In
                     &json!({"error": format!("{addr:?} is not ip:port")}),
                 );
             };
-            set_disabled(&vip, addr, *action == "disable", &req)
+            let grant = grant.expect("every POST was authorized above");
+            set_disabled(&vip, addr, *action == "disable", grant, &req)
         }
         (_, ["health"] | ["status"] | ["metrics"]) => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool, req: &Request<Incoming>) -> HttpResponse {
+/// Who sent an admin request, for the log of every write.
+fn client<B>(req: &Request<B>) -> String {
+    halo_health::server::peer(req).map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+}
+
+fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool, grant: Grant, req: &Request<Incoming>) -> HttpResponse {
     // Who asked: the peer, and the standby that forwarded it, if one did.
-    let client = halo_health::server::peer(req).map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+    let client = client(req);
     let forwarded_by = req.headers().get(FORWARDED).and_then(|v| v.to_str().ok());
     match vip.set_disabled(addr, disabled) {
         Ok(changed) => {
-            tracing::info!(vip = vip.name(), backend = %addr, disabled, changed, client = %client, forwarded_by, "backend state set by operator");
+            tracing::info!(vip = vip.name(), backend = %addr, disabled, changed, client = %client, auth = grant.as_str(), forwarded_by, "backend state set by operator");
             json_response(
                 StatusCode::OK,
                 &json!({"vip": vip.name(), "backend": addr.to_string(), "disabled": disabled, "changed": changed, "table_version": vip.table().version}),
@@ -112,8 +142,13 @@ fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool, req: &Request<Incom
     }
 }
 
-/// Sends a standby's write request on to the active and relays its answer.
-async fn forward(leadership: &Leadership, req: &Request<Incoming>) -> HttpResponse {
+/// Sends a standby's (already authorized) write request on to the active,
+/// with the pair's `token` if one is configured, and relays its answer.
+async fn forward(
+    leadership: &Leadership,
+    token: Option<&halo_health::auth::Token>,
+    req: &Request<Incoming>,
+) -> HttpResponse {
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
     if req.headers().contains_key(FORWARDED) {
         return json_response(
@@ -143,13 +178,20 @@ async fn forward(leadership: &Leadership, req: &Request<Incoming>) -> HttpRespon
                 tracing::debug!(error = %e, "forwarding connection ended with an error");
             }
         });
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(req.method())
             .uri(&path)
             .header(http::header::HOST, leader.as_str())
             .header(FORWARDED, leadership.id())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
+            .header(REQUEST_HEADER, "1");
+        if let Some(token) = token {
+            // Checked visible ASCII when read: always a valid header value.
+            let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                .map_err(|_| "the admin token cannot be sent as a header".to_owned())?;
+            value.set_sensitive(true);
+            request = request.header(http::header::AUTHORIZATION, value);
+        }
+        let request = request.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
         let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
         let (parts, body) = response.into_parts();
         // The active's answers are a few hundred bytes; anything past the

@@ -73,10 +73,12 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         .with_context(|| format!("cannot listen on admin.listen {}", config.admin))?;
     server.apply(&config).context("cannot start the configured vips")?;
     let stop_admin = CancellationToken::new();
+    let auth = Arc::new(halo_health::auth::AdminAuth::new(config.admin_token.clone()));
     tokio::spawn(admin::serve(
         admin_listener,
         Arc::clone(&server),
         leadership.clone(),
+        Arc::clone(&auth),
         stop_admin.clone(),
     ));
     let stop_ha = CancellationToken::new();
@@ -123,7 +125,12 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
             }
         });
     }
-    tracing::info!(admin = %config.admin, vips = config.vips.len(), "halo-lb started");
+    tracing::info!(
+        admin = %config.admin,
+        admin_writes = if config.admin_token.is_some() { "bearer token" } else { "loopback only" },
+        vips = config.vips.len(),
+        "halo-lb started"
+    );
     tokio::spawn(tell_service_manager_when_ready(leadership.clone()));
     halo_health::service::spawn_watchdog();
 
@@ -136,7 +143,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
             }
         };
         tokio::select! {
-            _ = sighup.recv() => reload(&server, &config_path).await,
+            _ = sighup.recv() => reload(&server, &auth, &config_path).await,
             _ = sigterm.recv() => break false,
             _ = sigint.recv() => break false,
             // The election thread only ends on shutdown; ending now means it
@@ -201,10 +208,17 @@ async fn tell_service_manager_when_ready(leadership: Option<Arc<Leadership>>) {
 /// on this machine.
 fn warn_about_operation(config: &Validated) {
     if !config.admin.ip().is_loopback() {
-        tracing::warn!(
-            admin = %config.admin,
-            "admin.listen is not a loopback address: anyone who reaches it can read /status and disable backends"
-        );
+        if config.admin_token.is_some() {
+            tracing::warn!(
+                admin = %config.admin,
+                "admin.listen is not a loopback address: anyone who reaches it can read /status and /metrics; writes need the admin token"
+            );
+        } else {
+            tracing::warn!(
+                admin = %config.admin,
+                "admin.listen is not a loopback address: anyone who reaches it can read /status and /metrics; with no admin.token_file, writes (disable/enable) are accepted only from loopback peers"
+            );
+        }
     }
     if let Some((need, limit)) = fd_shortfall(config) {
         tracing::warn!(
@@ -231,7 +245,7 @@ fn fd_shortfall(config: &Validated) -> Option<(u64, u64)> {
     (need > soft).then_some((need, soft))
 }
 
-async fn reload(server: &Server, path: &std::path::Path) {
+async fn reload(server: &Server, auth: &halo_health::auth::AdminAuth, path: &std::path::Path) {
     tracing::info!(path = %path.display(), "SIGHUP: reloading");
     // File I/O off the control runtime's thread.
     let owned = path.to_owned();
@@ -248,6 +262,12 @@ async fn reload(server: &Server, path: &std::path::Path) {
         }
         Ok(config) => match server.apply(&config) {
             Ok(()) => {
+                // The token (re-read with the file) is part of the config
+                // that succeeded; a token file that fails to read rejects
+                // the whole reload above and keeps the running one.
+                if auth.set(config.admin_token.clone()) {
+                    tracing::info!(token = config.admin_token.is_some(), "admin token changed");
+                }
                 warn_about_operation(&config);
                 tracing::info!(vips = config.vips.len(), "reload applied");
             }

@@ -149,12 +149,21 @@ pub struct AdminConfig {
     /// Address of the admin API (`/metrics`, `/status`, `/health`).
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// A file holding the bearer token the write endpoints require
+    /// (`Authorization: Bearer <token>`), from any peer; owner-only mode,
+    /// read at start and on every SIGHUP. Both instances of a pair need the
+    /// same token (the standby forwards writes with its own). Unset: the
+    /// `HALO_ADMIN_TOKEN_FILE` variable; if that is unset too, writes are
+    /// accepted only from loopback peers.
+    #[serde(default)]
+    pub token_file: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            token_file: None,
         }
     }
 }

@@ -140,6 +140,9 @@ pub struct ValidatedVip {
 pub struct Validated {
     /// The admin address.
     pub admin: SocketAddr,
+    /// The admin API's write token, read from `admin.token_file` (or
+    /// `HALO_ADMIN_TOKEN_FILE`); `None`: writes from loopback only.
+    pub admin_token: Option<halo_health::auth::Token>,
     /// How long live connections may take to finish on SIGTERM.
     pub drain_timeout: Duration,
     /// Data-plane threads; `None`: one per core.

@@ -27,6 +27,7 @@ impl Config {
                 None
             }
         };
+        let admin_token = admin_token(self.admin.token_file.as_deref(), &mut problems);
         if let Some(w) = self.workers.filter(|w| !(1..=MAX_WORKERS).contains(w)) {
             problems.push(format!("workers: {w} is not in 1..={MAX_WORKERS}"));
         }
@@ -43,6 +44,7 @@ impl Config {
         }
         Ok(Validated {
             admin: admin.expect("checked above"),
+            admin_token,
             drain_timeout: self.drain_timeout,
             workers: self.workers,
             consul,
@@ -50,6 +52,24 @@ impl Config {
             ha,
         })
     }
+}
+
+/// The admin write token: from `admin.token_file`, else from the file
+/// `HALO_ADMIN_TOKEN_FILE` names; `None` when neither is set. A problem
+/// names whichever of the two was used, never the token.
+fn admin_token(token_file: Option<&str>, problems: &mut Vec<String>) -> Option<halo_health::auth::Token> {
+    use halo_health::auth::{read_token_file, TOKEN_FILE_ENV};
+    let (field, path) = match token_file {
+        Some(path) => ("admin.token_file", path.to_owned()),
+        None => (TOKEN_FILE_ENV, std::env::var(TOKEN_FILE_ENV).ok()?),
+    };
+    if path.is_empty() {
+        problems.push(format!("{field}: must not be empty (leave it unset for loopback-only writes)"));
+        return None;
+    }
+    read_token_file(std::path::Path::new(&path))
+        .map_err(|e| problems.push(format!("{field}: {e}")))
+        .ok()
 }
 
 /// Every `[[vip]]`, and what must hold between them: unique names, listen

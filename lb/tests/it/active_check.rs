@@ -176,7 +176,7 @@ async fn backends_failing_their_http_check_are_skipped_until_they_pass_rise_time
     assert!(metrics.contains(&flips), "missing {flips}:\n{metrics}");
 
     // An operator's disable is its own state; the check keeps running.
-    let (code, _) = halo_testkit::http::request(admin, "POST", &format!("/vips/web/backends/{}/disable", flaky.addr))
+    let (code, _) = halo_testkit::http::admin_post(admin, &format!("/vips/web/backends/{}/disable", flaky.addr))
         .await
         .unwrap();
     assert_eq!(code, 200);

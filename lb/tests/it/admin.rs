@@ -47,7 +47,7 @@ async fn operators_can_disable_and_enable_a_backend() {
     let (admin, vip) = addrs();
     let lb = Lb::start(&one_vip(admin, vip, &[a.addr, b.addr], ""), admin, &[vip]).await;
 
-    let (code, body) = halo_testkit::http::request(admin, "POST", &format!("/vips/web/backends/{}/disable", a.addr))
+    let (code, body) = halo_testkit::http::admin_post(admin, &format!("/vips/web/backends/{}/disable", a.addr))
         .await
         .unwrap();
     assert_eq!(code, 200, "{body}");
@@ -69,7 +69,7 @@ async fn operators_can_disable_and_enable_a_backend() {
         .collect();
     assert!(states.contains(&serde_json::json!("disabled")));
 
-    let (code, _) = halo_testkit::http::request(admin, "POST", &format!("/vips/web/backends/{}/enable", a.addr))
+    let (code, _) = halo_testkit::http::admin_post(admin, &format!("/vips/web/backends/{}/enable", a.addr))
         .await
         .unwrap();
     assert_eq!(code, 200);
@@ -85,7 +85,7 @@ async fn operators_can_disable_and_enable_a_backend() {
         ("/vips/web/backends/127.0.0.1:1/disable".to_owned(), 404),
         ("/vips/web/backends/banana/disable".to_owned(), 400),
     ] {
-        let (code, _) = halo_testkit::http::request(admin, "POST", &path).await.unwrap();
+        let (code, _) = halo_testkit::http::admin_post(admin, &path).await.unwrap();
         assert_eq!(code, want, "{path}");
     }
     let (code, _) = halo_testkit::http::request(admin, "DELETE", "/status").await.unwrap();

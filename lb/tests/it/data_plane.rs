@@ -284,7 +284,7 @@ async fn table_swaps_during_traffic_drop_no_connection() {
     let victim = backends[2].addr;
     for i in 0..100 {
         let action = if i % 2 == 0 { "disable" } else { "enable" };
-        let (code, body) = halo_testkit::http::request(admin, "POST", &format!("/vips/web/backends/{victim}/{action}"))
+        let (code, body) = halo_testkit::http::admin_post(admin, &format!("/vips/web/backends/{victim}/{action}"))
             .await
             .unwrap();
         assert_eq!(code, 200, "{body}");

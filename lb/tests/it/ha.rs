@@ -134,7 +134,7 @@ async fn one_instance_is_elected_and_the_standby_forwards_writes() {
 
     // A write sent to the standby lands on the active.
     let backend = sa["vips"][0]["backends"][0]["address"].as_str().unwrap().to_owned();
-    let (code, body) = halo_testkit::http::request(p.b.admin, "POST", &format!("/vips/web/backends/{backend}/disable"))
+    let (code, body) = halo_testkit::http::admin_post(p.b.admin, &format!("/vips/web/backends/{backend}/disable"))
         .await
         .unwrap();
     assert_eq!(code, 200, "{body}");
@@ -864,4 +864,61 @@ async fn without_consul_an_instance_never_serves_and_says_why() {
         greeting(vip).await.is_err(),
         "an instance that cannot know it leads does not serve"
     );
+}
+
+/// A pair sharing `admin.token_file`: the standby checks a write itself,
+/// then forwards it to the active with the token, which the active checks
+/// again.
+#[tokio::test]
+async fn the_standby_forwards_writes_with_the_pairs_token() {
+    use crate::admin_auth::{token_file, with_token_file};
+
+    let consul = ConsulAgent::start().await;
+    let backends = [
+        TestBackend::start("one", Behavior::GreetEcho).await,
+        TestBackend::start("two", Behavior::GreetEcho).await,
+    ];
+    let backend_addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), "token", "shared-pair-token", 0o600);
+    let (admin_a, vip) = addrs();
+    let admin_b = SocketAddr::from(([127, 0, 0, 1], port()));
+    let config = |id: &str, admin| {
+        with_token_file(
+            &ha_config(id, "tokened", &consul.http_url(), admin, vip, &backend_addrs),
+            admin,
+            &token,
+        )
+    };
+    let a = start(&config("a", admin_a), admin_a).await;
+    wait_role(&a, "active").await;
+    let b = start(&config("b", admin_b), admin_b).await;
+    wait_role(&b, "standby").await;
+
+    let path = format!("/vips/web/backends/{}/disable", backends[0].addr);
+    // Refused by the standby itself, without reaching the active.
+    let (code, body) = halo_testkit::http::admin_post(b.admin, &path).await.unwrap();
+    assert_eq!(code, 401, "{body}");
+    assert!(!b.log().contains("write forwarded to the active"), "{}", b.log());
+    let (code, body) = halo_testkit::http::request_with_headers(
+        b.admin,
+        "POST",
+        &path,
+        &[("Authorization", "Bearer shared-pair-token")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let sa = a.status().await;
+    let disabled = sa["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["state"] == "disabled")
+        .count();
+    assert_eq!(disabled, 1, "the active applied the forwarded write: {sa}");
+    let log = a.log();
+    let line = log.lines().find(|l| l.contains("backend state set by operator")).unwrap();
+    assert!(line.contains("auth=\"token\"") && line.contains("forwarded_by=\"b\""), "{line}");
+    assert!(!a.log().contains("shared-pair-token") && !b.log().contains("shared-pair-token"));
 }

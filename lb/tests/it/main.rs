@@ -4,6 +4,7 @@ mod support;
 
 mod active_check;
 mod admin;
+mod admin_auth;
 mod config;
 mod data_plane;
 mod discovery;

@@ -155,7 +155,7 @@ async fn post_drain_then_undrain_returns_the_instance_to_service() {
     let mut sidecar = Sidecar::start(&config(&consul, &app, admin, "500ms", "30s"), admin).await;
     wait_passing(&client, &["web-1"], DEADLINE).await;
 
-    let (code, _) = halo_testkit::http::request(admin, "POST", "/drain").await.unwrap();
+    let (code, _) = halo_testkit::http::admin_post(admin, "/drain").await.unwrap();
     assert_eq!(code, 200);
     let log = sidecar.log();
     let line = log
@@ -164,7 +164,7 @@ async fn post_drain_then_undrain_returns_the_instance_to_service() {
         .expect("the write is logged");
     assert!(line.contains("client=127.0.0.1:"), "the log names who asked: {line}");
     wait_passing(&client, &[], DEADLINE).await;
-    let (code, _) = halo_testkit::http::request(admin, "POST", "/undrain").await.unwrap();
+    let (code, _) = halo_testkit::http::admin_post(admin, "/undrain").await.unwrap();
     assert_eq!(code, 200);
     wait_passing(&client, &["web-1"], DEADLINE).await;
     assert!(sidecar.is_running());
