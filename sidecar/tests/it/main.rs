@@ -12,6 +12,7 @@ use halo_testkit::{eventually, free_port, ConsulAgent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+mod admin_auth;
 mod behaviour;
 mod config;
 mod refusal;
