@@ -183,7 +183,10 @@ impl AdminAuth {
 
     /// The token in force.
     pub fn token(&self) -> Option<Token> {
-        self.token.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.token
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Puts `token` in force; whether that changed anything.
@@ -378,7 +381,10 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"Secret"));
-        assert!(!constant_time_eq(b"secret", b"secretsecret"), "a repeat is not the token");
+        assert!(
+            !constant_time_eq(b"secret", b"secretsecret"),
+            "a repeat is not the token"
+        );
         assert!(!constant_time_eq(b"secret", b"secre"));
         assert!(!constant_time_eq(b"secret", b""));
         assert!(!constant_time_eq(b"", b""), "an empty secret matches nothing");
@@ -441,7 +447,10 @@ mod tests {
             ],
         );
         assert_eq!(authorize(&form, None).unwrap_err().status, StatusCode::FORBIDDEN);
-        let rebinding = request("127.0.0.1:5000", &[("host", "evil.example:9902"), (REQUEST_HEADER, "1")]);
+        let rebinding = request(
+            "127.0.0.1:5000",
+            &[("host", "evil.example:9902"), (REQUEST_HEADER, "1")],
+        );
         let denied = authorize(&rebinding, None).unwrap_err();
         assert_eq!(denied.status, StatusCode::FORBIDDEN);
         assert!(denied.reason.contains("Host"), "{denied:?}");
@@ -452,12 +461,20 @@ mod tests {
         assert_eq!(authorize(&null_origin, None).unwrap_err().status, StatusCode::FORBIDDEN);
         let same_origin = request(
             "127.0.0.1:5000",
-            &[("host", "127.0.0.1:9902"), ("origin", "http://127.0.0.1:9902"), (REQUEST_HEADER, "1")],
+            &[
+                ("host", "127.0.0.1:9902"),
+                ("origin", "http://127.0.0.1:9902"),
+                (REQUEST_HEADER, "1"),
+            ],
         );
         assert_eq!(authorize(&same_origin, None), Ok(Grant::Loopback));
         let two_hosts = request(
             "127.0.0.1:5000",
-            &[("host", "127.0.0.1:9902"), ("host", "evil.example"), (REQUEST_HEADER, "1")],
+            &[
+                ("host", "127.0.0.1:9902"),
+                ("host", "evil.example"),
+                (REQUEST_HEADER, "1"),
+            ],
         );
         assert_eq!(authorize(&two_hosts, None).unwrap_err().status, StatusCode::FORBIDDEN);
     }
@@ -485,9 +502,15 @@ mod tests {
         }
         let cross = request(
             "127.0.0.1:5000",
-            &[("authorization", "Bearer s3cret-token"), ("origin", "http://evil.example")],
+            &[
+                ("authorization", "Bearer s3cret-token"),
+                ("origin", "http://evil.example"),
+            ],
         );
-        assert_eq!(authorize(&cross, Some(&token)).unwrap_err().status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            authorize(&cross, Some(&token)).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
     }
 
     #[test]

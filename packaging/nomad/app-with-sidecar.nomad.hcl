@@ -32,7 +32,8 @@
 # What leader also means: when the leader task is dead for good, Nomad
 # stops the whole allocation. The restart block below never gives up
 # (mode "delay"), so a crashing sidecar is restarted rather than taking the
-# app down. And `POST /drain` on the sidecar's admin API makes it drain and
+# app down. And `POST /drain` on the sidecar's admin API (from loopback with
+# `X-Halo-Request: 1`, or with the admin token) makes it drain and
 # exit 0, after which Nomad restarts it (service jobs restart tasks whatever
 # their exit code) and it registers again: to take one allocation out, use
 # `nomad alloc stop`, which drains it through this ordering.

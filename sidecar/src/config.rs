@@ -607,9 +607,7 @@ fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Sett
         .ok();
     let admin_token = match config.admin.token_file.as_deref() {
         Some("") => {
-            problems.push(
-                "admin.token_file: must not be empty (leave it unset for loopback-only writes)".to_owned(),
-            );
+            problems.push("admin.token_file: must not be empty (leave it unset for loopback-only writes)".to_owned());
             None
         }
         Some(path) => halo_health::auth::read_token_file(Path::new(path))
@@ -901,6 +899,41 @@ mod tests {
             "{}",
             s.service_id
         );
+    }
+
+    #[test]
+    fn halo_admin_token_file_is_admin_token_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken\n").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "[service]\nname = \"web\"\nport = 1\n[admin]\ntoken_file = \"/nonexistent/file\"\n",
+        )
+        .unwrap();
+        let base = [("HALO_ADMIN_TOKEN_FILE", token.to_str().unwrap())];
+        let s = load(Some(&path), env(&base)).unwrap();
+        assert!(
+            s.admin_token.unwrap().matches(b"t0ken"),
+            "the variable overrides the file"
+        );
+        // A path that looks like a number stays a path.
+        let e = load(
+            None,
+            env(&[
+                ("HALO_SERVICE_NAME", "web"),
+                ("HALO_SERVICE_PORT", "1"),
+                ("HALO_ADMIN_TOKEN_FILE", "123"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("admin.token_file: cannot read 123"), "{e}");
+        let e = load(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("admin.token_file: cannot read /nonexistent/file"), "{e}");
     }
 
     #[test]

@@ -120,7 +120,11 @@ async fn exchange(
         let has_host = headers
             .lines()
             .any(|l| l.split_once(':').is_some_and(|(k, _)| k.eq_ignore_ascii_case("host")));
-        let host = if has_host { String::new() } else { format!("Host: {addr}\r\n") };
+        let host = if has_host {
+            String::new()
+        } else {
+            format!("Host: {addr}\r\n")
+        };
         let request = format!(
             "{method} {path} HTTP/1.0\r\n{host}{headers}Content-Length: {}\r\n\r\n{body}",
             body.len()

@@ -64,7 +64,9 @@ fn admin_token(token_file: Option<&str>, problems: &mut Vec<String>) -> Option<h
         None => (TOKEN_FILE_ENV, std::env::var(TOKEN_FILE_ENV).ok()?),
     };
     if path.is_empty() {
-        problems.push(format!("{field}: must not be empty (leave it unset for loopback-only writes)"));
+        problems.push(format!(
+            "{field}: must not be empty (leave it unset for loopback-only writes)"
+        ));
         return None;
     }
     read_token_file(std::path::Path::new(&path))

@@ -42,7 +42,10 @@ async fn post_with_token(admin: SocketAddr, path: &str, token: &str) -> (u16, St
 /// The `error` of a refusal, which must be a short JSON reason.
 fn reason(body: &str) -> String {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
-    let reason = v["error"].as_str().unwrap_or_else(|| panic!("no error: {body}")).to_owned();
+    let reason = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {body}"))
+        .to_owned();
     assert!(!reason.is_empty() && reason.len() < 200, "{reason}");
     reason
 }
@@ -80,14 +83,20 @@ async fn without_a_token_writes_need_loopback_and_the_custom_header_and_browsers
     assert_eq!(code, 403, "{body}");
     assert!(reason(&body).contains("X-Halo-Request"), "{body}");
     // DNS rebinding: the attacker's name in Host, even with the header.
-    let rebinding = [("Host", format!("evil.example:{}", admin.port())), ("X-Halo-Request", "1".into())];
+    let rebinding = [
+        ("Host", format!("evil.example:{}", admin.port())),
+        ("X-Halo-Request", "1".into()),
+    ];
     let rebinding: Vec<(&str, &str)> = rebinding.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (code, body) = request_with_headers(admin, "POST", &disable, &rebinding).await.unwrap();
     assert_eq!(code, 403, "{body}");
     assert!(reason(&body).contains("Host"), "{body}");
     assert_eq!(disabled_count(&lb).await, 0, "no refused write changed anything");
     let log = lb.log();
-    let refused = log.lines().find(|l| l.contains("admin write refused")).expect("refusals are logged");
+    let refused = log
+        .lines()
+        .find(|l| l.contains("admin write refused"))
+        .expect("refusals are logged");
     assert!(refused.contains("client=127.0.0.1:"), "{refused}");
 
     // Loopback with the header: accepted, and logged with how.
@@ -95,8 +104,14 @@ async fn without_a_token_writes_need_loopback_and_the_custom_header_and_browsers
     assert_eq!(code, 200, "{body}");
     assert_eq!(disabled_count(&lb).await, 1);
     let log = lb.log();
-    let line = log.lines().find(|l| l.contains("backend state set by operator")).unwrap();
-    assert!(line.contains("client=127.0.0.1:") && line.contains("auth=\"loopback\""), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("backend state set by operator"))
+        .unwrap();
+    assert!(
+        line.contains("client=127.0.0.1:") && line.contains("auth=\"loopback\""),
+        "{line}"
+    );
     // Same-origin and `localhost` are fine.
     let same = [
         ("Host", format!("localhost:{}", admin.port())),
@@ -136,11 +151,23 @@ async fn with_a_token_writes_need_it_and_sighup_reads_it_again() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(disabled_count(&lb).await, 1);
     let log = lb.log();
-    let line = log.lines().find(|l| l.contains("backend state set by operator")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("backend state set by operator"))
+        .unwrap();
     assert!(line.contains("auth=\"token\""), "{line}");
     // ...but not from a rebinding page that somehow had it.
-    let rebinding = [("Host", "evil.example"), ("Authorization", "Bearer first-token-0123456789")];
-    assert_eq!(request_with_headers(admin, "POST", &enable, &rebinding).await.unwrap().0, 403);
+    let rebinding = [
+        ("Host", "evil.example"),
+        ("Authorization", "Bearer first-token-0123456789"),
+    ];
+    assert_eq!(
+        request_with_headers(admin, "POST", &enable, &rebinding)
+            .await
+            .unwrap()
+            .0,
+        403
+    );
 
     // A new token on SIGHUP; the old one stops working.
     token_file(dir.path(), "token", "second-token-9876543210", 0o600);
@@ -168,7 +195,10 @@ async fn with_a_token_writes_need_it_and_sighup_reads_it_again() {
     let (_, status) = get(admin, "/status").await.unwrap();
     let (_, metrics) = get(admin, "/metrics").await.unwrap();
     for text in [lb.log(), status, metrics] {
-        assert!(!text.contains("first-token") && !text.contains("second-token"), "{text}");
+        assert!(
+            !text.contains("first-token") && !text.contains("second-token"),
+            "{text}"
+        );
     }
 }
 
@@ -290,7 +320,10 @@ async fn non_loopback_peers_need_the_token() {
     let (code, body) = post("client", admins[1], bearer()).await;
     assert_eq!(code, 200, "{body}");
     let log = processes[1].log_tail(64 * 1024);
-    let line = log.lines().find(|l| l.contains("backend state set by operator")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("backend state set by operator"))
+        .unwrap();
     assert!(line.contains(&format!("client={}:", client.ip())), "{line}");
     let start_log = processes[0].log_tail(64 * 1024);
     assert!(

@@ -918,7 +918,13 @@ async fn the_standby_forwards_writes_with_the_pairs_token() {
         .count();
     assert_eq!(disabled, 1, "the active applied the forwarded write: {sa}");
     let log = a.log();
-    let line = log.lines().find(|l| l.contains("backend state set by operator")).unwrap();
-    assert!(line.contains("auth=\"token\"") && line.contains("forwarded_by=\"b\""), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("backend state set by operator"))
+        .unwrap();
+    assert!(
+        line.contains("auth=\"token\"") && line.contains("forwarded_by=\"b\""),
+        "{line}"
+    );
     assert!(!a.log().contains("shared-pair-token") && !b.log().contains("shared-pair-token"));
 }

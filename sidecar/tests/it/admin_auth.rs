@@ -30,7 +30,10 @@ fn with_token_file(config: &str, admin: SocketAddr, path: &Path) -> String {
 
 fn reason(body: &str) -> String {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
-    v["error"].as_str().unwrap_or_else(|| panic!("no error: {body}")).to_owned()
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {body}"))
+        .to_owned()
 }
 
 async fn draining(admin: SocketAddr) -> bool {
@@ -57,22 +60,36 @@ async fn without_a_token_drain_needs_loopback_and_the_header_and_browsers_are_re
     assert_eq!(code, 403, "{body}");
     assert!(reason(&body).contains("X-Halo-Request"), "{body}");
     let rebinding = format!("evil.example:{}", admin.port());
-    let (code, body) = request_with_headers(admin, "POST", "/drain", &[("Host", &rebinding), ("X-Halo-Request", "1")])
-        .await
-        .unwrap();
+    let (code, body) = request_with_headers(
+        admin,
+        "POST",
+        "/drain",
+        &[("Host", &rebinding), ("X-Halo-Request", "1")],
+    )
+    .await
+    .unwrap();
     assert_eq!(code, 403, "{body}");
     assert!(reason(&body).contains("Host"), "{body}");
     assert!(!draining(admin).await, "no refused write drained it");
     let log = sidecar.log();
-    let refused = log.lines().find(|l| l.contains("admin write refused")).expect("refusals are logged");
+    let refused = log
+        .lines()
+        .find(|l| l.contains("admin write refused"))
+        .expect("refusals are logged");
     assert!(refused.contains("client=127.0.0.1:"), "{refused}");
 
     let (code, body) = admin_post(admin, "/drain").await.unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(draining(admin).await);
     let log = sidecar.log();
-    let line = log.lines().find(|l| l.contains("drain requested through the admin API")).unwrap();
-    assert!(line.contains("client=127.0.0.1:") && line.contains("auth=\"loopback\""), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("drain requested through the admin API"))
+        .unwrap();
+    assert!(
+        line.contains("client=127.0.0.1:") && line.contains("auth=\"loopback\""),
+        "{line}"
+    );
     let (code, body) = admin_post(admin, "/undrain").await.unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(!draining(admin).await);
@@ -113,9 +130,14 @@ async fn with_a_token_drain_needs_it_and_the_drain_subcommand_sends_it() {
     .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(draining(admin).await);
-    let (code, body) = request_with_headers(admin, "POST", "/undrain", &[("Authorization", "Bearer sidecar-token-42")])
-        .await
-        .unwrap();
+    let (code, body) = request_with_headers(
+        admin,
+        "POST",
+        "/undrain",
+        &[("Authorization", "Bearer sidecar-token-42")],
+    )
+    .await
+    .unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(!draining(admin).await);
     let log = sidecar.log();
@@ -221,7 +243,10 @@ async fn non_loopback_peers_need_the_token() {
     let (code, body) = post(admins[1], vec![("Authorization", "Bearer netns-token-1")]).await;
     assert_eq!(code, 200, "{body}");
     let log = processes[1].log_tail(64 * 1024);
-    let line = log.lines().find(|l| l.contains("drain requested through the admin API")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("drain requested through the admin API"))
+        .unwrap();
     assert!(line.contains(&format!("client={}:", client.ip())), "{line}");
     let start_log = processes[0].log_tail(64 * 1024);
     assert!(
