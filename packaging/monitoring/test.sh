@@ -4,6 +4,7 @@
 #   - promtool check rules halo.rules.yml
 #   - promtool test rules halo.rules.test.yml (a unit test for every alert)
 #   - halo-dashboard.json is valid JSON with a query in every panel
+#   - README.md's "Monitoring" tables list exactly the metrics in the code
 #   - e2e.py: Consul, two sidecars, a halo-lb pair and Prometheus scraping
 #     them; every dashboard query and alert expression evaluated, and the
 #     "no active instance" alert seen pending once both balancers stop.
@@ -41,6 +42,21 @@ d = json.load(open(sys.argv[1]))
 panels = [p for p in d["panels"] if p["type"] != "row"]
 assert panels and all(p["targets"] and all(t["expr"].strip() for t in p["targets"]) for p in panels)
 ' "$here/halo-dashboard.json"
+
+step "README's Monitoring tables list every metric the code exports" python3 -c '
+import re, sys, pathlib
+code = set()
+for crate in ("lb/src", "sidecar/src", "health/src", "consul/src"):
+    for p in pathlib.Path(crate).rglob("*.rs"):
+        code |= set(re.findall(r"\"(halo_[a-z0-9_]+)\"", p.read_text()))
+readme = pathlib.Path("README.md").read_text()
+section = readme[readme.index("## Monitoring"):]
+section = section[:section.index("\n## ", 1)]
+listed = set(re.findall(r"^\| `(halo_[a-z0-9_]+)` \|", section, re.M))
+missing, stale = sorted(code - listed), sorted(listed - code)
+if missing or stale:
+    sys.exit(f"not in the README: {missing}; in the README, not in the code: {stale}")
+'
 
 cargo build --quiet -p halo-lb --bin halo-lb --example demo-backend -p halo-sidecar --bin halo-sidecar
 target=${CARGO_TARGET_DIR:-$root/target}

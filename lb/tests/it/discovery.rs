@@ -63,7 +63,10 @@ async fn passing_instances_become_backends_and_failing_ones_leave() {
         "zone from the service meta"
     );
     assert_eq!(entry["region"], "eu", "region from the service meta");
-    assert!(entry["rack"].as_str().unwrap().starts_with("rack-web-"), "rack from the service meta");
+    assert!(
+        entry["rack"].as_str().unwrap().starts_with("rack-web-"),
+        "rack from the service meta"
+    );
     let spread = &status["vips"][0]["spread"];
     assert_eq!(
         (&spread["zones"], &spread["regions"], &spread["racks"]),

@@ -321,7 +321,8 @@ impl Leadership {
         self.state().role = role;
         // Which pair this instance belongs to, for alerts that count actives
         // per cluster (`halo_ha_active` carries no labels of its own).
-        metrics::gauge!("halo_ha_info", "cluster" => self.settings.cluster.clone(), "id" => self.settings.id.clone()).set(1.0);
+        metrics::gauge!("halo_ha_info", "cluster" => self.settings.cluster.clone(), "id" => self.settings.id.clone())
+            .set(1.0);
         metrics::gauge!("halo_ha_active").set(if role == Role::Active { 1.0 } else { 0.0 });
         metrics::gauge!("halo_ha_suspended").set(if role == Role::Suspended { 1.0 } else { 0.0 });
     }
