@@ -188,8 +188,22 @@ pub fn validate_timing(
     }
 }
 
-/// Starts a checker task that runs until `stop` is cancelled.
+/// Starts a checker task that runs until `stop` is cancelled. It records
+/// `halo_check_up`, `halo_check_flips_total` and
+/// `halo_probe_duration_seconds` under `check="<name>"`.
 pub fn spawn(config: CheckConfig, prober: Prober, stop: CancellationToken) -> CheckHandle {
+    start(config, prober, stop, true)
+}
+
+/// Like [`spawn`], but records no metrics of its own: for callers whose
+/// checks come and go with their targets (halo-lb checks every backend of a
+/// table), which export the state from the [`CheckHandle`] themselves, so
+/// that no series outlives its target.
+pub fn spawn_unrecorded(config: CheckConfig, prober: Prober, stop: CancellationToken) -> CheckHandle {
+    start(config, prober, stop, false)
+}
+
+fn start(config: CheckConfig, prober: Prober, stop: CancellationToken, record: bool) -> CheckHandle {
     let (tx, rx) = watch::channel(CheckState {
         status: if config.starts_up {
             Status::Passing
@@ -201,15 +215,31 @@ pub fn spawn(config: CheckConfig, prober: Prober, stop: CancellationToken) -> Ch
         probes: 0,
     });
     let name = config.name.clone();
-    tokio::spawn(run(config, prober, tx, stop));
+    tokio::spawn(run(config, prober, tx, stop, record));
     CheckHandle { name, state: rx }
 }
 
-async fn run(config: CheckConfig, prober: Prober, tx: watch::Sender<CheckState>, stop: CancellationToken) {
-    let labels = [("check", config.name.clone())];
-    let latency = metrics::histogram!("halo_probe_duration_seconds", &labels);
-    let flips = metrics::counter!("halo_check_flips_total", &labels);
-    let up = metrics::gauge!("halo_check_up", &labels);
+async fn run(
+    config: CheckConfig,
+    prober: Prober,
+    tx: watch::Sender<CheckState>,
+    stop: CancellationToken,
+    record: bool,
+) {
+    let (latency, flips, up) = if record {
+        let labels = [("check", config.name.clone())];
+        (
+            metrics::histogram!("halo_probe_duration_seconds", &labels),
+            metrics::counter!("halo_check_flips_total", &labels),
+            metrics::gauge!("halo_check_up", &labels),
+        )
+    } else {
+        (
+            metrics::Histogram::noop(),
+            metrics::Counter::noop(),
+            metrics::Gauge::noop(),
+        )
+    };
     let mut hysteresis = if config.starts_up {
         up.set(1.0);
         Hysteresis::new_up(config.rise, config.fall)

@@ -33,7 +33,7 @@ pub mod server;
 pub mod service;
 pub mod telemetry;
 
-pub use checker::{spawn, CheckConfig, CheckHandle, CheckState, Hysteresis, Status};
+pub use checker::{spawn, spawn_unrecorded, CheckConfig, CheckHandle, CheckState, Hysteresis, Status};
 pub use probe::{ExecProbe, HttpProbe, Outcome, Probe, ProbeResult, Prober};
 
 /// This host's name as both binaries put it into the ids they derive from

@@ -42,6 +42,8 @@ fn backends(n: usize, bump: u32) -> Vec<Backend> {
                 // Alternate one backend's weight so every rebuild changes the table.
                 weight: if i == 0 { 1 + bump % 2 } else { 1 },
                 zone: None,
+                region: None,
+                rack: None,
             }
         })
         .collect()

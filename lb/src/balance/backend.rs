@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use halo_health::CheckHandle;
 
-use metrics::{Counter, Gauge};
 use tokio::time::Instant;
 
 pub(crate) use crate::settings::Backend;
@@ -69,13 +68,29 @@ fn health_changed() {
     HEALTH_EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
-#[derive(Debug)]
+/// A backend's counters. They live here, not in the metrics registry: the
+/// per-backend series are rendered from the published tables at scrape time
+/// (`control::series`), so a backend that leaves the table leaves
+/// `/metrics` with it (the registry can never forget a series).
+#[derive(Debug, Default)]
 struct BackendMetrics {
-    connections: Counter,
-    active: Gauge,
-    up: Gauge,
-    connect_failures: Counter,
-    ejections: Counter,
+    connections: AtomicU64,
+    connect_failures: AtomicU64,
+    ejections: AtomicU64,
+    check_flips: AtomicU64,
+}
+
+/// A backend's counters, read for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BackendCounters {
+    /// Proxied connections started.
+    pub(crate) connections: u64,
+    /// Failed connects.
+    pub(crate) connect_failures: u64,
+    /// Passive ejections.
+    pub(crate) ejections: u64,
+    /// Flips of its active check.
+    pub(crate) check_flips: u64,
 }
 
 /// Process-wide origin of the nanosecond timestamps kept in atomics.
@@ -92,17 +107,8 @@ fn nanos_since_epoch(t: Instant) -> u64 {
 }
 
 impl BackendState {
-    /// Fresh state for `addr` of VIP `vip`.
-    pub(crate) fn new(vip: &str, addr: SocketAddr) -> Self {
-        let labels = [("vip", vip.to_owned()), ("backend", addr.to_string())];
-        let metrics = BackendMetrics {
-            connections: metrics::counter!("halo_backend_connections_total", &labels),
-            active: metrics::gauge!("halo_backend_active_connections", &labels),
-            up: metrics::gauge!("halo_backend_up", &labels),
-            connect_failures: metrics::counter!("halo_backend_connect_failures_total", &labels),
-            ejections: metrics::counter!("halo_backend_ejections_total", &labels),
-        };
-        metrics.up.set(1.0);
+    /// Fresh state for `addr`.
+    pub(crate) fn new(addr: SocketAddr) -> Self {
         epoch();
         BackendState {
             addr,
@@ -110,9 +116,19 @@ impl BackendState {
             consecutive_failures: AtomicU32::new(0),
             ejections_in_a_row: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
-            metrics,
+            metrics: BackendMetrics::default(),
             check_failing: AtomicBool::new(false),
             check: Mutex::new(None),
+        }
+    }
+
+    /// Its counters so far.
+    pub(crate) fn counters(&self) -> BackendCounters {
+        BackendCounters {
+            connections: self.metrics.connections.load(Ordering::Relaxed),
+            connect_failures: self.metrics.connect_failures.load(Ordering::Relaxed),
+            ejections: self.metrics.ejections.load(Ordering::Relaxed),
+            check_flips: self.metrics.check_flips.load(Ordering::Relaxed),
         }
     }
 
@@ -148,6 +164,7 @@ impl BackendState {
     pub(crate) fn set_check_failing(&self, failing: bool) -> bool {
         let changed = self.check_failing.swap(failing, Ordering::Relaxed) != failing;
         if changed {
+            self.metrics.check_flips.fetch_add(1, Ordering::Relaxed);
             health_changed();
         }
         changed
@@ -192,7 +209,6 @@ impl BackendState {
             self.ejected_until.store(0, Ordering::Relaxed);
             health_changed();
         }
-        self.metrics.up.set(1.0);
     }
 
     /// A connect failed at `now`. Ejects the backend after
@@ -201,7 +217,7 @@ impl BackendState {
     /// time, up to `policy.max_ejection`). Returns the ejection time if it
     /// ejected.
     pub(crate) fn connect_failed(&self, now: Instant, policy: &PassiveConfig) -> Option<Duration> {
-        self.metrics.connect_failures.increment(1);
+        self.metrics.connect_failures.fetch_add(1, Ordering::Relaxed);
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if policy.eject_after == 0 || self.is_ejected(now) {
             return None;
@@ -220,8 +236,7 @@ impl BackendState {
         self.ejected_until
             .store(nanos_since_epoch(now + ejection), Ordering::Relaxed);
         health_changed();
-        self.metrics.ejections.increment(1);
-        self.metrics.up.set(0.0);
+        self.metrics.ejections.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(backend = %self.addr, ?ejection, failures, "backend ejected after failed connects");
         Some(ejection)
     }
@@ -229,8 +244,7 @@ impl BackendState {
     /// Counts a proxied connection until the guard drops.
     pub(crate) fn start_connection(self: &Arc<Self>) -> ActiveConnection {
         self.active.fetch_add(1, Ordering::Relaxed);
-        self.metrics.connections.increment(1);
-        self.metrics.active.increment(1.0);
+        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
         ActiveConnection {
             state: Arc::clone(self),
         }
@@ -246,7 +260,6 @@ pub(crate) struct ActiveConnection {
 impl Drop for ActiveConnection {
     fn drop(&mut self) {
         self.state.active.fetch_sub(1, Ordering::Relaxed);
-        self.state.metrics.active.decrement(1.0);
     }
 }
 
@@ -275,7 +288,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn ejection_backs_off_exponentially_and_a_success_resets_it() {
-        let s = BackendState::new("t", "127.0.0.1:1".parse().unwrap());
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap());
         let p = policy();
         let now = Instant::now();
         assert_eq!(s.connect_failed(now, &p), None, "one failure is not enough");
@@ -299,7 +312,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn ejection_can_be_disabled() {
-        let s = BackendState::new("t", "127.0.0.1:1".parse().unwrap());
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap());
         let p = PassiveConfig {
             eject_after: 0,
             ..policy()
@@ -311,7 +324,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn health_changes_move_the_epoch_and_a_failing_check_makes_a_backend_unavailable() {
-        let s = BackendState::new("t", "127.0.0.1:1".parse().unwrap());
+        let s = BackendState::new("127.0.0.1:1".parse().unwrap());
         let now = Instant::now();
         assert!(s.available(now));
         let e0 = health_epoch();
@@ -339,7 +352,7 @@ mod tests {
 
     #[test]
     fn active_connections_are_counted_by_guards() {
-        let s = std::sync::Arc::new(BackendState::new("t", "127.0.0.1:1".parse().unwrap()));
+        let s = std::sync::Arc::new(BackendState::new("127.0.0.1:1".parse().unwrap()));
         let a = s.start_connection();
         let b = s.start_connection();
         assert_eq!(s.active(), 2);

@@ -6,6 +6,8 @@
 //! - [`selection`]: each algorithm's precomputed state and the pick.
 //! - [`zone`]: zone-aware routing: local backends first while enough of
 //!   them are healthy.
+//! - [`spread`]: the fault-domain spread of a table's healthy backends
+//!   (distinct zones, regions, racks).
 //! - [`table`]: the immutable table, the per-VIP publisher that rebuilds and
 //!   swaps it, and the VIP's metrics.
 //!
@@ -15,5 +17,6 @@
 
 pub(crate) mod backend;
 pub(crate) mod selection;
+pub(crate) mod spread;
 pub(crate) mod table;
 pub(crate) mod zone;

@@ -366,8 +366,10 @@ mod tests {
                         addr,
                         weight: weight(i),
                         zone: None,
+                        region: None,
+                        rack: None,
                     },
-                    state: Arc::new(BackendState::new("t", addr)),
+                    state: Arc::new(BackendState::new(addr)),
                     disabled: false,
                 }
             })

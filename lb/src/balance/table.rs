@@ -355,7 +355,7 @@ impl Vip {
                 state: Arc::clone(
                     b.states
                         .entry(backend.addr)
-                        .or_insert_with(|| Arc::new(BackendState::new(&self.name, backend.addr))),
+                        .or_insert_with(|| Arc::new(BackendState::new(backend.addr))),
                 ),
                 disabled: b.disabled.contains(&backend.addr),
                 backend: backend.clone(),

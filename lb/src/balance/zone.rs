@@ -270,8 +270,10 @@ mod tests {
                         addr,
                         weight: 1,
                         zone: Some((*z).to_owned()),
+                        region: None,
+                        rack: None,
                     },
-                    state: Arc::new(BackendState::new("t", addr)),
+                    state: Arc::new(BackendState::new(addr)),
                     disabled: disabled.contains(&i),
                 }
             })

@@ -6,6 +6,8 @@
 //! - [`server`]: the VIPs, their tables, sources and listeners; serving or
 //!   not; reload; drain.
 //! - [`status`]: the typed `/status` document.
+//! - [`series`]: the per-backend and fault-domain series of `/metrics`,
+//!   rendered from the live tables.
 //! - [`admin`]: the admin HTTP API.
 //! - [`ha`]: the active/standby election, its server-confirmed lease,
 //!   step-down, and the standby's failure detector.
@@ -17,6 +19,7 @@
 pub(crate) mod admin;
 pub(crate) mod floating;
 pub(crate) mod ha;
+pub(crate) mod series;
 pub(crate) mod server;
 pub mod status;
 

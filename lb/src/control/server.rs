@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::balance::table::Vip;
+use crate::control::series;
 use crate::control::status::{self, Status, VipStatus};
 use crate::dataplane::proxy;
 use crate::dataplane::workers::Workers;
@@ -353,9 +354,17 @@ impl Server {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Prometheus text, if a recorder is installed.
+    /// Prometheus text, if a recorder is installed: the registry's series,
+    /// then the per-backend ones rendered from the live tables.
     pub(crate) fn render_metrics(&self) -> Option<String> {
-        self.prometheus.as_ref().map(PrometheusHandle::render)
+        let handle = self.prometheus.as_ref()?;
+        let vips: Vec<Arc<Vip>> = {
+            let vips = self.vips.lock().expect("vip registry poisoned");
+            vips.values().map(|r| Arc::clone(&r.vip)).collect()
+        };
+        let mut text = handle.render();
+        text.push_str(&series::render(&vips));
+        Some(text)
     }
 
     /// The `/status` document, without its `ha` part (the admin API adds

@@ -10,6 +10,8 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::balance::backend::{BackendState, Health};
+use crate::balance::spread;
+pub use crate::balance::spread::Spread;
 use crate::balance::table::Vip;
 pub use crate::balance::zone::{Routing, ZoneStatus};
 use crate::settings::{Algorithm, CopyMode, ProxyProtocol};
@@ -59,6 +61,10 @@ pub struct VipStatus {
     pub discovery: Option<SourceStatus>,
     /// Zone-aware routing, when the balancer has a `zone`.
     pub zone: Option<ZoneStatus>,
+    /// Over how many zones, regions and racks the healthy backends are
+    /// spread, now.
+    #[serde(default)]
+    pub spread: Spread,
     /// Every backend of the published table.
     pub backends: Vec<BackendStatus>,
 }
@@ -72,6 +78,12 @@ pub struct BackendStatus {
     pub weight: u32,
     /// Its zone, if known.
     pub zone: Option<String>,
+    /// Its region, if known.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Its rack, if known.
+    #[serde(default)]
+    pub rack: Option<String>,
     /// Whether (and why not) it is picked.
     pub state: BackendHealth,
     /// Milliseconds of passive ejection left (0: not ejected).
@@ -281,6 +293,8 @@ pub(crate) fn vip_status(vip: &Vip, listen: SocketAddr, listening: bool, discove
                 address: e.backend.addr.to_string(),
                 weight: e.backend.weight,
                 zone: e.backend.zone.clone(),
+                region: e.backend.region.clone(),
+                rack: e.backend.rack.clone(),
                 state,
                 ejected_for_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
                 active_connections: e.state.active(),
@@ -301,6 +315,7 @@ pub(crate) fn vip_status(vip: &Vip, listen: SocketAddr, listening: bool, discove
         table_error: vip.build_error(),
         discovery,
         zone: table.zone_status(now),
+        spread: spread::spread(&table.entries, now),
         backends,
     }
 }

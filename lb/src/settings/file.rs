@@ -249,7 +249,7 @@ impl Default for PassiveConfig {
 }
 
 /// One backend as written in the file: `"host:port"` or
-/// `{ address = "host:port", weight = 5, zone = "zone-a" }`.
+/// `{ address = "host:port", weight = 5, zone = "zone-a", region = "eu", rack = "r12" }`.
 ///
 /// Deserialized by hand rather than `#[serde(untagged)]`, whose only error
 /// is "did not match any variant": a string is an address, a table is read
@@ -258,7 +258,7 @@ impl Default for PassiveConfig {
 pub enum BackendSpec {
     /// Just the address; weight 1, no zone.
     Address(String),
-    /// Address with weight and zone.
+    /// Address with weight and fault domain.
     Detailed {
         /// `ip:port`.
         address: String,
@@ -266,6 +266,12 @@ pub enum BackendSpec {
         weight: u32,
         /// Fault domain; unset: none.
         zone: Option<String>,
+        /// Region (wider than the zone), for the fault-domain spread;
+        /// unset: none.
+        region: Option<String>,
+        /// Rack (narrower than the zone), for the fault-domain spread;
+        /// unset: none.
+        rack: Option<String>,
     },
 }
 
@@ -278,6 +284,10 @@ struct DetailedSpec {
     weight: u32,
     #[serde(default)]
     zone: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    rack: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for BackendSpec {
@@ -287,7 +297,7 @@ impl<'de> Deserialize<'de> for BackendSpec {
             type Value = BackendSpec;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#""ip:port" or { address = "ip:port", weight = 1..1000, zone = "..." }"#)
+                f.write_str(r#""ip:port" or { address = "ip:port", weight = 1..1000, zone = "...", region = "...", rack = "..." }"#)
             }
 
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<BackendSpec, E> {
@@ -300,6 +310,8 @@ impl<'de> Deserialize<'de> for BackendSpec {
                     address: d.address,
                     weight: d.weight,
                     zone: d.zone,
+                    region: d.region,
+                    rack: d.rack,
                 })
             }
         }

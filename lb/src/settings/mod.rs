@@ -34,7 +34,7 @@ pub use self::zone::ZonePolicy;
 
 /// A backend as a source describes it: a static list, Consul or DNS.
 ///
-/// Equality covers address, weight and zone, so a change of any of them makes
+/// Equality covers address, weight and fault domain (zone, region, rack), so a change of any of them makes
 /// a new table; hashing for consistent selection uses the address only.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
@@ -44,6 +44,10 @@ pub struct Backend {
     pub weight: u32,
     /// Fault domain (zone), if known.
     pub zone: Option<String>,
+    /// Region (a wider fault domain than the zone), if known.
+    pub region: Option<String>,
+    /// Rack (a narrower fault domain than the zone), if known.
+    pub rack: Option<String>,
 }
 
 /// Where a VIP's backends come from: exactly one source per VIP.

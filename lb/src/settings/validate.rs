@@ -235,10 +235,25 @@ fn validate_static(at: &str, specs: &[BackendSpec], problems: &mut Vec<String>) 
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     for (j, spec) in specs.iter().enumerate() {
-        let (address, weight, zone) = match spec {
-            BackendSpec::Address(a) => (a, DEFAULT_WEIGHT, None),
-            BackendSpec::Detailed { address, weight, zone } => (address, *weight, zone.clone()),
+        let (address, weight, zone, region, rack) = match spec {
+            BackendSpec::Address(a) => (a, DEFAULT_WEIGHT, None, None, None),
+            BackendSpec::Detailed {
+                address,
+                weight,
+                zone,
+                region,
+                rack,
+            } => (address, *weight, zone.clone(), region.clone(), rack.clone()),
         };
+        for (field, value) in [("zone", &zone), ("region", &region), ("rack", &rack)] {
+            if let Some(v) = value {
+                if !valid_domain_name(v) {
+                    problems.push(format!(
+                        "{at}.backends[{j}].{field}: {v:?} must be 1 to {MAX_DOMAIN_NAME} characters, without spaces"
+                    ));
+                }
+            }
+        }
         let Ok(addr) = address.parse::<SocketAddr>() else {
             problems.push(format!("{at}.backends[{j}]: {address:?} is not an ip:port address"));
             continue;
@@ -252,9 +267,24 @@ fn validate_static(at: &str, specs: &[BackendSpec], problems: &mut Vec<String>) 
         if !seen.insert(addr) {
             problems.push(format!("{at}.backends[{j}]: {addr} is listed twice"));
         }
-        backends.push(Backend { addr, weight, zone });
+        backends.push(Backend {
+            addr,
+            weight,
+            zone,
+            region,
+            rack,
+        });
     }
     backends
+}
+
+/// The longest zone, region or rack name of a static backend: they become
+/// metric-adjacent counts and `/status` fields, never unbounded text.
+const MAX_DOMAIN_NAME: usize = 128;
+
+/// Whether a fault-domain name (zone, region, rack) is usable.
+fn valid_domain_name(v: &str) -> bool {
+    !v.is_empty() && v.len() <= MAX_DOMAIN_NAME && !v.contains(char::is_whitespace)
 }
 
 /// `[consul]`, checked once, and only when something uses it (a VIP with
@@ -316,7 +346,7 @@ mod tests {
         name = "web"
         listen = "127.0.0.1:8080"
         algorithm = "maglev"
-        backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3, zone = "zone-b" }]
+        backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3, zone = "zone-b", region = "eu", rack = "r1" }]
         connect_timeout = "250ms"
         idle_timeout = "5m"
         max_connections = 100
@@ -342,7 +372,9 @@ mod tests {
             Backend {
                 addr: "127.0.0.1:9002".parse().unwrap(),
                 weight: 3,
-                zone: Some("zone-b".into())
+                zone: Some("zone-b".into()),
+                region: Some("eu".into()),
+                rack: Some("r1".into()),
             }
         );
         assert_eq!(backends[0].weight, 1);
@@ -431,7 +463,7 @@ mod tests {
             [[vip]]
             name = "web"
             listen = "127.0.0.1:8080"
-            backends = ["127.0.0.1:9001", "not-an-address", { address = "127.0.0.1:9003", weight = 0 }]
+            backends = ["127.0.0.1:9001", "not-an-address", { address = "127.0.0.1:9003", weight = 0 }, { address = "127.0.0.1:9004", region = "", rack = "rack 1" }]
             max_connections = 0
             [[vip]]
             name = "web"
@@ -442,6 +474,8 @@ mod tests {
             "admin.listen",
             "vip[0].backends[1]: \"not-an-address\"",
             "vip[0].backends[2].weight",
+            "vip[0].backends[3].region: \"\" must be",
+            "vip[0].backends[3].rack: \"rack 1\" must be",
             "vip[0].max_connections",
             "vip[1].name: \"web\" is used",
             "vip[1].listen: 127.0.0.1:8080 is used",

@@ -16,10 +16,10 @@
 //!   backend unavailable; picks skip it unless nothing else is left (panic
 //!   mode), and zone-aware routing counts it as unhealthy.
 //!
-//! Checks start *up* (see [`crate::settings::ActiveCheckConfig`]); each has
-//! halo-health's metrics under `check="<vip>/<ip:port>"`
-//! (`halo_check_up`, `halo_check_flips_total`,
-//! `halo_probe_duration_seconds`).
+//! Checks start *up* (see [`crate::settings::ActiveCheckConfig`]). They
+//! record no halo-health metrics of their own (a series per backend would
+//! outlive the backend); `/metrics` renders `halo_backend_check_up` and
+//! `halo_backend_check_flips_total` from the live tables instead.
 
 use crate::settings::CheckSpec;
 use std::collections::HashMap;
@@ -116,7 +116,7 @@ fn sync(vip: &Vip, table: &Table, running: &mut HashMap<SocketAddr, Checker>, pr
             continue;
         }
         let stop = CancellationToken::new();
-        let handle = halo_health::spawn(spec.check_config(vip.name(), addr), prober.clone(), stop.clone());
+        let handle = halo_health::spawn_unrecorded(spec.check_config(vip.name(), addr), prober.clone(), stop.clone());
         tokio::spawn(follow(Arc::clone(state), handle.subscribe(), stop.clone()));
         state.set_check(Some(handle));
         running.insert(

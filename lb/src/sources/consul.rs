@@ -8,7 +8,7 @@
 //! → `Weights.Passing`; one in warning (none critical) →
 //! `Weights.Warning`; one critical (the instance's, or its node's, such as
 //! `serfHealth` or maintenance mode) → left out. The address is the
-//! service's, else the node's; the zone is the service meta `zone`.
+//! service's, else the node's; the fault domain is the service meta `zone`, `region` and `rack`.
 //!
 //! Consul 1.8 answers `200 []` to a token without `service:read` and
 //! `node:read`, exactly like "no instance". So the source asks who its
@@ -148,6 +148,8 @@ pub(crate) fn backends_of(entries: &[ServiceEntry]) -> (Vec<Backend>, usize) {
                 // of 0 still leaves the instance pickable, at the least share.
                 weight: weight.clamp(1, 1000),
                 zone: e.service.meta.get("zone").cloned(),
+                region: e.service.meta.get("region").cloned(),
+                rack: e.service.meta.get("rack").cloned(),
             })
         })
         .collect();

@@ -381,6 +381,8 @@ impl Resolution {
                     // Weight 0 means "rarely" in RFC 2782; here the least share.
                     weight: u32::from(s.weight).clamp(1, 1000),
                     zone: None,
+                    region: None,
+                    rack: None,
                 });
             }
         }

@@ -172,7 +172,10 @@ async fn backends_failing_their_http_check_are_skipped_until_they_pass_rise_time
         "check flips never rebuild the table"
     );
     let (_, metrics) = halo_testkit::http::get(admin, "/metrics").await.unwrap();
-    let flips = format!("halo_check_flips_total{{check=\"web/{}\"}} 2", flaky.addr);
+    let flips = format!(
+        "halo_backend_check_flips_total{{vip=\"web\",backend=\"{}\"}} 2",
+        flaky.addr
+    );
     assert!(metrics.contains(&flips), "missing {flips}:\n{metrics}");
 
     // An operator's disable is its own state; the check keeps running.

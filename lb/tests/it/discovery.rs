@@ -13,7 +13,11 @@ pub async fn register(client: &Client, id: &str, backend: &TestBackend, zone: &s
             name: "web".into(),
             address: Some("127.0.0.1".into()),
             port: Some(backend.addr.port()),
-            meta: BTreeMap::from([("zone".into(), zone.into())]),
+            meta: BTreeMap::from([
+                ("zone".into(), zone.into()),
+                ("region".into(), "eu".into()),
+                ("rack".into(), format!("rack-{id}")),
+            ]),
             weights: Some(Weights { passing: 3, warning: 1 }),
             checks: vec![CheckRegistration::ttl(
                 format!("{id}:ttl"),
@@ -57,6 +61,17 @@ async fn passing_instances_become_backends_and_failing_ones_leave() {
     assert!(
         entry["zone"].as_str().unwrap().starts_with("zone-"),
         "zone from the service meta"
+    );
+    assert_eq!(entry["region"], "eu", "region from the service meta");
+    assert!(
+        entry["rack"].as_str().unwrap().starts_with("rack-web-"),
+        "rack from the service meta"
+    );
+    let spread = &status["vips"][0]["spread"];
+    assert_eq!(
+        (&spread["zones"], &spread["regions"], &spread["racks"]),
+        (&2.into(), &1.into(), &2.into()),
+        "{spread}"
     );
     assert_eq!(status["vips"][0]["discovery"]["up"], true);
     assert_eq!(

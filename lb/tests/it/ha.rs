@@ -158,6 +158,7 @@ async fn one_instance_is_elected_and_the_standby_forwards_writes() {
     // The role, leader and epoch are in the metrics too.
     let (_, metrics) = halo_testkit::http::get(p.a.admin, "/metrics").await.unwrap();
     assert!(metrics.contains("halo_ha_active 1"), "{metrics}");
+    assert!(metrics.contains("halo_ha_info{cluster=\""), "{metrics}");
     assert!(metrics.contains(&format!("halo_ha_epoch {epoch}")), "{metrics}");
 }
 

@@ -15,4 +15,5 @@ mod ha;
 mod layout;
 mod lifecycle;
 mod production;
+mod spread;
 mod zone;

@@ -319,6 +319,10 @@ impl Leadership {
 
     fn set_role(&self, role: Role) {
         self.state().role = role;
+        // Which pair this instance belongs to, for alerts that count actives
+        // per cluster (`halo_ha_active` carries no labels of its own).
+        metrics::gauge!("halo_ha_info", "cluster" => self.settings.cluster.clone(), "id" => self.settings.id.clone())
+            .set(1.0);
         metrics::gauge!("halo_ha_active").set(if role == Role::Active { 1.0 } else { 0.0 });
         metrics::gauge!("halo_ha_suspended").set(if role == Role::Suspended { 1.0 } else { 0.0 });
     }
@@ -349,6 +353,42 @@ impl Leadership {
     }
 }
 
+/// Registers the election's counters at zero, each label value included, so
+/// that `rate()` and `increase()` see them from the start rather than from
+/// the first event (which they would miss, having no earlier sample).
+fn register_metrics() {
+    for name in [
+        "halo_ha_promotions_total",
+        "halo_ha_confirm_failures_total",
+        "halo_ha_heartbeat_failures_total",
+        "halo_ha_forced_takeovers_damped_total",
+        "halo_ha_probe_misses_total",
+        "halo_ha_id_conflicts_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in [
+        StepDown::LeaseExpired,
+        StepDown::SessionLost,
+        StepDown::LockLost,
+        StepDown::BindFailed,
+        StepDown::Shutdown,
+    ] {
+        metrics::counter!("halo_ha_step_downs_total", "reason" => reason.as_str()).increment(0);
+    }
+    // Every kind a forced takeover can be made on (not SelfAnswered, which
+    // never forces one).
+    for evidence in [
+        Evidence::Refused,
+        Evidence::Silent(0),
+        Evidence::Replaced(String::new()),
+        Evidence::NotServing(0),
+    ] {
+        metrics::counter!("halo_ha_forced_takeovers_total", "evidence" => evidence.kind()).increment(0);
+    }
+    metrics::gauge!("halo_ha_vip_conflict").set(0.0);
+}
+
 /// Runs the election until `stop` is cancelled, promoting and demoting
 /// `server`. `probe` is the bound socket this instance answers probes on.
 /// On return this instance no longer serves and has released the lock if
@@ -363,6 +403,7 @@ pub(crate) async fn run(
 ) {
     let settings = leadership.settings.clone();
     crate::dataplane::lease::revoke();
+    register_metrics();
     if let Some(floating) = &floating {
         // A previous process may have died while active and left the
         // address behind; a standby must not carry it.
