@@ -711,6 +711,7 @@ fn validate_consul(consul: &ConsulSection, env: impl Fn(&str) -> Option<String>,
             datacenter: None,
             timeout: None,
             max_response_bytes: None,
+            ..halo_consul::Config::default()
         },
         &env,
     );

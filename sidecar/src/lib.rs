@@ -68,6 +68,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         datacenter: None,
         timeout: Some(CONSUL_TIMEOUT),
         max_response_bytes: None,
+        ..halo_consul::Config::default()
     })
     .context("consul")?;
 

@@ -469,6 +469,7 @@ mod tests {
             datacenter: None,
             timeout: Some(Duration::from_secs(2)),
             max_response_bytes: None,
+            ..halo_consul::Config::default()
         })
         .unwrap();
         let (_draining_tx, draining) = watch::channel(false);

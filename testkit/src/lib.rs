@@ -19,6 +19,8 @@
 //! - [`http`]: a tiny HTTP/1.0 client for readiness polling and admin APIs,
 //!   independent of the code under test.
 //! - [`eventually`]: poll a condition until a generous deadline.
+//! - [`tls`]: a CA and certificates made by `consul tls`, and the agent
+//!   settings for HTTPS ([`ConsulAgent::start_with_tls`]).
 //! - [`fault`]: a TCP proxy that can cut the path to an agent like a
 //!   partition.
 //! - [`netns`]: hosts in network namespaces on one bridge (a client, two
@@ -35,6 +37,7 @@ pub mod http;
 pub mod netns;
 mod ports;
 mod process;
+pub mod tls;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -151,6 +154,21 @@ impl ConsulAgent {
             token: Some(master_token.to_owned()),
         })
         .await
+    }
+
+    /// A dev agent that also serves its API over HTTPS, with `certs` and,
+    /// when `require_client_cert`, `verify_incoming_https`. The plain HTTP
+    /// port stays open (the testkit's readiness polls use it). Returns the
+    /// agent and its HTTPS address.
+    pub async fn start_with_tls(
+        certs: &tls::Certs,
+        require_client_cert: bool,
+        mut options: AgentOptions,
+    ) -> (ConsulAgent, SocketAddr) {
+        let port = free_port(Ipv4Addr::LOCALHOST);
+        options.extra_hcl.extend(certs.agent_hcl(port, require_client_cert));
+        let agent = ConsulAgent::start_with(options).await;
+        (agent, SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
     }
 
     /// `127.0.0.1:<port>` of the HTTP API.
