@@ -1,13 +1,12 @@
 //! The client handle, its configuration, and the one place requests are sent.
 
 use std::fmt;
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -18,6 +17,7 @@ use serde::de::DeserializeOwned;
 use crate::connect::Connector;
 use crate::query::{QueryMeta, QueryOptions};
 use crate::tls::{TlsConfig, TlsSettings};
+use crate::token::Token;
 use crate::Error;
 
 /// Address used when neither the config nor `CONSUL_HTTP_ADDR` names one: the
@@ -40,10 +40,6 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// At most this much of an error answer's body (a non-2xx status) is read:
 /// it only becomes error text, and Consul's messages are one line.
 const ERROR_BODY_READ_LIMIT: usize = 64 << 10;
-
-/// Largest token file read. An ACL token is a 36-character UUID; the bound
-/// only keeps a wrong path (a log, a device) from being read whole.
-pub const MAX_TOKEN_FILE_BYTES: u64 = 4096;
 
 /// Error text taken from an answer (Consul's message, a decoder's complaint)
 /// is cut to this many bytes, so errors stay short in logs and `/status`.
@@ -78,8 +74,8 @@ pub struct Config {
     /// ACL token sent as `X-Consul-Token`. Unset: see `token_file`.
     pub token: Option<String>,
     /// File holding the ACL token (surrounding whitespace ignored; it must
-    /// exist and hold a token; at most [`MAX_TOKEN_FILE_BYTES`]). Read when
-    /// the client is made and again by [`Client::reload_token`] (the
+    /// exist and hold a token; at most [`MAX_TOKEN_FILE_BYTES`](crate::MAX_TOKEN_FILE_BYTES)).
+    /// Read when the client is made and again by [`Client::reload_token`] (the
     /// programs call it on SIGHUP). The token is chosen from the first of:
     /// this field, `token`, `CONSUL_HTTP_TOKEN_FILE`, `CONSUL_HTTP_TOKEN`:
     /// the config wins over the environment, and within each a file wins
@@ -143,26 +139,18 @@ struct Inner {
     /// `host:port` or `unix:///path`, as errors name it.
     authority: String,
     max_body: usize,
-    /// Swapped by [`Client::reload_token`] and [`Client::set_token`]; every
-    /// clone (and [`Client::with_timeout`] copy) shares it.
-    token: RwLock<Option<HeaderValue>>,
-    token_file: Option<PathBuf>,
+    /// Swapped by [`Token::reload`] and friends; every clone (and
+    /// [`Client::with_timeout`] copy) shares it, and so does every client
+    /// made with [`Client::sharing_token`].
+    token: Token,
     datacenter: Option<String>,
-}
-
-impl Inner {
-    fn token(&self) -> Option<HeaderValue> {
-        // A poisoned lock still holds a whole value: a swap is one store.
-        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("base", &self.inner.base)
-            .field("token", &self.inner.token().map(|_| "<redacted>"))
-            .field("token_file", &self.inner.token_file)
+            .field("token", &self.inner.token)
             .field("datacenter", &self.inner.datacenter)
             .field("timeout", &self.timeout)
             .finish()
@@ -314,6 +302,7 @@ impl Client {
     /// of this function logs a warning.
     pub fn with_env(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Client, Error> {
         let tls = TlsSettings::resolve(&config.tls, &env)?;
+        let token = Token::resolve(&config, &env)?;
         let (address, origin) = match config.address.filter(|a| !a.trim().is_empty()) {
             Some(address) => (address, "address"),
             None => match env("CONSUL_HTTP_ADDR").filter(|a| !a.trim().is_empty()) {
@@ -322,31 +311,6 @@ impl Client {
             },
         };
         let target = parse_address(&address).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
-        let token_file = config
-            .token_file
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(|p| (p, "token_file"));
-        let token_file = match (token_file, config.token.as_deref().filter(|t| !t.is_empty())) {
-            (Some(file), _) => Some(file),
-            (None, Some(_)) => None,
-            (None, None) => env("CONSUL_HTTP_TOKEN_FILE")
-                .filter(|p| !p.trim().is_empty())
-                .map(|p| (PathBuf::from(p.trim()), "CONSUL_HTTP_TOKEN_FILE")),
-        };
-        let token = match &token_file {
-            Some((path, origin)) => Some(read_token_file(path).map_err(|e| Error::Config(format!("{origin}: {e}")))?),
-            None => config
-                .token
-                .filter(|t| !t.is_empty())
-                .map(|t| (t, "token"))
-                .or_else(|| {
-                    env("CONSUL_HTTP_TOKEN")
-                        .filter(|t| !t.is_empty())
-                        .map(|t| (t, "CONSUL_HTTP_TOKEN"))
-                })
-                .map(|(t, origin)| token_header(&t).map_err(|e| Error::Config(format!("{origin}: {e}"))))
-                .transpose()?,
-        };
         let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
         if timeout.is_zero() {
             return Err(Error::Config("timeout must be above zero".into()));
@@ -428,43 +392,51 @@ impl Client {
                 base,
                 authority,
                 max_body,
-                token: RwLock::new(token),
-                token_file: token_file.map(|(p, _)| p),
+                token,
                 datacenter: config.datacenter.filter(|dc| !dc.is_empty()),
             }),
             timeout,
         })
     }
 
-    /// Reads the token file again (SIGHUP) and, if it now holds another
-    /// token, uses that from the next call on, in every clone of this
-    /// client. Answers whether the token changed; `Ok(false)` too when the
-    /// token does not come from a file. On error (the file is gone, empty,
-    /// too long, not a header value) the old token stays in use.
+    /// Reads the token file again (SIGHUP); see [`Token::reload`]. Every
+    /// client sharing this one's token sees the result.
     pub fn reload_token(&self) -> Result<bool, Error> {
-        let Some(path) = &self.inner.token_file else {
-            return Ok(false);
-        };
-        let fresh = read_token_file(path).map_err(|e| Error::Config(format!("token file: {e}")))?;
-        let mut token = self.inner.token.write().unwrap_or_else(|e| e.into_inner());
-        let changed = token.as_ref().map(HeaderValue::as_bytes) != Some(fresh.as_bytes());
-        *token = Some(fresh);
-        Ok(changed)
+        self.inner.token.reload()
     }
 
-    /// Replaces the token every clone of this client sends (`None`: none).
+    /// Replaces the token every client sharing this one's sends (`None`:
+    /// none).
     pub fn set_token(&self, token: Option<&str>) -> Result<(), Error> {
-        let fresh = token
-            .filter(|t| !t.is_empty())
-            .map(|t| token_header(t).map_err(|e| Error::Config(format!("token: {e}"))))
-            .transpose()?;
-        *self.inner.token.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        Ok(())
+        self.inner.token.set(token)
+    }
+
+    /// The token cell this client reads, to share with clients made later
+    /// (on other runtimes) or to reload.
+    pub fn token(&self) -> &Token {
+        &self.inner.token
+    }
+
+    /// The same client (settings and connection pool) reading its token from
+    /// `token` instead: so clients made separately (one per runtime) follow
+    /// one token that SIGHUP reloads.
+    pub fn sharing_token(&self, token: &Token) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                http: self.inner.http.clone(),
+                base: self.inner.base.clone(),
+                authority: self.inner.authority.clone(),
+                max_body: self.inner.max_body,
+                token: token.clone(),
+                datacenter: self.inner.datacenter.clone(),
+            }),
+            timeout: self.timeout,
+        }
     }
 
     /// The file the token is read from, if it comes from one.
-    pub fn token_file(&self) -> Option<&Path> {
-        self.inner.token_file.as_deref()
+    pub fn token_file(&self) -> Option<PathBuf> {
+        self.inner.token.file()
     }
 
     /// The same client with another per-call deadline (sharing the pool).
@@ -495,7 +467,7 @@ impl Client {
     /// Whether calls carry an ACL token (from the config, a token file or
     /// the environment).
     pub fn has_token(&self) -> bool {
-        self.inner.token.read().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.inner.token.is_set()
     }
 
     /// The largest response body this client accepts, in bytes.
@@ -538,7 +510,7 @@ impl Client {
         }
 
         let mut request = Request::builder().method(method.clone()).uri(&uri);
-        if let Some(token) = self.inner.token() {
+        if let Some(token) = self.inner.token.header() {
             request = request.header("X-Consul-Token", token);
         }
         if body.is_some() {
@@ -664,40 +636,6 @@ pub(crate) fn clip_text(text: &str, total: BodyLength) -> String {
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
-}
-
-/// The token as a header value, marked sensitive (hyper keeps it out of
-/// its own debug output). The error never quotes it.
-fn token_header(token: &str) -> Result<HeaderValue, String> {
-    let mut v = HeaderValue::from_str(token.trim())
-        .map_err(|_| "the ACL token contains characters not allowed in an HTTP header".to_owned())?;
-    if v.is_empty() {
-        return Err("the ACL token is empty".to_owned());
-    }
-    v.set_sensitive(true);
-    Ok(v)
-}
-
-/// Reads a token file: at most [`MAX_TOKEN_FILE_BYTES`], whitespace around
-/// the token ignored, empty refused. Errors name the file, never its content.
-fn read_token_file(path: &Path) -> Result<HeaderValue, String> {
-    let err = |e: std::io::Error| format!("{}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_TOKEN_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(err)?;
-    if bytes.len() as u64 > MAX_TOKEN_FILE_BYTES {
-        return Err(format!(
-            "{}: longer than {MAX_TOKEN_FILE_BYTES} bytes, not an ACL token",
-            path.display()
-        ));
-    }
-    let text = std::str::from_utf8(&bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
-    if text.trim().is_empty() {
-        return Err(format!("{}: empty, no ACL token in it", path.display()));
-    }
-    token_header(text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Says in a few words what went wrong below HTTP, walking the error's
@@ -983,14 +921,14 @@ mod tests {
             env_of(&[("CONSUL_HTTP_TOKEN_FILE", file_s), ("CONSUL_HTTP_TOKEN", "env-secret")]),
         )
         .unwrap();
-        assert_eq!(c.inner.token().unwrap(), "literal-secret");
+        assert_eq!(c.inner.token.header().unwrap(), "literal-secret");
         assert_eq!(c.token_file(), None);
         let c = Client::with_env(
             Config::default(),
             env_of(&[("CONSUL_HTTP_TOKEN_FILE", file_s), ("CONSUL_HTTP_TOKEN", "env-secret")]),
         )
         .unwrap();
-        assert_eq!(c.inner.token().unwrap(), "file-secret-1");
+        assert_eq!(c.inner.token.header().unwrap(), "file-secret-1");
         let c = Client::with_env(
             Config {
                 token: Some("literal-secret".into()),
@@ -1000,18 +938,18 @@ mod tests {
             |_| None,
         )
         .unwrap();
-        assert_eq!(c.inner.token().unwrap(), "file-secret-1");
+        assert_eq!(c.inner.token.header().unwrap(), "file-secret-1");
 
         // Reload: a changed file reaches every clone; a bad one keeps the old.
         let clone = c.with_timeout(Duration::from_secs(1));
         assert!(!c.reload_token().unwrap());
         std::fs::write(&file, "file-secret-2").unwrap();
         assert!(c.reload_token().unwrap());
-        assert_eq!(clone.inner.token().unwrap(), "file-secret-2");
+        assert_eq!(clone.inner.token.header().unwrap(), "file-secret-2");
         std::fs::write(&file, " \n").unwrap();
         let e = c.reload_token().unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
-        std::fs::write(&file, "x".repeat(MAX_TOKEN_FILE_BYTES as usize + 1)).unwrap();
+        std::fs::write(&file, "x".repeat(crate::MAX_TOKEN_FILE_BYTES as usize + 1)).unwrap();
         let e = c.reload_token().unwrap_err().to_string();
         assert!(e.contains("longer than"), "{e}");
         std::fs::write(&file, "bad\u{7f}secret-3").unwrap();
@@ -1020,7 +958,7 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         let e = c.reload_token().unwrap_err().to_string();
         assert!(e.contains("No such file"), "{e}");
-        assert_eq!(clone.inner.token().unwrap(), "file-secret-2");
+        assert_eq!(clone.inner.token.header().unwrap(), "file-secret-2");
         assert!(!format!("{c:?}").contains("secret"));
 
         // At start a missing or empty file is an error, not "no token".
@@ -1033,8 +971,27 @@ mod tests {
         let e = refused(Config::default(), &[("CONSUL_HTTP_TOKEN_FILE", file_s)]);
         assert!(e.contains("empty"), "{e}");
 
+        // A client made separately (another runtime's pool) follows the
+        // same cell once it shares it; adopt() moves a fresh token in.
+        let separate = Client::with_env(Config::default(), |_| None)
+            .unwrap()
+            .sharing_token(c.token());
+        assert_eq!(separate.token().header().unwrap(), "file-secret-2");
+        let fresh = Token::resolve(
+            &Config {
+                token: Some("adopted-secret".into()),
+                ..Config::default()
+            },
+            |_| None,
+        )
+        .unwrap();
+        assert!(c.token().adopt(&fresh));
+        assert_eq!(separate.token().header().unwrap(), "adopted-secret");
+        assert!(!c.token().adopt(&fresh));
+        assert!(!format!("{:?}", c.token()).contains("secret"));
+
         c.set_token(None).unwrap();
-        assert!(!clone.has_token());
+        assert!(!clone.has_token() && !separate.has_token());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

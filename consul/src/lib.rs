@@ -42,6 +42,8 @@
 //!   mapping.
 //! - `tls`: [`TlsConfig`], its environment variables, and the rustls
 //!   configuration built from it; TLS errors explained.
+//! - `token`: the ACL [`Token`], its sources, and the shared cell SIGHUP
+//!   reloads.
 //! - `connect`: the connector: TCP (plain or TLS) or a unix socket.
 //! - `acl`: the token self-check ([`TokenStatus`]) and what Consul 1.8 does
 //!   with reads a token may not make.
@@ -66,6 +68,7 @@ mod kv;
 mod query;
 mod session;
 mod tls;
+mod token;
 
 #[cfg(test)]
 mod fuzz;
@@ -74,7 +77,6 @@ pub use acl::{TokenInfo, TokenStatus};
 pub use agent::{AgentCheck, AgentService, CheckKind, CheckRegistration, CheckStatus, ServiceRegistration, Weights};
 pub use client::{
     Client, Config, DEFAULT_ADDRESS, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, DEFAULT_WAIT, MAX_ERROR_TEXT_BYTES,
-    MAX_TOKEN_FILE_BYTES,
 };
 pub use error::Error;
 pub use health::{CatalogService, HealthCheck, HealthQuery, Node, ServiceEntry};
@@ -85,6 +87,7 @@ pub use query::{
 };
 pub use session::{ServiceCheckRef, SessionBehavior, SessionChecks, SessionInfo, SessionRequest};
 pub use tls::TlsConfig;
+pub use token::{Token, MAX_TOKEN_FILE_BYTES};
 
 /// Deserializes JSON `null` as the type's default: Consul sends `null` for
 /// empty lists and maps.

@@ -83,10 +83,11 @@ impl fmt::Debug for TlsConfig {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TlsSettings {
     pub enabled: bool,
-    pub ca_file: Option<PathBuf>,
-    pub ca_path: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
+    /// Each path with the setting or variable it came from, for errors.
+    pub ca_file: Option<(PathBuf, &'static str)>,
+    pub ca_path: Option<(PathBuf, &'static str)>,
+    pub cert_file: Option<(PathBuf, &'static str)>,
+    pub key_file: Option<(PathBuf, &'static str)>,
     pub server_name: Option<String>,
     pub skip_verify: bool,
 }
@@ -94,10 +95,11 @@ pub(crate) struct TlsSettings {
 impl TlsSettings {
     pub fn resolve(config: &TlsConfig, env: &impl Fn(&str) -> Option<String>) -> Result<TlsSettings, Error> {
         let env = |name: &str| env(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        let path = |own: &Option<PathBuf>, var: &str| {
+        let path = |own: &Option<PathBuf>, field: &'static str, var: &'static str| {
             own.clone()
                 .filter(|p| !p.as_os_str().is_empty())
-                .or_else(|| env(var).map(PathBuf::from))
+                .map(|p| (p, field))
+                .or_else(|| env(var).map(|p| (PathBuf::from(p), var)))
         };
         let boolean = |own: Option<bool>, var: &str| -> Result<Option<bool>, Error> {
             match own {
@@ -115,10 +117,10 @@ impl TlsSettings {
         };
         let settings = TlsSettings {
             enabled: boolean(config.enabled, "CONSUL_HTTP_SSL")?.unwrap_or(false),
-            ca_file: path(&config.ca_file, "CONSUL_CACERT"),
-            ca_path: path(&config.ca_path, "CONSUL_CAPATH"),
-            cert_file: path(&config.cert_file, "CONSUL_CLIENT_CERT"),
-            key_file: path(&config.key_file, "CONSUL_CLIENT_KEY"),
+            ca_file: path(&config.ca_file, "ca_file", "CONSUL_CACERT"),
+            ca_path: path(&config.ca_path, "ca_path", "CONSUL_CAPATH"),
+            cert_file: path(&config.cert_file, "cert_file", "CONSUL_CLIENT_CERT"),
+            key_file: path(&config.key_file, "key_file", "CONSUL_CLIENT_KEY"),
             server_name: config
                 .server_name
                 .clone()
@@ -154,13 +156,13 @@ impl TlsSettings {
             builder.with_root_certificates(self.roots()?)
         };
         match (&self.cert_file, &self.key_file) {
-            (Some(cert_file), Some(key_file)) => {
-                let certs = read_certs(cert_file, "cert_file")?;
-                let key = PrivateKeyDer::from_pem_slice(&read_bounded(key_file, "key_file")?)
-                    .map_err(|e| Error::Config(format!("key_file {}: no private key ({e})", key_file.display())))?;
+            (Some((cert_file, cert_from)), Some((key_file, key_from))) => {
+                let certs = read_certs(cert_file, cert_from)?;
+                let key = PrivateKeyDer::from_pem_slice(&read_bounded(key_file, key_from)?)
+                    .map_err(|e| Error::Config(format!("{key_from} {}: no private key ({e})", key_file.display())))?;
                 builder.with_client_auth_cert(certs, key).map_err(|e| {
                     Error::Config(format!(
-                        "cert_file {} and key_file {}: {e}",
+                        "{cert_from} {} and {key_from} {}: {e}",
                         cert_file.display(),
                         key_file.display()
                     ))
@@ -172,10 +174,10 @@ impl TlsSettings {
 
     fn roots(&self) -> Result<RootCertStore, Error> {
         let mut roots = RootCertStore::empty();
-        let (certs, from) = if let Some(file) = &self.ca_file {
-            (read_certs(file, "ca_file")?, format!("ca_file {}", file.display()))
-        } else if let Some(dir) = &self.ca_path {
-            (read_cert_dir(dir)?, format!("ca_path {}", dir.display()))
+        let (certs, from) = if let Some((file, from)) = &self.ca_file {
+            (read_certs(file, from)?, format!("{from} {}", file.display()))
+        } else if let Some((dir, from)) = &self.ca_path {
+            (read_cert_dir(dir, from)?, format!("{from} {}", dir.display()))
         } else {
             let found = rustls_native_certs::load_native_certs();
             if let Some(e) = found.errors.first() {
@@ -227,8 +229,8 @@ fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, 
 /// Every regular file directly in `dir` (symlinks followed, as in
 /// `/etc/ssl/certs`), each of which must hold PEM certificates, as Consul's
 /// `CONSUL_CAPATH` demands.
-fn read_cert_dir(dir: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let err = |e: std::io::Error| Error::Config(format!("ca_path {}: {e}", dir.display()));
+fn read_cert_dir(dir: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let err = |e: std::io::Error| Error::Config(format!("{field} {}: {e}", dir.display()));
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(err)? {
         let path = entry.map_err(err)?.path();
@@ -237,7 +239,7 @@ fn read_cert_dir(dir: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
         }
         if paths.len() > MAX_CA_DIR_FILES {
             return Err(Error::Config(format!(
-                "ca_path {}: more than {MAX_CA_DIR_FILES} files",
+                "{field} {}: more than {MAX_CA_DIR_FILES} files",
                 dir.display()
             )));
         }
@@ -245,7 +247,7 @@ fn read_cert_dir(dir: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     paths.sort();
     let mut certs = Vec::new();
     for path in paths {
-        certs.extend(read_certs(&path, "ca_path")?);
+        certs.extend(read_certs(&path, field)?);
     }
     Ok(certs)
 }

@@ -91,6 +91,10 @@ pub(crate) struct Server {
     workers: Workers,
     /// The Consul settings discovery tasks were started with.
     consul: Mutex<Option<ConsulSettings>>,
+    /// The ACL token every Consul client of this process reads (discovery
+    /// on this runtime, the election on its own thread): each apply moves
+    /// the configured token (a token file read again on SIGHUP) into it.
+    consul_token: halo_consul::Token,
     /// Whether VIPs have listeners: always for a lone balancer, only while
     /// active for one of an HA pair. Written only with `vips` locked.
     serving: AtomicBool,
@@ -138,6 +142,7 @@ impl Server {
             prometheus,
             workers,
             consul: Mutex::new(None),
+            consul_token: halo_consul::Token::default(),
             serving: AtomicBool::new(serving),
             ha: config.ha.clone(),
             prebind: config.ha.as_ref().is_some_and(|ha| ha.floating.is_some()),
@@ -158,9 +163,14 @@ impl Server {
         // 0. The Consul settings, if any VIP discovers its backends there,
         // make a client (before any change, so a bad [consul] section
         // changes nothing; validation has already tried the same).
-        if config.vips.iter().any(|v| matches!(v.source, BackendSource::Consul(_))) {
+        let needs_consul =
+            config.ha.is_some() || config.vips.iter().any(|v| matches!(v.source, BackendSource::Consul(_)));
+        let token = if needs_consul {
             config.consul.client()?;
-        }
+            Some(config.consul.token()?)
+        } else {
+            None
+        };
 
         // 1. Bind whatever needs a new listener.
         let serving = self.serving.load(Ordering::Relaxed);
@@ -202,6 +212,15 @@ impl Server {
             *current = Some(config.consul.clone());
             changed
         };
+        if let Some(token) = token {
+            // Never the token itself in the log: only where it came from.
+            if self.consul_token.adopt(&token) {
+                tracing::info!(
+                    token_file = ?token.file(),
+                    "Consul ACL token changed: discovery and the election use the new one from their next call"
+                );
+            }
+        }
         for v in &config.vips {
             let name = &v.name;
             let running = match vips.get_mut(name) {
@@ -245,7 +264,7 @@ impl Server {
             });
             if !keep {
                 running.discovery = None;
-                running.discovery = Discovery::start(&running.vip, &v.source, &config.consul)?;
+                running.discovery = Discovery::start(&running.vip, &v.source, &config.consul, &self.consul_token)?;
             }
         }
         Ok(())
@@ -305,6 +324,11 @@ impl Server {
     /// `[ha]` as the process started with it.
     pub(crate) fn ha_settings(&self) -> Option<HaSettings> {
         self.ha.clone()
+    }
+
+    /// The ACL token cell every Consul client of this process shares.
+    pub(crate) fn consul_token(&self) -> &halo_consul::Token {
+        &self.consul_token
     }
 
     /// How many VIPs have their listener bound and accepting.

@@ -246,11 +246,23 @@ fn validate_consul(c: &ConsulConfig, needed: bool, problems: &mut Vec<String>) -
     let settings = ConsulSettings {
         address: c.address.clone(),
         token: c.token.clone(),
+        token_file: c.token_file.clone(),
+        tls: halo_consul::TlsConfig {
+            enabled: None,
+            ca_file: c.ca_file.clone(),
+            ca_path: c.ca_path.clone(),
+            cert_file: c.cert_file.clone(),
+            key_file: c.key_file.clone(),
+            server_name: c.tls_server_name.clone(),
+            skip_verify: c.tls_skip_verify,
+        },
         wait: c.wait.unwrap_or(DEFAULT_CONSUL_WAIT),
     };
     if needed {
         if let Err(e) = settings.client() {
-            problems.push(format!("consul.address: {e}"));
+            // halo-consul's text names the setting or variable at fault
+            // (address, token_file, ca_file, CONSUL_CACERT, …).
+            problems.push(format!("consul: {e}"));
         }
     }
     settings
