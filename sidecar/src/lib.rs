@@ -96,6 +96,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         let response = route(&admin, req);
         async move { response }
     }));
+    let token_changed = Arc::new(tokio::sync::Notify::new());
     let sync = tokio::spawn(sync::run(
         client.clone(),
         settings.clone(),
@@ -103,6 +104,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         draining.clone(),
         stop.clone(),
         sync_status,
+        Arc::clone(&token_changed),
     ));
     tracing::info!(service = %settings.service_id, admin = %settings.admin, consul = client.address(), "halo-sidecar started");
     tokio::spawn(tell_service_manager_when_registered(sync_rx_for_notify));
@@ -114,7 +116,12 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         tokio::select! {
             _ = sigterm.recv() => { draining_tx.send_replace(true); }
             _ = sigint.recv() => { draining_tx.send_replace(true); }
-            _ = sighup.recv() => { reload_token(&client); continue; }
+            _ = sighup.recv() => {
+                if reload_token(&client) {
+                    token_changed.notify_one();
+                }
+                continue;
+            }
             changed = draining.wait_for(|d| *d) => { changed.context("drain channel closed")?; }
         }
         draining.mark_unchanged();
@@ -145,11 +152,13 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
 
 /// SIGHUP: reads the Consul token file again (the only thing reloaded; the
 /// rest of the config needs a restart). A bad file keeps the old token in
-/// use, logged; the token itself is never logged.
-fn reload_token(client: &Client) {
+/// use, logged; the token itself is never logged. Answers whether the token
+/// changed.
+fn reload_token(client: &Client) -> bool {
     match client.reload_token() {
         Ok(true) => {
-            tracing::info!(token_file = ?client.token_file(), "SIGHUP: Consul ACL token changed; used from the next call")
+            tracing::info!(token_file = ?client.token_file(), "SIGHUP: Consul ACL token changed; used from the next call");
+            return true;
         }
         Ok(false) => match client.token_file() {
             Some(file) => tracing::info!(token_file = %file.display(), "SIGHUP: Consul ACL token file unchanged"),
@@ -157,6 +166,7 @@ fn reload_token(client: &Client) {
         },
         Err(e) => tracing::error!(error = %e, "SIGHUP: cannot read the Consul token file; keeping the token in use"),
     }
+    false
 }
 
 /// Tells systemd (`Type=notify`) the sidecar is ready once the admin API

@@ -171,6 +171,29 @@ impl ConsulAgent {
         (agent, SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
     }
 
+    /// On an agent started with [`ConsulAgent::start_with_acl`]: creates
+    /// policy `name` with `rules` (HCL, e.g. a file of `packaging/consul/`)
+    /// and a token linked to it alone, through `master_token`; returns the
+    /// token's SecretID.
+    pub async fn create_token(&self, master_token: &str, name: &str, rules: &str) -> String {
+        let policy = serde_json::json!({ "Name": name, "Rules": rules }).to_string();
+        let (status, body) = http::request_with_token(self.http_addr(), "PUT", "/v1/acl/policy", master_token, &policy)
+            .await
+            .expect("the agent answers PUT /v1/acl/policy");
+        assert_eq!(status, 200, "create policy {name}: {body}");
+        let token = serde_json::json!({
+            "Description": format!("{name} (test)"),
+            "Policies": [{ "Name": name }],
+        })
+        .to_string();
+        let (status, body) = http::request_with_token(self.http_addr(), "PUT", "/v1/acl/token", master_token, &token)
+            .await
+            .expect("the agent answers PUT /v1/acl/token");
+        assert_eq!(status, 200, "create token for {name}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("token JSON");
+        answer["SecretID"].as_str().expect("SecretID").to_owned()
+    }
+
     /// `127.0.0.1:<port>` of the HTTP API.
     pub fn http_addr(&self) -> SocketAddr {
         self.member.http_addr()

@@ -206,21 +206,29 @@ impl Server {
         // 3. Update or start the rest. Discovery restarts when its target or
         // the Consul settings change; otherwise it carries on undisturbed.
         *self.drain_timeout.lock().expect("poisoned") = config.drain_timeout;
+        // A new token (a token file changed before SIGHUP) restarts Consul
+        // discovery like any other Consul change: a blocking query in flight
+        // would otherwise carry the old token until its wait ends, and the
+        // token's ACL check is redone. The election picks it up from its
+        // next call (it shares the cell).
+        let first_apply = self.consul.lock().expect("poisoned").is_none();
+        let token_changed = token.is_some_and(|token| {
+            let changed = self.consul_token.adopt(&token);
+            if changed && !first_apply {
+                // Never the token itself in the log: only where it came from.
+                tracing::info!(
+                    token_file = ?token.file(),
+                    "Consul ACL token changed: discovery restarts with it, the election uses it from its next call"
+                );
+            }
+            changed
+        });
         let consul_changed = {
             let mut current = self.consul.lock().expect("poisoned");
             let changed = current.as_ref() != Some(&config.consul);
             *current = Some(config.consul.clone());
-            changed
+            changed || token_changed
         };
-        if let Some(token) = token {
-            // Never the token itself in the log: only where it came from.
-            if self.consul_token.adopt(&token) {
-                tracing::info!(
-                    token_file = ?token.file(),
-                    "Consul ACL token changed: discovery and the election use the new one from their next call"
-                );
-            }
-        }
         for v in &config.vips {
             let name = &v.name;
             let running = match vips.get_mut(name) {

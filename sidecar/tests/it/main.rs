@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 mod behaviour;
 mod config;
+mod production_consul;
 mod refusal;
 mod service;
 
@@ -144,6 +145,11 @@ impl Sidecar {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
     }
 
     pub fn sigterm(&self) {
