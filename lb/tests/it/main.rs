@@ -14,4 +14,5 @@ mod ha;
 mod layout;
 mod lifecycle;
 mod production;
+mod production_consul;
 mod zone;
