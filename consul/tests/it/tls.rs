@@ -61,6 +61,7 @@ async fn https_with_the_agents_ca_works_and_the_wrong_ca_or_name_says_why() {
     let e = round_trip(&https(addr, ca(&other)).unwrap()).await.unwrap_err();
     let text = e.to_string();
     assert!(matches!(e, Error::Transport { .. }), "{e:?}");
+    eprintln!("wrong CA: {text}");
     assert!(
         text.contains("certificate verify failed: UnknownIssuer") && text.contains(&addr.to_string()),
         "{text}"
@@ -79,6 +80,7 @@ async fn https_with_the_agents_ca_works_and_the_wrong_ca_or_name_says_why() {
         text.contains("not valid for the server name") && text.contains("consul.example.invalid"),
         "{text}"
     );
+    eprintln!("wrong name: {text}");
     // One it does carry: Consul's server certificate names server.dc1.consul.
     let right_name = TlsConfig {
         server_name: Some("server.dc1.consul".into()),
@@ -99,6 +101,7 @@ async fn https_with_the_agents_ca_works_and_the_wrong_ca_or_name_says_why() {
         .unwrap_err()
         .to_string();
     assert!(text.contains("did not answer with TLS"), "{text}");
+    eprintln!("plain port: {text}");
 }
 
 #[tokio::test]
@@ -108,6 +111,7 @@ async fn an_agent_that_requires_a_client_certificate() {
 
     let e = round_trip(&https(addr, ca(&certs)).unwrap()).await.unwrap_err();
     let text = e.to_string();
+    eprintln!("no client certificate: {text}");
     assert!(
         text.contains("client certificate") && text.contains(&addr.to_string()),
         "{text}"
@@ -149,6 +153,7 @@ async fn an_agent_that_requires_a_client_certificate() {
         .await
         .unwrap_err()
         .to_string();
+    eprintln!("foreign client certificate: {text}");
     assert!(text.contains("TLS handshake refused by the agent"), "{text}");
 }
 

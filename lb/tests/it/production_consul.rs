@@ -178,6 +178,7 @@ async fn the_shipped_policy_is_enough_and_a_good_token_file_plus_sighup_recovers
         let e = s["ha"]["consul_error"].as_str().unwrap();
         assert!(e.contains("403") && e.contains("Permission denied"), "{e}");
         assert_ne!(s["ha"]["role"], "active", "{s}");
+        eprintln!("{}: ha.consul_error = {e}", lb.admin);
     }
     // Without a token discovery sees nothing, and says it may be the ACLs.
     let s = eventually(DEADLINE, "a's discovery to suspect an ACL filter", || async {
@@ -187,6 +188,7 @@ async fn the_shipped_policy_is_enough_and_a_good_token_file_plus_sighup_recovers
     .await;
     let e = s["vips"][0]["discovery"]["last_error"].as_str().unwrap_or_default();
     assert!(e.contains("service:read"), "{s}");
+    eprintln!("a: discovery.last_error = {e}");
     // The weak token reads services: b's table is whole.
     wait_table(&b, &want).await;
     // Still refused a while later: retried, never elected.
