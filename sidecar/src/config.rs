@@ -1027,6 +1027,32 @@ mod tests {
                 "service.weights.warning: 65536",
             ),
             (
+                vec![("HALO_CONSUL_TOKEN_FILE", "/nonexistent/halo-token")],
+                "consul.token_file: /nonexistent/halo-token: No such file",
+            ),
+            (
+                vec![("CONSUL_HTTP_TOKEN_FILE", "/nonexistent/halo-token")],
+                "CONSUL_HTTP_TOKEN_FILE: /nonexistent/halo-token: No such file",
+            ),
+            (
+                vec![
+                    ("HALO_CONSUL_ADDRESS", "https://127.0.0.1:8501"),
+                    ("HALO_CONSUL_CA_FILE", "/nonexistent/ca.pem"),
+                ],
+                "consul.ca_file /nonexistent/ca.pem: No such file",
+            ),
+            (
+                vec![
+                    ("HALO_CONSUL_ADDRESS", "https://127.0.0.1:8501"),
+                    ("CONSUL_CACERT", "/nonexistent/ca.pem"),
+                ],
+                "CONSUL_CACERT /nonexistent/ca.pem: No such file",
+            ),
+            (
+                vec![("HALO_CONSUL_KEY_FILE", "/x.pem")],
+                "consul.key_file (CONSUL_CLIENT_KEY) is set but cert_file (CONSUL_CLIENT_CERT) is not",
+            ),
+            (
                 vec![("HALO_SERVICE_ADDRESS", "0.0.0.0")],
                 "service.address: \"0.0.0.0\" is a wildcard",
             ),
