@@ -233,6 +233,21 @@ async fn the_shipped_policy_is_enough_and_a_good_token_file_plus_sighup_recovers
     }
     eprintln!("pair elected {elected_in:?} after SIGHUP");
 
+    // An empty token file at SIGHUP: the reload is rejected, naming the
+    // file, and the token in use stays (the pair carries on).
+    std::fs::write(&file_b, "\n").unwrap();
+    b.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually(DEADLINE, "the rejected reload in the log", || async {
+        let log = b.log();
+        (log.contains("reload rejected") && log.contains("empty, no ACL token")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for lb in [&a, &b] {
+        let s = lb.status().await;
+        assert!(s["ha"]["consul_error"].is_null(), "{s}");
+    }
+
     // kill -9 of the active: the standby destroys the dead active's session
     // (session write on the active's node, which session_prefix grants) and
     // takes over, with the same token.
