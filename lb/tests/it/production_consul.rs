@@ -128,6 +128,21 @@ async fn discovery_and_the_pair_work_over_https() {
     })
     .await;
     assert!(error.contains("certificate verify failed: UnknownIssuer"), "{error}");
+
+    // Verification off: the wrong CA no longer matters, and the log says so
+    // loudly.
+    let (admin, vip) = addrs();
+    let section = format!(
+        "address = \"https://{https}\"\nca_file = \"{}\"\ntls_skip_verify = true",
+        other.ca_file().display()
+    );
+    let unverified = Lb::start(&lb_config(admin, vip, &section, None), admin, &[vip]).await;
+    wait_table(&unverified, &want).await;
+    let log = unverified.log();
+    assert!(
+        log.contains("WARN") && log.contains("TLS certificate verification of the Consul agent is OFF"),
+        "{log}"
+    );
 }
 
 #[tokio::test]
