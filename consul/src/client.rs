@@ -877,7 +877,7 @@ mod tests {
         let https = || Config::with_address("https://127.0.0.1:8501");
         let e = refused(https(), &[("CONSUL_CACERT", "/nonexistent/ca.pem")]);
         assert!(
-            e.contains("ca_file /nonexistent/ca.pem") && e.contains("No such file"),
+            e.contains("CONSUL_CACERT /nonexistent/ca.pem") && e.contains("No such file"),
             "{e}"
         );
         let e = refused(https(), &[("CONSUL_CACERT", "/etc/hostname")]);
