@@ -1,11 +1,12 @@
 //! The client handle, its configuration, and the one place requests are sent.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -13,7 +14,10 @@ use hyper_util::rt::TokioExecutor;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::de::DeserializeOwned;
 
+use crate::connect::Connector;
 use crate::query::{QueryMeta, QueryOptions};
+use crate::tls::{TlsConfig, TlsSettings};
+use crate::token::Token;
 use crate::Error;
 
 /// Address used when neither the config nor `CONSUL_HTTP_ADDR` names one: the
@@ -62,14 +66,25 @@ const QUERY: &AsciiSet = &PATH.add(b'&').add(b'=').add(b'+').add(b'/').add(b';')
 /// How to reach Consul. Every field may be left unset.
 #[derive(Clone, Default)]
 pub struct Config {
-    /// The agent's HTTP address, `host:port` or `http://host:port`. Unset: the
-    /// `CONSUL_HTTP_ADDR` environment variable, else [`DEFAULT_ADDRESS`].
-    /// HTTPS (an `https://` address or `CONSUL_HTTP_SSL=true`) and unix
-    /// sockets are not supported yet and are refused with
-    /// [`Error::Config`] rather than tried as plain HTTP.
+    /// The agent's address: `host:port`, `http://host:port`,
+    /// `https://host:port` (TLS, see [`Config::tls`]) or `unix:///path` (the
+    /// agent's unix socket; plain HTTP). Unset: the `CONSUL_HTTP_ADDR`
+    /// environment variable, else [`DEFAULT_ADDRESS`].
     pub address: Option<String>,
-    /// ACL token sent as `X-Consul-Token`. Unset: `CONSUL_HTTP_TOKEN`, else none.
+    /// ACL token sent as `X-Consul-Token`. Unset: see `token_file`.
     pub token: Option<String>,
+    /// File holding the ACL token (surrounding whitespace ignored; it must
+    /// exist and hold a token; at most [`MAX_TOKEN_FILE_BYTES`](crate::MAX_TOKEN_FILE_BYTES)).
+    /// Read when the client is made and again by [`Client::reload_token`] (the
+    /// programs call it on SIGHUP). The token is chosen from the first of:
+    /// this field, `token`, `CONSUL_HTTP_TOKEN_FILE`, `CONSUL_HTTP_TOKEN`:
+    /// the config wins over the environment, and within each a file wins
+    /// over a literal token, as with Consul's own tools. All unset: no token.
+    pub token_file: Option<PathBuf>,
+    /// TLS to the agent: CA, client certificate, server name, verification.
+    /// Unset fields come from `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, … (see
+    /// [`TlsConfig`]).
+    pub tls: TlsConfig,
     /// Datacenter sent as `?dc=` on every call. Unset: the agent's own.
     pub datacenter: Option<String>,
     /// Deadline of a non-blocking call, and the margin added to blocking ones.
@@ -87,6 +102,8 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("address", &self.address)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("tls", &self.tls)
             .field("datacenter", &self.datacenter)
             .field("timeout", &self.timeout)
             .field("max_response_bytes", &self.max_response_bytes)
@@ -115,13 +132,17 @@ pub struct Client {
 }
 
 struct Inner {
-    http: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
-    /// `http://host:port`, no trailing slash.
+    http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+    /// `http://host:port` or `https://host:port`, no trailing slash
+    /// (`http://localhost` for a unix socket: the host is not dialled).
     base: String,
-    /// `host:port`, as errors name it.
+    /// `host:port` or `unix:///path`, as errors name it.
     authority: String,
     max_body: usize,
-    token: Option<HeaderValue>,
+    /// Swapped by [`Token::reload`] and friends; every clone (and
+    /// [`Client::with_timeout`] copy) shares it, and so does every client
+    /// made with [`Client::sharing_token`].
+    token: Token,
     datacenter: Option<String>,
 }
 
@@ -129,7 +150,7 @@ impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("base", &self.inner.base)
-            .field("token", &self.inner.token.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.inner.token)
             .field("datacenter", &self.inner.datacenter)
             .field("timeout", &self.timeout)
             .finish()
@@ -275,28 +296,13 @@ impl Client {
     /// [`Client::new`] with the environment read through `env`, so tests can
     /// supply one without touching the process environment.
     ///
-    /// TLS is not supported yet: an `https://` address or a true
-    /// `CONSUL_HTTP_SSL` (which Consul's own tools obey whatever the address
-    /// says) is a configuration error here, never a silent fall-back to plain
-    /// HTTP. So are unix sockets and any scheme but `http`.
+    /// A true `CONSUL_HTTP_SSL` (or [`TlsConfig::enabled`]) selects HTTPS
+    /// whatever the address's scheme says, as with Consul's own tools. TLS
+    /// over a unix socket is refused. With verification skipped, every call
+    /// of this function logs a warning.
     pub fn with_env(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Client, Error> {
-        if let Some(ssl) = env("CONSUL_HTTP_SSL").filter(|v| !v.trim().is_empty()) {
-            match parse_go_bool(ssl.trim()) {
-                Some(false) => {}
-                Some(true) => {
-                    return Err(Error::Config(format!(
-                        "TLS to Consul is not supported yet: CONSUL_HTTP_SSL={ssl} asks for HTTPS; \
-                         unset it (or set it to false) and use the agent's plain HTTP port"
-                    )))
-                }
-                None => {
-                    return Err(Error::Config(format!(
-                        "CONSUL_HTTP_SSL={:?} is not a boolean (true or false)",
-                        clip_text(&ssl, BodyLength::Exactly(ssl.len() as u64))
-                    )))
-                }
-            }
-        }
+        let tls = TlsSettings::resolve(&config.tls, &env)?;
+        let token = Token::resolve(&config, &env)?;
         let (address, origin) = match config.address.filter(|a| !a.trim().is_empty()) {
             Some(address) => (address, "address"),
             None => match env("CONSUL_HTTP_ADDR").filter(|a| !a.trim().is_empty()) {
@@ -304,19 +310,7 @@ impl Client {
                 None => (DEFAULT_ADDRESS.to_owned(), "address"),
             },
         };
-        let base = normalize_address(&address).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
-        let authority = base.trim_start_matches("http://").to_owned();
-        let token = config
-            .token
-            .or_else(|| env("CONSUL_HTTP_TOKEN"))
-            .filter(|t| !t.is_empty())
-            .map(|t| {
-                let mut v = HeaderValue::from_str(&t)
-                    .map_err(|_| Error::Config("ACL token contains characters not allowed in a header".into()))?;
-                v.set_sensitive(true);
-                Ok::<_, Error>(v)
-            })
-            .transpose()?;
+        let target = parse_address(&address).map_err(|e| Error::Config(format!("{origin}: {e}")))?;
         let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
         if timeout.is_zero() {
             return Err(Error::Config("timeout must be above zero".into()));
@@ -326,9 +320,69 @@ impl Client {
             return Err(Error::Config("max_response_bytes must be above zero".into()));
         }
 
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
+        let (connector, base, authority) = match target {
+            Target::Unix(path) => {
+                if tls.enabled {
+                    return Err(Error::Config(format!(
+                        "{origin}: TLS over a unix socket is not supported (CONSUL_HTTP_SSL or https asked \
+                         for it with unix://{})",
+                        path.display()
+                    )));
+                }
+                let authority = format!("unix://{}", path.display());
+                (
+                    Connector::Unix(Arc::new(path)),
+                    "http://localhost".to_owned(),
+                    authority,
+                )
+            }
+            Target::Net { https, authority } => {
+                let https = https || tls.enabled;
+                let mut http = HttpConnector::new();
+                http.set_nodelay(true);
+                http.set_connect_timeout(Some(timeout));
+                // hyper-rustls refuses http:// URIs unless told otherwise.
+                http.enforce_http(false);
+                let builder = hyper_rustls::HttpsConnectorBuilder::new();
+                let builder = if https {
+                    if tls.skip_verify {
+                        tracing::warn!(
+                            address = %authority,
+                            "TLS certificate verification of the Consul agent is OFF (tls_skip_verify or \
+                             CONSUL_HTTP_SSL_VERIFY=false): anyone on the path can read the ACL token and \
+                             answer for the agent"
+                        );
+                    }
+                    builder.with_tls_config(tls.client_config()?)
+                } else {
+                    // Never used for http://, but the builder wants one.
+                    builder.with_tls_config(
+                        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                            .with_safe_default_protocol_versions()
+                            .map_err(|e| Error::Config(format!("TLS: {e}")))?
+                            .with_root_certificates(rustls::RootCertStore::empty())
+                            .with_no_client_auth(),
+                    )
+                };
+                let builder = if https {
+                    builder.https_only()
+                } else {
+                    builder.https_or_http()
+                };
+                let builder = match &tls.server_name {
+                    Some(name) if https => {
+                        let name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
+                            Error::Config(format!("tls_server_name (CONSUL_TLS_SERVER_NAME) {name:?}: {e}"))
+                        })?;
+                        builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+                    }
+                    _ => builder,
+                };
+                let connector = builder.enable_http1().wrap_connector(http);
+                let scheme = if https { "https" } else { "http" };
+                (Connector::Net(connector), format!("{scheme}://{authority}"), authority)
+            }
+        };
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -343,6 +397,46 @@ impl Client {
             }),
             timeout,
         })
+    }
+
+    /// Reads the token file again (SIGHUP); see [`Token::reload`]. Every
+    /// client sharing this one's token sees the result.
+    pub fn reload_token(&self) -> Result<bool, Error> {
+        self.inner.token.reload()
+    }
+
+    /// Replaces the token every client sharing this one's sends (`None`:
+    /// none).
+    pub fn set_token(&self, token: Option<&str>) -> Result<(), Error> {
+        self.inner.token.set(token)
+    }
+
+    /// The token cell this client reads, to share with clients made later
+    /// (on other runtimes) or to reload.
+    pub fn token(&self) -> &Token {
+        &self.inner.token
+    }
+
+    /// The same client (settings and connection pool) reading its token from
+    /// `token` instead: so clients made separately (one per runtime) follow
+    /// one token that SIGHUP reloads.
+    pub fn sharing_token(&self, token: &Token) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                http: self.inner.http.clone(),
+                base: self.inner.base.clone(),
+                authority: self.inner.authority.clone(),
+                max_body: self.inner.max_body,
+                token: token.clone(),
+                datacenter: self.inner.datacenter.clone(),
+            }),
+            timeout: self.timeout,
+        }
+    }
+
+    /// The file the token is read from, if it comes from one.
+    pub fn token_file(&self) -> Option<PathBuf> {
+        self.inner.token.file()
     }
 
     /// The same client with another per-call deadline (sharing the pool).
@@ -360,15 +454,20 @@ impl Client {
         self.timeout
     }
 
-    /// The agent's base URL, e.g. `http://127.0.0.1:8500`.
+    /// The agent's base URL, e.g. `http://127.0.0.1:8500` or
+    /// `https://127.0.0.1:8501`; `unix:///path` for a unix socket.
     pub fn address(&self) -> &str {
-        &self.inner.base
+        if self.inner.authority.starts_with("unix://") {
+            &self.inner.authority
+        } else {
+            &self.inner.base
+        }
     }
 
-    /// Whether calls carry an ACL token (from the config or
-    /// `CONSUL_HTTP_TOKEN`).
+    /// Whether calls carry an ACL token (from the config, a token file or
+    /// the environment).
     pub fn has_token(&self) -> bool {
-        self.inner.token.is_some()
+        self.inner.token.is_set()
     }
 
     /// The largest response body this client accepts, in bytes.
@@ -411,8 +510,8 @@ impl Client {
         }
 
         let mut request = Request::builder().method(method.clone()).uri(&uri);
-        if let Some(token) = &self.inner.token {
-            request = request.header("X-Consul-Token", token.clone());
+        if let Some(token) = self.inner.token.header() {
+            request = request.header("X-Consul-Token", token);
         }
         if body.is_some() {
             request = request.header(CONTENT_TYPE, "application/json");
@@ -539,15 +638,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// Go's `strconv.ParseBool`, which Consul's tools use for `CONSUL_HTTP_SSL`.
-fn parse_go_bool(value: &str) -> Option<bool> {
-    match value {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
-        _ => None,
-    }
-}
-
 /// Says in a few words what went wrong below HTTP, walking the error's
 /// source chain ("client error (Connect)" alone says nothing): connection
 /// refused, timed out, DNS lookup failed, reset, cut short, or not HTTP at
@@ -555,15 +645,33 @@ fn parse_go_bool(value: &str) -> Option<bool> {
 pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static)) -> String {
     let mut io_kind = None;
     let mut hyper_kind = None;
+    let mut tls = None;
     let mut dns = false;
     let mut texts: Vec<String> = Vec::new();
     let mut next = Some(error);
     while let Some(e) = next {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             io_kind = io_kind.or_else(|| describe_io(io.kind()));
+            // io::Error's source() skips the error it wraps, and hyper-rustls
+            // wraps tokio-rustls' io::Error in another: look inside each.
+            let mut inner = io.get_ref().map(|i| i as &(dyn std::error::Error + 'static));
+            for _ in 0..8 {
+                let Some(i) = inner else { break };
+                if let Some(t) = i.downcast_ref::<rustls::Error>() {
+                    tls = tls.or_else(|| Some(crate::tls::explain(t)));
+                    break;
+                }
+                inner = i
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .map(|i| i as &(dyn std::error::Error + 'static));
+            }
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             hyper_kind = hyper_kind.or_else(|| describe_hyper(h));
+        }
+        if let Some(t) = e.downcast_ref::<rustls::Error>() {
+            tls = tls.or_else(|| Some(crate::tls::explain(t)));
         }
         let text = e.to_string();
         dns |= text == "dns error";
@@ -572,6 +680,11 @@ pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static)) -> S
             texts.push(text);
         }
         next = e.source();
+    }
+    // A TLS failure reaches us as an io::Error of kind InvalidData wrapping
+    // the rustls error: say what the TLS stack refused, not "malformed HTTP".
+    if let Some(tls) = tls {
+        return clip_text(&tls, BodyLength::Exactly(tls.len() as u64));
     }
     let what = if dns {
         "DNS lookup failed"
@@ -610,7 +723,7 @@ fn describe_hyper(e: &hyper::Error) -> Option<&'static str> {
         "connection closed before the answer was complete"
     } else if e.is_parse() || e.is_parse_status() {
         // What a plain-HTTP client sees from a TLS port.
-        "the answer is not HTTP/1 (a TLS port? TLS to Consul is not supported yet)"
+        "the answer is not HTTP/1 (a TLS port? use an https:// address)"
     } else if e.is_timeout() {
         "timed out"
     } else if e.is_closed() || e.is_canceled() {
@@ -626,106 +739,260 @@ pub(crate) fn escape_path(s: &str) -> String {
     utf8_percent_encode(s, PATH).to_string()
 }
 
-/// `host:port` or `http://host:port[/]` to `http://host:port`; the error
-/// says what is wrong, for the caller to prefix with where the address came
-/// from.
-fn normalize_address(address: &str) -> Result<String, String> {
-    let address = address.trim().trim_end_matches('/');
-    let rest = match address.split_once("://") {
-        None => address,
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-            return Err(format!(
-                "TLS to Consul is not supported yet: {address:?} asks for HTTPS; \
-                 use http://host:port of the agent's plain HTTP port"
-            ))
+/// Where the agent is.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    /// TCP to `authority` (`host:port`), with TLS if `https`.
+    Net { https: bool, authority: String },
+    /// The agent's unix socket.
+    Unix(PathBuf),
+}
+
+/// `host:port`, `http[s]://host:port[/]` or `unix:///path`; the error says
+/// what is wrong, for the caller to prefix with where the address came from.
+fn parse_address(address: &str) -> Result<Target, String> {
+    let address = address.trim();
+    if let Some((scheme, path)) = address.split_once("://") {
+        if scheme.eq_ignore_ascii_case("unix") {
+            if !path.starts_with('/') || path.len() < 2 {
+                return Err(format!("{address:?}: a unix socket address is unix:///absolute/path"));
+            }
+            return Ok(Target::Unix(PathBuf::from(path)));
         }
-        Some((scheme, _)) if scheme.eq_ignore_ascii_case("unix") => {
-            return Err(format!(
-                "{address:?}: unix sockets are not supported yet; use http://host:port of the local agent"
-            ))
-        }
+    }
+    let address = address.trim_end_matches('/');
+    let (https, rest) = match address.split_once("://") {
+        None => (false, address),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (false, rest),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
         Some((scheme, _)) => {
             return Err(format!(
-                "{address:?}: scheme {scheme:?} is not supported (use http://host:port of the local agent)"
+                "{address:?}: scheme {scheme:?} is not supported (use http://, https:// or unix://)"
             ))
         }
     };
     if rest.is_empty() || rest.contains('/') {
-        return Err(format!("{address:?} is not host:port or http://host:port"));
+        return Err(format!(
+            "{address:?} is not host:port, http(s)://host:port or unix:///path"
+        ));
     }
-    let base = format!("http://{rest}");
-    base.parse::<http::Uri>().map_err(|e| format!("{address:?}: {e}"))?;
-    Ok(base)
+    let uri = format!("http://{rest}")
+        .parse::<http::Uri>()
+        .map_err(|e| format!("{address:?}: {e}"))?;
+    if uri.port().is_none() && rest.ends_with(':') {
+        return Err(format!("{address:?}: empty port"));
+    }
+    Ok(Target::Net {
+        https,
+        authority: rest.to_owned(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn addresses_are_normalized() {
-        assert_eq!(normalize_address("127.0.0.1:8500").unwrap(), "http://127.0.0.1:8500");
-        assert_eq!(
-            normalize_address("http://localhost:8500/").unwrap(),
-            "http://localhost:8500"
-        );
-        assert!(normalize_address("http://a:1/v1").is_err());
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
 
-    /// Before this check, `CONSUL_HTTP_SSL=true` was ignored and calls went
-    /// out as plain HTTP; `https://` and `unix://` were refused with a bare
-    /// "scheme not supported".
+    fn refused(config: Config, env: &[(&str, &str)]) -> String {
+        let err = Client::with_env(config, env_of(env)).unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        err.to_string()
+    }
+
     #[test]
-    fn tls_and_unix_sockets_are_config_errors_not_plain_http() {
-        let refused = |config: Config, env: &[(&str, &str)]| {
-            let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            let err = Client::with_env(config, |name| {
-                env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-            })
-            .unwrap_err();
-            assert!(matches!(err, Error::Config(_)), "{err:?}");
-            err.to_string()
+    fn addresses_are_parsed() {
+        let net = |https: bool, a: &str| Target::Net {
+            https,
+            authority: a.to_owned(),
         };
+        assert_eq!(parse_address("127.0.0.1:8500").unwrap(), net(false, "127.0.0.1:8500"));
+        assert_eq!(
+            parse_address("http://localhost:8500/").unwrap(),
+            net(false, "localhost:8500")
+        );
+        assert_eq!(
+            parse_address("HTTPS://10.0.0.1:8501").unwrap(),
+            net(true, "10.0.0.1:8501")
+        );
+        assert_eq!(
+            parse_address("unix:///run/consul/http.sock").unwrap(),
+            Target::Unix(PathBuf::from("/run/consul/http.sock"))
+        );
+        assert!(parse_address("http://a:1/v1").is_err());
+        assert!(parse_address("unix://relative.sock").is_err());
+        assert!(parse_address("grpc://127.0.0.1:8502")
+            .unwrap_err()
+            .contains("\"grpc\" is not supported"));
+    }
+
+    /// Consul's rules: an https:// address or a true CONSUL_HTTP_SSL selects
+    /// TLS (even over an explicit http://); never a silent plain HTTP.
+    #[test]
+    fn the_scheme_or_consul_http_ssl_selects_tls() {
+        let certs = halo_testkit::tls::Certs::create();
+        let ca = certs.ca_file();
+        let ca = ca.to_str().unwrap();
         for ssl in ["true", "1", "TRUE", "t"] {
-            let e = refused(Config::default(), &[("CONSUL_HTTP_SSL", ssl)]);
-            assert!(
-                e.contains("TLS to Consul is not supported yet") && e.contains("CONSUL_HTTP_SSL"),
-                "{e}"
-            );
-            // An http:// address in the config does not make it plain HTTP.
-            let e = refused(
-                Config::with_address("http://127.0.0.1:8500"),
-                &[("CONSUL_HTTP_SSL", ssl)],
-            );
-            assert!(e.contains("TLS to Consul is not supported yet"), "{e}");
+            let c = Client::with_env(
+                Config::with_address("http://127.0.0.1:8501"),
+                env_of(&[("CONSUL_HTTP_SSL", ssl), ("CONSUL_CACERT", ca)]),
+            )
+            .unwrap();
+            assert_eq!(c.address(), "https://127.0.0.1:8501");
+        }
+        let c = Client::with_env(
+            Config::default(),
+            env_of(&[("CONSUL_HTTP_ADDR", "HTTPS://127.0.0.1:8501"), ("CONSUL_CACERT", ca)]),
+        )
+        .unwrap();
+        assert_eq!(c.address(), "https://127.0.0.1:8501");
+        // False and empty leave the scheme alone, as with Consul's own tools.
+        for ssl in ["false", "0", "F", ""] {
+            let c = Client::with_env(Config::default(), env_of(&[("CONSUL_HTTP_SSL", ssl)])).unwrap();
+            assert_eq!(c.address(), DEFAULT_ADDRESS);
         }
         let e = refused(Config::default(), &[("CONSUL_HTTP_SSL", "yes please")]);
         assert!(e.contains("CONSUL_HTTP_SSL") && e.contains("not a boolean"), "{e}");
-
-        let e = refused(Config::with_address("https://127.0.0.1:8501"), &[]);
+        let e = refused(Config::default(), &[("CONSUL_HTTP_SSL_VERIFY", "nope")]);
         assert!(
-            e.contains("TLS to Consul is not supported yet") && e.contains("address"),
+            e.contains("CONSUL_HTTP_SSL_VERIFY") && e.contains("not a boolean"),
             "{e}"
         );
-        let e = refused(Config::default(), &[("CONSUL_HTTP_ADDR", "HTTPS://127.0.0.1:8501")]);
+        let e = refused(
+            Config::with_address("unix:///run/consul.sock"),
+            &[("CONSUL_HTTP_SSL", "true")],
+        );
+        assert!(e.contains("TLS over a unix socket"), "{e}");
+        let c = Client::with_env(Config::with_address("unix:///run/consul.sock"), |_| None).unwrap();
+        assert_eq!(c.address(), "unix:///run/consul.sock");
+    }
+
+    #[test]
+    fn tls_files_are_checked_when_the_client_is_made() {
+        let certs = halo_testkit::tls::Certs::create();
+        let https = || Config::with_address("https://127.0.0.1:8501");
+        let e = refused(https(), &[("CONSUL_CACERT", "/nonexistent/ca.pem")]);
         assert!(
-            e.contains("TLS to Consul is not supported yet") && e.contains("CONSUL_HTTP_ADDR"),
+            e.contains("CONSUL_CACERT /nonexistent/ca.pem") && e.contains("No such file"),
             "{e}"
         );
-        let e = refused(Config::with_address("unix:///run/consul.sock"), &[]);
-        assert!(e.contains("unix sockets are not supported"), "{e}");
-        let e = refused(Config::with_address("grpc://127.0.0.1:8502"), &[]);
-        assert!(e.contains("\"grpc\" is not supported"), "{e}");
+        let e = refused(https(), &[("CONSUL_CACERT", "/etc/hostname")]);
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let e = refused(https(), &[("CONSUL_CLIENT_CERT", "/x.pem")]);
+        assert!(
+            e.contains("key_file (CONSUL_CLIENT_KEY) is set") || e.contains("CONSUL_CLIENT_KEY"),
+            "{e}"
+        );
+        let e = refused(https(), &[("CONSUL_CLIENT_KEY", "/x.pem")]);
+        assert!(e.contains("cert_file (CONSUL_CLIENT_CERT) is not"), "{e}");
+        let e = refused(
+            Config {
+                tls: TlsConfig {
+                    server_name: Some("not a name!".into()),
+                    ..TlsConfig::default()
+                },
+                ..https()
+            },
+            &[("CONSUL_CACERT", certs.ca_file().to_str().unwrap())],
+        );
+        assert!(e.contains("tls_server_name"), "{e}");
+        // Plain HTTP never reads the TLS files.
+        assert!(Client::with_env(Config::default(), env_of(&[("CONSUL_CACERT", "/nonexistent")])).is_ok());
+    }
 
-        // False and empty are plain HTTP, as with Consul's own tools.
-        for ssl in ["false", "0", "F", ""] {
-            let env = |name: &str| (name == "CONSUL_HTTP_SSL").then(|| ssl.to_owned());
-            assert_eq!(
-                Client::with_env(Config::default(), env).unwrap().address(),
-                DEFAULT_ADDRESS
-            );
-        }
+    #[test]
+    fn the_token_file_wins_is_bounded_and_reloads() {
+        let dir = std::env::temp_dir().join(format!("halo-consul-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "  file-secret-1\n").unwrap();
+        let file_s = file.to_str().unwrap();
+
+        // Config file > config token > env file > env token.
+        let c = Client::with_env(
+            Config {
+                token: Some("literal-secret".into()),
+                ..Config::default()
+            },
+            env_of(&[("CONSUL_HTTP_TOKEN_FILE", file_s), ("CONSUL_HTTP_TOKEN", "env-secret")]),
+        )
+        .unwrap();
+        assert_eq!(c.inner.token.header().unwrap(), "literal-secret");
+        assert_eq!(c.token_file(), None);
+        let c = Client::with_env(
+            Config::default(),
+            env_of(&[("CONSUL_HTTP_TOKEN_FILE", file_s), ("CONSUL_HTTP_TOKEN", "env-secret")]),
+        )
+        .unwrap();
+        assert_eq!(c.inner.token.header().unwrap(), "file-secret-1");
+        let c = Client::with_env(
+            Config {
+                token: Some("literal-secret".into()),
+                token_file: Some(file.clone()),
+                ..Config::default()
+            },
+            |_| None,
+        )
+        .unwrap();
+        assert_eq!(c.inner.token.header().unwrap(), "file-secret-1");
+
+        // Reload: a changed file reaches every clone; a bad one keeps the old.
+        let clone = c.with_timeout(Duration::from_secs(1));
+        assert!(!c.reload_token().unwrap());
+        std::fs::write(&file, "file-secret-2").unwrap();
+        assert!(c.reload_token().unwrap());
+        assert_eq!(clone.inner.token.header().unwrap(), "file-secret-2");
+        std::fs::write(&file, " \n").unwrap();
+        let e = c.reload_token().unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        std::fs::write(&file, "x".repeat(crate::MAX_TOKEN_FILE_BYTES as usize + 1)).unwrap();
+        let e = c.reload_token().unwrap_err().to_string();
+        assert!(e.contains("longer than"), "{e}");
+        std::fs::write(&file, "bad\u{7f}secret-3").unwrap();
+        let e = c.reload_token().unwrap_err().to_string();
+        assert!(e.contains("not allowed") && !e.contains("secret-3"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        let e = c.reload_token().unwrap_err().to_string();
+        assert!(e.contains("No such file"), "{e}");
+        assert_eq!(clone.inner.token.header().unwrap(), "file-secret-2");
+        assert!(!format!("{c:?}").contains("secret"));
+
+        // At start a missing or empty file is an error, not "no token".
+        let e = refused(Config::default(), &[("CONSUL_HTTP_TOKEN_FILE", file_s)]);
+        assert!(
+            e.contains("CONSUL_HTTP_TOKEN_FILE") && e.contains("No such file"),
+            "{e}"
+        );
+        std::fs::write(&file, "").unwrap();
+        let e = refused(Config::default(), &[("CONSUL_HTTP_TOKEN_FILE", file_s)]);
+        assert!(e.contains("empty"), "{e}");
+
+        // A client made separately (another runtime's pool) follows the
+        // same cell once it shares it; adopt() moves a fresh token in.
+        let separate = Client::with_env(Config::default(), |_| None)
+            .unwrap()
+            .sharing_token(c.token());
+        assert_eq!(separate.token().header().unwrap(), "file-secret-2");
+        let fresh = Token::resolve(
+            &Config {
+                token: Some("adopted-secret".into()),
+                ..Config::default()
+            },
+            |_| None,
+        )
+        .unwrap();
+        assert!(c.token().adopt(&fresh));
+        assert_eq!(separate.token().header().unwrap(), "adopted-secret");
+        assert!(!c.token().adopt(&fresh));
+        assert!(!format!("{:?}", c.token()).contains("secret"));
+
+        c.set_token(None).unwrap();
+        assert!(!clone.has_token() && !separate.has_token());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -770,14 +1037,14 @@ mod tests {
         };
         let from_env = Client::with_env(Config::default(), env).unwrap();
         assert_eq!(from_env.address(), "http://10.1.2.3:8500");
-        assert!(from_env.inner.token.is_some());
+        assert!(from_env.has_token());
 
         let from_config = Client::with_env(Config::with_address("http://127.0.0.9:1"), env).unwrap();
         assert_eq!(from_config.address(), "http://127.0.0.9:1");
 
         let default = Client::with_env(Config::default(), |_| None).unwrap();
         assert_eq!(default.address(), DEFAULT_ADDRESS);
-        assert!(default.inner.token.is_none());
+        assert!(!default.has_token());
         // The token never shows in debug output.
         assert!(!format!("{from_env:?}").contains("secret"));
     }

@@ -28,13 +28,23 @@
 //! filtering by ACL: [`Client::acl_token_self`] tells at start whether that
 //! is possible (see the `acl` module's notes on Consul 1.8).
 //!
-//! Only plain HTTP to the local agent is supported: an `https://` or
-//! `unix://` address, or `CONSUL_HTTP_SSL=true`, is a configuration error
-//! rather than a silent fall-back to plain HTTP.
+//! The agent is reached over plain HTTP, HTTPS (rustls on the `ring`
+//! provider: CA file or directory, client certificate, server name, an
+//! explicit and loudly logged opt-out of verification) or its unix socket,
+//! configured as Consul's own tools are ([`Config`], [`TlsConfig`], and
+//! Consul's `CONSUL_*` environment variables). The ACL token may come from a
+//! file that [`Client::reload_token`] reads again; it never appears in a
+//! log line, an error or `Debug` output.
 //!
 //! # Layout
-//! - [`client`](Client): configuration, the connection pool, and the one place
-//!   requests are sent, with timeouts, body limits and error mapping.
+//! - [`client`](Client): configuration, the token, the connection pool, and
+//!   the one place requests are sent, with timeouts, body limits and error
+//!   mapping.
+//! - `tls`: [`TlsConfig`], its environment variables, and the rustls
+//!   configuration built from it; TLS errors explained.
+//! - `token`: the ACL [`Token`], its sources, and the shared cell SIGHUP
+//!   reloads.
+//! - `connect`: the connector: TCP (plain or TLS) or a unix socket.
 //! - `acl`: the token self-check ([`TokenStatus`]) and what Consul 1.8 does
 //!   with reads a token may not make.
 //! - `agent`: service registration, maintenance, TTL check updates.
@@ -50,12 +60,15 @@
 mod acl;
 mod agent;
 mod client;
+mod connect;
 pub mod duration;
 mod error;
 mod health;
 mod kv;
 mod query;
 mod session;
+mod tls;
+mod token;
 
 #[cfg(test)]
 mod fuzz;
@@ -73,6 +86,8 @@ pub use query::{
     DEFAULT_WATCH_BURST, DEFAULT_WATCH_RATE,
 };
 pub use session::{ServiceCheckRef, SessionBehavior, SessionChecks, SessionInfo, SessionRequest};
+pub use tls::TlsConfig;
+pub use token::{Token, MAX_TOKEN_FILE_BYTES};
 
 /// Deserializes JSON `null` as the type's default: Consul sends `null` for
 /// empty lists and maps.

@@ -94,14 +94,78 @@ pub struct Config {
     pub drain: DrainSection,
 }
 
-/// `[consul]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[consul]`: the local agent. Every field left unset falls back to
+/// Consul's own environment variable (named on the field); a value here (or
+/// its `HALO_CONSUL_*` variable) wins over the environment, as a flag does
+/// with Consul's CLI.
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsulSection {
-    /// The local agent. Unset: `CONSUL_HTTP_ADDR`, else 127.0.0.1:8500.
+    /// The local agent: `host:port`, `http://host:port`, `https://host:port`
+    /// (TLS) or `unix:///path`. Unset: `CONSUL_HTTP_ADDR`, else
+    /// 127.0.0.1:8500.
     pub address: Option<String>,
-    /// ACL token. Unset: `CONSUL_HTTP_TOKEN`, else none.
+    /// ACL token. Unset: `CONSUL_HTTP_TOKEN`, else none. Prefer `token_file`.
     pub token: Option<String>,
+    /// File holding the ACL token; wins over `token`; read at start and
+    /// again on SIGHUP (a bad file then keeps the old token, logged).
+    /// Unset: `CONSUL_HTTP_TOKEN_FILE`.
+    pub token_file: Option<std::path::PathBuf>,
+    /// CA certificate(s) (PEM) the agent's certificate must chain to. Unset:
+    /// `CONSUL_CACERT`; with no CA file or directory, the system store.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Directory of CA certificates (PEM). Unset: `CONSUL_CAPATH`.
+    pub ca_path: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for agents with `verify_incoming`. Unset:
+    /// `CONSUL_CLIENT_CERT`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM). Unset: `CONSUL_CLIENT_KEY`.
+    pub key_file: Option<std::path::PathBuf>,
+    /// Name the agent's certificate must carry. Unset:
+    /// `CONSUL_TLS_SERVER_NAME`, else the address's host.
+    pub tls_server_name: Option<String>,
+    /// `true` turns off verification of the agent's certificate (logged at
+    /// warn). Unset: `CONSUL_HTTP_SSL_VERIFY=false` turns it off, else verify.
+    pub tls_skip_verify: Option<bool>,
+}
+
+impl std::fmt::Debug for ConsulSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulSection")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("ca_file", &self.ca_file)
+            .field("ca_path", &self.ca_path)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("tls_skip_verify", &self.tls_skip_verify)
+            .finish()
+    }
+}
+
+impl ConsulSection {
+    /// The client configuration this section gives (the environment fills
+    /// in what is unset when the client is made).
+    pub fn client_config(&self, timeout: Option<std::time::Duration>) -> halo_consul::Config {
+        halo_consul::Config {
+            address: self.address.clone(),
+            token: self.token.clone(),
+            token_file: self.token_file.clone(),
+            tls: halo_consul::TlsConfig {
+                enabled: None,
+                ca_file: self.ca_file.clone(),
+                ca_path: self.ca_path.clone(),
+                cert_file: self.cert_file.clone(),
+                key_file: self.key_file.clone(),
+                server_name: self.tls_server_name.clone(),
+                skip_verify: self.tls_skip_verify,
+            },
+            timeout,
+            ..halo_consul::Config::default()
+        }
+    }
 }
 
 /// `[service]`.
@@ -723,37 +787,35 @@ fn validate_meta(meta: &BTreeMap<String, String>, problems: &mut Vec<String>) {
     }
 }
 
-/// The Consul address and token as the client will see them (config first,
-/// then `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN`), checked by the client
-/// itself so `check` and `run` agree.
+/// The Consul settings as the client will see them (config first, then
+/// Consul's `CONSUL_*` variables), checked by the client itself so `check`
+/// and `run` agree. halo-consul's reason starts with the setting or variable
+/// at fault: a config field becomes `consul.<field>`, a variable stays.
 fn validate_consul(consul: &ConsulSection, env: impl Fn(&str) -> Option<String>, problems: &mut Vec<String>) {
-    let result = halo_consul::Client::with_env(
-        halo_consul::Config {
-            address: consul.address.clone(),
-            token: consul.token.clone(),
-            datacenter: None,
-            timeout: None,
-            max_response_bytes: None,
-        },
-        &env,
-    );
+    const FIELDS: &[&str] = &[
+        "address",
+        "token_file",
+        "token",
+        "ca_file",
+        "ca_path",
+        "cert_file",
+        "key_file",
+        "tls_server_name",
+    ];
+    let result = halo_consul::Client::with_env(consul.client_config(None), &env);
     if let Err(e) = result {
         let reason = match e {
             halo_consul::Error::Config(reason) => reason,
             other => other.to_string(),
         };
-        let field = if reason.contains("token") {
-            if consul.token.is_some() {
-                "consul.token"
-            } else {
-                "CONSUL_HTTP_TOKEN"
-            }
-        } else if consul.address.as_deref().is_some_and(|a| !a.trim().is_empty()) {
-            "consul.address"
+        let reason = shorten(&reason);
+        if FIELDS.iter().any(|f| reason.starts_with(f)) || reason.starts_with("tls_skip_verify") {
+            problems.push(format!("consul.{reason}"));
+        } else if reason.starts_with("CONSUL_") {
+            problems.push(reason);
         } else {
-            "CONSUL_HTTP_ADDR"
-        };
-        problems.push(format!("{field}: {}", shorten(&reason)));
+            problems.push(format!("consul: {reason}"));
+        }
     }
 }
 
@@ -1021,6 +1083,32 @@ mod tests {
                     ("HALO_SERVICE_WEIGHTS_WARNING", "65536"),
                 ],
                 "service.weights.warning: 65536",
+            ),
+            (
+                vec![("HALO_CONSUL_TOKEN_FILE", "/nonexistent/halo-token")],
+                "consul.token_file: /nonexistent/halo-token: No such file",
+            ),
+            (
+                vec![("CONSUL_HTTP_TOKEN_FILE", "/nonexistent/halo-token")],
+                "CONSUL_HTTP_TOKEN_FILE: /nonexistent/halo-token: No such file",
+            ),
+            (
+                vec![
+                    ("HALO_CONSUL_ADDRESS", "https://127.0.0.1:8501"),
+                    ("HALO_CONSUL_CA_FILE", "/nonexistent/ca.pem"),
+                ],
+                "consul.ca_file /nonexistent/ca.pem: No such file",
+            ),
+            (
+                vec![
+                    ("HALO_CONSUL_ADDRESS", "https://127.0.0.1:8501"),
+                    ("CONSUL_CACERT", "/nonexistent/ca.pem"),
+                ],
+                "CONSUL_CACERT /nonexistent/ca.pem: No such file",
+            ),
+            (
+                vec![("HALO_CONSUL_KEY_FILE", "/x.pem")],
+                "consul.key_file (CONSUL_CLIENT_KEY) is set but cert_file (CONSUL_CLIENT_CERT) is not",
             ),
             (
                 vec![("HALO_SERVICE_ADDRESS", "0.0.0.0")],

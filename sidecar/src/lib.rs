@@ -68,14 +68,8 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
     }
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    let client = Client::new(halo_consul::Config {
-        address: settings.config.consul.address.clone(),
-        token: settings.config.consul.token.clone(),
-        datacenter: None,
-        timeout: Some(CONSUL_TIMEOUT),
-        max_response_bytes: None,
-    })
-    .context("consul")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let client = Client::new(settings.config.consul.client_config(Some(CONSUL_TIMEOUT))).context("consul")?;
 
     let stop = CancellationToken::new();
     let prober = Prober::default();
@@ -116,6 +110,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         let response = route(&admin, req);
         async move { response }
     }));
+    let token_changed = Arc::new(tokio::sync::Notify::new());
     let sync = tokio::spawn(sync::run(
         client.clone(),
         settings.clone(),
@@ -123,6 +118,7 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         draining.clone(),
         stop.clone(),
         sync_status,
+        Arc::clone(&token_changed),
     ));
     tracing::info!(
         service = %settings.service_id,
@@ -140,6 +136,12 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
         tokio::select! {
             _ = sigterm.recv() => { draining_tx.send_replace(true); }
             _ = sigint.recv() => { draining_tx.send_replace(true); }
+            _ = sighup.recv() => {
+                if reload_token(&client) {
+                    token_changed.notify_one();
+                }
+                continue;
+            }
             changed = draining.wait_for(|d| *d) => { changed.context("drain channel closed")?; }
         }
         draining.mark_unchanged();
@@ -166,6 +168,25 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
     }
     deregister(&client, &settings, SHUTDOWN_MARGIN).await;
     Ok(())
+}
+
+/// SIGHUP: reads the Consul token file again (the only thing reloaded; the
+/// rest of the config needs a restart). A bad file keeps the old token in
+/// use, logged; the token itself is never logged. Answers whether the token
+/// changed.
+fn reload_token(client: &Client) -> bool {
+    match client.reload_token() {
+        Ok(true) => {
+            tracing::info!(token_file = ?client.token_file(), "SIGHUP: Consul ACL token changed; used from the next call");
+            return true;
+        }
+        Ok(false) => match client.token_file() {
+            Some(file) => tracing::info!(token_file = %file.display(), "SIGHUP: Consul ACL token file unchanged"),
+            None => tracing::info!("SIGHUP: no Consul token file configured; nothing to reload"),
+        },
+        Err(e) => tracing::error!(error = %e, "SIGHUP: cannot read the Consul token file; keeping the token in use"),
+    }
+    false
 }
 
 /// Tells systemd (`Type=notify`) the sidecar is ready once the admin API

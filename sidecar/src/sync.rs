@@ -19,13 +19,14 @@
 //! or Consul 1.8's 500 "does not have associated TTL", on a check update; or
 //! the periodic comparison finds the service gone), we register again.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use halo_consul::{CheckRegistration, CheckStatus, Client, ServiceRegistration, Weights};
 use halo_health::{CheckHandle, Status};
 use http::StatusCode;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -168,6 +169,8 @@ impl Pushed {
 }
 
 /// Runs until `stop` is cancelled. `draining` true means "in maintenance".
+/// `token_changed` is notified when SIGHUP brought a new ACL token: a pass
+/// then runs at once, whatever the back-off.
 /// Every Consul call is abandoned as soon as `stop` is cancelled, so the
 /// caller's shutdown never waits on a hung agent here.
 pub async fn run(
@@ -177,6 +180,7 @@ pub async fn run(
     draining: watch::Receiver<bool>,
     stop: CancellationToken,
     status: watch::Sender<SyncStatus>,
+    token_changed: Arc<Notify>,
 ) {
     let registered_gauge = metrics::gauge!("halo_sidecar_registered");
     let push_failures = metrics::counter!("halo_consul_push_failures_total");
@@ -294,6 +298,12 @@ pub async fn run(
             }
             changed = draining.changed() => {
                 if changed.is_err() { return; }
+            }
+            // A new ACL token (SIGHUP): what Consul refused may pass now, so
+            // retry at once rather than after the refusal's back-off.
+            () = token_changed.notified() => {
+                retry_at = None;
+                pushed.iter_mut().for_each(|p| p.dirty = true);
             }
             () = sleep_until_opt(retry_at) => {}
         }
@@ -469,12 +479,21 @@ mod tests {
             datacenter: None,
             timeout: Some(Duration::from_secs(2)),
             max_response_bytes: None,
+            ..halo_consul::Config::default()
         })
         .unwrap();
         let (_draining_tx, draining) = watch::channel(false);
         let (status_tx, mut status) = watch::channel(SyncStatus::default());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(client, settings, Vec::new(), draining, stop.clone(), status_tx));
+        let task = tokio::spawn(run(
+            client,
+            settings,
+            Vec::new(),
+            draining,
+            stop.clone(),
+            status_tx,
+            Arc::new(Notify::new()),
+        ));
 
         let mut seen: Vec<(Instant, SyncStatus)> = Vec::new();
         while seen.len() < 9 {

@@ -19,6 +19,8 @@
 //! - [`http`]: a tiny HTTP/1.0 client for readiness polling and admin APIs,
 //!   independent of the code under test.
 //! - [`eventually`]: poll a condition until a generous deadline.
+//! - [`tls`]: a CA and certificates made by `consul tls`, and the agent
+//!   settings for HTTPS ([`ConsulAgent::start_with_tls`]).
 //! - [`fault`]: a TCP proxy that can cut the path to an agent like a
 //!   partition.
 //! - [`netns`]: hosts in network namespaces on one bridge (a client, two
@@ -35,6 +37,7 @@ pub mod http;
 pub mod netns;
 mod ports;
 mod process;
+pub mod tls;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -151,6 +154,44 @@ impl ConsulAgent {
             token: Some(master_token.to_owned()),
         })
         .await
+    }
+
+    /// A dev agent that also serves its API over HTTPS, with `certs` and,
+    /// when `require_client_cert`, `verify_incoming_https`. The plain HTTP
+    /// port stays open (the testkit's readiness polls use it). Returns the
+    /// agent and its HTTPS address.
+    pub async fn start_with_tls(
+        certs: &tls::Certs,
+        require_client_cert: bool,
+        mut options: AgentOptions,
+    ) -> (ConsulAgent, SocketAddr) {
+        let port = free_port(Ipv4Addr::LOCALHOST);
+        options.extra_hcl.extend(certs.agent_hcl(port, require_client_cert));
+        let agent = ConsulAgent::start_with(options).await;
+        (agent, SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    }
+
+    /// On an agent started with [`ConsulAgent::start_with_acl`]: creates
+    /// policy `name` with `rules` (HCL, e.g. a file of `packaging/consul/`)
+    /// and a token linked to it alone, through `master_token`; returns the
+    /// token's SecretID.
+    pub async fn create_token(&self, master_token: &str, name: &str, rules: &str) -> String {
+        let policy = serde_json::json!({ "Name": name, "Rules": rules }).to_string();
+        let (status, body) = http::request_with_token(self.http_addr(), "PUT", "/v1/acl/policy", master_token, &policy)
+            .await
+            .expect("the agent answers PUT /v1/acl/policy");
+        assert_eq!(status, 200, "create policy {name}: {body}");
+        let token = serde_json::json!({
+            "Description": format!("{name} (test)"),
+            "Policies": [{ "Name": name }],
+        })
+        .to_string();
+        let (status, body) = http::request_with_token(self.http_addr(), "PUT", "/v1/acl/token", master_token, &token)
+            .await
+            .expect("the agent answers PUT /v1/acl/token");
+        assert_eq!(status, 200, "create token for {name}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("token JSON");
+        answer["SecretID"].as_str().expect("SecretID").to_owned()
     }
 
     /// `127.0.0.1:<port>` of the HTTP API.

@@ -132,3 +132,54 @@ async fn with_acls_the_token_check_tells_the_cases_apart_and_empty_answers_may_b
         "{err:?}"
     );
 }
+
+/// What packaging/consul/halo-sidecar.hcl says of Consul 1.8.7: `service
+/// "<name>" { policy = "write" }` alone lets the agent API register, push
+/// TTL checks, set maintenance, read back and deregister (node read is not
+/// needed); and any token, the anonymous one included, may read
+/// `/v1/acl/token/self` (halo-lb's policy needs no `acl` rule).
+#[tokio::test]
+async fn service_write_alone_runs_a_sidecar_and_any_token_reads_itself() {
+    use halo_consul::{CheckRegistration, CheckStatus, ServiceRegistration};
+
+    let agent = ConsulAgent::start_with_acl(MASTER).await;
+    let only = agent
+        .create_token(MASTER, "svc-only", "service \"web\" { policy = \"write\" }")
+        .await;
+    let c = client_with(&agent, Some(&only));
+    c.register_service(&ServiceRegistration {
+        id: "web-1".into(),
+        name: "web".into(),
+        port: Some(1),
+        checks: vec![CheckRegistration::ttl(
+            "web-1:ttl",
+            "ttl",
+            Duration::from_secs(30),
+            CheckStatus::Critical,
+        )],
+        ..ServiceRegistration::default()
+    })
+    .await
+    .unwrap();
+    c.check_pass("web-1:ttl", "ok").await.unwrap();
+    c.set_service_maintenance("web-1", true, Some("drain")).await.unwrap();
+    assert!(c.agent_service("web-1").await.unwrap().is_some());
+    c.deregister_service("web-1").await.unwrap();
+    // Another service's registration is refused, naming the permission.
+    let e = c
+        .register_service(&ServiceRegistration {
+            id: "db-1".into(),
+            name: "db".into(),
+            ..ServiceRegistration::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("403") && e.contains("Permission denied"), "{e}");
+
+    assert!(matches!(c.acl_token_self().await.unwrap(), TokenStatus::Valid(_)));
+    assert!(matches!(
+        client_with(&agent, None).acl_token_self().await.unwrap(),
+        TokenStatus::Anonymous
+    ));
+}

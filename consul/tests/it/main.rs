@@ -7,6 +7,7 @@ mod errors;
 mod health;
 mod kv;
 mod session;
+mod tls;
 
 use halo_consul::{CheckRegistration, CheckStatus, Client, ServiceRegistration};
 use halo_testkit::ConsulAgent;

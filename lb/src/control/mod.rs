@@ -90,7 +90,13 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     // /status rendering and discovery run on this one).
     let election = match &leadership {
         Some(leadership) => {
-            let client = config.consul.client().context("consul")?;
+            // The token cell is the server's: a SIGHUP's new token reaches
+            // the election's own client on its own thread.
+            let client = config
+                .consul
+                .client()
+                .context("consul")?
+                .sharing_token(server.consul_token());
             let probe_at = leadership.settings().probe;
             let probe = std::net::UdpSocket::bind(probe_at)
                 .and_then(|s| s.set_nonblocking(true).map(|()| s))

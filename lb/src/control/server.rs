@@ -92,6 +92,10 @@ pub(crate) struct Server {
     workers: Workers,
     /// The Consul settings discovery tasks were started with.
     consul: Mutex<Option<ConsulSettings>>,
+    /// The ACL token every Consul client of this process reads (discovery
+    /// on this runtime, the election on its own thread): each apply moves
+    /// the configured token (a token file read again on SIGHUP) into it.
+    consul_token: halo_consul::Token,
     /// Whether VIPs have listeners: always for a lone balancer, only while
     /// active for one of an HA pair. Written only with `vips` locked.
     serving: AtomicBool,
@@ -139,6 +143,7 @@ impl Server {
             prometheus,
             workers,
             consul: Mutex::new(None),
+            consul_token: halo_consul::Token::default(),
             serving: AtomicBool::new(serving),
             ha: config.ha.clone(),
             prebind: config.ha.as_ref().is_some_and(|ha| ha.floating.is_some()),
@@ -159,9 +164,14 @@ impl Server {
         // 0. The Consul settings, if any VIP discovers its backends there,
         // make a client (before any change, so a bad [consul] section
         // changes nothing; validation has already tried the same).
-        if config.vips.iter().any(|v| matches!(v.source, BackendSource::Consul(_))) {
+        let needs_consul =
+            config.ha.is_some() || config.vips.iter().any(|v| matches!(v.source, BackendSource::Consul(_)));
+        let token = if needs_consul {
             config.consul.client()?;
-        }
+            Some(config.consul.token()?)
+        } else {
+            None
+        };
 
         // 1. Bind whatever needs a new listener.
         let serving = self.serving.load(Ordering::Relaxed);
@@ -197,11 +207,28 @@ impl Server {
         // 3. Update or start the rest. Discovery restarts when its target or
         // the Consul settings change; otherwise it carries on undisturbed.
         *self.drain_timeout.lock().expect("poisoned") = config.drain_timeout;
+        // A new token (a token file changed before SIGHUP) restarts Consul
+        // discovery like any other Consul change: a blocking query in flight
+        // would otherwise carry the old token until its wait ends, and the
+        // token's ACL check is redone. The election picks it up from its
+        // next call (it shares the cell).
+        let first_apply = self.consul.lock().expect("poisoned").is_none();
+        let token_changed = token.is_some_and(|token| {
+            let changed = self.consul_token.adopt(&token);
+            if changed && !first_apply {
+                // Never the token itself in the log: only where it came from.
+                tracing::info!(
+                    token_file = ?token.file(),
+                    "Consul ACL token changed: discovery restarts with it, the election uses it from its next call"
+                );
+            }
+            changed
+        });
         let consul_changed = {
             let mut current = self.consul.lock().expect("poisoned");
             let changed = current.as_ref() != Some(&config.consul);
             *current = Some(config.consul.clone());
-            changed
+            changed || token_changed
         };
         for v in &config.vips {
             let name = &v.name;
@@ -246,7 +273,7 @@ impl Server {
             });
             if !keep {
                 running.discovery = None;
-                running.discovery = Discovery::start(&running.vip, &v.source, &config.consul)?;
+                running.discovery = Discovery::start(&running.vip, &v.source, &config.consul, &self.consul_token)?;
             }
         }
         Ok(())
@@ -306,6 +333,11 @@ impl Server {
     /// `[ha]` as the process started with it.
     pub(crate) fn ha_settings(&self) -> Option<HaSettings> {
         self.ha.clone()
+    }
+
+    /// The ACL token cell every Consul client of this process shares.
+    pub(crate) fn consul_token(&self) -> &halo_consul::Token {
+        &self.consul_token
     }
 
     /// How many VIPs have their listener bound and accepting.

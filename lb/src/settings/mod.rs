@@ -71,29 +71,56 @@ pub struct ConsulTarget {
 }
 
 /// `[consul]` validated: how to reach the agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ConsulSettings {
     /// Agent address; `None`: `CONSUL_HTTP_ADDR`, else 127.0.0.1:8500.
     pub address: Option<String>,
-    /// ACL token; `None`: `CONSUL_HTTP_TOKEN`, else none.
+    /// ACL token; `None`: see `token_file`.
     pub token: Option<String>,
+    /// ACL token file (wins over `token`); `None`: `CONSUL_HTTP_TOKEN_FILE`,
+    /// else `CONSUL_HTTP_TOKEN`, else none.
+    pub token_file: Option<std::path::PathBuf>,
+    /// TLS to the agent; unset fields come from Consul's variables.
+    pub tls: halo_consul::TlsConfig,
     /// Longest wait of one blocking query.
     pub wait: Duration,
+}
+
+impl std::fmt::Debug for ConsulSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulSettings")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("tls", &self.tls)
+            .field("wait", &self.wait)
+            .finish()
+    }
 }
 
 impl ConsulSettings {
     /// A client for these settings. Each runtime that talks to Consul makes
     /// its own (a client's connection pool belongs to the runtime it was
-    /// first used on). Validation has already made one, so an error here
-    /// means the environment changed since.
+    /// first used on), sharing one [`halo_consul::Token`] through
+    /// [`halo_consul::Client::sharing_token`] so a SIGHUP's new token
+    /// reaches all. Validation has already made one, so an error here means
+    /// the environment or a file changed since.
     pub fn client(&self) -> Result<halo_consul::Client, halo_consul::Error> {
         halo_consul::Client::new(self.client_config())
+    }
+
+    /// The token these settings name (reading the token file), for
+    /// [`halo_consul::Token::adopt`] on reload.
+    pub fn token(&self) -> Result<halo_consul::Token, halo_consul::Error> {
+        halo_consul::Token::resolve(&self.client_config(), |name| std::env::var(name).ok())
     }
 
     fn client_config(&self) -> halo_consul::Config {
         halo_consul::Config {
             address: self.address.clone(),
             token: self.token.clone(),
+            token_file: self.token_file.clone(),
+            tls: self.tls.clone(),
             ..halo_consul::Config::default()
         }
     }

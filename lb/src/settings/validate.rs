@@ -298,11 +298,23 @@ fn validate_consul(c: &ConsulConfig, needed: bool, problems: &mut Vec<String>) -
     let settings = ConsulSettings {
         address: c.address.clone(),
         token: c.token.clone(),
+        token_file: c.token_file.clone(),
+        tls: halo_consul::TlsConfig {
+            enabled: None,
+            ca_file: c.ca_file.clone(),
+            ca_path: c.ca_path.clone(),
+            cert_file: c.cert_file.clone(),
+            key_file: c.key_file.clone(),
+            server_name: c.tls_server_name.clone(),
+            skip_verify: c.tls_skip_verify,
+        },
         wait: c.wait.unwrap_or(DEFAULT_CONSUL_WAIT),
     };
     if needed {
         if let Err(e) = settings.client() {
-            problems.push(format!("consul.address: {e}"));
+            // halo-consul's text names the setting or variable at fault
+            // (address, token_file, ca_file, CONSUL_CACERT, …).
+            problems.push(format!("consul: {e}"));
         }
     }
     settings
@@ -352,6 +364,55 @@ mod tests {
         max_connections = 100
         proxy_protocol = "v2"
     "#;
+
+    /// The `[consul]` TLS and token-file settings reach the client's config,
+    /// a missing token file or CA is a problem naming the setting, and the
+    /// token never shows in `Debug`.
+    #[test]
+    fn consul_tls_and_token_file_settings_are_checked_at_load() {
+        let dir = std::env::temp_dir().join(format!("halo-lb-consul-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "s3cret-token\n").unwrap();
+        let file = |consul: &str| {
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:9901\"\n[consul]\n{consul}\n\
+                 [[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nservice = \"web\"\n"
+            )
+        };
+        let v = Config::parse(
+            &file(&format!(
+                "address = \"unix:///run/consul/http.sock\"\ntoken = \"literal-s3cret\"\n\
+                 token_file = \"{}\"\ntls_server_name = \"server.dc1.consul\"\ntls_skip_verify = false",
+                token_file.display()
+            )),
+            "consul.toml",
+        )
+        .unwrap();
+        assert_eq!(v.consul.token_file.as_deref(), Some(token_file.as_path()));
+        assert_eq!(v.consul.tls.server_name.as_deref(), Some("server.dc1.consul"));
+        assert_eq!(v.consul.tls.skip_verify, Some(false));
+        assert_eq!(v.consul.client().unwrap().address(), "unix:///run/consul/http.sock");
+        assert!(v.consul.token().unwrap().is_set());
+        assert!(!format!("{v:?}").contains("s3cret"), "{v:?}");
+
+        let e = Config::parse(&file("token_file = \"/nonexistent/halo-token\""), "consul.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token_file: /nonexistent/halo-token"), "{e}");
+        let e = Config::parse(
+            &file("address = \"https://127.0.0.1:8501\"\nca_file = \"/nonexistent/ca.pem\""),
+            "consul.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ca_file /nonexistent/ca.pem"), "{e}");
+        let e = Config::parse(&file("cert_file = \"/x.pem\""), "consul.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_file (CONSUL_CLIENT_KEY) is not"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_good_file_parses_with_defaults_filled_in() {

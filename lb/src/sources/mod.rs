@@ -140,11 +140,13 @@ pub(crate) struct Discovery {
 impl Discovery {
     /// Starts feeding `vip` from `source` on the current runtime. A static
     /// list is applied at once and needs no task (`None`); Consul uses
-    /// `consul` (a client is made from it for this discovery alone).
+    /// `consul` (a client is made from it for this discovery alone, reading
+    /// its ACL token from `token`, the process's shared cell).
     pub(crate) fn start(
         vip: &Arc<Vip>,
         source: &BackendSource,
         consul: &ConsulSettings,
+        token: &halo_consul::Token,
     ) -> Result<Option<Discovery>, halo_consul::Error> {
         let started_for = source.clone();
         Ok(Some(match source {
@@ -153,7 +155,12 @@ impl Discovery {
                 return Ok(None);
             }
             BackendSource::Consul(target) => {
-                let source = consul::ConsulSource::new(consul.client()?, target.clone(), consul.wait, vip.name());
+                let source = consul::ConsulSource::new(
+                    consul.client()?.sharing_token(token),
+                    target.clone(),
+                    consul.wait,
+                    vip.name(),
+                );
                 let watched = Watched::Consul {
                     service: target.service.clone(),
                     tag: target.tag.clone(),

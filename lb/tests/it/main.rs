@@ -15,5 +15,6 @@ mod ha;
 mod layout;
 mod lifecycle;
 mod production;
+mod production_consul;
 mod spread;
 mod zone;

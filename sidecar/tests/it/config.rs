@@ -58,7 +58,7 @@ fn check_refuses_what_consul_would_refuse_and_warns_on_foreign_variables() {
         .env("HALO_SERVICE_META_CONSUL-ZONE", "a")
         .env("HALO_SERVICE_WEIGHTS_PASSING", "0")
         .env("HALO_SERVICE_WEIGHTS_WARNING", "1")
-        .env("HALO_CONSUL_ADDRESS", "unix:///run/consul.sock")
+        .env("HALO_CONSUL_ADDRESS", "ftp://127.0.0.1:8500")
         .output()
         .unwrap();
     assert!(!out.status.success());

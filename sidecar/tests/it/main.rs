@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 mod admin_auth;
 mod behaviour;
 mod config;
+mod production_consul;
 mod refusal;
 mod service;
 
@@ -145,6 +146,11 @@ impl Sidecar {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
     }
 
     pub fn sigterm(&self) {

@@ -37,6 +37,7 @@ async fn a_refused_registration_is_reported_and_retried_slowly() {
         draining,
         stop.clone(),
         status_tx,
+        std::sync::Arc::new(tokio::sync::Notify::new()),
     ));
 
     let refused = eventually(DEADLINE, "a refusal", || async {
