@@ -41,8 +41,15 @@
 //!   servers (no confirmation is possible, so the lease runs out). The one
 //!   exception is a `?release` of our session or a delete of the key by
 //!   someone else, which start no lock delay; nothing in halo does either
-//!   to a session it does not hold, and the ACL policy in the README grants
-//!   `key:write` on the lock to halo-lb alone.
+//!   to a session it does not hold, and the ACL policy in
+//!   `packaging/consul/halo-lb.hcl` grants `key:write` on `halo/` to
+//!   halo-lb alone.
+//! - **Credentials change nothing of this.** The election's client shares
+//!   the process's Consul token (a SIGHUP may swap it) and TLS settings. A
+//!   token Consul refuses, or a TLS failure, makes every call fail like an
+//!   unreachable Consul: no read is confirmed, so the lease runs out before
+//!   the session (whose check our failed heartbeats let go critical) can be
+//!   invalidated and its lock delay end.
 //! - **Enforced where it matters.** When the lease ends the active stops
 //!   serving ([`Server::stop_serving`], synchronous: the listening sockets
 //!   leave LISTEN before it returns). Independently, the data plane checks
