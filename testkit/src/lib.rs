@@ -35,6 +35,7 @@ pub mod dc;
 pub mod fault;
 pub mod http;
 pub mod netns;
+pub mod notify;
 mod ports;
 mod process;
 pub mod tls;

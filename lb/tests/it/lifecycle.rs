@@ -106,19 +106,6 @@ async fn raising_the_connection_limit_on_reload_wakes_paused_accepting() {
     );
 }
 
-/// Reads the next notification datagram, waiting up to `DEADLINE`.
-async fn next_message(socket: &std::sync::Arc<std::os::unix::net::UnixDatagram>) -> String {
-    let socket = std::sync::Arc::clone(socket);
-    tokio::task::spawn_blocking(move || {
-        socket.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut buf = [0u8; 1024];
-        let n = socket.recv(&mut buf).expect("a notification within the deadline");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    })
-    .await
-    .unwrap()
-}
-
 async fn healthcheck(lb: &Lb) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_halo-lb"));
     cmd.arg("--config")
@@ -136,14 +123,12 @@ async fn healthcheck(lb: &Lb) -> std::process::Output {
 async fn systemd_hears_ready_and_stopping_and_the_healthcheck_follows_health() {
     let a = TestBackend::start("a", Behavior::GreetEcho).await;
     let (admin, vip) = addrs();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify");
-    let socket = std::sync::Arc::new(std::os::unix::net::UnixDatagram::bind(&path).unwrap());
+    let notify = halo_testkit::notify::NotifySocket::bind();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_halo-lb"));
-    cmd.env("NOTIFY_SOCKET", &path);
+    cmd.env("NOTIFY_SOCKET", notify.path());
     let mut lb = Lb::start_command(cmd, &one_vip(admin, vip, &[a.addr], ""), admin, &[vip]).await;
 
-    let ready = next_message(&socket).await;
+    let ready = notify.next(DEADLINE).await;
     assert!(
         ready.contains("READY=1") && ready.contains("STATUS=serving"),
         "{ready:?}"
@@ -153,10 +138,7 @@ async fn systemd_hears_ready_and_stopping_and_the_healthcheck_follows_health() {
 
     let (_, live) = greeting(vip).await.unwrap();
     lb.signal(Signal::SIGTERM);
-    let mut message = next_message(&socket).await;
-    while !message.contains("STOPPING=1") {
-        message = next_message(&socket).await;
-    }
+    notify.wait_for("STOPPING=1", DEADLINE).await;
     let out = healthcheck(&lb).await;
     assert!(!out.status.success(), "draining is not healthy: {out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("503"), "{out:?}");

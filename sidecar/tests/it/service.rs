@@ -1,26 +1,12 @@
 //! Living under a service manager: systemd's readiness messages, the
 //! `healthcheck` and `drain --wait` subcommands.
 
-use std::os::unix::net::UnixDatagram;
 use std::process::Output;
 
 use halo_consul::Client;
 use halo_testkit::ConsulAgent;
 
 use crate::*;
-
-/// Reads the next notification datagram, waiting up to `DEADLINE`.
-async fn next_message(socket: &std::sync::Arc<UnixDatagram>) -> String {
-    let socket = std::sync::Arc::clone(socket);
-    tokio::task::spawn_blocking(move || {
-        socket.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut buf = [0u8; 1024];
-        let n = socket.recv(&mut buf).expect("a notification within the deadline");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    })
-    .await
-    .unwrap()
-}
 
 async fn run(sidecar: &Sidecar, args: &[&str]) -> Output {
     let mut cmd = sidecar_command();
@@ -36,23 +22,21 @@ async fn systemd_hears_ready_once_registered_and_stopping_on_sigterm() {
     let client = Client::from_address(consul.http_url()).unwrap();
     let app = App::start().await;
     let admin = admin_addr();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify");
-    let socket = std::sync::Arc::new(UnixDatagram::bind(&path).unwrap());
+    let notify = halo_testkit::notify::NotifySocket::bind();
     let mut sidecar = Sidecar::start_with_env(
         &config(&consul, &app, admin, "500ms", "1s"),
         admin,
-        &[("NOTIFY_SOCKET", path.as_os_str())],
+        &[("NOTIFY_SOCKET", notify.path().as_os_str())],
     )
     .await;
 
-    let mut message = next_message(&socket).await;
+    let mut message = notify.next(DEADLINE).await;
     while !message.contains("READY=1") {
         assert!(
             message.starts_with("STATUS="),
             "only status lines before READY: {message:?}"
         );
-        message = next_message(&socket).await;
+        message = notify.next(DEADLINE).await;
     }
     assert!(
         client.agent_service("web-1").await.unwrap().is_some(),
@@ -60,10 +44,7 @@ async fn systemd_hears_ready_once_registered_and_stopping_on_sigterm() {
     );
 
     sidecar.sigterm();
-    let mut message = next_message(&socket).await;
-    while !message.contains("STOPPING=1") {
-        message = next_message(&socket).await;
-    }
+    notify.wait_for("STOPPING=1", DEADLINE).await;
     assert!(sidecar.wait_exit().await.success());
 }
 
