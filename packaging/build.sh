@@ -14,8 +14,8 @@
 # cannot load NSS modules, so inside an image give Consul's address as an
 # IP, not a host name.
 #
-# Tools: cargo-deb (pinned below) is built into target/tools when missing,
-# as scripts/deny.sh does for cargo-deny; buildah and podman come from
+# Tools: cargo-deb (pinned below) is built into target/tools when missing
+# (scripts/cargo-tool.sh, as for cargo-deny); buildah and podman come from
 # Debian (apt-get install buildah podman runc) and are installed when
 # missing.
 set -euo pipefail
@@ -52,22 +52,7 @@ echo "   built in $((SECONDS - start)) s: $bin/halo-lb, $bin/halo-sidecar"
 [ "$what" = binaries ] && exit 0
 
 if [ "$what" = debs ] || [ "$what" = all ]; then
-    tools="$target_dir/tools"
-    deb=""
-    for candidate in "$(command -v cargo-deb 2>/dev/null || true)" "$tools/bin/cargo-deb"; do
-        if [ -n "$candidate" ] && [ -x "$candidate" ] &&
-            [ "$("$candidate" --version 2>/dev/null)" = "cargo-deb $CARGO_DEB_VERSION" ]; then
-            deb="$candidate"
-            break
-        fi
-    done
-    if [ -z "$deb" ]; then
-        echo "== installing cargo-deb $CARGO_DEB_VERSION into ${tools#"$root"/}"
-        start=$SECONDS
-        cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION" --root "$tools"
-        echo "   built in $((SECONDS - start)) s"
-        deb="$tools/bin/cargo-deb"
-    fi
+    deb=$(scripts/cargo-tool.sh cargo-deb "$CARGO_DEB_VERSION")
     echo "== Debian packages"
     mkdir -p "$target_dir/debian"
     for p in halo-lb halo-sidecar; do

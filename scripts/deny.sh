@@ -4,32 +4,17 @@
 # no network but crates.io.
 #
 # cargo-deny is pinned below. If target/tools/bin/cargo-deny is missing or
-# another version, it is built from crates.io with `cargo install --locked`
-# into target/tools (about 3 minutes of CPU once; reruns reuse it). A
-# cargo-deny of the pinned version on PATH is used as is.
+# another version, scripts/cargo-tool.sh builds it from crates.io into
+# target/tools (about 3 minutes of CPU once; reruns reuse it). A cargo-deny
+# of the pinned version on PATH is used as is.
 set -euo pipefail
 
 CARGO_DENY_VERSION=0.20.2
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-tools="${CARGO_TARGET_DIR:-$root/target}/tools"
 
-deny=""
-for candidate in "$(command -v cargo-deny 2>/dev/null || true)" "$tools/bin/cargo-deny"; do
-    if [ -n "$candidate" ] && [ -x "$candidate" ] &&
-        [ "$("$candidate" --version 2>/dev/null)" = "cargo-deny $CARGO_DENY_VERSION" ]; then
-        deny="$candidate"
-        break
-    fi
-done
-if [ -z "$deny" ]; then
-    echo "== installing cargo-deny $CARGO_DENY_VERSION into ${tools#"$root"/}"
-    start=$SECONDS
-    cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION" --root "$tools"
-    echo "   built in $((SECONDS - start)) s"
-    deny="$tools/bin/cargo-deny"
-fi
+deny=$(scripts/cargo-tool.sh cargo-deny "$CARGO_DENY_VERSION")
 
 # cargo-deny runs `cargo metadata`, which wants every package in Cargo.lock,
 # those of other platforms too; with --offline they must already be here.
