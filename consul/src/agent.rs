@@ -267,7 +267,57 @@ pub struct AgentCheck {
     pub service_id: String,
 }
 
+/// What the local agent says about itself (`GET /v1/agent/self`), the
+/// parts halo uses. Needs `agent:read` on the agent's node under ACLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSelf {
+    /// The node's name (`Config.NodeName`).
+    pub node_name: String,
+    /// The datacenter (`Config.Datacenter`).
+    pub datacenter: String,
+    /// The address the agent advertises to the rest of the cluster for this
+    /// node (`Member.Addr`, its LAN gossip address): the address other
+    /// hosts reach this node at, as far as Consul knows.
+    pub address: std::net::IpAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentSelfWire {
+    config: AgentSelfConfig,
+    member: AgentSelfMember,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentSelfConfig {
+    node_name: String,
+    #[serde(default)]
+    datacenter: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AgentSelfMember {
+    addr: String,
+}
+
 impl Client {
+    /// What the local agent says about itself: its node and the address it
+    /// advertises for it.
+    pub async fn agent_self(&self) -> Result<AgentSelf, Error> {
+        let wire: AgentSelfWire = self.send(Call::get("agent/self".into())).await?.ok()?.decode()?;
+        let address = wire.member.addr.parse().map_err(|_| Error::Decode {
+            path: "agent/self".to_owned(),
+            reason: format!("Member.Addr {:?} is not an ip address", wire.member.addr),
+        })?;
+        Ok(AgentSelf {
+            node_name: wire.config.node_name,
+            datacenter: wire.config.datacenter,
+            address,
+        })
+    }
+
     /// Registers (or replaces) a service instance and its checks with the
     /// local agent. Checks the new registration no longer lists are removed.
     pub async fn register_service(&self, service: &ServiceRegistration) -> Result<(), Error> {

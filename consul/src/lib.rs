@@ -74,7 +74,9 @@ mod token;
 mod fuzz;
 
 pub use acl::{TokenInfo, TokenStatus};
-pub use agent::{AgentCheck, AgentService, CheckKind, CheckRegistration, CheckStatus, ServiceRegistration, Weights};
+pub use agent::{
+    AgentCheck, AgentSelf, AgentService, CheckKind, CheckRegistration, CheckStatus, ServiceRegistration, Weights,
+};
 pub use client::{
     Client, Config, DEFAULT_ADDRESS, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, DEFAULT_WAIT, MAX_ERROR_TEXT_BYTES,
 };

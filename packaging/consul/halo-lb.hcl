@@ -27,8 +27,10 @@ service "halo-lb" {
   policy = "write"
 }
 
-# [ha]: the lock, halo/<cluster>/leader (acquire, release, consistent reads).
-# Narrow it to key "halo/<cluster>/leader" if the token serves one pair.
+# [ha]: the lock, halo/<cluster>/leader (acquire, release, consistent reads),
+# and the pair key that authenticates the balancers' probes,
+# halo/<cluster>/probe-key (created by the first instance, read by all).
+# Narrow it to key_prefix "halo/<cluster>/" if the token serves one pair.
 key_prefix "halo/" {
   policy = "write"
 }
@@ -41,6 +43,14 @@ session_prefix "" {
   policy = "write"
 }
 
-# Not needed: agent, acl (GET /v1/acl/token/self answers any token, the
+# [ha] without probe_listen: each instance asks its local agent which
+# address it advertises for the node (GET /v1/agent/self) and answers its
+# peers' probes there. Narrow to agent "<node>" { policy = "read" } if the
+# token is per host.
+agent_prefix "" {
+  policy = "read"
+}
+
+# Not needed: acl (GET /v1/acl/token/self answers any token, the
 # anonymous one included, about itself: consul/tests/it/acl.rs), operator,
 # keyring.

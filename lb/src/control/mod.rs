@@ -97,10 +97,17 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
                 .client()
                 .context("consul")?
                 .sharing_token(server.consul_token());
-            let probe_at = leadership.settings().probe;
-            let probe = std::net::UdpSocket::bind(probe_at)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                .with_context(|| format!("cannot listen for probes on ha.probe_listen {probe_at} (UDP)"))?;
+            // A probe address the config fixes is bound now, so that a taken
+            // one fails the start; one derived from the agent's address is
+            // chosen and bound by the election once the agent answers.
+            let probe = match leadership.settings().probe {
+                settings::ProbeListen::Configured(at) | settings::ProbeListen::Admin(at) => Some(
+                    std::net::UdpSocket::bind(at)
+                        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                        .with_context(|| format!("cannot listen for probes on {at} (UDP)"))?,
+                ),
+                settings::ProbeListen::AgentAddress { .. } => None,
+            };
             let (leadership, server, stop) = (Arc::clone(leadership), Arc::clone(&server), stop_ha.clone());
             let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
             std::thread::Builder::new()
@@ -254,6 +261,60 @@ fn fd_shortfall(config: &Validated) -> Option<(u64, u64)> {
     (need > soft).then_some((need, soft))
 }
 
+/// A process runs with one `ha.id` for its whole life. Unset in the file,
+/// the id is derived from the host name, which may change while the
+/// process runs (a DHCP lease, a container renamed); a reload must not read
+/// that as an `[ha]` change, so the running id is kept.
+fn keep_running_id(config: &mut Validated, running: Option<&settings::HaSettings>) {
+    if let (Some(new), Some(running)) = (config.ha.as_mut(), running) {
+        if new.id_is_default && running.id_is_default {
+            new.id.clone_from(&running.id);
+        }
+    }
+}
+
+/// The settings a reload may not change while the election runs, named as
+/// in the file: `[ha]` (the election's identity, timings and addresses) and,
+/// for an instance of a pair, the `[consul]` fields other than the token
+/// (the election's own client was made from them at start; applying them to
+/// discovery alone would leave the election on the old agent). A new token
+/// is fine: every client shares one token cell.
+fn reload_blockers(
+    running_ha: Option<&settings::HaSettings>,
+    running_consul: Option<&settings::ConsulSettings>,
+    new: &Validated,
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    match (running_ha, new.ha.as_ref()) {
+        (None, None) => {}
+        (None, Some(_)) => changed.push("[ha] (added)"),
+        (Some(_), None) => changed.push("[ha] (removed)"),
+        (Some(a), Some(b)) => {
+            let fields: [(&'static str, bool); 8] = [
+                ("ha.cluster", a.cluster != b.cluster),
+                ("ha.id", a.id != b.id),
+                ("ha.check_ttl", a.check_ttl != b.check_ttl),
+                ("ha.lock_delay", a.lock_delay != b.lock_delay),
+                ("ha.probe_listen", a.probe != b.probe),
+                ("ha.probe_interval", a.probe_interval != b.probe_interval),
+                ("ha.probe_misses", a.probe_misses != b.probe_misses),
+                ("ha.vip_address/vip_interface", a.floating != b.floating),
+            ];
+            changed.extend(fields.iter().filter(|(_, differs)| *differs).map(|(name, _)| *name));
+        }
+    }
+    if let (Some(_), Some(a)) = (running_ha, running_consul) {
+        let b = &new.consul;
+        let fields: [(&'static str, bool); 3] = [
+            ("consul.address", a.address != b.address),
+            ("consul TLS settings", a.tls != b.tls),
+            ("consul.wait", a.wait != b.wait),
+        ];
+        changed.extend(fields.iter().filter(|(_, differs)| *differs).map(|(name, _)| *name));
+    }
+    changed
+}
+
 async fn reload(server: &Server, auth: &halo_health::auth::AdminAuth, path: &std::path::Path) {
     tracing::info!(path = %path.display(), "SIGHUP: reloading");
     // File I/O off the control runtime's thread.
@@ -265,9 +326,29 @@ async fn reload(server: &Server, auth: &halo_health::auth::AdminAuth, path: &std
             return;
         }
     };
+    let loaded = loaded.map(|mut config| {
+        keep_running_id(&mut config, server.ha_settings().as_ref());
+        config
+    });
     match loaded {
-        Ok(config) if config.ha != server.ha_settings() => {
-            tracing::error!("reload rejected: [ha] changes need a restart; the running config stays in force")
+        Ok(config)
+            if !reload_blockers(
+                server.ha_settings().as_ref(),
+                server.consul_settings().as_ref(),
+                &config,
+            )
+            .is_empty() =>
+        {
+            let fields = reload_blockers(
+                server.ha_settings().as_ref(),
+                server.consul_settings().as_ref(),
+                &config,
+            );
+            tracing::error!(
+                fields = %fields.join(", "),
+                "reload rejected: {} changed, which the election uses and cannot change under it; restart to apply. The running config stays in force",
+                fields.join(", ")
+            )
         }
         Ok(config) => match server.apply(&config) {
             Ok(()) => {

@@ -335,6 +335,11 @@ impl Server {
         self.ha.clone()
     }
 
+    /// The `[consul]` settings in force (`None` before the first apply).
+    pub(crate) fn consul_settings(&self) -> Option<ConsulSettings> {
+        self.consul.lock().expect("poisoned").clone()
+    }
+
     /// The ACL token cell every Consul client of this process shares.
     pub(crate) fn consul_token(&self) -> &halo_consul::Token {
         &self.consul_token

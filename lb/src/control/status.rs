@@ -145,8 +145,16 @@ pub struct HaStatus {
     pub check_ttl_ms: u64,
     /// `ha.lock_delay` in milliseconds.
     pub lock_delay_ms: u64,
-    /// Where it answers probes (UDP `ip:port`).
+    /// Where it answers probes (UDP `ip:port`; empty until chosen at
+    /// start).
     pub probe: String,
+    /// Why that address (`ha.probe_listen`, the admin address, or the
+    /// address the local Consul agent advertises for this node).
+    #[serde(default)]
+    pub probe_reason: String,
+    /// This instance's Consul node, as its agent names it.
+    #[serde(default)]
+    pub node: Option<String>,
     /// The standby's failure detector.
     pub detector: DetectorStatus,
     /// Other hosts that answered ARP for the floating address after this
@@ -187,6 +195,14 @@ pub struct DetectorStatus {
     /// Milliseconds of damping left, while damped.
     #[serde(default)]
     pub damped_for_ms: Option<u64>,
+    /// Damped until the active answers a probe (the link to it works
+    /// again), however long the window.
+    #[serde(default)]
+    pub damped_until_heard: bool,
+    /// Why the holder of the lock cannot be probed, when it cannot (this
+    /// instance relies on Consul's detection meanwhile).
+    #[serde(default)]
+    pub unwatchable: Option<String>,
 }
 
 /// Other answers for the floating address.

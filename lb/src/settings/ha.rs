@@ -14,6 +14,10 @@ pub struct HaSettings {
     pub cluster: String,
     /// This instance's name.
     pub id: String,
+    /// `id` was not set in the file but derived from the host (see
+    /// [`default_id`]): a reload keeps the id the process runs with rather
+    /// than deriving it again (the host name may have changed).
+    pub id_is_default: bool,
     /// The check TTL.
     pub check_ttl: Duration,
     /// The session's lock delay.
@@ -28,14 +32,49 @@ pub struct HaSettings {
     pub lease: Duration,
     /// How often the active confirms its lock: a fifth of the lock delay.
     pub confirm_every: Duration,
-    /// Where this instance answers probes (UDP).
-    pub probe: SocketAddr,
+    /// Where this instance answers probes (UDP), and how that is chosen.
+    pub probe: ProbeListen,
     /// How often a standby probes the active.
     pub probe_interval: Duration,
     /// Unanswered probes in a row that mean the active is gone.
     pub probe_misses: u32,
     /// The floating address and its prefix length, and the interface.
     pub floating: Option<FloatingAddress>,
+}
+
+/// Where an instance answers its peers' probes: the address it advertises
+/// in the lock's value and its registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeListen {
+    /// `ha.probe_listen`, as written.
+    Configured(SocketAddr),
+    /// Unset, with `admin.listen` on a specific address other than
+    /// loopback: the admin address, over UDP.
+    Admin(SocketAddr),
+    /// Unset, with `admin.listen` on loopback (the secure default, which
+    /// the peers on other hosts cannot reach): the node's address as the
+    /// local Consul agent advertises it to the cluster, on the admin port,
+    /// found at start (`/v1/agent/self`). `admin` is what is left when that
+    /// fails.
+    AgentAddress {
+        /// The admin port, which the probe address shares (over UDP).
+        port: u16,
+        /// The admin address.
+        admin: SocketAddr,
+    },
+}
+
+impl std::fmt::Display for ProbeListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeListen::Configured(a) => write!(f, "{a} (ha.probe_listen)"),
+            ProbeListen::Admin(a) => write!(f, "{a} (the admin address: ha.probe_listen unset)"),
+            ProbeListen::AgentAddress { port, .. } => write!(
+                f,
+                "<the local Consul agent's advertise address>:{port} (ha.probe_listen unset, admin.listen on loopback)"
+            ),
+        }
+    }
 }
 
 /// `vip_address` on `vip_interface`.
@@ -127,7 +166,16 @@ pub(super) fn validate_ha(ha: &HaConfig, admin: Option<SocketAddr>, problems: &m
         ));
     }
     let probe = match &ha.probe_listen {
-        None => admin,
+        None => admin.map(|a| {
+            if a.ip().is_loopback() {
+                ProbeListen::AgentAddress {
+                    port: a.port(),
+                    admin: a,
+                }
+            } else {
+                ProbeListen::Admin(a)
+            }
+        }),
         Some(text) => match text.parse::<SocketAddr>() {
             Ok(a) if a.ip().is_unspecified() => {
                 problems.push(format!(
@@ -135,7 +183,7 @@ pub(super) fn validate_ha(ha: &HaConfig, admin: Option<SocketAddr>, problems: &m
                 ));
                 None
             }
-            Ok(a) => Some(a),
+            Ok(a) => Some(ProbeListen::Configured(a)),
             Err(_) => {
                 problems.push(format!("ha.probe_listen: {text:?} is not an ip:port address"));
                 None
@@ -179,6 +227,7 @@ pub(super) fn validate_ha(ha: &HaConfig, admin: Option<SocketAddr>, problems: &m
     (problems.len() == before).then(|| HaSettings {
         cluster: ha.cluster.clone(),
         id,
+        id_is_default: ha.id.is_none(),
         check_ttl: ha.check_ttl,
         lock_delay: ha.lock_delay,
         heartbeat: ha.check_ttl / 4,

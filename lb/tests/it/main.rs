@@ -12,6 +12,7 @@ mod dns;
 mod exhaustion;
 mod floating;
 mod ha;
+mod ha_reload;
 mod layout;
 mod lifecycle;
 mod production;

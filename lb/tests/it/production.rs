@@ -46,9 +46,10 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The VIP's port, and the backends' (python's http.server).
 const VIP_PORT: u16 = 8080;
 const BACKEND_PORT: u16 = 8080;
-/// halo-lb's admin API and probe responder, on the host's address.
+/// halo-lb's admin API, on loopback as the shipped configs have it; the
+/// probe responder is on the same port (UDP) at the host's address, as the
+/// host's agent advertises it.
 const ADMIN_PORT: u16 = 9901;
-const PROBE_PORT: u16 = 9902;
 /// halo-sidecar's admin API on a backend host.
 const SIDECAR_PORT: u16 = 9903;
 /// How often the sampler looks at the balancer hosts' addresses.
@@ -165,14 +166,14 @@ impl Drop for Balancer {
     }
 }
 
-/// The config of the instance on `lb<i>`: a floating VIP on `eth0`, the
-/// admin API and probe responder on the host's address, Consul at the
-/// host's own agent, the backends from the catalog (service `web`).
+/// The config of the instance on `lb<i>`, as a user writes it: the admin
+/// API on loopback and no `probe_listen` (the probe address is the one the
+/// host's agent advertises), a floating VIP on `eth0`, Consul at the host's
+/// own agent, the backends from the catalog (service `web`).
 fn lb_config(dc: &Datacenter, i: usize) -> String {
-    let ip = dc.lb(i).ip();
     format!(
-        "drain_timeout = \"2s\"\n[admin]\nlisten = \"{ip}:{ADMIN_PORT}\"\n[consul]\naddress = \"{}\"\n\
-         [ha]\ncluster = \"prod\"\nid = \"lb{i}\"\nvip_address = \"{}/24\"\nvip_interface = \"eth0\"\nprobe_listen = \"{ip}:{PROBE_PORT}\"\n\
+        "drain_timeout = \"2s\"\n[admin]\nlisten = \"127.0.0.1:{ADMIN_PORT}\"\n[consul]\naddress = \"{}\"\n\
+         [ha]\ncluster = \"prod\"\nid = \"lb{i}\"\nvip_address = \"{}/24\"\nvip_interface = \"eth0\"\n\
          [[vip]]\nname = \"web\"\nlisten = \"{}:{VIP_PORT}\"\nservice = \"web\"\n",
         dc.agent_url(),
         dc.vip(),
@@ -510,7 +511,7 @@ impl Rig {
         let process = self.dc.spawn(&host, cmd, "halo-lb");
         self.generation[i - 1] += 1;
         self.lbs[i - 1] = Some(Balancer {
-            admin: SocketAddr::from((self.dc.lb(i).ip(), ADMIN_PORT)),
+            admin: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
             host,
             process,
         });
@@ -864,9 +865,12 @@ async fn the_active_cut_off_from_the_servers_only() {
     .await;
 }
 
-/// The two balancers cut apart only, both still reaching Consul, for 10 s:
+/// The two balancers cut apart only, both still reaching Consul, for 40 s:
 /// at most one forced takeover in all (the one that lost the lock is damped
-/// and does not take it back), no ping-pong, and none after the heal.
+/// until it hears the other again, and does not take it back), no
+/// ping-pong, and none after the heal. 40 s outlasts the first damping
+/// window (30 s): the defect this guards against handed the lock back at
+/// +31 s, when a damping by time alone ran out while the cut went on.
 /// raft_multiplier 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_two_balancers_cut_apart_only() {
@@ -882,7 +886,7 @@ async fn the_two_balancers_cut_apart_only() {
     let cut = Instant::now();
     rig.dc.cut("lb1", "lb2");
     let mut roles_seen = Vec::new();
-    while cut.elapsed() < Duration::from_secs(10) {
+    while cut.elapsed() < Duration::from_secs(40) {
         let now = [rig.status(1).await.unwrap(), rig.status(2).await.unwrap()];
         let takeovers: u64 = (0..2).map(|n| forced(&now[n]) - forced(&before[n])).sum();
         let promotions: usize = (0..2).map(|n| term_count(&now[n]) - term_count(&before[n])).sum();
@@ -908,7 +912,7 @@ async fn the_two_balancers_cut_apart_only() {
     let samples = sampler.stop();
     let g = gap(&probes, cut, healed).expect("served during the cut");
     eprintln!(
-        "FIGURE balancers cut apart 10 s: {takeovers} forced takeover(s), {promotions} promotion(s), roles (lb1, lb2) {roles_seen:?}, \
+        "FIGURE balancers cut apart 40 s: {takeovers} forced takeover(s), {promotions} promotion(s), roles (lb1, lb2) {roles_seen:?}, \
          lb{a} active after the heal; client gap {}; damped: lb1 {}, lb2 {}",
         ms(g),
         after[0]["ha"]["detector"]["damped"],
@@ -1315,4 +1319,127 @@ fn all_stopped(pid: u32) -> bool {
             .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
             .unwrap_or(false)
     })
+}
+
+/// The local port of `lb<i>`'s probe socket towards `peer` (a connected UDP
+/// socket of halo-lb), from `ss` in its host: what an attacker who watched
+/// the wire, or swept the whole ephemeral range, knows.
+fn probe_source_port(dc: &Datacenter, i: usize, peer: SocketAddr) -> Option<u16> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", dc.lb(i).netns(), "ss", "-Hunap"])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let local = words.iter().position(|w| *w == peer.to_string())?.checked_sub(1)?;
+        (line.contains("halo-lb")).then_some(())?;
+        words[local].rsplit(':').next()?.parse().ok()
+    })
+}
+
+/// An ICMP port-unreachable message to `victim`, quoting a UDP datagram
+/// from `victim:victim_port` to `peer`: "nothing listens at `peer`".
+fn forged_port_unreachable(victim: std::net::Ipv4Addr, victim_port: u16, peer: SocketAddr) -> Vec<u8> {
+    fn checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+    let SocketAddr::V4(peer) = peer else { panic!("IPv4") };
+    let mut quoted = vec![0x45, 0, 0, 92, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
+    quoted.extend_from_slice(&victim.octets());
+    quoted.extend_from_slice(&peer.ip().octets());
+    let sum = checksum(&quoted);
+    quoted[10..12].copy_from_slice(&sum.to_be_bytes());
+    quoted.extend_from_slice(&victim_port.to_be_bytes());
+    quoted.extend_from_slice(&peer.port().to_be_bytes());
+    quoted.extend_from_slice(&72u16.to_be_bytes());
+    quoted.extend_from_slice(&[0, 0]);
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    icmp
+}
+
+/// Defect: one forged ICMP port-unreachable, sent from a host that is not
+/// between the balancers and quoting the standby's probe socket, made the
+/// standby destroy the live active's session at once. Now a refusal counts
+/// only if a TCP connection to the probe address is refused too, which the
+/// live active's listener never does: the forgery is counted as
+/// uncorroborated and nothing changes hands. Sent repeatedly, for 3 s.
+/// raft_multiplier 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_icmp_refusal_forces_no_takeover() {
+    if !halo_testkit::netns::required("production::a_forged_icmp_refusal_forces_no_takeover") {
+        return;
+    }
+    let rig = Rig::start(spec(2, 1)).await;
+    let a = rig.active().await;
+    let s = other(a);
+    let active = rig.status(a).await.unwrap();
+    let epoch = active["ha"]["epoch"].as_u64().unwrap();
+    let probe: SocketAddr = active["ha"]["probe"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        probe.ip(),
+        rig.dc.lb(a).ip(),
+        "the agent's address, not loopback: {active}"
+    );
+    let port = eventually(WAIT, "the standby's probe socket", || async {
+        probe_source_port(&rig.dc, s, probe)
+    })
+    .await;
+    let uncorroborated = |m: &str| metric(m, "halo_ha_probe_refusals_uncorroborated_total");
+    let before = uncorroborated(&rig.metrics(s).await);
+    let icmp = forged_port_unreachable(rig.dc.lb(s).ip(), port, probe);
+    let victim = SocketAddr::from((rig.dc.lb(s).ip(), 0));
+    let sent = rig
+        .dc
+        .client()
+        .within(move || {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+            let start = Instant::now();
+            let mut sent = 0u32;
+            while start.elapsed() < Duration::from_secs(3) {
+                raw.send_to(&icmp, &victim.into())?;
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(sent)
+        })
+        .expect("send the forged ICMP messages");
+    let after = eventually(WAIT, "the standby to have seen the forged refusals", || async {
+        let n = uncorroborated(&rig.metrics(s).await);
+        (n > before).then_some(n)
+    })
+    .await;
+    let active_now = rig.status(a).await.unwrap();
+    let standby_now = rig.status(s).await.unwrap();
+    eprintln!(
+        "FIGURE forged ICMP: {sent} port-unreachable messages quoting the standby's probe socket; {} refusal(s) seen, none corroborated; \
+         forced takeovers {}",
+        after - before,
+        standby_now["ha"]["detector"]["forced_takeovers"]
+    );
+    assert_eq!(role(&active_now), "active");
+    assert_eq!(
+        active_now["ha"]["epoch"].as_u64(),
+        Some(epoch),
+        "the lock never changed hands"
+    );
+    assert_eq!(standby_now["ha"]["detector"]["forced_takeovers"], 0, "{standby_now}");
+    assert_eq!(role(&standby_now), "standby");
+}
+
+/// A counter's value in a Prometheus text page (0 when absent).
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }

@@ -2,18 +2,22 @@
 //! tells the election when the active is gone, long before Consul's gossip
 //! or the active's check TTL would.
 //!
-//! Every instance answers probes on its `probe` address (UDP; by default
-//! the admin address and port), in any role, with its instance and role.
-//! A standby probes the key's holder every `probe_interval`:
+//! Every instance answers probes on its probe address (UDP; see
+//! [`super::advertise`] for how it is chosen), in any role, with its
+//! instance and role. A standby probes the key's holder every
+//! `probe_interval`:
 //!
-//! - an ICMP port-unreachable (the socket reports `ECONNREFUSED`) means no
-//!   process listens there any more: the active died and its host lives;
-//! - `probe_misses` probes in a row without an answer mean the host, its
-//!   network or the process is gone or frozen (a frozen process's kernel
-//!   still completes TCP handshakes, so the probe is answered by the
-//!   program itself, not the kernel);
-//! - another instance answering on that address means the holder's
-//!   process was replaced;
+//! - a **refused** probe means no process listens there any more: the
+//!   active died and its host lives. The refusal is an ICMP
+//!   port-unreachable, which anyone can forge, so it is only a hint; it is
+//!   acted on only once **corroborated** by a TCP connection to the same
+//!   address being refused too (below);
+//! - `probe_misses` probes in a row without an authenticated answer mean
+//!   the host, its network or the process is gone or frozen (a frozen
+//!   process's kernel still completes TCP handshakes, so the probe is
+//!   answered by the program itself, not the kernel);
+//! - another instance answering on that address (authenticated) means the
+//!   holder's process was replaced;
 //! - the holder answering `suspended` `probe_misses` times in a row means it
 //!   holds the lock but cannot confirm it with the Consul servers, so it
 //!   serves nothing. The election acts on this only if the servers answer
@@ -26,132 +30,288 @@
 //! which starts the lock delay, and acquires. This is safe whatever the
 //! detector gets wrong: the active serves only under a lease confirmed by
 //! the Consul servers, which ends before the lock delay after any
-//! invalidation does (see the module docs of [`crate::control::ha`]), so a false
-//! alarm costs a needless failover, never two actives.
+//! invalidation does (see the module docs of [`crate::control::ha`]), so a
+//! false alarm costs a needless failover, never two actives. What follows
+//! keeps false alarms out of an attacker's reach.
 //!
-//! Forced takeovers are damped ([`Damping`]) so that a broken link between
-//! two balancers that both reach Consul cannot make them take the lock from
-//! each other in turn.
+//! # What on the network can change state here
 //!
-//! Probes are 96 bytes and answers at most that, so the responder cannot be
-//! used to amplify traffic; anything else it receives is dropped unread
-//! beyond 96 bytes.
+//! - **Probes and answers are authenticated** with the cluster's pair key
+//!   ([`super::pair_key`]): a 128-bit HMAC-SHA256 tag over the whole
+//!   datagram. The responder drops, unanswered, anything without a valid
+//!   tag, so it is no reflector; an answer counts only if its tag is valid
+//!   and it echoes the probe's fresh 64-bit nonce, so neither a forged nor
+//!   a replayed answer can make a dead active look alive (an impostor on a
+//!   dead active's port delays nothing: its answers are silence), nor a
+//!   live one look replaced.
+//! - **A refusal is corroborated.** Every instance also listens for TCP on
+//!   its probe address (or its admin API does, when the two are one) and
+//!   accepts and closes whatever connects. On an ICMP refusal the standby
+//!   connects there over TCP: only if that connection is refused too is the
+//!   process gone. A forged TCP reset or ICMP error cannot refuse that
+//!   connection from off the path: the kernel accepts either only if it
+//!   quotes the connection's random 32-bit initial sequence number (and
+//!   its random source port). A live process's listener completes the
+//!   handshake, so a forged ICMP message costs one TCP connection, counted
+//!   in `halo_ha_probe_refusals_uncorroborated_total`, and nothing else.
+//! - **Floods.** The responder runs on a thread of its own (`halo-probe`,
+//!   never the election's, which times the lease), reads with a large
+//!   receive buffer, spends one tag check per datagram before anything
+//!   else, and answers each source at most [`ANSWERS_PER_SECOND`] times a
+//!   second; answers are smaller than probes, so nothing is amplified.
+//!
+//! Forced takeovers are damped ([`super::damping`]) so that a broken link
+//! between two balancers that both reach Consul cannot make them take the
+//! lock from each other in turn.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-/// The size of a probe, and the most an answer may be.
-pub(super) const PROBE_LEN: usize = 96;
-const PROBE_MAGIC: &str = "HALO-PROBE 1";
-const ANSWER_MAGIC: &str = "HALO-ALIVE 1";
+use super::pair_key::{KeyRing, TAG_LEN};
 
-/// The first damping window after a forced takeover or a lost lock.
-pub(super) const DAMP_BASE: Duration = Duration::from_secs(30);
-/// The longest damping window.
-pub(super) const DAMP_MAX: Duration = Duration::from_secs(600);
-/// Without incident for this long after a window ends, the next window
-/// starts at [`DAMP_BASE`] again.
-pub(super) const DAMP_RESET: Duration = Duration::from_secs(600);
+/// The size of a probe. Anything else the responder receives is dropped.
+pub(super) const PROBE_LEN: usize = 64;
+/// The size of an answer: less than a probe, so the responder amplifies
+/// nothing.
+pub(super) const ANSWER_LEN: usize = 48;
+const PROBE_MAGIC: &[u8; 6] = b"HALO\x02P";
+const ANSWER_MAGIC: &[u8; 6] = b"HALO\x02A";
+/// Answers per second to one source address, at most (a standby probes
+/// 10 times a second by default, at most 100).
+pub(super) const ANSWERS_PER_SECOND: f64 = 200.0;
+/// Sources the responder tracks for its rate limit; past this it forgets
+/// the idle ones, and if none is idle, answers no new source until one is.
+const SOURCES_TRACKED: usize = 4096;
+/// Receive buffer asked for the responder's socket.
+const RESPONDER_RCVBUF: usize = 4 << 20;
+/// Floor of the TCP corroboration's deadline.
+const CORROBORATE_MIN: Duration = Duration::from_millis(50);
+
+/// An instance's role as an answer states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AnswerRole {
+    Active,
+    Suspended,
+    Standby,
+    Starting,
+}
+
+impl AnswerRole {
+    fn code(self) -> u8 {
+        match self {
+            AnswerRole::Active => 1,
+            AnswerRole::Suspended => 2,
+            AnswerRole::Standby => 3,
+            AnswerRole::Starting => 4,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<AnswerRole> {
+        Some(match code {
+            1 => AnswerRole::Active,
+            2 => AnswerRole::Suspended,
+            3 => AnswerRole::Standby,
+            4 => AnswerRole::Starting,
+            _ => return None,
+        })
+    }
+}
 
 /// What an instance says about itself in an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Answer {
     /// Echo of the probe's nonce.
     pub nonce: u64,
-    /// The answering process's instance.
+    /// The answering process's instance (16 hex digits).
     pub instance: String,
-    /// Its role (`active`, `suspended`, `standby`, `starting`).
-    pub role: String,
+    /// Its role.
+    pub role: AnswerRole,
 }
 
-/// A probe carrying `nonce`, padded to [`PROBE_LEN`].
-pub(super) fn probe(nonce: u64) -> [u8; PROBE_LEN] {
-    let mut buf = [b' '; PROBE_LEN];
-    let text = format!("{PROBE_MAGIC} {nonce:016x}");
-    buf[..text.len()].copy_from_slice(text.as_bytes());
+/// An instance as 16 hex digits, as a number for the wire.
+fn instance_number(instance: &str) -> u64 {
+    u64::from_str_radix(instance, 16).unwrap_or(0)
+}
+
+/// A probe carrying `nonce`, tagged with the ring's current key.
+pub(super) fn probe(nonce: u64, keys: &KeyRing) -> [u8; PROBE_LEN] {
+    let mut buf = [0u8; PROBE_LEN];
+    buf[..6].copy_from_slice(PROBE_MAGIC);
+    buf[6..14].copy_from_slice(&nonce.to_be_bytes());
+    let tag = keys.tag(&buf[..PROBE_LEN - TAG_LEN]);
+    buf[PROBE_LEN - TAG_LEN..].copy_from_slice(&tag);
     buf
 }
 
-/// The nonce of a well-formed probe.
-pub(super) fn parse_probe(datagram: &[u8]) -> Option<u64> {
-    if datagram.len() != PROBE_LEN {
+/// The nonce of an authentic probe.
+pub(super) fn parse_probe(datagram: &[u8], keys: &KeyRing) -> Option<u64> {
+    if datagram.len() != PROBE_LEN || &datagram[..6] != PROBE_MAGIC {
         return None;
     }
-    let text = std::str::from_utf8(datagram).ok()?;
-    let mut words = text.split_ascii_whitespace();
-    let magic = format!("{} {}", words.next()?, words.next()?);
-    if magic != PROBE_MAGIC {
+    let (body, tag) = datagram.split_at(PROBE_LEN - TAG_LEN);
+    keys.verify(body, tag)
+        .then(|| u64::from_be_bytes(body[6..14].try_into().expect("8 bytes")))
+}
+
+/// The answer to a probe.
+pub(super) fn answer(nonce: u64, instance: &str, role: AnswerRole, keys: &KeyRing) -> [u8; ANSWER_LEN] {
+    let mut buf = [0u8; ANSWER_LEN];
+    buf[..6].copy_from_slice(ANSWER_MAGIC);
+    buf[6..14].copy_from_slice(&nonce.to_be_bytes());
+    buf[14..22].copy_from_slice(&instance_number(instance).to_be_bytes());
+    buf[22] = role.code();
+    let tag = keys.tag(&buf[..ANSWER_LEN - TAG_LEN]);
+    buf[ANSWER_LEN - TAG_LEN..].copy_from_slice(&tag);
+    buf
+}
+
+/// Reads an authentic answer.
+pub(super) fn parse_answer(datagram: &[u8], keys: &KeyRing) -> Option<Answer> {
+    if datagram.len() != ANSWER_LEN || &datagram[..6] != ANSWER_MAGIC {
         return None;
     }
-    u64::from_str_radix(words.next()?, 16).ok()
-}
-
-/// The answer to a probe, at most [`PROBE_LEN`] bytes (the instance is cut
-/// to fit; ours are 16 characters).
-pub(super) fn answer(nonce: u64, instance: &str, role: &str) -> Vec<u8> {
-    let instance: String = instance.chars().filter(char::is_ascii_alphanumeric).take(32).collect();
-    let role: String = role.chars().filter(char::is_ascii_alphabetic).take(16).collect();
-    let mut text = format!("{ANSWER_MAGIC} {nonce:016x} {instance} {role}").into_bytes();
-    text.truncate(PROBE_LEN);
-    text
-}
-
-/// Reads an answer.
-pub(super) fn parse_answer(datagram: &[u8]) -> Option<Answer> {
-    let text = std::str::from_utf8(datagram).ok()?;
-    let mut words = text.split_ascii_whitespace();
-    let magic = format!("{} {}", words.next()?, words.next()?);
-    if magic != ANSWER_MAGIC {
+    let (body, tag) = datagram.split_at(ANSWER_LEN - TAG_LEN);
+    if !keys.verify(body, tag) {
         return None;
     }
     Some(Answer {
-        nonce: u64::from_str_radix(words.next()?, 16).ok()?,
-        instance: words.next()?.to_owned(),
-        role: words.next()?.to_owned(),
+        nonce: u64::from_be_bytes(body[6..14].try_into().expect("8 bytes")),
+        instance: format!("{:016x}", u64::from_be_bytes(body[14..22].try_into().expect("8 bytes"))),
+        role: AnswerRole::from_code(body[22])?,
     })
 }
 
-/// Answers probes on `socket` until the task is dropped; `me` says who we
-/// are and our role at the moment of each answer.
-pub(super) async fn respond(socket: UdpSocket, me: impl Fn() -> (String, String)) {
-    let mut buf = [0u8; PROBE_LEN + 1];
-    loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                // ICMP errors from earlier answers surface here on some
-                // kernels; nothing to do but go on.
-                tracing::debug!(error = %e, "probe socket error");
-                continue;
-            }
-        };
-        let Some(nonce) = parse_probe(&buf[..n]) else {
-            continue;
-        };
-        let (instance, role) = me();
-        if let Err(e) = socket.send_to(&answer(nonce, &instance, &role), from).await {
-            tracing::debug!(error = %e, peer = %from, "cannot answer a probe");
+/// Per-source token buckets for the responder.
+struct RateLimit {
+    sources: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl RateLimit {
+    fn new() -> RateLimit {
+        RateLimit {
+            sources: HashMap::new(),
         }
     }
+
+    /// Whether `from` may have an answer at `now`.
+    fn allow(&mut self, from: IpAddr, now: Instant) -> bool {
+        let burst = ANSWERS_PER_SECOND / 4.0;
+        if !self.sources.contains_key(&from) && self.sources.len() >= SOURCES_TRACKED {
+            // Forget sources idle long enough to have a full bucket again.
+            let full_after = Duration::from_secs(1);
+            self.sources
+                .retain(|_, (_, last)| now.duration_since(*last) < full_after);
+            if self.sources.len() >= SOURCES_TRACKED {
+                return false;
+            }
+        }
+        let (tokens, last) = self.sources.entry(from).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * ANSWERS_PER_SECOND).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Answers authentic probes on `socket` until `stop`; `me` says who we are
+/// and our role at the moment of each answer. With `tcp`, also accepts and
+/// closes every connection on it: the listener that makes a refusal of
+/// this address corroborable (see the module docs).
+pub(super) async fn respond(
+    socket: UdpSocket,
+    tcp: Option<TcpListener>,
+    keys: Arc<ArcSwap<KeyRing>>,
+    me: impl Fn() -> (String, AnswerRole),
+    stop: CancellationToken,
+) {
+    if let Err(e) = enlarge_receive_buffer(&socket) {
+        tracing::debug!(error = %e, "cannot enlarge the probe socket's receive buffer");
+    }
+    let accepting = async {
+        let Some(tcp) = tcp else {
+            return std::future::pending().await;
+        };
+        loop {
+            match tcp.accept().await {
+                // Connected is all a corroborating standby needs to see.
+                Ok((stream, _)) => drop(stream),
+                Err(e) => {
+                    // EMFILE and the like: back off rather than spin.
+                    tracing::debug!(error = %e, "probe listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    };
+    let answering = async {
+        let mut buf = [0u8; PROBE_LEN + 1];
+        let mut limit = RateLimit::new();
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors from earlier answers surface here on some
+                    // kernels; nothing to do but go on.
+                    tracing::debug!(error = %e, "probe socket error");
+                    continue;
+                }
+            };
+            let keys = keys.load();
+            let Some(nonce) = parse_probe(&buf[..n], &keys) else {
+                metrics::counter!("halo_ha_probes_rejected_total", "reason" => "unauthenticated").increment(1);
+                continue;
+            };
+            if !limit.allow(from.ip(), Instant::now()) {
+                metrics::counter!("halo_ha_probes_rejected_total", "reason" => "rate_limited").increment(1);
+                continue;
+            }
+            let (instance, role) = me();
+            if let Err(e) = socket.send_to(&answer(nonce, &instance, role, &keys), from).await {
+                tracing::debug!(error = %e, peer = %from, "cannot answer a probe");
+            }
+        }
+    };
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = accepting => {}
+        () = answering => {}
+    }
+}
+
+/// Asks for [`RESPONDER_RCVBUF`] bytes of receive buffer, beyond
+/// `net.core.rmem_max` when the process has CAP_NET_ADMIN.
+fn enlarge_receive_buffer(socket: &UdpSocket) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(socket, sockopt::RcvBufForce, &RESPONDER_RCVBUF)
+        .or_else(|_| setsockopt(socket, sockopt::RcvBuf, &RESPONDER_RCVBUF))
 }
 
 /// Why the detector judged the active gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Evidence {
-    /// The probe was refused: nothing listens on the active's probe address.
+    /// The probe was refused, and a TCP connection to the same address was
+    /// refused too: nothing listens on the active's probe address.
     Refused,
-    /// This many probes in a row got no answer.
+    /// This many probes in a row got no authentic answer.
     Silent(u32),
     /// Another process answers on the active's probe address.
     Replaced(String),
     /// The active answered `suspended` this many times in a row.
     NotServing(u32),
     /// Not evidence: the active's probe address reached this very process
-    /// (its `probe_listen` is a loopback or otherwise local address as seen
+    /// (its probe address is a loopback or otherwise local address as seen
     /// from here). The detector cannot watch that peer.
     SelfAnswered,
 }
@@ -159,7 +319,7 @@ pub(crate) enum Evidence {
 impl std::fmt::Display for Evidence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Evidence::Refused => f.write_str("its probe port refuses: the process is gone"),
+            Evidence::Refused => f.write_str("its probe port refuses, over UDP and TCP: the process is gone"),
             Evidence::Silent(n) => write!(f, "{n} probes in a row went unanswered"),
             Evidence::Replaced(other) => write!(f, "instance {other} answers on its probe address instead"),
             Evidence::SelfAnswered => f.write_str(
@@ -188,51 +348,78 @@ impl Evidence {
     }
 }
 
-/// Probes `peer` (which must be `instance`) every `interval` and returns
-/// once it is judged gone. Returns `Err` only if no socket can be made.
-/// `me` is this process's own instance: an answer from it means the peer's
-/// probe address leads back here (a loopback `probe_listen` on another
-/// host), which is no evidence about the peer at all.
-pub(super) async fn watch_peer(
-    peer: SocketAddr,
-    instance: &str,
-    me: &str,
-    interval: Duration,
-    misses: u32,
-) -> io::Result<Evidence> {
+/// Whether a TCP connection to `peer` is refused within `limit`: the
+/// corroboration of an ICMP refusal (see the module docs). A connection
+/// that completes, times out or fails otherwise corroborates nothing.
+async fn refused_over_tcp(peer: SocketAddr, limit: Duration) -> bool {
+    match tokio::time::timeout(limit, TcpStream::connect(peer)).await {
+        Ok(Err(e)) => e.kind() == io::ErrorKind::ConnectionRefused,
+        Ok(Ok(_)) | Err(_) => false,
+    }
+}
+
+/// What [`watch_peer`] needs besides the peer.
+pub(super) struct PeerWatch<'a> {
+    /// The instance that should answer at the peer's address.
+    pub instance: &'a str,
+    /// This process's own instance: an answer from it means the peer's
+    /// probe address leads back here, which is no evidence about the peer.
+    pub me: &'a str,
+    pub interval: Duration,
+    pub misses: u32,
+    pub keys: &'a ArcSwap<KeyRing>,
+}
+
+/// Probes `peer` every `interval` and returns once it is judged gone,
+/// calling `heard` on every authentic answer from the expected instance.
+/// Returns `Err` only if no socket can be made.
+pub(super) async fn watch_peer(peer: SocketAddr, w: PeerWatch<'_>, heard: impl Fn()) -> io::Result<Evidence> {
     let local: SocketAddr = if peer.is_ipv4() {
         "0.0.0.0:0".parse().expect("static address")
     } else {
         "[::]:0".parse().expect("static address")
     };
     let socket = UdpSocket::bind(local).await?;
+    // Connected, so that the kernel hands us the ICMP errors for it (a
+    // hint, corroborated before use) and drops datagrams from elsewhere.
     socket.connect(peer).await?;
+    let corroborate_within = w.interval.max(CORROBORATE_MIN);
     let mut silent = 0u32;
     let mut not_serving = 0u32;
-    let mut buf = [0u8; PROBE_LEN + 1];
+    let mut buf = [0u8; ANSWER_LEN + 1];
     let mut next = Instant::now();
     loop {
         let nonce = fastrand::u64(..);
-        next += interval;
-        if let Err(e) = socket.send(&probe(nonce)).await {
+        next += w.interval;
+        let mut refused = false;
+        if let Err(e) = socket.send(&probe(nonce, &w.keys.load())).await {
             if e.kind() == io::ErrorKind::ConnectionRefused {
-                return Ok(Evidence::Refused);
+                refused = true;
+            } else {
+                tracing::debug!(error = %e, %peer, "cannot send a probe");
             }
-            tracing::debug!(error = %e, %peer, "cannot send a probe");
         }
         // Wait for this probe's answer until the next one is due.
         let answered = loop {
+            if refused {
+                refused = false;
+                if refused_over_tcp(peer, corroborate_within).await {
+                    return Ok(Evidence::Refused);
+                }
+                metrics::counter!("halo_ha_probe_refusals_uncorroborated_total").increment(1);
+                tracing::debug!(%peer, "a probe was refused but a TCP connection was not: ignoring the refusal");
+            }
             let received = tokio::select! {
                 received = socket.recv(&mut buf) => received,
                 () = tokio::time::sleep_until(next) => break None,
             };
             match received {
-                Ok(n) => match parse_answer(&buf[..n]) {
+                Ok(n) => match parse_answer(&buf[..n], &w.keys.load()) {
                     Some(a) if a.nonce == nonce => break Some(a),
                     // A late answer to an earlier probe, or noise.
                     _ => {}
                 },
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Evidence::Refused),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused = true,
                 Err(e) => tracing::debug!(error = %e, %peer, "probe receive failed"),
             }
         };
@@ -240,17 +427,18 @@ pub(super) async fn watch_peer(
             None => {
                 silent += 1;
                 metrics::counter!("halo_ha_probe_misses_total").increment(1);
-                if silent >= misses {
+                if silent >= w.misses {
                     return Ok(Evidence::Silent(silent));
                 }
             }
-            Some(a) if a.instance == me && me != instance => return Ok(Evidence::SelfAnswered),
-            Some(a) if a.instance != instance => return Ok(Evidence::Replaced(a.instance)),
+            Some(a) if a.instance == w.me && w.me != w.instance => return Ok(Evidence::SelfAnswered),
+            Some(a) if a.instance != w.instance => return Ok(Evidence::Replaced(a.instance)),
             Some(a) => {
+                heard();
                 silent = 0;
-                if a.role == "suspended" {
+                if a.role == AnswerRole::Suspended {
                     not_serving += 1;
-                    if not_serving >= misses {
+                    if not_serving >= w.misses {
                         return Ok(Evidence::NotServing(not_serving));
                     }
                 } else {
@@ -262,157 +450,218 @@ pub(super) async fn watch_peer(
     }
 }
 
-/// Damping of forced takeovers: after this instance lost the lock *while it
-/// was serving under a valid lease* (a takeover it did not deserve, as far
-/// as it can tell), it forces no takeover for a window that doubles with
-/// every such incident (from [`DAMP_BASE`] to [`DAMP_MAX`]) and starts over
-/// after [`DAMP_RESET`] without one. Consul's own detection (the active's
-/// check TTL, its node's serfHealth) still works meanwhile; only the
-/// shortcut is held back.
-///
-/// Two balancers cut apart from each other (both reaching Consul): the
-/// standby forces once and becomes active; the old active lost its lock
-/// while serving, so it is damped, and does not force it back while the
-/// link stays broken. An active that lost its lock after its lease had run
-/// out (cut off from Consul, frozen, its cable pulled) deserved the
-/// takeover and is not damped: the next real failure of the other side is
-/// handled as fast as the first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Damping {
-    until: Option<Instant>,
-    window: Duration,
-}
-
-impl Default for Damping {
-    fn default() -> Self {
-        Damping {
-            until: None,
-            window: DAMP_BASE,
-        }
-    }
-}
-
-impl Damping {
-    /// Records an incident (a forced takeover, or losing the lock) at `now`.
-    pub(super) fn incident(&mut self, now: Instant) {
-        if let Some(until) = self.until {
-            if now >= until + DAMP_RESET {
-                self.window = DAMP_BASE;
-            } else if now < until + self.window {
-                self.window = (self.window * 2).min(DAMP_MAX);
-            }
-        }
-        self.until = Some(now + self.window);
-    }
-
-    /// Whether a forced takeover is allowed at `now`.
-    pub(super) fn allows(&self, now: Instant) -> bool {
-        self.until.is_none_or(|until| now >= until)
-    }
-
-    /// When the current window ends, if one runs at `now`.
-    pub(super) fn until(&self, now: Instant) -> Option<Instant> {
-        self.until.filter(|&u| u > now)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
 
+    fn keys(byte: u8) -> Arc<ArcSwap<KeyRing>> {
+        Arc::new(ArcSwap::from_pointee(KeyRing::new(&[byte; 32])))
+    }
+
+    fn watch<'a>(instance: &'a str, keys: &'a ArcSwap<KeyRing>, interval_ms: u64) -> PeerWatch<'a> {
+        PeerWatch {
+            instance,
+            me: "00000000000000ee",
+            interval: Duration::from_millis(interval_ms),
+            misses: 3,
+            keys,
+        }
+    }
+
+    /// A responder on `socket` (and a TCP listener on the same address)
+    /// answering as `who` until the returned token is cancelled.
+    async fn responder(
+        socket: UdpSocket,
+        keys: Arc<ArcSwap<KeyRing>>,
+        who: impl Fn() -> (String, AnswerRole) + Send + Sync + 'static,
+    ) -> CancellationToken {
+        let tcp = TcpListener::bind(socket.local_addr().unwrap()).await.unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(respond(socket, Some(tcp), keys, who, stop.clone()));
+        stop
+    }
+
     #[test]
-    fn probes_and_answers_round_trip_and_garbage_is_ignored() {
-        let p = probe(0xdead_beef);
-        assert_eq!(p.len(), PROBE_LEN);
-        assert_eq!(parse_probe(&p), Some(0xdead_beef));
-        assert_eq!(parse_probe(b"HALO-PROBE 1 00000000deadbeef"), None, "unpadded");
-        assert_eq!(parse_probe(&[0xff; PROBE_LEN]), None);
-        let a = answer(7, "0123456789abcdef", "active");
-        assert!(a.len() <= PROBE_LEN, "no amplification");
+    fn probes_and_answers_round_trip_and_forgeries_are_ignored() {
+        let k = KeyRing::new(&[7; 32]);
+        let other = KeyRing::new(&[8; 32]);
+        let p = probe(0xdead_beef, &k);
+        assert_eq!(parse_probe(&p, &k), Some(0xdead_beef));
+        assert_eq!(parse_probe(&p, &other), None, "another key");
+        assert_eq!(parse_probe(&p[..PROBE_LEN - 1], &k), None, "short");
+        let mut forged = p;
+        forged[6] ^= 1;
+        assert_eq!(parse_probe(&forged, &k), None, "altered nonce");
+        assert_eq!(parse_probe(&[0xff; PROBE_LEN], &k), None);
+        let a = answer(7, "0123456789abcdef", AnswerRole::Active, &k);
+        assert!(a.len() < p.len(), "no amplification");
         assert_eq!(
-            parse_answer(&a),
+            parse_answer(&a, &k),
             Some(Answer {
                 nonce: 7,
                 instance: "0123456789abcdef".into(),
-                role: "active".into()
+                role: AnswerRole::Active
             })
         );
-        let long = answer(u64::MAX, &"x".repeat(500), &"y".repeat(500));
-        assert!(long.len() <= PROBE_LEN);
-        assert_eq!(parse_answer(b"HALO-ALIVE 1 zz a b"), None);
+        assert_eq!(parse_answer(&a, &other), None, "another key");
+        let mut forged = a;
+        forged[22] = AnswerRole::Suspended.code();
+        assert_eq!(parse_answer(&forged, &k), None, "altered role");
+        // The old protocol's text answers are noise.
+        assert_eq!(
+            parse_answer(b"HALO-ALIVE 1 0000000000000007 0123456789abcdef active", &k),
+            None
+        );
     }
 
     #[test]
-    fn damping_doubles_with_incidents_and_resets_after_a_quiet_spell() {
+    fn the_rate_limit_is_per_source_and_refills() {
+        let mut limit = RateLimit::new();
         let t0 = Instant::now();
-        let mut d = Damping::default();
-        assert!(d.allows(t0));
-        d.incident(t0);
-        assert!(!d.allows(t0 + DAMP_BASE - Duration::from_millis(1)));
-        assert!(d.allows(t0 + DAMP_BASE));
-        // A second incident soon after: twice the window.
-        let t1 = t0 + DAMP_BASE + Duration::from_secs(1);
-        d.incident(t1);
-        assert!(!d.allows(t1 + DAMP_BASE));
-        assert!(d.allows(t1 + DAMP_BASE * 2));
-        // Capped.
-        let mut t = t1;
-        for _ in 0..10 {
-            t += Duration::from_secs(1);
-            d.incident(t);
+        let a: IpAddr = "198.18.0.1".parse().unwrap();
+        let b: IpAddr = "198.18.0.2".parse().unwrap();
+        let allowed = (0..1000).filter(|_| limit.allow(a, t0)).count();
+        assert_eq!(allowed as f64, ANSWERS_PER_SECOND / 4.0, "the burst, then nothing");
+        assert!(limit.allow(b, t0), "another source is not held back");
+        assert!(limit.allow(a, t0 + Duration::from_millis(10)), "refilled");
+        // Bounded memory: a spray of sources.
+        for i in 0..(SOURCES_TRACKED as u32 * 2) {
+            limit.allow(IpAddr::from(i.to_be_bytes()), t0);
         }
-        assert_eq!(d.until(t), Some(t + DAMP_MAX));
-        // Quiet for DAMP_RESET past the window: back to the base.
-        let later = t + DAMP_MAX + DAMP_RESET;
-        d.incident(later);
-        assert_eq!(d.until(later), Some(later + DAMP_BASE));
+        assert!(limit.sources.len() <= SOURCES_TRACKED);
     }
 
     #[tokio::test]
     async fn a_dead_peer_is_refused_a_silent_one_missed_a_live_one_kept() {
-        // Refused: a port nobody listens on (loopback answers ICMP).
+        let k = keys(1);
+        // Refused: a port nobody listens on, UDP or TCP.
         let gone = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = gone.local_addr().unwrap();
         drop(gone);
-        let e = watch_peer(addr, "x", "me", Duration::from_millis(20), 3).await.unwrap();
+        let e = watch_peer(addr, watch("x", &k, 20), || {}).await.unwrap();
         assert_eq!(e, Evidence::Refused);
 
         // Silent: bound, never answers.
         let mute = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let e = watch_peer(mute.local_addr().unwrap(), "x", "me", Duration::from_millis(20), 3)
+        let e = watch_peer(mute.local_addr().unwrap(), watch("x", &k, 20), || {})
             .await
             .unwrap();
         assert_eq!(e, Evidence::Silent(3));
 
+        // A responder with another key: silence, however alive it is.
+        let wrong = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = wrong.local_addr().unwrap();
+        let stop = responder(wrong, keys(2), || ("00000000000000aa".into(), AnswerRole::Active)).await;
+        let e = watch_peer(addr, watch("00000000000000aa", &k, 20), || {})
+            .await
+            .unwrap();
+        assert_eq!(e, Evidence::Silent(3));
+        stop.cancel();
+
         // Alive, then replaced by another instance.
         let live = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = live.local_addr().unwrap();
-        let answers = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let counted = std::sync::Arc::clone(&answers);
-        let responder = tokio::spawn(respond(live, move || {
-            let n = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let instance = if n < 10 { "aaaa" } else { "bbbb" };
-            (instance.to_owned(), "active".to_owned())
-        }));
-        let e = watch_peer(addr, "aaaa", "me", Duration::from_millis(10), 3)
-            .await
-            .unwrap();
-        assert_eq!(e, Evidence::Replaced("bbbb".into()));
-        assert!(
-            answers.load(std::sync::atomic::Ordering::Relaxed) >= 10,
-            "kept while alive"
-        );
-        responder.abort();
+        let answers = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&answers);
+        let stop = responder(live, Arc::clone(&k), move || {
+            let n = counted.fetch_add(1, Ordering::Relaxed);
+            let instance = if n < 10 { "00000000000000aa" } else { "00000000000000bb" };
+            (instance.to_owned(), AnswerRole::Active)
+        })
+        .await;
+        let heard = AtomicU32::new(0);
+        let e = watch_peer(addr, watch("00000000000000aa", &k, 10), || {
+            heard.fetch_add(1, Ordering::Relaxed);
+        })
+        .await
+        .unwrap();
+        assert_eq!(e, Evidence::Replaced("00000000000000bb".into()));
+        assert_eq!(heard.load(Ordering::Relaxed), 10, "kept while alive, heard each time");
+        stop.cancel();
 
         // The peer's advertised address leads back to ourselves (a loopback
-        // probe_listen seen from another host): no evidence, never forced.
+        // probe address seen from another host): no evidence, never forced.
         let own = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = own.local_addr().unwrap();
-        let responder = tokio::spawn(respond(own, || ("me".to_owned(), "standby".to_owned())));
-        let e = watch_peer(addr, "peer", "me", Duration::from_millis(10), 3)
+        let stop = responder(own, Arc::clone(&k), || ("00000000000000ee".into(), AnswerRole::Standby)).await;
+        let e = watch_peer(addr, watch("00000000000000aa", &k, 10), || {})
             .await
             .unwrap();
         assert_eq!(e, Evidence::SelfAnswered);
-        responder.abort();
+        stop.cancel();
+    }
+
+    /// Defect: one forged ICMP port-unreachable quoting the standby's probe
+    /// socket made the detector call a live active gone. Here the "forged"
+    /// refusal is real ICMP from the kernel — the UDP port is closed — while
+    /// the process is alive and listens for TCP on the address, exactly
+    /// what the standby sees when an attacker forges the ICMP message: the
+    /// refusal is not corroborated and never becomes evidence.
+    #[tokio::test]
+    async fn a_refusal_without_a_tcp_refusal_is_no_evidence() {
+        let k = keys(1);
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        // The process lives: its TCP listener on the probe address accepts.
+        let tcp = TcpListener::bind(addr).await.unwrap();
+        let accepted = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&accepted);
+        let acceptor = tokio::spawn(async move {
+            loop {
+                if tcp.accept().await.is_ok() {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        drop(udp); // every probe is now refused by ICMP
+        let e = watch_peer(addr, watch("00000000000000aa", &k, 20), || {})
+            .await
+            .unwrap();
+        assert_eq!(e, Evidence::Silent(3), "refusals ignored; only silence counts");
+        assert!(
+            accepted.load(Ordering::Relaxed) >= 1,
+            "each refusal was checked over TCP"
+        );
+        acceptor.abort();
+    }
+
+    /// Weakness: under a flood of 50,000 datagrams the responder dropped a
+    /// third of its answers. Unauthenticated datagrams are now dropped
+    /// unanswered, cheaply, so a standby probing at the same time misses
+    /// none (three misses in a row would be a needless failover).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_forged_probes_does_not_silence_the_responder() {
+        let k = keys(1);
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let stop = responder(socket, Arc::clone(&k), || {
+            ("00000000000000aa".into(), AnswerRole::Active)
+        })
+        .await;
+        let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let f = Arc::clone(&flooding);
+        let flood = std::thread::spawn(move || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            // Well-formed probes, as anyone could send to the old, open
+            // responder; without the pair key they cannot be authentic.
+            let junk = probe(7, &KeyRing::new(&[9; 32]));
+            let mut sent = 0u32;
+            while f.load(Ordering::Relaxed) && sent < 50_000 {
+                if s.send_to(&junk, addr).is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        });
+        // Probe through the flood, 20 ms apart, for as long as it lasts
+        // (bounded): not three misses in a row.
+        let probing = watch_peer(addr, watch("00000000000000aa", &k, 20), || {});
+        let outcome = tokio::time::timeout(Duration::from_secs(3), probing).await;
+        flooding.store(false, Ordering::Relaxed);
+        let sent = flood.join().unwrap();
+        assert!(outcome.is_err(), "judged gone during a flood of {sent}: {outcome:?}");
+        stop.cancel();
     }
 }

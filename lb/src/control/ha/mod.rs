@@ -77,12 +77,15 @@
 //!
 //! Consul notices a dead process only when its check TTL runs out, and a
 //! dead host only when gossip declares its node failed (seconds). So a
-//! standby also probes the active directly ([`detector`]) and, on a
-//! refused probe, `probe_misses` unanswered ones, or an active that keeps
-//! answering `suspended`, destroys the active's session (a "forced
-//! takeover"; the lock delay applies) and acquires. Because of the
+//! standby also probes the active directly ([`detector`], on the address
+//! [`advertise`] chose, authenticated with the [`pair_key`]) and, on a
+//! corroborated refusal, `probe_misses` unanswered probes, or an active
+//! that keeps answering `suspended`, destroys the active's session (a
+//! "forced takeover"; the lock delay applies) and acquires. Because of the
 //! server-confirmed lease, a false alarm costs a needless failover, never
-//! two actives. Forced takeovers are damped (see [`detector::Damping`]).
+//! two actives; the detector's own defences keep false alarms out of an
+//! attacker's reach. Forced takeovers are damped ([`damping`]): after an
+//! undeserved loss, until the active has been heard again.
 //!
 //! # Identity
 //!
@@ -92,11 +95,14 @@
 //! Consul; two live processes with one `ha.id` contend fairly and the
 //! younger leaves the election ([`older_twin`]).
 
+mod advertise;
+mod damping;
 mod detector;
+mod pair_key;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use halo_consul::{
@@ -109,8 +115,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use detector::Damping;
+use arc_swap::ArcSwap;
+use damping::Damping;
 pub(crate) use detector::Evidence;
+use detector::{AnswerRole, PeerWatch};
+use pair_key::KeyRing;
+
+pub(crate) use advertise::Advertised;
 
 use crate::control::floating::{FloatingIp, Outcome};
 use crate::control::server::Server;
@@ -128,6 +139,9 @@ const CONSUL_RETRY: Duration = Duration::from_millis(100);
 /// How long a standby leaves a peer alone whose probe address led back to
 /// itself (a misconfigured `probe_listen`).
 const SELF_ANSWERED_RETRY: Duration = Duration::from_secs(60);
+/// How long a damped standby waits after a verdict it may not act on
+/// before probing again (to hear the active, which lifts the damping).
+const DAMPED_RECHECK: Duration = Duration::from_secs(1);
 /// How often an instance looks for an older live instance with its id.
 const TWIN_RECHECK: Duration = Duration::from_secs(2);
 /// Confirming reads of the lock in flight at once, at most.
@@ -163,6 +177,10 @@ pub(crate) struct LeaderValue {
     /// older versions: no detector then.
     #[serde(default)]
     pub probe: Option<String>,
+    /// The holder's Consul node. A standby on another node never probes a
+    /// loopback probe address (it would reach its own host).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// The lock key as last seen by the consistent watch.
@@ -205,6 +223,13 @@ pub(crate) struct Leadership {
     /// check and lock value, so a restarted process never shares a check
     /// with its dead predecessor and two processes never share one.
     instance: String,
+    /// Where this instance answers probes, chosen once at the start of the
+    /// election.
+    probe: OnceLock<Advertised>,
+    /// This instance's Consul node, if the agent said.
+    node: OnceLock<String>,
+    /// The pair key, read once at the start of the election and followed.
+    keys: OnceLock<Arc<ArcSwap<KeyRing>>>,
     state: Mutex<State>,
 }
 
@@ -223,6 +248,9 @@ impl Leadership {
             started: halo_health::server::rfc3339(now),
             started_us: unix_us(now),
             instance: format!("{:016x}", fastrand::u64(..)),
+            probe: OnceLock::new(),
+            node: OnceLock::new(),
+            keys: OnceLock::new(),
             state: Mutex::new(State {
                 role: Role::Starting,
                 session: None,
@@ -309,9 +337,15 @@ impl Leadership {
                 .map(|until| millis(until.saturating_duration_since(now))),
             check_ttl_ms: millis(self.settings.check_ttl),
             lock_delay_ms: millis(self.settings.lock_delay),
-            probe: self.settings.probe.to_string(),
+            probe: self.probe.get().map(|p| p.addr.to_string()).unwrap_or_default(),
+            probe_reason: self
+                .probe
+                .get()
+                .map_or_else(|| self.settings.probe.to_string(), |p| p.why.clone()),
+            node: self.node.get().cloned(),
             detector: DetectorStatus {
                 damped_for_ms: state.damping.until(now).map(|u| millis(u - now)),
+                damped_until_heard: state.damping.waits_to_hear(),
                 ..state.detector.clone()
             },
             vip_conflict: state.vip_conflict.as_ref().map(|(macs, since)| VipConflict {
@@ -354,9 +388,31 @@ impl Leadership {
             admin: self.admin.to_string(),
             start: self.started.clone(),
             instance: self.instance.clone(),
-            probe: Some(self.settings.probe.to_string()),
+            probe: self.probe.get().map(|p| p.addr.to_string()),
+            node: self.node.get().cloned(),
         })
         .expect("a struct of strings serialises")
+    }
+
+    /// The role as a probe answer states it.
+    fn answer_role(&self) -> AnswerRole {
+        match self.role() {
+            Role::Active => AnswerRole::Active,
+            Role::Suspended => AnswerRole::Suspended,
+            Role::Standby => AnswerRole::Standby,
+            Role::Starting => AnswerRole::Starting,
+        }
+    }
+
+    /// Why the key's holder cannot be probed from here, if it cannot.
+    fn unwatchable(&self, holder: &LeaderValue, probe: SocketAddr) -> Option<String> {
+        let theirs = holder.node.as_deref()?;
+        let ours = self.node.get()?;
+        (probe.ip().is_loopback() && theirs != ours).then(|| {
+            format!(
+                "the active advertises a loopback probe address ({probe}) from node {theirs}, and this is node {ours}: set ha.probe_listen, or let the agent advertise a reachable address"
+            )
+        })
     }
 }
 
@@ -370,9 +426,13 @@ fn register_metrics() {
         "halo_ha_heartbeat_failures_total",
         "halo_ha_forced_takeovers_damped_total",
         "halo_ha_probe_misses_total",
+        "halo_ha_probe_refusals_uncorroborated_total",
         "halo_ha_id_conflicts_total",
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for reason in ["unauthenticated", "rate_limited"] {
+        metrics::counter!("halo_ha_probes_rejected_total", "reason" => reason).increment(0);
     }
     for reason in [
         StepDown::LeaseExpired,
@@ -397,15 +457,17 @@ fn register_metrics() {
 }
 
 /// Runs the election until `stop` is cancelled, promoting and demoting
-/// `server`. `probe` is the bound socket this instance answers probes on.
-/// On return this instance no longer serves and has released the lock if
-/// it held it.
+/// `server`. `probe` is the socket this instance answers probes on when the
+/// config fixed its address (bound at start, so that a taken address is a
+/// start-up error); otherwise the address is chosen here, from what the
+/// local agent says ([`advertise`]). On return this instance no longer
+/// serves and has released the lock if it held it.
 pub(crate) async fn run(
     leadership: Arc<Leadership>,
     client: Client,
     server: Arc<Server>,
     floating: Option<Arc<FloatingIp>>,
-    probe: std::net::UdpSocket,
+    probe: Option<std::net::UdpSocket>,
     stop: CancellationToken,
 ) {
     let settings = leadership.settings.clone();
@@ -431,19 +493,47 @@ pub(crate) async fn run(
     );
     let tasks = stop.child_token();
 
-    match tokio::net::UdpSocket::from_std(probe) {
-        Ok(socket) => {
-            let me = Arc::clone(&leadership);
-            let responder = tokio::spawn(detector::respond(socket, move || {
-                (me.instance.clone(), me.role().as_str().to_owned())
-            }));
-            let t = tasks.clone();
-            tokio::spawn(async move {
-                t.cancelled().await;
-                responder.abort();
-            });
+    // Who we are to our peers: our node, where we answer probes, and the
+    // key that authenticates them. Nothing below can start without Consul.
+    let Some(agent) = advertise::ask_agent(&leadership, &client, &stop).await else {
+        return;
+    };
+    if let Ok(agent) = &agent {
+        leadership.node.get_or_init(|| agent.node_name.clone());
+    }
+    let Some(keys) = fetch_pair_key(&leadership, &client, &settings.cluster, &stop).await else {
+        return;
+    };
+    let keys = Arc::clone(leadership.keys.get_or_init(|| keys));
+    tokio::spawn({
+        let (client, cluster, keys, tasks) = (
+            client.clone(),
+            settings.cluster.clone(),
+            Arc::clone(&keys),
+            tasks.clone(),
+        );
+        async move {
+            tokio::select! {
+                () = tasks.cancelled() => {}
+                () = pair_key::follow(client, cluster, keys) => {}
+            }
         }
-        Err(e) => tracing::error!(error = %e, "cannot answer probes; peers fall back to Consul's detection"),
+    });
+    let (advertised, socket) = match probe {
+        Some(socket) => (advertise::choose(settings.probe, &agent), Some(socket)),
+        None => bind_probe(advertise::choose(settings.probe, &agent), leadership.admin),
+    };
+    if advertised.reachable {
+        tracing::info!(probe = %advertised.addr, why = %advertised.why, "answering the pair's probes (UDP, and TCP for corroboration)");
+    } else if advertised.addr.ip().is_loopback() && matches!(&agent, Ok(a) if a.address.is_loopback()) {
+        tracing::info!(probe = %advertised.addr, why = %advertised.why, "answering the pair's probes; peers on other hosts cannot reach this address");
+    } else {
+        tracing::error!(probe = %advertised.addr, why = %advertised.why, "peers on other hosts cannot probe this instance: they rely on Consul's detection (seconds) to notice it die");
+    }
+    leadership.probe.get_or_init(|| advertised.clone());
+    match socket {
+        Some(socket) => spawn_responder(&leadership, socket, &advertised, &keys, &tasks),
+        None => tracing::error!("not answering probes; peers fall back to Consul's detection"),
     }
     // The check: until when it is known to pass (last successful
     // heartbeat + TTL).
@@ -570,6 +660,122 @@ pub(crate) async fn run(
     leadership.set_role(Role::Standby);
 }
 
+/// Reads (or creates) the cluster's pair key, retrying until it succeeds
+/// or `stop`.
+async fn fetch_pair_key(
+    leadership: &Leadership,
+    client: &Client,
+    cluster: &str,
+    stop: &CancellationToken,
+) -> Option<Arc<ArcSwap<KeyRing>>> {
+    let mut failing = false;
+    loop {
+        match pair_key::fetch(client, cluster).await {
+            Ok(secret) => {
+                leadership.set_consul_error(None);
+                return Some(Arc::new(ArcSwap::from_pointee(KeyRing::new(&secret))));
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, key = %pair_key::kv_key(cluster), "cannot read the pair key that authenticates probes; retrying");
+                }
+                leadership.set_consul_error(Some(e.to_string()));
+                failing = true;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(CONSUL_RETRY * 5) => {}
+        }
+    }
+}
+
+/// Binds the chosen probe address over UDP; if that fails (the agent's
+/// address is not this host's), the admin address, saying so.
+fn bind_probe(advertised: Advertised, admin: SocketAddr) -> (Advertised, Option<std::net::UdpSocket>) {
+    let bind = |addr: SocketAddr| std::net::UdpSocket::bind(addr).and_then(|s| s.set_nonblocking(true).map(|()| s));
+    match bind(advertised.addr) {
+        Ok(socket) => (advertised, Some(socket)),
+        Err(e) if advertised.addr != admin => {
+            let why = format!(
+                "the admin address, because {} ({}) cannot be bound here: {e}; set ha.probe_listen",
+                advertised.addr, advertised.why
+            );
+            let fallback = Advertised {
+                addr: admin,
+                why,
+                reachable: !admin.ip().is_loopback(),
+            };
+            match bind(admin) {
+                Ok(socket) => (fallback, Some(socket)),
+                Err(e) => {
+                    tracing::error!(error = %e, probe = %admin, "cannot listen for probes");
+                    (fallback, None)
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, probe = %advertised.addr, "cannot listen for probes");
+            (advertised, None)
+        }
+    }
+}
+
+/// Answers probes on a thread of its own (`halo-probe`), so that a flood of
+/// datagrams never competes with the election's lease timing, until
+/// `stop`. Also listens for TCP on the probe address, unless the admin API
+/// already does there: a refusal the peers can corroborate (see
+/// [`detector`]).
+fn spawn_responder(
+    leadership: &Arc<Leadership>,
+    socket: std::net::UdpSocket,
+    advertised: &Advertised,
+    keys: &Arc<ArcSwap<KeyRing>>,
+    stop: &CancellationToken,
+) {
+    let tcp = if advertised.addr == leadership.admin {
+        None
+    } else {
+        match std::net::TcpListener::bind(advertised.addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::error!(error = %e, probe = %advertised.addr, "cannot listen for TCP on the probe address: the peers cannot corroborate a refusal and wait for silence instead");
+                None
+            }
+        }
+    };
+    let (me, keys, stop) = (Arc::clone(leadership), Arc::clone(keys), stop.clone());
+    let spawned = std::thread::Builder::new().name("halo-probe".into()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the probe responder's runtime; peers fall back to Consul's detection");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let socket = match tokio::net::UdpSocket::from_std(socket) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot answer probes; peers fall back to Consul's detection");
+                    return;
+                }
+            };
+            let tcp = tcp.and_then(|l| match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot accept on the probe address over TCP");
+                    None
+                }
+            });
+            detector::respond(socket, tcp, keys, move || (me.instance.clone(), me.answer_role()), stop).await;
+        });
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the probe responder's thread; peers fall back to Consul's detection");
+    }
+}
+
 async fn release_lock(leadership: &Leadership, client: &Client, session: &str) {
     match client
         .kv_release(&leadership.settings.lock_key(), leadership.value(), session)
@@ -686,7 +892,7 @@ struct Watching {
 /// The standby: waits for the key to be free and acquires it; meanwhile
 /// probes the holder and takes the lock from it when it is gone.
 async fn contend(
-    leadership: &Leadership,
+    leadership: &Arc<Leadership>,
     client: &Client,
     session: &str,
     key: &mut watch::Receiver<Option<Option<KeyState>>>,
@@ -761,7 +967,22 @@ async fn contend(
         };
         let wanted = holder
             .filter(|(_, h)| h.instance != leadership.instance)
-            .and_then(|(s, h)| Some((s, h.probe.as_deref()?.parse::<SocketAddr>().ok()?, h.instance)));
+            .and_then(|(s, h)| Some((s, h.probe.as_deref()?.parse::<SocketAddr>().ok()?, h)));
+        // A holder whose probe address cannot be reached from here is left
+        // to Consul's detection.
+        let unwatchable = wanted
+            .as_ref()
+            .and_then(|(_, probe, h)| leadership.unwatchable(h, *probe));
+        let reported = leadership.state().detector.unwatchable.clone();
+        if unwatchable != reported {
+            if let Some(why) = &unwatchable {
+                tracing::error!(why = %why, "cannot probe the active; relying on Consul's detection");
+            }
+            leadership.state().detector.unwatchable.clone_from(&unwatchable);
+        }
+        let wanted = wanted
+            .filter(|_| unwatchable.is_none())
+            .map(|(s, probe, h)| (s, probe, h.instance));
         let now = Instant::now();
         match (&wanted, &watching) {
             (Some((s, _, _)), Some(w)) if *s == w.session => {}
@@ -771,13 +992,23 @@ async fn contend(
                 if armed.as_ref().is_some_and(|(a, _)| a != s) {
                     armed = None;
                 }
-                let (peer, instance, me) = (*peer, instance.clone(), leadership.instance.clone());
-                let (interval, misses) = (settings.probe_interval, settings.probe_misses);
+                let (peer, instance, me) = (*peer, instance.clone(), Arc::clone(leadership));
                 leadership.state().detector.peer = Some(peer.to_string());
                 watching = Some(Watching {
                     session: s.clone(),
                     task: AbortOnDrop(tokio::spawn(async move {
-                        detector::watch_peer(peer, &instance, &me, interval, misses).await
+                        let Some(keys) = me.keys.get() else {
+                            return Err(std::io::Error::other("no pair key yet"));
+                        };
+                        let watch = PeerWatch {
+                            instance: &instance,
+                            me: &me.instance,
+                            interval: me.settings.probe_interval,
+                            misses: me.settings.probe_misses,
+                            keys,
+                        };
+                        // Hearing the active lifts a damping that waits for it.
+                        detector::watch_peer(peer, watch, || me.state().damping.heard()).await
                     })),
                 });
             }
@@ -887,7 +1118,7 @@ fn after_force(outcome: Forced, target: &str, forced: &mut Option<String>) -> Op
             *forced = Some(target.to_owned());
             None
         }
-        Forced::Damped(until) => until,
+        Forced::Damped(until) => Some(until.unwrap_or_else(|| Instant::now() + DAMPED_RECHECK)),
         Forced::Failed => None,
     }
 }
@@ -896,7 +1127,8 @@ fn after_force(outcome: Forced, target: &str, forced: &mut Option<String>) -> Op
 enum Forced {
     /// The holder's session is gone (destroyed by us, or already).
     Done,
-    /// Held back by damping until then.
+    /// Held back by damping until then (`None`: until the active is heard,
+    /// which needs probing on).
     Damped(Option<Instant>),
     /// Consul refused; probe on and try again.
     Failed,
@@ -911,9 +1143,15 @@ async fn force_takeover(leadership: &Leadership, client: &Client, target: &str, 
         if !state.damping.allows(now) {
             state.detector.damped += 1;
             let until = state.damping.until(now);
+            let first = state.damping.first_report();
+            let unheard = state.damping.waits_to_hear();
             drop(state);
             metrics::counter!("halo_ha_forced_takeovers_damped_total").increment(1);
-            tracing::warn!(%evidence, damped_for = ?until.map(|u| u - now), "the active looks gone, but forced takeovers are damped; waiting for Consul's own detection");
+            if first {
+                tracing::warn!(%evidence, damped_for = ?until.map(|u| u - now), until_heard = unheard, "the active looks gone, but forced takeovers are damped (we lost the lock ourselves while serving: the link between us may be what broke); waiting for Consul's own detection, or to hear the active again");
+            } else {
+                tracing::debug!(%evidence, "still damped");
+            }
             return Forced::Damped(until);
         }
     }
@@ -1458,25 +1696,35 @@ async fn older_twin(leadership: &Leadership, client: &Client) -> Result<Option<S
         // Its check may still pass for up to a TTL after it died (a restart
         // right after kill -9): ask the process itself, when it says where.
         if let Some(probe) = e.service.meta.get("probe").and_then(|p| p.parse::<SocketAddr>().ok()) {
+            // We hold that very address (bound without SO_REUSEPORT): the
+            // process that advertised it is gone.
+            if leadership.probe.get().is_some_and(|p| p.addr == probe) {
+                tracing::info!(instance = %instance, "an older instance with our id is registered, but we hold its probe address: it is gone");
+                continue;
+            }
             let settings = &leadership.settings;
             let silence = settings.probe_interval * (settings.probe_misses + 1);
-            let verdict = tokio::time::timeout(
-                silence,
-                detector::watch_peer(
-                    probe,
+            if let Some(keys) = leadership.keys.get() {
+                let watch = PeerWatch {
                     instance,
-                    &leadership.instance,
-                    settings.probe_interval,
-                    settings.probe_misses,
-                ),
-            )
-            .await;
-            if matches!(
-                verdict,
-                Ok(Ok(Evidence::Refused | Evidence::Silent(_) | Evidence::Replaced(_)))
-            ) {
-                tracing::info!(instance = %instance, "an older instance with our id is registered but gone");
-                continue;
+                    me: &leadership.instance,
+                    interval: settings.probe_interval,
+                    misses: settings.probe_misses,
+                    keys,
+                };
+                let verdict = tokio::time::timeout(silence, detector::watch_peer(probe, watch, || {})).await;
+                // Anything but its own live answers: refused, silent, or
+                // another process (perhaps this one) answering there.
+                if matches!(
+                    verdict,
+                    Ok(Ok(Evidence::Refused
+                        | Evidence::Silent(_)
+                        | Evidence::Replaced(_)
+                        | Evidence::SelfAnswered))
+                ) {
+                    tracing::info!(instance = %instance, "an older instance with our id is registered but gone");
+                    continue;
+                }
             }
         }
         return Ok(Some(format!(
@@ -1547,7 +1795,10 @@ async fn register(leadership: &Leadership, client: &Client) -> Result<(), Consul
             ("id".to_owned(), settings.id.clone()),
             ("instance".to_owned(), leadership.instance.clone()),
             ("start_us".to_owned(), leadership.started_us.to_string()),
-            ("probe".to_owned(), settings.probe.to_string()),
+            (
+                "probe".to_owned(),
+                leadership.probe.get().map(|p| p.addr.to_string()).unwrap_or_default(),
+            ),
         ]
         .into_iter()
         .collect(),
