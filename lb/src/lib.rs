@@ -44,7 +44,7 @@ mod sources;
 
 pub use balance::table::{Table, Vip};
 pub use control::floating::{Error as FloatingError, FloatingIp, Outcome as FloatingOutcome};
-pub use control::run;
 pub use control::status;
+pub use control::{describe_probe_address, run};
 pub use dataplane::proxy::bind;
 pub use settings::{Config, ConfigError, Validated};

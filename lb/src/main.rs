@@ -105,6 +105,17 @@ fn main() -> ExitCode {
             config.vips.len(),
             if config.vips.len() == 1 { "" } else { "s" }
         );
+        // Informational: what the pair's peers will be told (never fails
+        // the check; the agent may not be up yet under ExecStartPre).
+        let described = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|runtime| runtime.block_on(halo_lb::describe_probe_address(&config)));
+        match described {
+            Ok(Some(line)) => println!("halo-lb: {line}"),
+            Ok(None) => {}
+            Err(e) => println!("halo-lb: cannot tell the probe address: {e}"),
+        }
         return ExitCode::SUCCESS;
     }
 

@@ -470,9 +470,11 @@ impl<'a> Pair<'a> {
             let me = self.dc.host(host).ip();
             let text = match self.system {
                 System::Halo => format!(
-                    "# halo-lb on {host} of the benchmark pair: [ha] at its defaults, a floating VIP.\n\
+                    "# halo-lb on {host} of the benchmark pair, as a user writes it: the admin API on\n\
+                     # loopback, [ha] at its defaults (no probe_listen: the probe address is the one\n\
+                     # the host's Consul agent advertises), a floating VIP.\n\
                      [admin]\nlisten = \"{ADMIN}\"\n\n[consul]\naddress = \"{}\"\n\n\
-                     [ha]\ncluster = \"bench\"\nid = \"{host}\"\nprobe_listen = \"{me}:9901\"\n\
+                     [ha]\ncluster = \"bench\"\nid = \"{host}\"\n\
                      vip_address = \"{}\"\nvip_interface = \"{INTERFACE}\"\n\n\
                      [[vip]]\nname = \"web\"\nlisten = \"{vip}:{VIP_PORT}\"\n\
                      backends = [\"{}:{}\"]\nconnect_timeout = \"1s\"\n",

@@ -198,6 +198,44 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     Ok(())
 }
 
+/// What `halo-lb check` says about the pair's probe address: which address
+/// this instance would advertise to its peers, and why. Asks the local
+/// Consul agent when the address comes from it (two seconds at most);
+/// `None` without `[ha]`.
+pub async fn describe_probe_address(config: &Validated) -> Option<String> {
+    let ha = config.ha.as_ref()?;
+    let agent = match ha.probe {
+        settings::ProbeListen::AgentAddress { .. } => {
+            let asked = match config.consul.client() {
+                Ok(client) => tokio::time::timeout(Duration::from_secs(2), client.agent_self())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(halo_consul::Error::Config(
+                            "the local Consul agent did not answer within 2s".to_owned(),
+                        ))
+                    }),
+                Err(e) => Err(e),
+            };
+            match asked {
+                Err(e) if e.is_unavailable() || matches!(e, halo_consul::Error::Config(_)) => {
+                    return Some(format!(
+                        "probe address: {}; the agent cannot be asked now ({e}), so it is chosen at start",
+                        ha.probe
+                    ))
+                }
+                other => other,
+            }
+        }
+        // Not consulted for these.
+        _ => Err(halo_consul::Error::Config(String::new())),
+    };
+    let chosen = ha::advertise::choose(ha.probe, &agent);
+    Some(format!(
+        "probe address: {} (UDP, and TCP to corroborate refusals): {}",
+        chosen.addr, chosen.why
+    ))
+}
+
 /// Tells systemd (`Type=notify`) that the balancer is ready: at once for a
 /// lone balancer, whose listeners and admin API are up by now; for one of a
 /// pair, once the election has placed it (active or standby), so that

@@ -121,10 +121,13 @@ pub struct HaConfig {
     /// 100 ms to 60 s. Unset: 300 ms.
     #[serde(default = "default_lock_delay", with = "go_duration")]
     pub lock_delay: Duration,
-    /// Where this instance answers its peers' probes (UDP `ip:port`,
-    /// advertised in the lock's value). Unset: the admin address (same ip
-    /// and port, UDP). Set it to an address the other balancers reach when
-    /// the admin API stays on loopback.
+    /// Where this instance answers its peers' probes (UDP `ip:port`, and
+    /// TCP on the same address to corroborate refusals; advertised in the
+    /// lock's value). Unset: the admin address when `admin.listen` is a
+    /// specific non-loopback address; otherwise the address the local
+    /// Consul agent advertises for this node (`/v1/agent/self`), on the
+    /// admin port. Set it when neither is an address the other balancers
+    /// reach (halo-lb in a container network namespace, say).
     pub probe_listen: Option<String>,
     /// How often a standby probes the active. Unset: 100 ms.
     #[serde(default = "default_probe_interval", with = "go_duration")]

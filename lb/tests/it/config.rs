@@ -66,3 +66,37 @@ fn check_refuses_bad_files_naming_the_key_and_reason() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the file"));
 }
+
+/// `halo-lb check` on an instance of a pair says which probe address its
+/// peers will be told, and why: with the admin API on loopback, the
+/// address the local agent advertises (a dev agent's is loopback, which
+/// only suits a pair on one host); with no agent to ask, that it is chosen
+/// at start; with `probe_listen`, that.
+#[tokio::test]
+async fn check_says_which_probe_address_it_advertises_and_why() {
+    let consul = halo_testkit::ConsulAgent::start().await;
+    let pair = |consul: &str, extra: &str| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:9901\"\n[consul]\naddress = \"{consul}\"\n[ha]\ncluster = \"c\"\nid = \"a\"\n{extra}\
+             [[vip]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nbackends = [\"127.0.0.1:1\"]\n"
+        )
+    };
+    let (ok, text) = check(&pair(&consul.http_url(), ""));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("probe address: 127.0.0.1:9901") && text.contains("the local Consul agent advertises node"),
+        "{text}"
+    );
+
+    let nowhere = format!("http://127.0.0.1:{}", crate::support::port());
+    let (ok, text) = check(&pair(&nowhere, ""));
+    assert!(ok, "an agent that is not up yet fails nothing: {text}");
+    assert!(text.contains("chosen at start"), "{text}");
+
+    let (ok, text) = check(&pair(&nowhere, "probe_listen = \"198.18.0.11:9902\"\n"));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("probe address: 198.18.0.11:9902") && text.contains("ha.probe_listen"),
+        "{text}"
+    );
+}

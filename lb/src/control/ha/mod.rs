@@ -95,7 +95,7 @@
 //! Consul; two live processes with one `ha.id` contend fairly and the
 //! younger leaves the election ([`older_twin`]).
 
-mod advertise;
+pub(crate) mod advertise;
 mod damping;
 mod detector;
 mod pair_key;
