@@ -767,6 +767,13 @@ async fn an_active_restarted_at_once_frees_the_lock_its_predecessor_held() {
     .await;
     assert!(greeting(p.vip).await.is_ok(), "the vip is served");
     assert_never_both_active(&restarted.status().await, &p.b.status().await);
+    // The dead predecessor's registration still passed when the new process
+    // looked for an older twin with its id; it holds the predecessor's probe
+    // address itself, so it knew that one was gone: no false conflict, no
+    // 2 s spent out of the election (a defect of the earlier detector).
+    let log = restarted.log();
+    assert!(!log.contains("taken by an older live instance"), "{log}");
+    assert!(restarted.status().await["ha"]["id_conflict"].is_null());
 }
 
 #[tokio::test]
