@@ -133,7 +133,7 @@ use crate::settings::HaSettings;
 const KEY_WAIT: Duration = Duration::from_secs(10);
 /// How often a standby retries an acquire refused while the key is free (a
 /// lock delay is running).
-const ACQUIRE_RETRY: Duration = Duration::from_millis(20);
+const ACQUIRE_RETRY: Duration = Duration::from_millis(10);
 /// Back-off after a failed Consul call in the election loop.
 const CONSUL_RETRY: Duration = Duration::from_millis(100);
 /// How long a standby leaves a peer alone whose probe address led back to
