@@ -277,14 +277,7 @@ impl FloatingIp {
         })?;
         netlink.probe_net_admin(address)?;
         let neighbours = match link.mac {
-            Some(mac) => {
-                let announcer = Announcer::open(link.index, mac, address)?;
-                if address.is_ipv6() {
-                    // What `listen` will need: fail at start, not later.
-                    open_icmpv6(interface)?;
-                }
-                Some(announcer)
-            }
+            Some(mac) => Some(Announcer::open(link.index, interface, mac, address)?),
             None => None,
         };
         let owner = hold_owner(address)?;
@@ -343,15 +336,19 @@ impl FloatingIp {
         n.announce().map_err(|source| self.neighbours_error("announce", source))
     }
 
-    /// Sends one probe for the address (an RFC 5227 ARP probe, or a DAD
-    /// neighbour solicitation): hosts that have it answer, a live halo-lb
-    /// holding it also announces it. Read the answers with
-    /// [`listen`](FloatingIp::listen).
+    /// Sends one probe for the address while holding it: hosts that also
+    /// have it answer to us alone. IPv4: an RFC 5227 ARP probe (a kernel
+    /// answers it with a unicast reply). IPv6: a plain solicitation from our
+    /// link-local address, not a DAD one, which every holder would answer
+    /// with a multicast advertisement carrying the override flag that
+    /// repoints every neighbour (a dead host's leftover too). Read the
+    /// answers with [`listen`](FloatingIp::listen).
     pub fn send_probe(&self) -> Result<(), Error> {
         let Some(n) = &self.neighbours else {
             return Ok(());
         };
-        n.probe().map_err(|source| self.neighbours_error("probe for", source))
+        n.probe(false)
+            .map_err(|source| self.neighbours_error("probe for", source))
     }
 
     /// Who else has the address: sends a probe and collects, for `wait`,
@@ -363,7 +360,12 @@ impl FloatingIp {
         let Some(listener) = self.listen()? else {
             return Ok(Probed::default());
         };
-        self.send_probe()?;
+        if let Some(n) = &self.neighbours {
+            // Before a claim: a probe that claims nothing (RFC 5227, RFC
+            // 4862 DAD), which a live holder defends against.
+            n.probe(true)
+                .map_err(|source| self.neighbours_error("probe for", source))?;
+        }
         let deadline = Instant::now() + wait;
         let mut heard = Probed::default();
         loop {
@@ -887,17 +889,19 @@ fn nd_options(mut bytes: &[u8]) -> Vec<(u8, &[u8])> {
 }
 
 /// A packet socket that sends ARP or neighbour-discovery frames out of one
-/// interface, for one address.
+/// interface, for one address; for IPv6 also a raw ICMPv6 socket, whose
+/// solicitations the kernel sends from our link-local address.
 #[derive(Debug)]
 struct Announcer {
     socket: Socket,
+    icmp: Option<Socket>,
     index: u32,
     mac: [u8; 6],
     address: IpAddr,
 }
 
 impl Announcer {
-    fn open(index: u32, mac: [u8; 6], address: IpAddr) -> Result<Announcer, Error> {
+    fn open(index: u32, interface: &str, mac: [u8; 6], address: IpAddr) -> Result<Announcer, Error> {
         // Protocol 0: a send-only socket. With ETH_P_ARP the kernel would
         // queue every ARP frame on the link to it, for nobody to read.
         let socket = Socket::new(Domain::PACKET, Type::DGRAM, None).map_err(|source| {
@@ -913,8 +917,21 @@ impl Announcer {
                 Error::Socket { what: "packet", source }
             }
         })?;
+        let icmp = match address {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(_) => {
+                let icmp = open_icmpv6(interface)?;
+                // Neighbour discovery requires hop limit 255 (RFC 4861 §7.1).
+                let configured = icmp
+                    .set_multicast_hops_v6(255)
+                    .and_then(|()| icmp.set_multicast_if_v6(index));
+                configured.map_err(|source| Error::Socket { what: "ICMPv6", source })?;
+                Some(icmp)
+            }
+        };
         Ok(Announcer {
             socket,
+            icmp,
             index,
             mac,
             address,
@@ -955,13 +972,23 @@ impl Announcer {
         Ok(())
     }
 
-    fn probe(&self) -> io::Result<()> {
+    /// `dad`: a probe before a claim (for IPv6 from the unspecified
+    /// address); otherwise, for IPv6, a solicitation from our link-local
+    /// address, which holders answer to us alone.
+    fn probe(&self, dad: bool) -> io::Result<()> {
         match self.address {
             IpAddr::V4(address) => self.send(libc::ETH_P_ARP as u16, [0xff; 6], &arp_probe(self.mac, address)),
             IpAddr::V6(address) => {
                 let group = solicited_node(address);
-                let packet = ipv6_packet(Ipv6Addr::UNSPECIFIED, group, &dad_solicitation(address));
-                self.send(ETH_P_IPV6, multicast_mac(group), &packet)
+                if dad {
+                    let packet = ipv6_packet(Ipv6Addr::UNSPECIFIED, group, &dad_solicitation(address));
+                    return self.send(ETH_P_IPV6, multicast_mac(group), &packet);
+                }
+                let icmp = self.icmp.as_ref().expect("IPv6 announcers have an ICMPv6 socket");
+                let to = std::net::SocketAddrV6::new(group, 0, 0, self.index);
+                // The kernel fills in the source and the checksum.
+                icmp.send_to(&solicitation(self.mac, address), &SockAddr::from(to))
+                    .map(drop)
             }
         }
     }
@@ -1025,6 +1052,17 @@ fn dad_solicitation(address: Ipv6Addr) -> [u8; 24] {
     let mut m = [0u8; 24];
     m[0] = NEIGHBOUR_SOLICITATION;
     m[8..24].copy_from_slice(&address.octets());
+    m
+}
+
+/// A neighbour solicitation for `address` from a host with an address
+/// (RFC 4861 §4.3): with our link-local address, answered by unicast.
+fn solicitation(mac: [u8; 6], address: Ipv6Addr) -> [u8; 32] {
+    let mut m = [0u8; 32];
+    m[..24].copy_from_slice(&dad_solicitation(address));
+    m[24] = ND_OPT_SOURCE_LL;
+    m[25] = 1;
+    m[26..32].copy_from_slice(&mac);
     m
 }
 
@@ -1215,9 +1253,7 @@ mod tests {
         // A DAD probe, and a neighbour resolving the address (with its own
         // link-layer address): only the first is a probe.
         assert_eq!(heard_nd(&dad_solicitation(VIP6), VIP6, MAC), Some(Heard::Probe));
-        let mut resolving = dad_solicitation(VIP6).to_vec();
-        resolving.extend_from_slice(&[1, 1, 2, 0, 0, 0, 0, 0x0c]);
-        assert_eq!(heard_nd(&resolving, VIP6, MAC), None);
+        assert_eq!(heard_nd(&solicitation(OTHER, VIP6), VIP6, MAC), None);
         // Malformed options end the parse, never loop or panic.
         assert!(nd_options(&[2, 0, 1, 2, 3, 4, 5, 6]).is_empty());
         assert!(nd_options(&[2, 9, 1, 2, 3, 4, 5, 6]).is_empty());

@@ -389,3 +389,95 @@ async fn two_clusters_with_one_floating_address_never_both_serve() {
         stopped.elapsed()
     );
 }
+
+/// An IPv6 floating address (`2001:2::100/64`) between a pair: kill -9 of
+/// the active, `release-vip` run after it as systemd's `ExecStopPost=`
+/// would, the standby claims the address and its unsolicited neighbour
+/// advertisement repoints the client, which reconnects; no two hosts hold
+/// the address at any sample. Then the other way round without
+/// `release-vip`: the dead active's leftover still answers the new
+/// active's DAD probe, which does not hold it back (only a live claimer
+/// announces), and is reported in `vip_conflict`.
+#[tokio::test]
+async fn an_ipv6_floating_address_follows_the_active_on_kill_9() {
+    if !halo_testkit::netns::required("floating_ha::an_ipv6_floating_address_follows_the_active_on_kill_9") {
+        return;
+    }
+    let net = Net::start().await;
+    let (client, lb1, lb2) = (net.topology.client(), net.topology.lb1(), net.topology.lb2());
+    let vip = IpAddr::V6(net.topology.vip6());
+    let target = SocketAddr::new(vip, PORT);
+    let start = |host: &Host| HostLb::start(host, &net.config(host, "float6", vip, 64, 9901), admin(host));
+    let mut one = start(lb1);
+    host_role(lb1, &one, "active").await;
+    let two = start(lb2);
+    host_role(lb2, &two, "standby").await;
+    assert!(holds(lb1, vip), "the active holds the address:\n{}", one.log());
+    assert!(!holds(lb2, vip), "the standby does not");
+    eventually(DEADLINE, "the client to be served through lb1", || async {
+        through_vip(client, target).await.then_some(())
+    })
+    .await;
+    assert_eq!(client.neighbour(vip).as_deref(), Some(lb1.mac()));
+
+    let sampler = Sampler::start(&[lb1, lb2], vip);
+    let killed = Instant::now();
+    one.process.kill();
+    let out = release_vip(lb1, &one.config);
+    assert!(out.status.success(), "{}", text(&out));
+    host_role(lb2, &two, "active").await;
+    assert!(holds(lb2, vip), "{}", two.log());
+    eventually(DEADLINE, "the client's neighbour entry to move to lb2", || async {
+        (client.neighbour(vip).as_deref() == Some(lb2.mac())).then_some(())
+    })
+    .await;
+    eventually(DEADLINE, "the client to be served through lb2", || async {
+        through_vip(client, target).await.then_some(())
+    })
+    .await;
+    let served = killed.elapsed();
+    let samples = sampler.stop();
+    let doubled: Vec<Duration> = samples
+        .iter()
+        .filter(|(_, h)| h.len() > 1)
+        .map(|(at, _)| *at - killed)
+        .collect();
+    assert!(doubled.is_empty(), "two holders at {doubled:?} after the kill");
+    eprintln!(
+        "FIGURE IPv6 floating address, kill -9 + release-vip: served through lb2 {served:?} after the kill; {} samples, none with two holders",
+        samples.len()
+    );
+
+    // Back the other way, the dead active's address left in place.
+    let one = start(lb1);
+    host_role(lb1, &one, "standby").await;
+    let mut two = two;
+    two.process.kill();
+    host_role(lb1, &one, "active").await;
+    assert!(
+        holds(lb1, vip),
+        "claimed despite the leftover answering:\n{}",
+        one.log()
+    );
+    assert!(holds(lb2, vip), "the leftover");
+    let conflict = eventually(DEADLINE, "lb1 to report the leftover", || async {
+        let s = host_status(lb1, one.admin).await?;
+        s["ha"]["vip_conflict"]["macs"].as_array().cloned().map(|m| (m, s))
+    })
+    .await;
+    assert_eq!(conflict.0, vec![serde_json::json!(lb2.mac())], "{}", one.log());
+    assert_eq!(conflict.1["ha"]["vip_conflict"]["yielded"], false);
+    assert_eq!(conflict.1["ha"]["vip_conflict"]["live"], serde_json::json!([]));
+    eventually(DEADLINE, "the client's neighbour entry to move back to lb1", || async {
+        (client.neighbour(vip).as_deref() == Some(lb1.mac())).then_some(())
+    })
+    .await;
+    eventually(DEADLINE, "the client to be served through lb1", || async {
+        through_vip(client, target).await.then_some(())
+    })
+    .await;
+    // Still active a while later: the leftover never makes it give way.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = host_status(lb1, one.admin).await.unwrap();
+    assert_eq!(role(&s), "active", "{}", s["ha"]);
+}
