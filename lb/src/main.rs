@@ -28,8 +28,9 @@ enum Command {
     /// it is there, and exit 0 (also when there was nothing to remove). For
     /// a service manager to run after halo-lb exited (systemd's
     /// `ExecStopPost=`): a process killed with -9 cannot remove it itself.
-    /// Refuses (exit 1) while the config's admin address is in use, i.e.
-    /// while halo-lb runs: the address belongs to a live active then.
+    /// Refuses (exit 1) while any live halo-lb in this network namespace
+    /// manages that address (whatever its config): it belongs to a live
+    /// active then, or to a standby that may claim it any moment.
     ReleaseVip,
     /// GET /health on the admin API of the halo-lb running with this config
     /// and exit 0 if it answers 2xx within --timeout, 1 otherwise: a
@@ -51,19 +52,18 @@ fn release_vip(config: &halo_lb::Validated) -> ExitCode {
         println!("halo-lb: no [ha] vip_address in the config: nothing to release");
         return ExitCode::SUCCESS;
     };
-    // A live halo-lb holds its admin address; an active's VIP is not ours
-    // to take. (Any other bind error means no halo-lb can be listening.)
-    match std::net::TcpListener::bind(config.admin) {
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            eprintln!(
-                "halo-lb: admin address {} is in use: halo-lb is running with this config; not removing {}/{} from {} (stop it first)",
-                config.admin, f.address, f.prefix, f.interface
-            );
-            return ExitCode::FAILURE;
-        }
-        _ => {}
-    }
+    // Opening takes the address's owner socket, which every live halo-lb
+    // managing the address in this network namespace holds (see
+    // `lb/src/control/floating.rs`): held, the address is not ours to take.
+    // Unlike the admin address, this does not depend on the config given.
     let released = halo_lb::FloatingIp::open(f.address, f.prefix, &f.interface).and_then(|ip| ip.release());
+    if let Err(e @ halo_lb::FloatingError::InUse { .. }) = &released {
+        eprintln!(
+            "halo-lb: {e}; not removing {}/{} from {} (stop that halo-lb first)",
+            f.address, f.prefix, f.interface
+        );
+        return ExitCode::FAILURE;
+    }
     match released {
         Ok(halo_lb::FloatingOutcome::Changed) => {
             println!("halo-lb: removed {}/{} from {}", f.address, f.prefix, f.interface);

@@ -14,6 +14,8 @@
 //! | `lb1`..`lbN` | .11 – .(10+N), N ≤ 9 | a client agent; halo-lb goes here |
 //! | `backend1`..`backendM` | .21 – .(20+M), M ≤ 50 | a client agent; backends and halo-sidecar go here |
 //!
+//! Each host also has 2001:2::N/64 with the same last number N (see
+//! [`crate::netns`]); 2001:2::100 is free for an IPv6 floating VIP.
 //! .100 ([`Datacenter::vip`]) is free for a floating VIP. Every agent is a
 //! real, non-dev agent with its own data dir (a temp dir removed at the
 //! end), node name = host name, `-bind` = the host's address, HTTP/DNS on

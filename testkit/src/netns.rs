@@ -3,9 +3,10 @@
 //!
 //! [`Topology::start`] creates five namespaces: one holding a bridge `br0`,
 //! and four hosts, `client`, `lb1`, `lb2` and `backend`, each with an `eth0`
-//! joined to the bridge by a veth pair and an address in
-//! 198.18.x.0/24 (198.18.0.0/15 is reserved for network benchmarks: RFC
-//! 2544). Nothing routes out of the namespaces, and the host's own interfaces
+//! joined to the bridge by a veth pair, an address in 198.18.x.0/24
+//! (198.18.0.0/15 is reserved for network benchmarks: RFC 2544) and one in
+//! 2001:2::/64 (2001:2::/48 is IPv6's benchmarking range: RFC 5180), with
+//! the same last number. Nothing routes out of the namespaces, and the host's own interfaces
 //! are never touched: links are created directly inside the namespaces.
 //! Dropping the topology, also while a test panics, kills every process left
 //! in its namespaces and deletes them, which deletes their links.
@@ -18,7 +19,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,6 +39,15 @@ pub const INTERFACE: &str = "eth0";
 
 /// The prefix length of the topology's subnet.
 pub const PREFIX_LEN: u8 = 24;
+
+/// The prefix length of the topology's IPv6 subnet, 2001:2::/64.
+pub const PREFIX_LEN_V6: u8 = 64;
+
+/// 2001:2::`last`: a host's IPv6 address (the same in every topology; the
+/// namespaces keep them apart).
+pub fn addr_v6(last: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, u16::from(last))
+}
 
 /// Decides whether a netns test runs. With `HALO_NETNS_TESTS=1` it must:
 /// this returns true, or panics naming what is missing (root, `ip`).
@@ -241,6 +251,7 @@ pub struct Host {
     name: String,
     netns: String,
     ip: Ipv4Addr,
+    ip6: Ipv6Addr,
     mac: String,
     /// Pids of the processes started with [`Host::spawn`], which the
     /// topology kills on drop: `ip netns pids` misses one that has not yet
@@ -264,6 +275,11 @@ impl Host {
     /// Its address on [`INTERFACE`].
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// Its IPv6 address on [`INTERFACE`] (2001:2::x, x as in [`Host::ip`]).
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.ip6
     }
 
     /// The MAC of its [`INTERFACE`], as `ip` prints it (`aa:bb:…`).
@@ -366,13 +382,38 @@ impl Host {
         self.run("sh", ["-c", "echo \"$1\" > \"$2\"", "sh", value, &path]);
     }
 
-    /// The MAC this host's neighbour table has for `ip` on [`INTERFACE`], in
-    /// any state with an address (REACHABLE, STALE, DELAY, …).
-    pub fn neighbour(&self, ip: Ipv4Addr) -> Option<String> {
+    /// The MAC this host's neighbour table has for `ip` (IPv4 or IPv6) on
+    /// [`INTERFACE`], in any state with an address (REACHABLE, STALE, DELAY,
+    /// …).
+    pub fn neighbour(&self, ip: impl Into<IpAddr>) -> Option<String> {
+        let ip: IpAddr = ip.into();
         let out = ip_run(["-n", &self.netns, "neigh", "show", &ip.to_string(), "dev", INTERFACE]);
         let mut words = out.split_whitespace();
         words.find(|w| *w == "lladdr")?;
         words.next().map(str::to_owned)
+    }
+
+    /// The global IPv6 addresses on [`INTERFACE`], without prefix lengths.
+    pub fn addresses_v6(&self) -> Vec<Ipv6Addr> {
+        let out = ip_run([
+            "-n",
+            &self.netns,
+            "-6",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            INTERFACE,
+            "scope",
+            "global",
+        ]);
+        out.lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                words.find(|w| *w == "inet6")?;
+                words.next()?.split('/').next()?.parse().ok()
+            })
+            .collect()
     }
 
     /// The IPv4 addresses on [`INTERFACE`], without prefix lengths.
@@ -608,6 +649,19 @@ impl Topology {
                 "dev",
                 INTERFACE,
             ]);
+            // No duplicate address detection: nothing else has it, and the
+            // address is usable at once.
+            let ip6 = addr_v6(*last);
+            ip_run([
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip6}/{PREFIX_LEN_V6}"),
+                "dev",
+                INTERFACE,
+                "nodad",
+            ]);
             ip_run(["-n", &netns, "link", "set", INTERFACE, "up"]);
             let link = ip_run(["-n", &netns, "-o", "link", "show", "dev", INTERFACE]);
             let mut words = link.split_whitespace();
@@ -620,6 +674,7 @@ impl Topology {
                 name: name.clone(),
                 netns,
                 ip,
+                ip6,
                 mac,
                 spawned: Arc::default(),
             });
@@ -755,6 +810,28 @@ impl Topology {
                 ip_run(["-n", &host.netns, "addr", "del", cidr, "dev", INTERFACE]);
             }
         }
+        let own6 = format!("{}/{PREFIX_LEN_V6}", host.ip6);
+        let out = ip_run([
+            "-n",
+            &host.netns,
+            "-6",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            INTERFACE,
+            "scope",
+            "global",
+        ]);
+        for line in out.lines() {
+            let mut words = line.split_whitespace();
+            let Some(cidr) = words.find(|w| *w == "inet6").and_then(|_| words.next()) else {
+                continue;
+            };
+            if cidr != own6 {
+                ip_run(["-n", &host.netns, "addr", "del", cidr, "dev", INTERFACE]);
+            }
+        }
         ip_run(["-n", &host.netns, "link", "set", INTERFACE, "up"]);
     }
 
@@ -774,6 +851,11 @@ impl Topology {
     /// 198.18.x.100: the address tests float between the balancers.
     pub fn vip(&self) -> Ipv4Addr {
         self.addr(100)
+    }
+
+    /// 2001:2::100: the IPv6 address tests float between the balancers.
+    pub fn vip6(&self) -> Ipv6Addr {
+        addr_v6(100)
     }
 
     /// A host by name; panics on an unknown one.
@@ -900,6 +982,8 @@ mod tests {
             assert_eq!(host.addresses(), vec![host.ip()], "{}", host.name());
             assert!(topology.vip().octets()[..3] == host.ip().octets()[..3]);
             assert_eq!(host.ip().octets()[..2], [198, 18]);
+            assert_eq!(host.addresses_v6(), vec![host.ip6()], "{}", host.name());
+            assert_eq!(host.ip6().segments()[7], u16::from(host.ip().octets()[3]));
         }
         let mut macs: Vec<&str> = hosts.iter().map(|h| h.mac()).collect();
         macs.sort_unstable();
@@ -924,6 +1008,7 @@ mod tests {
             name: "client".to_owned(),
             netns: "halo-0-0-client".to_owned(),
             ip: Ipv4Addr::new(198, 18, 0, 10),
+            ip6: addr_v6(10),
             mac: "02:00:00:00:00:0a".to_owned(),
             spawned: Arc::default(),
         };

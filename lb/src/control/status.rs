@@ -157,8 +157,10 @@ pub struct HaStatus {
     pub node: Option<String>,
     /// The standby's failure detector.
     pub detector: DetectorStatus,
-    /// Other hosts that answered ARP for the floating address after this
-    /// instance claimed it.
+    /// Other hosts that have the floating address (they answer ARP or
+    /// neighbour solicitations for it, or announce it) while this instance
+    /// holds the lock: the leftover of a killed predecessor, or another
+    /// live claimer (see [`VipConflict::yielded`]).
     pub vip_conflict: Option<VipConflict>,
     /// The last Consul error, while the election cannot reach Consul.
     pub consul_error: Option<String>,
@@ -212,6 +214,18 @@ pub struct VipConflict {
     pub macs: Vec<String>,
     /// When they were first seen (RFC 3339).
     pub since: String,
+    /// Those of them that announce the address, i.e. live claimers (another
+    /// halo-lb, of another cluster configured with the same address), not
+    /// just the leftover of a dead one. Empty in documents of older
+    /// versions.
+    #[serde(default)]
+    pub live: Vec<String>,
+    /// This instance holds its cluster's lock but serves nothing and has
+    /// not claimed the address, because a live claimer has it (see the
+    /// election's module docs for who gives way). It claims the address
+    /// once nobody announces it any more.
+    #[serde(default)]
+    pub yielded: bool,
 }
 
 // The election's vocabulary: the election (`control::ha`) uses these
@@ -253,7 +267,9 @@ pub enum StepDown {
     SessionLost,
     /// The key shows another session, or none.
     LockLost,
-    /// A VIP could not be bound: the promotion was undone.
+    /// A VIP could not be bound, or another live host claims the floating
+    /// address and this instance gave way (see `vip_conflict`): the
+    /// promotion was undone.
     BindFailed,
     /// The process is shutting down and handed the lock over.
     Shutdown,

@@ -136,9 +136,10 @@ pub struct HaConfig {
     /// lock from the active (a refused probe counts at once). Unset: 3.
     #[serde(default = "default_probe_misses")]
     pub probe_misses: u32,
-    /// A floating address (`198.18.0.100/24`; no prefix means /32) that the
-    /// active adds to `vip_interface` and announces with gratuitous ARP.
-    /// Needs CAP_NET_ADMIN. Unset: the pair shares one host, and the active
+    /// A floating address (`198.18.0.100/24` or `2001:db8::100/64`; no
+    /// prefix means /32 or /128) that the active adds to `vip_interface`
+    /// and announces with gratuitous ARP (IPv4) or unsolicited neighbour
+    /// advertisements (IPv6). Needs CAP_NET_ADMIN and CAP_NET_RAW. Unset: the pair shares one host, and the active
     /// is simply the one with the listeners bound.
     pub vip_address: Option<String>,
     /// The interface carrying `vip_address`. Set both or neither.

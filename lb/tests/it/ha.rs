@@ -38,7 +38,7 @@ async fn start(config: &str, admin: SocketAddr) -> Lb {
     Lb::start(config, admin, &[]).await
 }
 
-fn role(status: &Value) -> &str {
+pub(crate) fn role(status: &Value) -> &str {
     status["ha"]["role"].as_str().unwrap_or("?")
 }
 
@@ -525,16 +525,16 @@ async fn losing_the_consul_leader_never_makes_two_actives_nor_empties_a_table() 
 }
 
 /// A halo-lb in a namespace host, with its log in a temp dir.
-struct HostLb {
-    process: halo_testkit::netns::HostProcess,
-    admin: SocketAddr,
+pub(crate) struct HostLb {
+    pub(crate) process: halo_testkit::netns::HostProcess,
+    pub(crate) admin: SocketAddr,
     log: std::path::PathBuf,
-    config: std::path::PathBuf,
+    pub(crate) config: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl HostLb {
-    fn start(host: &halo_testkit::netns::Host, config: &str, admin: SocketAddr) -> HostLb {
+    pub(crate) fn start(host: &halo_testkit::netns::Host, config: &str, admin: SocketAddr) -> HostLb {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lb.toml");
         std::fs::write(&path, config).unwrap();
@@ -557,19 +557,19 @@ impl HostLb {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
 /// `/status` of an instance on `host`, asked from inside its namespace.
-async fn host_status(host: &halo_testkit::netns::Host, admin: SocketAddr) -> Option<Value> {
+pub(crate) async fn host_status(host: &halo_testkit::netns::Host, admin: SocketAddr) -> Option<Value> {
     let stream = host.connect(admin).await.ok()?;
     let (code, body) = halo_testkit::http::request_over(stream, admin, "GET", "/status").await?;
     (code == 200).then(|| serde_json::from_str(&body).ok())?
 }
 
-async fn host_role(host: &halo_testkit::netns::Host, lb: &HostLb, want: &str) -> Value {
+pub(crate) async fn host_role(host: &halo_testkit::netns::Host, lb: &HostLb, want: &str) -> Value {
     eventually(DEADLINE, &format!("{} to be {want}", host.name()), || async {
         let s = host_status(host, lb.admin).await?;
         (role(&s) == want).then_some(s)
@@ -579,7 +579,7 @@ async fn host_role(host: &halo_testkit::netns::Host, lb: &HostLb, want: &str) ->
 
 /// One request through the VIP from the client host: the backend (Consul's
 /// HTTP API on the backend host) answers 200.
-async fn through_vip(client: &halo_testkit::netns::Host, vip: SocketAddr) -> bool {
+pub(crate) async fn through_vip(client: &halo_testkit::netns::Host, vip: SocketAddr) -> bool {
     let Ok(stream) = client.connect(vip).await else {
         return false;
     };

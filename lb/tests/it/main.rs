@@ -11,6 +11,7 @@ mod discovery;
 mod dns;
 mod exhaustion;
 mod floating;
+mod floating_ha;
 mod ha;
 mod ha_reload;
 mod layout;

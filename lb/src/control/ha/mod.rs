@@ -73,6 +73,44 @@
 //!   a confirming read succeeds. So a short Consul leader election costs
 //!   the VIP the election plus one confirmation, not a failover.
 //!
+//! # The floating address
+//!
+//! With `vip_address`, the active also holds an address on its interface
+//! ([`crate::control::floating`]). Nothing about it lets anyone serve
+//! earlier, so stop-before-start holds as above:
+//!
+//! - **Probe before claiming.** A new lock holder first probes for the
+//!   address ([`vip::wait_until_free`]: an ARP probe, or a DAD
+//!   solicitation for IPv6). Hosts that have the address answer; a live
+//!   halo-lb holding it also *announces* it, since an active defends its
+//!   address on hearing a probe. While a live claimer announces it, the
+//!   holder claims nothing and serves nothing (it says `standby`, with
+//!   `vip_conflict.yielded`), keeps its lock and lease, and probes again
+//!   every second. This only delays serving (by the probe, 100 ms, in
+//!   every promotion). A leftover that only answers (the address still on
+//!   the host of a process killed with -9) does not hold it back: the new
+//!   active claims the address, announces it, and announces again every
+//!   second while the leftover answers, as before.
+//! - **Two live claimers** (two clusters configured with one address:
+//!   their locks are independent, so this is a safety net, not the
+//!   election) can still both claim it when they promote at the same
+//!   moment. An active that hears another host announce the address in two
+//!   probe rounds in a row applies one rule, the same on both sides: the
+//!   lower MAC keeps the address. The other stops serving and removes the
+//!   address exactly as on any step-down (reason `bind_failed`: it could
+//!   not take its VIP), then waits as above. A kernel never announces on
+//!   its own (no `arp_notify` link event comes twice in a row), so a
+//!   leftover never makes the active of the right pair give way.
+//! - **Removed from under the active.** The active watches the kernel's
+//!   address notifications (`RTM_DELADDR`); if the address leaves the
+//!   interface while it serves (under its lease, checked first in
+//!   [`serve`]), it adds it back and announces it, and counts it in
+//!   `halo_ha_vip_restored_total`. Taking it away on purpose means
+//!   stopping the instance: `halo-lb release-vip` refuses while any live
+//!   halo-lb in the network namespace manages the address.
+//! - **Step-down** removes the address after the listeners are shut, so
+//!   the address going is never what stops serving.
+//!
 //! # Failure detection
 //!
 //! Consul notices a dead process only when its check TTL runs out, and a
@@ -99,6 +137,7 @@ pub(crate) mod advertise;
 mod damping;
 mod detector;
 mod pair_key;
+mod vip;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -151,9 +190,9 @@ const CONFIRMS_IN_FLIGHT: usize = 4;
 const BIND_BACKOFF: Duration = Duration::from_secs(1);
 const BIND_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often an active with a floating address probes for other hosts
-/// answering ARP for it, and how long each probe listens.
+/// that have it (one round of [`vip::Conflict`]), and a holder waiting for
+/// a live claimer to go away probes again.
 const CONFLICT_CHECK: Duration = Duration::from_secs(1);
-const CONFLICT_LISTEN: Duration = Duration::from_millis(100);
 /// Terms kept for `/status`.
 const HISTORY: usize = 64;
 /// Deregister the `halo-lb` instance of a process that died without
@@ -204,9 +243,9 @@ struct State {
     id_conflict: Option<String>,
     detector: DetectorStatus,
     damping: Damping,
-    /// Other hosts that answered ARP for the floating address after we
-    /// claimed it (MACs), and since when.
-    vip_conflict: Option<(Vec<String>, SystemTime)>,
+    /// Other hosts that have the floating address while we hold the lock
+    /// (see [`vip::record`]).
+    vip_conflict: Option<VipConflict>,
 }
 
 /// One instance's view of the election: shared by the election thread, the
@@ -348,10 +387,7 @@ impl Leadership {
                 damped_until_heard: state.damping.waits_to_hear(),
                 ..state.detector.clone()
             },
-            vip_conflict: state.vip_conflict.as_ref().map(|(macs, since)| VipConflict {
-                macs: macs.clone(),
-                since: halo_health::server::rfc3339(*since),
-            }),
+            vip_conflict: state.vip_conflict.clone(),
             consul_error: state.consul_error.clone(),
             id_conflict: state.id_conflict.clone(),
             terms: state.terms.iter().cloned().collect(),
@@ -1326,6 +1362,29 @@ async fn lead(
         lease_tx,
         lost_tx,
     )));
+    leadership.set_lease(Some(lease_until));
+    metrics::counter!("halo_ha_vip_restored_total").increment(0);
+    // With a floating address: not while another live host claims it (see
+    // the module docs). This only delays serving; it serves nothing.
+    if let Some(f) = floating {
+        if let Err(reason) = vip::wait_until_free(leadership, f, &mut lease, &mut lost, key, session, stop).await {
+            vip::record(leadership, &[], &[], false);
+            leadership.set_lease(None);
+            tracing::info!(
+                reason = reason.as_str(),
+                "the term ended before it began: the floating address was never claimed"
+            );
+            return reason;
+        }
+    }
+    // Invariant, again after any wait: the lease the latest confirming
+    // read earned has not run out.
+    let lease_until = *lease.borrow_and_update();
+    if lease_until <= Instant::now() {
+        tracing::warn!("the lease ran out while probing for the floating address; not promoting");
+        leadership.set_lease(None);
+        return StepDown::LeaseExpired;
+    }
     crate::dataplane::lease::serve_until(lease_until.into_std());
     leadership.set_lease(Some(lease_until));
     let from = SystemTime::now();
@@ -1381,9 +1440,12 @@ async fn lead(
             }
         }
         state.lease_until = None;
-        state.vip_conflict = None;
     }
-    metrics::gauge!("halo_ha_vip_conflict").set(0.0);
+    // A holder that gave the address way keeps saying so while it backs
+    // off and contends again; any other end clears it.
+    if leadership.state().vip_conflict.as_ref().is_none_or(|c| !c.yielded) {
+        vip::record(leadership, &[], &[], false);
+    }
     if let Some(f) = floating {
         // After the listeners: the address going is not what stops us
         // serving, and the new active's announcement wins either way.
@@ -1427,6 +1489,16 @@ async fn serve(
     stop: &CancellationToken,
 ) -> StepDown {
     let settings = &leadership.settings;
+    // Removals are watched from before the claim (which can only run once
+    // this loop waits), so none after it is missed. The neighbour listener
+    // takes milliseconds to open: off this thread, beside the claim.
+    let mut removals = floating.and_then(|f| vip::removals(f));
+    let mut listener: Option<tokio::io::unix::AsyncFd<crate::control::floating::Listener>> = None;
+    let mut opening = floating.map(|f| {
+        let f = Arc::clone(f);
+        AbortOnDrop(tokio::task::spawn_blocking(move || vip::listener(&f)))
+    });
+    let mut conflict = vip::Conflict::new(floating.and_then(|f| f.mac()).unwrap_or_default());
     // The address last: listeners are ready before any packet for it can
     // arrive. Claimed off this thread; retried every heartbeat until done.
     let mut claiming = floating.map(|f| {
@@ -1436,17 +1508,29 @@ async fn serve(
     let mut claim_retry = tokio::time::interval(settings.heartbeat);
     claim_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut claimed = floating.is_none();
+    // The address was removed while a claim was under way: that claim's
+    // success does not mean the address is there.
+    let mut stale_claim = false;
     // Announce once more a little later, as keepalived does, for neighbours
     // that missed the first burst.
     let reannounce = tokio::time::sleep(crate::control::floating::REANNOUNCE_AFTER);
     tokio::pin!(reannounce);
     let mut reannounced = floating.is_none();
-    // Once claimed, look every second for another host still answering for
-    // the address (one killed with -9 keeps it), and announce again while
-    // one does.
+    // Once claimed, probe every second for other hosts that have the
+    // address (one killed with -9 keeps it; another cluster's active may
+    // claim it), and announce again while one does.
     let mut conflict_check = tokio::time::interval(CONFLICT_CHECK);
     conflict_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut checking: Option<AbortOnDrop<Result<Vec<[u8; 6]>, crate::control::floating::Error>>> = None;
+    let announce = |why: &'static str| {
+        if let Some(f) = floating {
+            let f = Arc::clone(f);
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = f.announce() {
+                    tracing::warn!(error = %e, why, "cannot announce the floating address");
+                }
+            });
+        }
+    };
     loop {
         let deadline = *lease.borrow_and_update();
         tokio::select! {
@@ -1480,61 +1564,126 @@ async fn serve(
             }
             done = async { (&mut claiming.as_mut().expect("guarded").0).await }, if claiming.is_some() => {
                 claiming = None;
-                claimed = matches!(done, Ok(true));
+                claimed = matches!(done, Ok(true)) && !stale_claim;
+                stale_claim = false;
             }
             _ = claim_retry.tick(), if !claimed && claiming.is_none() => {
                 let f = Arc::clone(floating.expect("unclaimed implies a floating address"));
                 claiming = Some(AbortOnDrop(tokio::spawn(async move { claim(&f).await })));
             }
-            _ = conflict_check.tick(), if floating.is_some() && claimed && checking.is_none() => {
-                let f = Arc::clone(floating.expect("claimed implies a floating address"));
-                checking = Some(AbortOnDrop(tokio::task::spawn_blocking(move || {
-                    f.others_answering(CONFLICT_LISTEN)
-                })));
-            }
-            done = async { (&mut checking.as_mut().expect("guarded").0).await }, if checking.is_some() => {
-                checking = None;
-                match done {
-                    Ok(Ok(others)) if others.is_empty() => {
-                        if leadership.state().vip_conflict.take().is_some() {
-                            tracing::info!("no other host answers for the floating address any more");
-                            metrics::gauge!("halo_ha_vip_conflict").set(0.0);
-                        }
-                    }
-                    Ok(Ok(others)) => {
-                        let macs: Vec<String> = others.iter().map(|m| {
-                            m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-                        }).collect();
-                        let mut state = leadership.state();
-                        if state.vip_conflict.as_ref().is_none_or(|(old, _)| *old != macs) {
-                            tracing::warn!(macs = ?macs, "another host still answers ARP for the floating address; announcing again while it does");
-                            state.vip_conflict = Some((macs, SystemTime::now()));
-                        }
-                        drop(state);
-                        metrics::gauge!("halo_ha_vip_conflict").set(1.0);
-                        if let Some(f) = floating {
-                            let f = Arc::clone(f);
-                            tokio::task::spawn_blocking(move || {
-                                if let Err(e) = f.announce() {
-                                    tracing::warn!(error = %e, "cannot announce the floating address");
-                                }
-                            });
-                        }
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "cannot probe for other holders of the floating address"),
-                    Err(e) => tracing::debug!(error = %e, "the ARP probe task failed"),
+            opened = async { (&mut opening.as_mut().expect("guarded").0).await }, if opening.is_some() => {
+                opening = None;
+                match opened {
+                    Ok(l) => listener = l.and_then(vip::watch),
+                    Err(e) => tracing::error!(error = %e, "the task opening the neighbour listener failed"),
                 }
+            }
+            ready = async { removals.as_mut().expect("guarded").readable_mut().await }, if removals.is_some() => {
+                let removed = match ready {
+                    Ok(mut guard) => match guard.try_io(|r| r.get_mut().removed()) {
+                        Ok(result) => result,
+                        Err(_would_block) => Ok(false),
+                    },
+                    Err(e) => Err(e),
+                };
+                match removed {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        // Under a valid lease (checked first, above): the
+                        // address is ours to hold. Something on this host
+                        // removed it (a stray `ip addr del`, a network
+                        // manager); without it nobody is served.
+                        metrics::counter!("halo_ha_vip_restored_total").increment(1);
+                        let f = floating.expect("removals imply a floating address");
+                        tracing::error!(
+                            address = %f.address(),
+                            interface = f.interface(),
+                            "the floating address was removed from under the active: adding it back and announcing it \
+                             (to take it away, stop this instance instead)"
+                        );
+                        claimed = false;
+                        if claiming.is_some() {
+                            stale_claim = true;
+                        } else {
+                            let f = Arc::clone(f);
+                            claiming = Some(AbortOnDrop(tokio::spawn(async move { claim(&f).await })));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read address notifications; no longer watching the floating address for removals");
+                        removals = None;
+                    }
+                }
+            }
+            ready = async { listener.as_ref().expect("guarded").readable().await }, if listener.is_some() => {
+                match ready {
+                    Ok(mut guard) => {
+                        let mut defend = false;
+                        for _ in 0..crate::control::floating::READ_BURST {
+                            match guard.try_io(|l| l.get_ref().recv()) {
+                                Ok(Ok(Some(heard))) => defend |= conflict.heard(heard, Instant::now()),
+                                Ok(Ok(None)) => {}
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "cannot read neighbour frames");
+                                    break;
+                                }
+                                Err(_would_block) => break,
+                            }
+                        }
+                        // Another host probes for our address, about to
+                        // claim it: tell it (and everyone) it is taken.
+                        if defend && claimed {
+                            announce("defending the address against a probe");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for other holders of the floating address any more");
+                        listener = None;
+                    }
+                }
+            }
+            _ = conflict_check.tick(), if claimed && listener.is_some() => {
+                let round = conflict.round();
+                if let Some(keeper) = round.yield_to {
+                    // Two live claimers (two clusters configured with one
+                    // address: each holds its own lock). Both apply this
+                    // rule and the lowest MAC keeps the address; a leftover
+                    // never announces, so a failover never gets here.
+                    tracing::error!(
+                        epoch,
+                        keeper = %vip::mac_string(&keeper),
+                        "another live host claims the floating address and wins the tie-break (lower MAC): \
+                         giving it up and serving nothing (two clusters configured with one vip_address?)"
+                    );
+                    vip::record(leadership, &round.others, &round.live, true);
+                    return StepDown::BindFailed;
+                }
+                let had = leadership.state().vip_conflict.is_some();
+                if vip::record(leadership, &round.others, &round.live, false) {
+                    if round.others.is_empty() {
+                        tracing::info!("no other host answers for the floating address any more");
+                    } else {
+                        let macs: Vec<String> = round.others.iter().map(vip::mac_string).collect();
+                        let live: Vec<String> = round.live.iter().map(vip::mac_string).collect();
+                        tracing::warn!(macs = ?macs, live = ?live, new = !had, "another host has the floating address; announcing again while it does");
+                    }
+                }
+                let f = Arc::clone(floating.expect("claimed implies a floating address"));
+                let others = !round.others.is_empty();
+                tokio::task::spawn_blocking(move || {
+                    if others {
+                        if let Err(e) = f.announce() {
+                            tracing::warn!(error = %e, "cannot announce the floating address");
+                        }
+                    }
+                    if let Err(e) = f.send_probe() {
+                        tracing::debug!(error = %e, "cannot probe for other holders of the floating address");
+                    }
+                });
             }
             () = &mut reannounce, if !reannounced => {
                 reannounced = true;
-                if let Some(f) = floating {
-                    let f = Arc::clone(f);
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = f.announce() {
-                            tracing::warn!(error = %e, "cannot re-announce the floating address");
-                        }
-                    });
-                }
+                announce("re-announcing after the claim");
             }
         }
     }
