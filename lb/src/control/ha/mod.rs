@@ -86,7 +86,7 @@
 //!   address on hearing a probe. While a live claimer announces it, the
 //!   holder claims nothing and serves nothing (it says `standby`, with
 //!   `vip_conflict.yielded`), keeps its lock and lease, and probes again
-//!   every second. This only delays serving (by the probe, 100 ms, in
+//!   every second. This only delays serving (by the probe, 25 ms, in
 //!   every promotion). A leftover that only answers (the address still on
 //!   the host of a process killed with -9) does not hold it back: the new
 //!   active claims the address, announces it, and announces again every

@@ -26,8 +26,10 @@ use crate::control::status::VipConflict;
 /// How long a probe before a claim listens: a kernel that has the address
 /// answers within a millisecond on a LAN, a live halo-lb holding it
 /// announces within a few (it defends on hearing the probe). This is what
-/// the probe adds to a promotion with a floating address.
-pub(super) const PROBE_WAIT: Duration = Duration::from_millis(100);
+/// the probe adds to a promotion with a floating address, so it is short:
+/// a defence that comes later than this is not lost, it only leaves the
+/// two claimers to the tie-break of [`Conflict`] a round or two later.
+pub(super) const PROBE_WAIT: Duration = Duration::from_millis(25);
 
 /// An active defends its address (announces it) on hearing another host
 /// probe for it, at most this often.
