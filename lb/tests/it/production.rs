@@ -1372,7 +1372,9 @@ fn forged_port_unreachable(victim: std::net::Ipv4Addr, victim_port: u16, peer: S
 /// standby destroy the live active's session at once. Now a refusal counts
 /// only if a TCP connection to the probe address is refused too, which the
 /// live active's listener never does: the forgery is counted as
-/// uncorroborated and nothing changes hands. Sent repeatedly, for 3 s.
+/// uncorroborated and nothing changes hands. Sent every 7 ms for 3 s: an
+/// error pending when a probe is sent fails that send, which once kept
+/// probes from leaving at all and faked a dead host's silence.
 /// raft_multiplier 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_icmp_refusal_forces_no_takeover() {
@@ -1409,7 +1411,9 @@ async fn a_forged_icmp_refusal_forces_no_takeover() {
             while start.elapsed() < Duration::from_secs(3) {
                 raw.send_to(&icmp, &victim.into())?;
                 sent += 1;
-                std::thread::sleep(Duration::from_millis(50));
+                // Faster than the probes (every 100 ms), so that an error
+                // is often pending when a probe is sent.
+                std::thread::sleep(Duration::from_millis(7));
             }
             Ok(sent)
         })

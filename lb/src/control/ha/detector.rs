@@ -96,6 +96,8 @@ const SOURCES_TRACKED: usize = 4096;
 /// few thousand datagrams, not so much that a legitimate probe waits long
 /// behind a flood.
 const RESPONDER_RCVBUF: usize = 1 << 20;
+/// Sends of one probe, at most, while pending ICMP errors fail them.
+const SEND_ATTEMPTS: usize = 4;
 /// Floor of the TCP corroboration's deadline.
 const CORROBORATE_MIN: Duration = Duration::from_millis(50);
 
@@ -399,18 +401,28 @@ pub(super) async fn watch_peer(peer: SocketAddr, w: PeerWatch<'_>, heard: impl F
     loop {
         let nonce = fastrand::u64(..);
         next += w.interval;
+        // A pending ICMP error fails the send itself (and is consumed by
+        // it): send again, or a stream of forged errors would keep every
+        // probe from leaving and fake the silence of a dead host.
         let mut refused = false;
-        if let Err(e) = socket.send(&probe(nonce, &w.keys.load())).await {
-            if e.kind() == io::ErrorKind::ConnectionRefused {
-                refused = true;
-            } else {
-                tracing::debug!(error = %e, %peer, "cannot send a probe");
+        let datagram = probe(nonce, &w.keys.load());
+        for _ in 0..SEND_ATTEMPTS {
+            match socket.send(&datagram).await {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused = true,
+                Err(e) => {
+                    tracing::debug!(error = %e, %peer, "cannot send a probe");
+                    break;
+                }
             }
         }
+        // One TCP corroboration per probe at most, however many refusals
+        // arrive: a flood of forged ICMP costs ten connections a second.
+        let mut corroborated = false;
         // Wait for this probe's answer until the next one is due.
         let answered = loop {
-            if refused {
-                refused = false;
+            if refused && !corroborated {
+                corroborated = true;
                 if refused_over_tcp(peer, corroborate_within).await {
                     return Ok(Evidence::Refused);
                 }
