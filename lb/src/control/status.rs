@@ -267,10 +267,11 @@ pub enum StepDown {
     SessionLost,
     /// The key shows another session, or none.
     LockLost,
-    /// A VIP could not be bound, or another live host claims the floating
-    /// address and this instance gave way (see `vip_conflict`): the
-    /// promotion was undone.
+    /// A VIP could not be bound: the promotion was undone.
     BindFailed,
+    /// Another live host claims the floating address and wins the
+    /// tie-break (see `vip_conflict`): this instance gave it way.
+    VipYielded,
     /// The process is shutting down and handed the lock over.
     Shutdown,
 }
@@ -282,6 +283,7 @@ impl StepDown {
             StepDown::SessionLost => "session_lost",
             StepDown::LockLost => "lock_lost",
             StepDown::BindFailed => "bind_failed",
+            StepDown::VipYielded => "vip_yielded",
             StepDown::Shutdown => "shutdown",
         }
     }

@@ -97,8 +97,8 @@
 //!   moment. An active that hears another host announce the address in two
 //!   probe rounds in a row applies one rule, the same on both sides: the
 //!   lower MAC keeps the address. The other stops serving and removes the
-//!   address exactly as on any step-down (reason `bind_failed`: it could
-//!   not take its VIP), then waits as above. A kernel never announces on
+//!   address exactly as on any step-down (reason `vip_yielded`), releases
+//!   the lock, backs off as after a failed bind, and waits as above. A kernel never announces on
 //!   its own (no `arp_notify` link event comes twice in a row), so a
 //!   leftover never makes the active of the right pair give way.
 //! - **Removed from under the active.** The active watches the kernel's
@@ -475,6 +475,7 @@ fn register_metrics() {
         StepDown::SessionLost,
         StepDown::LockLost,
         StepDown::BindFailed,
+        StepDown::VipYielded,
         StepDown::Shutdown,
     ] {
         metrics::counter!("halo_ha_step_downs_total", "reason" => reason.as_str()).increment(0);
@@ -652,14 +653,18 @@ pub(crate) async fn run(
                 close_session(&client, &session).await;
                 break 'sessions;
             }
-            StepDown::BindFailed => {
+            StepDown::BindFailed | StepDown::VipYielded => {
                 // Hand the lock to whoever can bind, then wait before
                 // contending again (the obstacle may be ours to outlast).
                 release_lock(&leadership, &client, &session).await;
                 close_session(&client, &session).await;
                 leadership.state().session = None;
                 leadership.set_role(Role::Starting);
-                tracing::warn!(retry_in = ?bind_backoff, "promotion undone: a vip could not be bound");
+                if reason == StepDown::VipYielded {
+                    tracing::warn!(retry_in = ?bind_backoff, "gave the floating address way to another live host; contending again later");
+                } else {
+                    tracing::warn!(retry_in = ?bind_backoff, "promotion undone: a vip could not be bound");
+                }
                 tokio::select! {
                     () = stop.cancelled() => break 'sessions,
                     () = tokio::time::sleep(bind_backoff) => {}
@@ -1656,7 +1661,7 @@ async fn serve(
                          giving it up and serving nothing (two clusters configured with one vip_address?)"
                     );
                     vip::record(leadership, &round.others, &round.live, true);
-                    return StepDown::BindFailed;
+                    return StepDown::VipYielded;
                 }
                 let had = leadership.state().vip_conflict.is_some();
                 if vip::record(leadership, &round.others, &round.live, false) {
