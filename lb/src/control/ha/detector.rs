@@ -78,6 +78,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::pair_key::{KeyRing, TAG_LEN};
 
+/// The probe protocol, advertised in the lock's value: 2 is the
+/// authenticated one below (1 was plain text, before the pair key).
+pub(super) const PROTOCOL: u32 = 2;
 /// The size of a probe. Anything else the responder receives is dropped.
 pub(super) const PROBE_LEN: usize = 64;
 /// The size of an answer: less than a probe, so the responder amplifies

@@ -220,6 +220,11 @@ pub(crate) struct LeaderValue {
     /// loopback probe address (it would reach its own host).
     #[serde(default)]
     pub node: Option<String>,
+    /// The probe protocol the holder answers: [`detector::PROTOCOL`].
+    /// Absent in values written by versions before authenticated probes,
+    /// whose holders a standby does not probe (see [`Leadership::unwatchable`]).
+    #[serde(default)]
+    pub probe_protocol: Option<u32>,
 }
 
 /// The lock key as last seen by the consistent watch.
@@ -426,6 +431,7 @@ impl Leadership {
             instance: self.instance.clone(),
             probe: self.probe.get().map(|p| p.addr.to_string()),
             node: self.node.get().cloned(),
+            probe_protocol: Some(detector::PROTOCOL),
         })
         .expect("a struct of strings serialises")
     }
@@ -442,6 +448,17 @@ impl Leadership {
 
     /// Why the key's holder cannot be probed from here, if it cannot.
     fn unwatchable(&self, holder: &LeaderValue, probe: SocketAddr) -> Option<String> {
+        // During a rolling upgrade: an older active answers another
+        // protocol, and probing it would only ever hear silence (a needless
+        // forced takeover). Consul's detection covers it; a SIGTERM hands
+        // it over without a takeover.
+        if holder.probe_protocol != Some(detector::PROTOCOL) {
+            return Some(format!(
+                "the active answers probe protocol {}, this instance {}: it runs another halo-lb version (upgrade it; SIGTERM hands over without a takeover)",
+                holder.probe_protocol.map_or_else(|| "1".to_owned(), |p| p.to_string()),
+                detector::PROTOCOL
+            ));
+        }
         let theirs = holder.node.as_deref()?;
         let ours = self.node.get()?;
         (probe.ip().is_loopback() && theirs != ours).then(|| {
@@ -2009,5 +2026,63 @@ async fn watch_key(
                 failing = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::ProbeListen;
+
+    fn leadership(node: &str) -> Arc<Leadership> {
+        let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
+        let settings = HaSettings {
+            cluster: "c".into(),
+            id: "a".into(),
+            id_is_default: false,
+            check_ttl: Duration::from_secs(1),
+            lock_delay: Duration::from_millis(300),
+            heartbeat: Duration::from_millis(250),
+            margin: Duration::from_millis(60),
+            lease: Duration::from_millis(240),
+            confirm_every: Duration::from_millis(60),
+            probe: ProbeListen::AgentAddress { port: 9901, admin },
+            probe_interval: Duration::from_millis(100),
+            probe_misses: 3,
+            floating: None,
+        };
+        let l = Leadership::new(settings, admin);
+        l.node.get_or_init(|| node.to_owned());
+        l
+    }
+
+    fn holder(node: &str, protocol: Option<u32>) -> LeaderValue {
+        LeaderValue {
+            id: "b".into(),
+            admin: "127.0.0.1:9901".into(),
+            start: String::new(),
+            instance: "00000000000000bb".into(),
+            probe: None,
+            node: Some(node.into()),
+            probe_protocol: protocol,
+        }
+    }
+
+    #[test]
+    fn which_holders_are_probed() {
+        let me = leadership("lb2");
+        let reachable: SocketAddr = "198.18.0.11:9901".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:9901".parse().unwrap();
+        let current = Some(detector::PROTOCOL);
+        assert_eq!(me.unwatchable(&holder("lb1", current), reachable), None);
+        // A loopback address is probed only on the holder's own node.
+        assert_eq!(me.unwatchable(&holder("lb2", current), loopback), None);
+        let why = me.unwatchable(&holder("lb1", current), loopback).unwrap();
+        assert!(why.contains("loopback") && why.contains("lb1"), "{why}");
+        // An older halo-lb (no protocol in its value) is left to Consul: its
+        // answers could never be authentic, and silence would force a
+        // needless takeover in the middle of a rolling upgrade.
+        let why = me.unwatchable(&holder("lb1", None), reachable).unwrap();
+        assert!(why.contains("protocol 1"), "{why}");
     }
 }
