@@ -74,7 +74,9 @@ pub struct Config {
     /// ACL token sent as `X-Consul-Token`. Unset: see `token_file`.
     pub token: Option<String>,
     /// File holding the ACL token (surrounding whitespace ignored; it must
-    /// exist and hold a token; at most [`MAX_TOKEN_FILE_BYTES`](crate::MAX_TOKEN_FILE_BYTES)).
+    /// exist and hold a token; at most [`MAX_TOKEN_FILE_BYTES`](crate::MAX_TOKEN_FILE_BYTES);
+    /// a regular file, or a symlink to one, readable by its owner only:
+    /// see [`file::read_secret`](crate::file::read_secret)).
     /// Read when the client is made and again by [`Client::reload_token`] (the
     /// programs call it on SIGHUP). The token is chosen from the first of:
     /// this field, `token`, `CONSUL_HTTP_TOKEN_FILE`, `CONSUL_HTTP_TOKEN`:
@@ -301,8 +303,21 @@ impl Client {
     /// over a unix socket is refused. With verification skipped, every call
     /// of this function logs a warning.
     pub fn with_env(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Client, Error> {
-        let tls = TlsSettings::resolve(&config.tls, &env)?;
         let token = Token::resolve(&config, &env)?;
+        Client::build(config, env, token)
+    }
+
+    /// [`Client::new`] reading its token from `token` (a cell already
+    /// resolved, e.g. by a reload on a thread of its own) instead of from
+    /// `config`'s token settings, which are ignored: no token file is read.
+    /// The same as `Client::new(config)?.sharing_token(token)` without the
+    /// file read.
+    pub fn with_token(config: Config, token: &Token) -> Result<Client, Error> {
+        Client::build(config, |name| std::env::var(name).ok(), token.clone())
+    }
+
+    fn build(config: Config, env: impl Fn(&str) -> Option<String>, token: Token) -> Result<Client, Error> {
+        let tls = TlsSettings::resolve(&config.tls, &env)?;
         let (address, origin) = match config.address.filter(|a| !a.trim().is_empty()) {
             Some(address) => (address, "address"),
             None => match env("CONSUL_HTTP_ADDR").filter(|a| !a.trim().is_empty()) {
@@ -910,6 +925,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
         std::fs::write(&file, "  file-secret-1\n").unwrap();
+        // Owner-only, as a secret must be (writes below keep the mode).
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let file_s = file.to_str().unwrap();
 
         // Config file > config token > env file > env token.
@@ -951,10 +968,24 @@ mod tests {
         assert!(e.contains("empty"), "{e}");
         std::fs::write(&file, "x".repeat(crate::MAX_TOKEN_FILE_BYTES as usize + 1)).unwrap();
         let e = c.reload_token().unwrap_err().to_string();
-        assert!(e.contains("longer than"), "{e}");
+        assert!(e.contains("larger than 4096 bytes"), "{e}");
         std::fs::write(&file, "bad\u{7f}secret-3").unwrap();
         let e = c.reload_token().unwrap_err().to_string();
         assert!(e.contains("not allowed") && !e.contains("secret-3"), "{e}");
+        // Readable by others, or not a regular file (a FIFO would have
+        // blocked the reload until a writer came): refused, by name.
+        std::fs::write(&file, "file-secret-4").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        let e = c.reload_token().unwrap_err().to_string();
+        assert!(e.contains("mode 640") && e.contains(file_s), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&file)
+            .status()
+            .unwrap()
+            .success());
+        let e = c.reload_token().unwrap_err().to_string();
+        assert!(e.contains(file_s) && e.contains("not a regular file"), "{e}");
         std::fs::remove_file(&file).unwrap();
         let e = c.reload_token().unwrap_err().to_string();
         assert!(e.contains("No such file"), "{e}");
@@ -968,6 +999,7 @@ mod tests {
             "{e}"
         );
         std::fs::write(&file, "").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let e = refused(Config::default(), &[("CONSUL_HTTP_TOKEN_FILE", file_s)]);
         assert!(e.contains("empty"), "{e}");
 

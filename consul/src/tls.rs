@@ -13,7 +13,6 @@
 //! cmake and a C toolchain to build.
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -196,20 +195,12 @@ impl TlsSettings {
     }
 }
 
-/// Reads at most [`MAX_PEM_BYTES`] of `path`; `field` names the setting in
-/// errors.
+/// Reads at most [`MAX_PEM_BYTES`] of the regular file `path`; `field`
+/// names the setting in errors.
 fn read_bounded(path: &Path, field: &str) -> Result<Vec<u8>, Error> {
-    let err = |e: std::io::Error| Error::Config(format!("{field} {}: {e}", path.display()));
-    let file = std::fs::File::open(path).map_err(err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes).map_err(err)?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(Error::Config(format!(
-            "{field} {}: larger than {MAX_PEM_BYTES} bytes",
-            path.display()
-        )));
-    }
-    Ok(bytes)
+    // Opened without blocking and regular files only: a FIFO here would
+    // otherwise hold up whatever makes the client (a reload, a discovery).
+    crate::file::read_regular(path, MAX_PEM_BYTES).map_err(|e| Error::Config(format!("{field} {}", e.naming(path))))
 }
 
 fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, Error> {

@@ -33,9 +33,7 @@
 //! the token nor the presented credential ever appears in an answer or a
 //! log line.
 
-use std::io::Read as _;
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -117,37 +115,24 @@ pub fn constant_time_eq(secret: &[u8], presented: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Reads a token file: a regular file, readable by its owner only (mode
-/// `& 0o077 == 0`), at most [`MAX_TOKEN_FILE`] bytes, holding the token
-/// (surrounding whitespace, such as the newline `echo` leaves, is
-/// dropped). The error is the reason, for the caller to prefix with the
-/// field; it never contains the file's contents.
+/// Reads a token file: a regular file (symlinks followed, as Kubernetes
+/// mounts secrets; a FIFO, device or directory is refused at once, never
+/// waited on), readable by its owner only (mode `& 0o077 == 0`), at most
+/// [`MAX_TOKEN_FILE`] bytes, holding the token (surrounding whitespace,
+/// such as the newline `echo` leaves, is dropped). The error is the reason,
+/// naming the file, for the caller to prefix with the field; it never
+/// contains the file's contents. See [`halo_consul::file`], which the
+/// Consul token file shares, rule for rule.
 ///
 /// A file others can read is refused, not warned about: whoever can read
 /// it can drive the writes, and a warning in a start-up log is easy to
 /// miss (ssh refuses loose private keys for the same reason).
 pub fn read_token_file(path: &Path) -> Result<Token, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is readable or writable by others (mode {mode:03o}); make it 0600 or 0400 (e.g. chmod 600, or defaultMode: 0400 for a Kubernetes secret)",
-            path.display()
-        ));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_TOKEN_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if bytes.len() as u64 > MAX_TOKEN_FILE {
-        return Err(format!("{} is larger than {MAX_TOKEN_FILE} bytes", path.display()));
-    }
+    use halo_consul::file::{read_secret, FileError};
+    let bytes = read_secret(path, MAX_TOKEN_FILE).map_err(|e| match e {
+        FileError::Open(e) => format!("cannot read {}: {e}", path.display()),
+        e => e.naming(path),
+    })?;
     let text = std::str::from_utf8(&bytes).map_err(|_| format!("{} is not text", path.display()))?;
     let text = text.trim();
     if text.is_empty() {
@@ -516,6 +501,7 @@ mod tests {
     #[test]
     fn token_files_are_checked() {
         use std::fs::Permissions;
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &[u8], mode: u32| {
             let path = dir.path().join(name);
@@ -542,7 +528,26 @@ mod tests {
         let e = read_token_file(&write("spaces", b"two words", 0o600)).unwrap_err();
         assert!(e.contains("visible ASCII") && !e.contains("two words"), "{e}");
         let e = read_token_file(dir.path()).unwrap_err();
-        assert!(e.contains("not a regular file"), "{e}");
+        assert!(e.contains("is a directory, not a regular file"), "{e}");
+        // A FIFO used to block the open until a writer came (a SIGHUP
+        // reload, and SIGTERM behind it, wedged): refused at once, by name.
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let started = std::time::Instant::now();
+        let e = read_token_file(&fifo).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(
+            e,
+            format!("{} is a FIFO (named pipe), not a regular file", fifo.display())
+        );
+        // A symlink to a regular file (a Kubernetes secret) is fine.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert!(read_token_file(&link).unwrap().matches(b"abc123"));
     }
 
     #[test]

@@ -100,6 +100,53 @@ pub fn spawn_watchdog() {
     });
 }
 
+/// Why [`off_thread`] has no result.
+#[derive(Debug, thiserror::Error)]
+pub enum OffThreadError {
+    /// No thread could be started.
+    #[error("cannot start a thread: {0}")]
+    Spawn(io::Error),
+    /// The work did not finish within the deadline; it is left running on
+    /// its thread (nothing can interrupt a blocked system call), and its
+    /// result will be dropped.
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    /// The work panicked.
+    #[error("the work panicked")]
+    Panicked,
+}
+
+/// Runs `work` (file reads that may hang: a hung NFS or FUSE mount) on a
+/// thread of its own named `name`, and waits at most `deadline` for it
+/// without blocking the runtime, so that signals and the admin API stay
+/// served meanwhile.
+///
+/// A detached thread rather than `spawn_blocking`: a runtime waits for its
+/// blocking tasks when it shuts down, so one that never returns would hold
+/// the process's exit after SIGTERM; a detached thread does not.
+pub async fn off_thread<T: Send + 'static>(
+    name: &str,
+    deadline: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, OffThreadError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            // The waiter may have given up (deadline passed): nothing to do.
+            if tx.send(work()).is_err() {
+                tracing::debug!("a result came after its deadline; dropped");
+            }
+        })
+        .map_err(OffThreadError::Spawn)?;
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(value)) => Ok(value),
+        // The sender was dropped without a send: the work panicked.
+        Ok(Err(_)) => Err(OffThreadError::Panicked),
+        Err(_) => Err(OffThreadError::TimedOut(deadline)),
+    }
+}
+
 /// The address to reach a server listening on `listen`: a wildcard listen
 /// address is reached on loopback.
 pub fn local_address(listen: SocketAddr) -> SocketAddr {
@@ -209,6 +256,38 @@ mod tests {
         notify_to(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").unwrap();
         let n = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+
+    #[tokio::test]
+    async fn off_thread_work_has_a_deadline() {
+        let v = off_thread("t-quick", Duration::from_secs(5), || 42).await.unwrap();
+        assert_eq!(v, 42);
+        // A read that never ends (here: a FIFO opened the old, blocking way,
+        // with no writer) does not hold the caller past the deadline.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let started = Instant::now();
+        let e = off_thread("t-stuck", Duration::from_millis(200), move || std::fs::read(&fifo))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, OffThreadError::TimedOut(_)), "{e}");
+        assert_eq!(e.to_string(), "no answer within 200ms");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Unblock the stuck thread so it ends with the test.
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("fifo"))
+            .unwrap();
+        drop(writer);
+        let e = off_thread("t-panic", Duration::from_secs(5), || -> u8 { panic!("boom") })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, OffThreadError::Panicked), "{e}");
     }
 
     #[test]

@@ -17,4 +17,5 @@ mod lifecycle;
 mod production;
 mod production_consul;
 mod spread;
+mod token_files;
 mod zone;

@@ -172,6 +172,11 @@ async fn the_shipped_policy_is_enough_and_a_good_token_file_plus_sighup_recovers
         .await;
     let dir = tempfile::tempdir().unwrap();
     let (file_a, file_b) = (dir.path().join("token-a"), dir.path().join("token-b"));
+    // Token files are secrets: owner-only, or refused (writes keep the mode).
+    for file in [&file_a, &file_b] {
+        std::fs::write(file, "").unwrap();
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
     std::fs::write(&file_b, format!("{weak}\n")).unwrap();
 
     // a: no token at all; b: the weak one, from its token file.

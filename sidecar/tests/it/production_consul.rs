@@ -135,6 +135,8 @@ async fn the_shipped_policy_is_enough_and_a_weak_token_recovers_by_token_file_an
 
     // A token too weak: the same, then the good one by file + SIGHUP.
     std::fs::write(&token_file, format!("{weak}\n")).unwrap();
+    // A secret: owner-only, or refused (later writes keep the mode).
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let admin = admin_addr();
     let section = format!(
         "address = \"{}\"\ntoken_file = \"{}\"",
