@@ -226,6 +226,29 @@ impl ConsulAgent {
         answer["SecretID"].as_str().expect("SecretID").to_owned()
     }
 
+    /// On an agent started with [`ConsulAgent::start_with_acl`]: deletes
+    /// the token whose SecretID is `secret` (as [`ConsulAgent::create_token`]
+    /// returned it), through `master_token`. Calls with it are refused from
+    /// then on ("ACL not found").
+    pub async fn revoke_token(&self, master_token: &str, secret: &str) {
+        let (status, body) = http::get_with_token(self.http_addr(), "/v1/acl/token/self", secret)
+            .await
+            .expect("the agent answers GET /v1/acl/token/self");
+        assert_eq!(status, 200, "read the token to revoke: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("token JSON");
+        let accessor = answer["AccessorID"].as_str().expect("AccessorID");
+        let (status, body) = http::request_with_token(
+            self.http_addr(),
+            "DELETE",
+            &format!("/v1/acl/token/{accessor}"),
+            master_token,
+            "",
+        )
+        .await
+        .expect("the agent answers DELETE /v1/acl/token");
+        assert_eq!(status, 200, "delete token {accessor}: {body}");
+    }
+
     /// `127.0.0.1:<port>` of the HTTP API.
     pub fn http_addr(&self) -> SocketAddr {
         self.member.http_addr()
