@@ -102,7 +102,7 @@ pub struct Config {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("address", &self.address)
+            .field("address", &self.address.as_deref().map(redact_address))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("tls", &self.tls)
@@ -765,12 +765,36 @@ enum Target {
 
 /// `host:port`, `http[s]://host:port[/]` or `unix:///path`; the error says
 /// what is wrong, for the caller to prefix with where the address came from.
+/// `address` as it may be shown (logs, errors, `/status`, `Debug`): any
+/// `user:password@` before the host replaced by `<redacted>@`. halo never
+/// sends userinfo to the agent (Consul's clients take HTTP basic auth from
+/// `CONSUL_HTTP_AUTH`, which halo does not use), so it only ever leaks.
+pub fn redact_address(address: &str) -> std::borrow::Cow<'_, str> {
+    let (scheme, rest) = match address.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, address),
+    };
+    // Only the authority may hold userinfo: up to the first '/'.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return std::borrow::Cow::Borrowed(address);
+    };
+    let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
+    std::borrow::Cow::Owned(format!("{scheme}<redacted>@{}", &rest[at + 1..]))
+}
+
 fn parse_address(address: &str) -> Result<Target, String> {
+    let shown = redact_address(address.trim()).into_owned();
+    parse_address_shown(address, &shown)
+}
+
+/// [`parse_address`], with `shown` (the address, redacted) in its errors.
+fn parse_address_shown(address: &str, shown: &str) -> Result<Target, String> {
     let address = address.trim();
     if let Some((scheme, path)) = address.split_once("://") {
         if scheme.eq_ignore_ascii_case("unix") {
             if !path.starts_with('/') || path.len() < 2 {
-                return Err(format!("{address:?}: a unix socket address is unix:///absolute/path"));
+                return Err(format!("{shown:?}: a unix socket address is unix:///absolute/path"));
             }
             return Ok(Target::Unix(PathBuf::from(path)));
         }
@@ -782,24 +806,30 @@ fn parse_address(address: &str) -> Result<Target, String> {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
         Some((scheme, _)) => {
             return Err(format!(
-                "{address:?}: scheme {scheme:?} is not supported (use http://, https:// or unix://)"
+                "{shown:?}: scheme {scheme:?} is not supported (use http://, https:// or unix://)"
             ))
         }
     };
     if rest.is_empty() || rest.contains('/') {
         return Err(format!(
-            "{address:?} is not host:port, http(s)://host:port or unix:///path"
+            "{shown:?} is not host:port, http(s)://host:port or unix:///path"
         ));
     }
     let uri = format!("http://{rest}")
         .parse::<http::Uri>()
-        .map_err(|e| format!("{address:?}: {e}"))?;
+        .map_err(|e| format!("{shown:?}: {e}"))?;
     if uri.port().is_none() && rest.ends_with(':') {
-        return Err(format!("{address:?}: empty port"));
+        return Err(format!("{shown:?}: empty port"));
+    }
+    // Userinfo is never sent (see `redact_address`): drop it, so that no
+    // error, log line or `/status` built from the authority shows it.
+    let authority = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    if authority.is_empty() {
+        return Err(format!("{shown:?}: no host"));
     }
     Ok(Target::Net {
         https,
-        authority: rest.to_owned(),
+        authority: authority.to_owned(),
     })
 }
 
@@ -816,6 +846,44 @@ mod tests {
         let err = Client::with_env(config, env_of(env)).unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{err:?}");
         err.to_string()
+    }
+
+    /// Issue 17: `user:pw@` in the address was echoed in errors (and so in
+    /// halo-lb's `/status` and the logs).
+    #[tokio::test]
+    async fn userinfo_in_the_address_is_never_shown() {
+        assert_eq!(
+            redact_address("http://user:pw@127.0.0.1:8500"),
+            "http://<redacted>@127.0.0.1:8500"
+        );
+        assert_eq!(redact_address("user:pw@127.0.0.1:8500"), "<redacted>@127.0.0.1:8500");
+        assert_eq!(redact_address("https://a@b@h:1/x@y"), "https://<redacted>@h:1/x@y");
+        assert_eq!(redact_address("http://127.0.0.1:8500"), "http://127.0.0.1:8500");
+        assert_eq!(redact_address("unix:///run/consul.sock"), "unix:///run/consul.sock");
+        assert_eq!(
+            parse_address("http://user:pw@127.0.0.1:8500").unwrap(),
+            Target::Net {
+                https: false,
+                authority: "127.0.0.1:8500".into()
+            }
+        );
+        let e = parse_address("http://user:pw@127.0.0.1:8500/x").unwrap_err();
+        assert!(e.contains("<redacted>@127.0.0.1") && !e.contains("pw"), "{e}");
+        // A call that fails names the agent without the userinfo.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let c = Client::with_env(Config::with_address(format!("http://user:pw@127.0.0.1:{port}")), |_| {
+            None
+        })
+        .unwrap();
+        assert_eq!(c.address(), format!("http://127.0.0.1:{port}"));
+        let e = c.agent_service("x").await.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("127.0.0.1:{port}")) && !e.contains("pw") && !e.contains("user"),
+            "{e}"
+        );
+        assert!(!format!("{c:?}").contains("pw"));
     }
 
     #[test]

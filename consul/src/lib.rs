@@ -80,7 +80,8 @@ mod fuzz;
 pub use acl::{TokenInfo, TokenStatus};
 pub use agent::{AgentCheck, AgentService, CheckKind, CheckRegistration, CheckStatus, ServiceRegistration, Weights};
 pub use client::{
-    Client, Config, DEFAULT_ADDRESS, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, DEFAULT_WAIT, MAX_ERROR_TEXT_BYTES,
+    redact_address, Client, Config, DEFAULT_ADDRESS, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, DEFAULT_WAIT,
+    MAX_ERROR_TEXT_BYTES,
 };
 pub use error::Error;
 pub use health::{CatalogService, HealthCheck, HealthQuery, Node, ServiceEntry};

@@ -89,7 +89,7 @@ pub struct ConsulSettings {
 impl std::fmt::Debug for ConsulSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsulSettings")
-            .field("address", &self.address)
+            .field("address", &self.address.as_deref().map(halo_consul::redact_address))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("tls", &self.tls)

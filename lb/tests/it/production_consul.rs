@@ -279,3 +279,25 @@ async fn the_shipped_policy_is_enough_and_a_good_token_file_plus_sighup_recovers
     assert!(s["ha"]["consul_error"].is_null(), "{s}");
     assert_eq!(greeting(vip).await.unwrap().0, "one");
 }
+
+/// Issue 17: `user:pw@` in the Consul address was echoed in `/status`
+/// (discovery's last error) and the log. It is never sent, so never shown.
+#[tokio::test]
+async fn userinfo_in_the_consul_address_is_never_shown() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = closed.local_addr().unwrap();
+    drop(closed);
+    let (admin, vip) = addrs();
+    let section = format!("address = \"http://halo-user:hunter2@{agent}\"");
+    let lb = Lb::start(&lb_config(admin, vip, &section, None), admin, &[vip]).await;
+    let error = eventually(DEADLINE, "discovery's failure in /status", || async {
+        let s = lb.status().await;
+        s["vips"][0]["discovery"]["last_error"].as_str().map(str::to_owned)
+    })
+    .await;
+    assert!(error.contains(&agent.to_string()), "{error}");
+    let status = lb.status().await.to_string();
+    for text in [status, lb.log()] {
+        assert!(!text.contains("hunter2") && !text.contains("halo-user"), "{text}");
+    }
+}
