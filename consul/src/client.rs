@@ -140,6 +140,9 @@ struct Inner {
     base: String,
     /// `host:port` or `unix:///path`, as errors name it.
     authority: String,
+    /// Where the agent's certificate must chain to, for TLS errors
+    /// ([`TlsSettings::trust_source`]).
+    trust: String,
     max_body: usize,
     /// Swapped by [`Token::reload`] and friends; every clone (and
     /// [`Client::with_timeout`] copy) shares it, and so does every client
@@ -406,6 +409,7 @@ impl Client {
                 http,
                 base,
                 authority,
+                trust: tls.trust_source(),
                 max_body,
                 token,
                 datacenter: config.datacenter.filter(|dc| !dc.is_empty()),
@@ -441,6 +445,7 @@ impl Client {
                 http: self.inner.http.clone(),
                 base: self.inner.base.clone(),
                 authority: self.inner.authority.clone(),
+                trust: self.inner.trust.clone(),
                 max_body: self.inner.max_body,
                 token: token.clone(),
                 datacenter: self.inner.datacenter.clone(),
@@ -539,7 +544,7 @@ impl Client {
             address: self.inner.authority.clone(),
             method: method.clone(),
             path: path.clone(),
-            cause: describe_transport(source.as_ref()),
+            cause: describe_transport(source.as_ref(), &self.inner.trust),
             source,
         };
         let exchange = async {
@@ -657,7 +662,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// source chain ("client error (Connect)" alone says nothing): connection
 /// refused, timed out, DNS lookup failed, reset, cut short, or not HTTP at
 /// all (e.g. a TLS port). The chain's own texts follow in parentheses.
-pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static), trust: &str) -> String {
     let mut io_kind = None;
     let mut hyper_kind = None;
     let mut tls = None;
@@ -673,7 +678,7 @@ pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static)) -> S
             for _ in 0..8 {
                 let Some(i) = inner else { break };
                 if let Some(t) = i.downcast_ref::<rustls::Error>() {
-                    tls = tls.or_else(|| Some(crate::tls::explain(t)));
+                    tls = tls.or_else(|| Some(crate::tls::explain(t, trust)));
                     break;
                 }
                 inner = i
@@ -686,7 +691,7 @@ pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static)) -> S
             hyper_kind = hyper_kind.or_else(|| describe_hyper(h));
         }
         if let Some(t) = e.downcast_ref::<rustls::Error>() {
-            tls = tls.or_else(|| Some(crate::tls::explain(t)));
+            tls = tls.or_else(|| Some(crate::tls::explain(t, trust)));
         }
         let text = e.to_string();
         dns |= text == "dns error";

@@ -141,6 +141,21 @@ impl TlsSettings {
         }
     }
 
+    /// Where the agent's certificate was looked for, for an "unknown
+    /// issuer" error: the CA file or directory in use (with the setting or
+    /// variable that named it), else the system trust store.
+    pub fn trust_source(&self) -> String {
+        if let Some((file, from)) = &self.ca_file {
+            format!("not signed by a CA in {from} {}", file.display())
+        } else if let Some((dir, from)) = &self.ca_path {
+            format!("not signed by a CA in {from} {}", dir.display())
+        } else {
+            "not signed by a CA in the system trust store; no ca_file or ca_path is set: set ca_file or \
+             CONSUL_CACERT to the agent's CA"
+                .to_owned()
+        }
+    }
+
     /// The rustls configuration: roots, client certificate, verification.
     pub fn client_config(&self) -> Result<ClientConfig, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -295,15 +310,14 @@ impl ServerCertVerifier for NoVerification {
 }
 
 /// Says what a TLS failure means for the operator: which check failed and
-/// which setting fixes it.
-pub(crate) fn explain(e: &rustls::Error) -> String {
+/// which setting fixes it. `trust` says where an issuer was looked for
+/// ([`TlsSettings::trust_source`]).
+pub(crate) fn explain(e: &rustls::Error, trust: &str) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
     match e {
         E::InvalidCertificate(cert) => {
             let what = match cert {
-                C::UnknownIssuer => {
-                    "certificate verify failed: UnknownIssuer (not signed by a CA in ca_file/ca_path)".to_owned()
-                }
+                C::UnknownIssuer => format!("certificate verify failed: UnknownIssuer ({trust})"),
                 C::NotValidForName | C::NotValidForNameContext { .. } => format!(
                     "certificate verify failed: the agent's certificate is not valid for the server name \
                      (set tls_server_name / CONSUL_TLS_SERVER_NAME to a name it carries): {e}"
