@@ -177,31 +177,38 @@ pub fn http_with(
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
     let deadline = Instant::now() + timeout;
+    let no_answer = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer from {addr} within {timeout:?}"),
+        )
+    };
     let left = || {
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer from {addr} within {timeout:?}"),
-                )
-            })
+            .ok_or_else(no_answer)
     };
-    let mut stream = TcpStream::connect_timeout(&addr, left()?)?;
+    // A socket deadline passing shows as EAGAIN ("Resource temporarily
+    // unavailable") or ETIMEDOUT: say what it means.
+    let timed_out = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => no_answer(),
+        _ => e,
+    };
+    let mut stream = TcpStream::connect_timeout(&addr, left()?).map_err(timed_out)?;
     stream.set_write_timeout(Some(left()?))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes())?;
+    stream.write_all(request.as_bytes()).map_err(timed_out)?;
     let mut answer = Vec::new();
     let mut limited = (&mut stream).take(MAX_ANSWER);
     let mut buf = [0u8; 4096];
     loop {
         limited.get_ref().set_read_timeout(Some(left()?))?;
-        match limited.read(&mut buf)? {
+        match limited.read(&mut buf).map_err(timed_out)? {
             0 => break,
             n => answer.extend_from_slice(&buf[..n]),
         }
@@ -325,5 +332,19 @@ mod tests {
             l.local_addr().unwrap()
         };
         assert!(http(closed, "GET", "/health", Duration::from_secs(2)).is_err());
+    }
+
+    /// Issue 17: a server that accepts and never answers made `healthcheck`
+    /// and `drain` say "Resource temporarily unavailable (os error 11)".
+    #[test]
+    fn a_silent_server_is_no_answer_within_the_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = Instant::now();
+        let e = http(addr, "GET", "/health", Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(e.to_string(), format!("no answer from {addr} within 300ms"));
+        drop(listener);
     }
 }
