@@ -74,7 +74,9 @@ pub struct Config {
     /// ACL token sent as `X-Consul-Token`. Unset: see `token_file`.
     pub token: Option<String>,
     /// File holding the ACL token (surrounding whitespace ignored; it must
-    /// exist and hold a token; at most [`MAX_TOKEN_FILE_BYTES`](crate::MAX_TOKEN_FILE_BYTES)).
+    /// exist and hold a token; at most [`MAX_TOKEN_FILE_BYTES`](crate::MAX_TOKEN_FILE_BYTES);
+    /// a regular file, or a symlink to one, readable by its owner only:
+    /// see [`file::read_secret`](crate::file::read_secret)).
     /// Read when the client is made and again by [`Client::reload_token`] (the
     /// programs call it on SIGHUP). The token is chosen from the first of:
     /// this field, `token`, `CONSUL_HTTP_TOKEN_FILE`, `CONSUL_HTTP_TOKEN`:
@@ -100,7 +102,7 @@ pub struct Config {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("address", &self.address)
+            .field("address", &self.address.as_deref().map(redact_address))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("tls", &self.tls)
@@ -138,6 +140,9 @@ struct Inner {
     base: String,
     /// `host:port` or `unix:///path`, as errors name it.
     authority: String,
+    /// Where the agent's certificate must chain to, for TLS errors
+    /// ([`TlsSettings::trust_source`]).
+    trust: String,
     max_body: usize,
     /// Swapped by [`Token::reload`] and friends; every clone (and
     /// [`Client::with_timeout`] copy) shares it, and so does every client
@@ -301,8 +306,21 @@ impl Client {
     /// over a unix socket is refused. With verification skipped, every call
     /// of this function logs a warning.
     pub fn with_env(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Client, Error> {
-        let tls = TlsSettings::resolve(&config.tls, &env)?;
         let token = Token::resolve(&config, &env)?;
+        Client::build(config, env, token)
+    }
+
+    /// [`Client::new`] reading its token from `token` (a cell already
+    /// resolved, e.g. by a reload on a thread of its own) instead of from
+    /// `config`'s token settings, which are ignored: no token file is read.
+    /// The same as `Client::new(config)?.sharing_token(token)` without the
+    /// file read.
+    pub fn with_token(config: Config, token: &Token) -> Result<Client, Error> {
+        Client::build(config, |name| std::env::var(name).ok(), token.clone())
+    }
+
+    fn build(config: Config, env: impl Fn(&str) -> Option<String>, token: Token) -> Result<Client, Error> {
+        let tls = TlsSettings::resolve(&config.tls, &env)?;
         let (address, origin) = match config.address.filter(|a| !a.trim().is_empty()) {
             Some(address) => (address, "address"),
             None => match env("CONSUL_HTTP_ADDR").filter(|a| !a.trim().is_empty()) {
@@ -391,6 +409,7 @@ impl Client {
                 http,
                 base,
                 authority,
+                trust: tls.trust_source(),
                 max_body,
                 token,
                 datacenter: config.datacenter.filter(|dc| !dc.is_empty()),
@@ -426,6 +445,7 @@ impl Client {
                 http: self.inner.http.clone(),
                 base: self.inner.base.clone(),
                 authority: self.inner.authority.clone(),
+                trust: self.inner.trust.clone(),
                 max_body: self.inner.max_body,
                 token: token.clone(),
                 datacenter: self.inner.datacenter.clone(),
@@ -524,7 +544,7 @@ impl Client {
             address: self.inner.authority.clone(),
             method: method.clone(),
             path: path.clone(),
-            cause: describe_transport(source.as_ref()),
+            cause: describe_transport(source.as_ref(), &self.inner.trust),
             source,
         };
         let exchange = async {
@@ -642,7 +662,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// source chain ("client error (Connect)" alone says nothing): connection
 /// refused, timed out, DNS lookup failed, reset, cut short, or not HTTP at
 /// all (e.g. a TLS port). The chain's own texts follow in parentheses.
-pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static), trust: &str) -> String {
     let mut io_kind = None;
     let mut hyper_kind = None;
     let mut tls = None;
@@ -658,7 +678,7 @@ pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static)) -> S
             for _ in 0..8 {
                 let Some(i) = inner else { break };
                 if let Some(t) = i.downcast_ref::<rustls::Error>() {
-                    tls = tls.or_else(|| Some(crate::tls::explain(t)));
+                    tls = tls.or_else(|| Some(crate::tls::explain(t, trust)));
                     break;
                 }
                 inner = i
@@ -671,7 +691,7 @@ pub(crate) fn describe_transport(error: &(dyn std::error::Error + 'static)) -> S
             hyper_kind = hyper_kind.or_else(|| describe_hyper(h));
         }
         if let Some(t) = e.downcast_ref::<rustls::Error>() {
-            tls = tls.or_else(|| Some(crate::tls::explain(t)));
+            tls = tls.or_else(|| Some(crate::tls::explain(t, trust)));
         }
         let text = e.to_string();
         dns |= text == "dns error";
@@ -750,12 +770,36 @@ enum Target {
 
 /// `host:port`, `http[s]://host:port[/]` or `unix:///path`; the error says
 /// what is wrong, for the caller to prefix with where the address came from.
+/// `address` as it may be shown (logs, errors, `/status`, `Debug`): any
+/// `user:password@` before the host replaced by `<redacted>@`. halo never
+/// sends userinfo to the agent (Consul's clients take HTTP basic auth from
+/// `CONSUL_HTTP_AUTH`, which halo does not use), so it only ever leaks.
+pub fn redact_address(address: &str) -> std::borrow::Cow<'_, str> {
+    let (scheme, rest) = match address.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, address),
+    };
+    // Only the authority may hold userinfo: up to the first '/'.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return std::borrow::Cow::Borrowed(address);
+    };
+    let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
+    std::borrow::Cow::Owned(format!("{scheme}<redacted>@{}", &rest[at + 1..]))
+}
+
 fn parse_address(address: &str) -> Result<Target, String> {
+    let shown = redact_address(address.trim()).into_owned();
+    parse_address_shown(address, &shown)
+}
+
+/// [`parse_address`], with `shown` (the address, redacted) in its errors.
+fn parse_address_shown(address: &str, shown: &str) -> Result<Target, String> {
     let address = address.trim();
     if let Some((scheme, path)) = address.split_once("://") {
         if scheme.eq_ignore_ascii_case("unix") {
             if !path.starts_with('/') || path.len() < 2 {
-                return Err(format!("{address:?}: a unix socket address is unix:///absolute/path"));
+                return Err(format!("{shown:?}: a unix socket address is unix:///absolute/path"));
             }
             return Ok(Target::Unix(PathBuf::from(path)));
         }
@@ -767,24 +811,30 @@ fn parse_address(address: &str) -> Result<Target, String> {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
         Some((scheme, _)) => {
             return Err(format!(
-                "{address:?}: scheme {scheme:?} is not supported (use http://, https:// or unix://)"
+                "{shown:?}: scheme {scheme:?} is not supported (use http://, https:// or unix://)"
             ))
         }
     };
     if rest.is_empty() || rest.contains('/') {
         return Err(format!(
-            "{address:?} is not host:port, http(s)://host:port or unix:///path"
+            "{shown:?} is not host:port, http(s)://host:port or unix:///path"
         ));
     }
     let uri = format!("http://{rest}")
         .parse::<http::Uri>()
-        .map_err(|e| format!("{address:?}: {e}"))?;
+        .map_err(|e| format!("{shown:?}: {e}"))?;
     if uri.port().is_none() && rest.ends_with(':') {
-        return Err(format!("{address:?}: empty port"));
+        return Err(format!("{shown:?}: empty port"));
+    }
+    // Userinfo is never sent (see `redact_address`): drop it, so that no
+    // error, log line or `/status` built from the authority shows it.
+    let authority = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    if authority.is_empty() {
+        return Err(format!("{shown:?}: no host"));
     }
     Ok(Target::Net {
         https,
-        authority: rest.to_owned(),
+        authority: authority.to_owned(),
     })
 }
 
@@ -801,6 +851,44 @@ mod tests {
         let err = Client::with_env(config, env_of(env)).unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{err:?}");
         err.to_string()
+    }
+
+    /// Issue 17: `user:pw@` in the address was echoed in errors (and so in
+    /// halo-lb's `/status` and the logs).
+    #[tokio::test]
+    async fn userinfo_in_the_address_is_never_shown() {
+        assert_eq!(
+            redact_address("http://user:pw@127.0.0.1:8500"),
+            "http://<redacted>@127.0.0.1:8500"
+        );
+        assert_eq!(redact_address("user:pw@127.0.0.1:8500"), "<redacted>@127.0.0.1:8500");
+        assert_eq!(redact_address("https://a@b@h:1/x@y"), "https://<redacted>@h:1/x@y");
+        assert_eq!(redact_address("http://127.0.0.1:8500"), "http://127.0.0.1:8500");
+        assert_eq!(redact_address("unix:///run/consul.sock"), "unix:///run/consul.sock");
+        assert_eq!(
+            parse_address("http://user:pw@127.0.0.1:8500").unwrap(),
+            Target::Net {
+                https: false,
+                authority: "127.0.0.1:8500".into()
+            }
+        );
+        let e = parse_address("http://user:pw@127.0.0.1:8500/x").unwrap_err();
+        assert!(e.contains("<redacted>@127.0.0.1") && !e.contains("pw"), "{e}");
+        // A call that fails names the agent without the userinfo.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let c = Client::with_env(Config::with_address(format!("http://user:pw@127.0.0.1:{port}")), |_| {
+            None
+        })
+        .unwrap();
+        assert_eq!(c.address(), format!("http://127.0.0.1:{port}"));
+        let e = c.agent_service("x").await.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("127.0.0.1:{port}")) && !e.contains("pw") && !e.contains("user"),
+            "{e}"
+        );
+        assert!(!format!("{c:?}").contains("pw"));
     }
 
     #[test]
@@ -910,6 +998,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
         std::fs::write(&file, "  file-secret-1\n").unwrap();
+        // Owner-only, as a secret must be (writes below keep the mode).
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let file_s = file.to_str().unwrap();
 
         // Config file > config token > env file > env token.
@@ -951,10 +1041,24 @@ mod tests {
         assert!(e.contains("empty"), "{e}");
         std::fs::write(&file, "x".repeat(crate::MAX_TOKEN_FILE_BYTES as usize + 1)).unwrap();
         let e = c.reload_token().unwrap_err().to_string();
-        assert!(e.contains("longer than"), "{e}");
+        assert!(e.contains("larger than 4096 bytes"), "{e}");
         std::fs::write(&file, "bad\u{7f}secret-3").unwrap();
         let e = c.reload_token().unwrap_err().to_string();
         assert!(e.contains("not allowed") && !e.contains("secret-3"), "{e}");
+        // Readable by others, or not a regular file (a FIFO would have
+        // blocked the reload until a writer came): refused, by name.
+        std::fs::write(&file, "file-secret-4").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        let e = c.reload_token().unwrap_err().to_string();
+        assert!(e.contains("mode 640") && e.contains(file_s), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&file)
+            .status()
+            .unwrap()
+            .success());
+        let e = c.reload_token().unwrap_err().to_string();
+        assert!(e.contains(file_s) && e.contains("not a regular file"), "{e}");
         std::fs::remove_file(&file).unwrap();
         let e = c.reload_token().unwrap_err().to_string();
         assert!(e.contains("No such file"), "{e}");
@@ -968,6 +1072,7 @@ mod tests {
             "{e}"
         );
         std::fs::write(&file, "").unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let e = refused(Config::default(), &[("CONSUL_HTTP_TOKEN_FILE", file_s)]);
         assert!(e.contains("empty"), "{e}");
 

@@ -44,6 +44,9 @@
 //!   configuration built from it; TLS errors explained.
 //! - `token`: the ACL [`Token`], its sources, and the shared cell SIGHUP
 //!   reloads.
+//! - [`file`]: opening token and PEM files without blocking (a FIFO is
+//!   refused, not waited on), regular files only, reads bounded; the
+//!   owner-only rule for secrets.
 //! - `connect`: the connector: TCP (plain or TLS) or a unix socket.
 //! - `acl`: the token self-check ([`TokenStatus`]) and what Consul 1.8 does
 //!   with reads a token may not make.
@@ -63,6 +66,7 @@ mod client;
 mod connect;
 pub mod duration;
 mod error;
+pub mod file;
 mod health;
 mod kv;
 mod query;
@@ -78,7 +82,8 @@ pub use agent::{
     AgentCheck, AgentSelf, AgentService, CheckKind, CheckRegistration, CheckStatus, ServiceRegistration, Weights,
 };
 pub use client::{
-    Client, Config, DEFAULT_ADDRESS, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, DEFAULT_WAIT, MAX_ERROR_TEXT_BYTES,
+    redact_address, Client, Config, DEFAULT_ADDRESS, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, DEFAULT_WAIT,
+    MAX_ERROR_TEXT_BYTES,
 };
 pub use error::Error;
 pub use health::{CatalogService, HealthCheck, HealthQuery, Node, ServiceEntry};

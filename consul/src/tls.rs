@@ -13,7 +13,6 @@
 //! cmake and a C toolchain to build.
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -142,6 +141,21 @@ impl TlsSettings {
         }
     }
 
+    /// Where the agent's certificate was looked for, for an "unknown
+    /// issuer" error: the CA file or directory in use (with the setting or
+    /// variable that named it), else the system trust store.
+    pub fn trust_source(&self) -> String {
+        if let Some((file, from)) = &self.ca_file {
+            format!("not signed by a CA in {from} {}", file.display())
+        } else if let Some((dir, from)) = &self.ca_path {
+            format!("not signed by a CA in {from} {}", dir.display())
+        } else {
+            "not signed by a CA in the system trust store; no ca_file or ca_path is set: set ca_file or \
+             CONSUL_CACERT to the agent's CA"
+                .to_owned()
+        }
+    }
+
     /// The rustls configuration: roots, client certificate, verification.
     pub fn client_config(&self) -> Result<ClientConfig, Error> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -196,20 +210,12 @@ impl TlsSettings {
     }
 }
 
-/// Reads at most [`MAX_PEM_BYTES`] of `path`; `field` names the setting in
-/// errors.
+/// Reads at most [`MAX_PEM_BYTES`] of the regular file `path`; `field`
+/// names the setting in errors.
 fn read_bounded(path: &Path, field: &str) -> Result<Vec<u8>, Error> {
-    let err = |e: std::io::Error| Error::Config(format!("{field} {}: {e}", path.display()));
-    let file = std::fs::File::open(path).map_err(err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes).map_err(err)?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(Error::Config(format!(
-            "{field} {}: larger than {MAX_PEM_BYTES} bytes",
-            path.display()
-        )));
-    }
-    Ok(bytes)
+    // Opened without blocking and regular files only: a FIFO here would
+    // otherwise hold up whatever makes the client (a reload, a discovery).
+    crate::file::read_regular(path, MAX_PEM_BYTES).map_err(|e| Error::Config(format!("{field} {}", e.naming(path))))
 }
 
 fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -304,15 +310,14 @@ impl ServerCertVerifier for NoVerification {
 }
 
 /// Says what a TLS failure means for the operator: which check failed and
-/// which setting fixes it.
-pub(crate) fn explain(e: &rustls::Error) -> String {
+/// which setting fixes it. `trust` says where an issuer was looked for
+/// ([`TlsSettings::trust_source`]).
+pub(crate) fn explain(e: &rustls::Error, trust: &str) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
     match e {
         E::InvalidCertificate(cert) => {
             let what = match cert {
-                C::UnknownIssuer => {
-                    "certificate verify failed: UnknownIssuer (not signed by a CA in ca_file/ca_path)".to_owned()
-                }
+                C::UnknownIssuer => format!("certificate verify failed: UnknownIssuer ({trust})"),
                 C::NotValidForName | C::NotValidForNameContext { .. } => format!(
                     "certificate verify failed: the agent's certificate is not valid for the server name \
                      (set tls_server_name / CONSUL_TLS_SERVER_NAME to a name it carries): {e}"

@@ -3,7 +3,6 @@
 //! again on SIGHUP reaches every client at once, on every thread.
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -156,21 +155,13 @@ fn token_header(token: &str) -> Result<HeaderValue, String> {
     Ok(v)
 }
 
-/// Reads a token file: at most [`MAX_TOKEN_FILE_BYTES`], whitespace around
-/// the token ignored, empty refused. Errors name the file, never its content.
+/// Reads a token file: a regular file (symlinks followed; a FIFO or a
+/// device is refused at once, never waited on), readable by its owner only
+/// (mode `& 0o077 == 0`, the rule `admin.token_file` follows too), at most
+/// [`MAX_TOKEN_FILE_BYTES`], whitespace around the token ignored, empty
+/// refused. Errors name the file, never its content.
 fn read_token_file(path: &Path) -> Result<HeaderValue, String> {
-    let err = |e: std::io::Error| format!("{}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_TOKEN_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(err)?;
-    if bytes.len() as u64 > MAX_TOKEN_FILE_BYTES {
-        return Err(format!(
-            "{}: longer than {MAX_TOKEN_FILE_BYTES} bytes, not an ACL token",
-            path.display()
-        ));
-    }
+    let bytes = crate::file::read_secret(path, MAX_TOKEN_FILE_BYTES).map_err(|e| e.naming(path))?;
     let text = std::str::from_utf8(&bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
     if text.trim().is_empty() {
         return Err(format!("{}: empty, no ACL token in it", path.display()));

@@ -9,7 +9,8 @@
 //!    browser sends `Origin` with every cross-origin POST; curl and halo's
 //!    own clients send none.
 //! 2. `Host`, if sent, is an IP literal or `localhost` (with or without a
-//!    port). A DNS-rebinding page reaches the admin port under the
+//!    port); so is the authority of an absolute-form request target
+//!    (`POST http://host/drain`), which must also agree with `Host`. A DNS-rebinding page reaches the admin port under the
 //!    attacker's host name, so its requests carry that name; an IP literal
 //!    can only name the server the browser actually connected to. The
 //!    admin address itself is always an IP literal (`admin.listen` is
@@ -28,14 +29,15 @@
 //!    whereas content types have had preflight bypasses (`sendBeacon`,
 //!    plug-ins) and the write endpoints take no body.
 //!
-//! Failures are 401 (no or wrong token; with `WWW-Authenticate: Bearer`)
-//! or 403 (everything else), each with a short `{"error": "..."}`. Neither
+//! More than one `Authorization` header is refused (400) whatever else
+//! holds.
+//!
+//! Failures are 400 (two `Authorization` headers), 401 (no or wrong token;
+//! with `WWW-Authenticate: Bearer`) or 403 (everything else), each with a short `{"error": "..."}`. Neither
 //! the token nor the presented credential ever appears in an answer or a
 //! log line.
 
-use std::io::Read as _;
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -117,37 +119,24 @@ pub fn constant_time_eq(secret: &[u8], presented: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Reads a token file: a regular file, readable by its owner only (mode
-/// `& 0o077 == 0`), at most [`MAX_TOKEN_FILE`] bytes, holding the token
-/// (surrounding whitespace, such as the newline `echo` leaves, is
-/// dropped). The error is the reason, for the caller to prefix with the
-/// field; it never contains the file's contents.
+/// Reads a token file: a regular file (symlinks followed, as Kubernetes
+/// mounts secrets; a FIFO, device or directory is refused at once, never
+/// waited on), readable by its owner only (mode `& 0o077 == 0`), at most
+/// [`MAX_TOKEN_FILE`] bytes, holding the token (surrounding whitespace,
+/// such as the newline `echo` leaves, is dropped). The error is the reason,
+/// naming the file, for the caller to prefix with the field; it never
+/// contains the file's contents. See [`halo_consul::file`], which the
+/// Consul token file shares, rule for rule.
 ///
 /// A file others can read is refused, not warned about: whoever can read
 /// it can drive the writes, and a warning in a start-up log is easy to
 /// miss (ssh refuses loose private keys for the same reason).
 pub fn read_token_file(path: &Path) -> Result<Token, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is readable or writable by others (mode {mode:03o}); make it 0600 or 0400 (e.g. chmod 600, or defaultMode: 0400 for a Kubernetes secret)",
-            path.display()
-        ));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_TOKEN_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if bytes.len() as u64 > MAX_TOKEN_FILE {
-        return Err(format!("{} is larger than {MAX_TOKEN_FILE} bytes", path.display()));
-    }
+    use halo_consul::file::{read_secret, FileError};
+    let bytes = read_secret(path, MAX_TOKEN_FILE).map_err(|e| match e {
+        FileError::Open(e) => format!("cannot read {}: {e}", path.display()),
+        e => e.naming(path),
+    })?;
     let text = std::str::from_utf8(&bytes).map_err(|_| format!("{} is not text", path.display()))?;
     let text = text.trim();
     if text.is_empty() {
@@ -220,7 +209,7 @@ impl Grant {
 /// A refused write: the status and a short reason (never the token).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denied {
-    /// 401 or 403.
+    /// 400, 401 or 403.
     pub status: StatusCode,
     /// Why, for the client and the log.
     pub reason: &'static str,
@@ -230,6 +219,13 @@ impl Denied {
     fn unauthorized(reason: &'static str) -> Self {
         Denied {
             status: StatusCode::UNAUTHORIZED,
+            reason,
+        }
+    }
+
+    fn bad_request(reason: &'static str) -> Self {
+        Denied {
+            status: StatusCode::BAD_REQUEST,
             reason,
         }
     }
@@ -259,7 +255,22 @@ impl Denied {
 /// logs the write or the refusal with the client's address.
 pub fn authorize<B>(req: &Request<B>, token: Option<&Token>) -> Result<Grant, Denied> {
     let headers = req.headers();
-    let host = single(headers, header::HOST).map_err(|()| Denied::forbidden("bad Host header"))?;
+    let host_header = single(headers, header::HOST).map_err(|()| Denied::forbidden("bad Host header"))?;
+    // An absolute-form target (`POST http://name/drain HTTP/1.1`) names the
+    // host the request is for, and a server must prefer it to `Host` (RFC
+    // 9112 3.2.2): it gets the same rules, and must agree with `Host`.
+    let host = match req.uri().authority() {
+        Some(authority) => {
+            let authority = authority.as_str();
+            if host_header.is_some_and(|h| !h.eq_ignore_ascii_case(authority)) {
+                return Err(Denied::forbidden(
+                    "the request target's host and the Host header differ",
+                ));
+            }
+            Some(authority)
+        }
+        None => host_header,
+    };
     if let Some(origin) = single(headers, header::ORIGIN).map_err(|()| Denied::forbidden("bad Origin header"))? {
         let same = host.is_some_and(|h| {
             origin
@@ -276,6 +287,11 @@ pub fn authorize<B>(req: &Request<B>, token: Option<&Token>) -> Result<Grant, De
                 "Host must be an IP address or localhost (DNS names are refused against DNS rebinding)",
             ));
         }
+    }
+    // Two credentials are one too many: which one a proxy in front, a
+    // logger or this check would read is anyone's guess.
+    if headers.get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
+        return Err(Denied::bad_request("more than one Authorization header"));
     }
     match token {
         Some(token) => {
@@ -513,9 +529,86 @@ mod tests {
         );
     }
 
+    /// Issue 17: an absolute-form target's authority was ignored, so
+    /// `POST http://evil.example/drain` passed as long as `Host` (or its
+    /// absence) did.
+    #[test]
+    fn an_absolute_form_target_is_held_to_the_host_rules() {
+        let absolute = |uri: &str, headers: &[(&str, &str)]| {
+            let mut req = request("127.0.0.1:5000", headers);
+            *req.uri_mut() = uri.parse().unwrap();
+            req
+        };
+        let token = Token::new("s3cret-token").unwrap();
+        for (uri, headers) in [
+            ("http://evil.example/drain", vec![(REQUEST_HEADER, "1")]),
+            (
+                "http://evil.example:9902/drain",
+                vec![("host", "127.0.0.1:9902"), (REQUEST_HEADER, "1")],
+            ),
+            (
+                "http://127.0.0.1:9902/drain",
+                vec![("host", "evil.example"), (REQUEST_HEADER, "1")],
+            ),
+            (
+                "http://127.0.0.1:9902/drain",
+                vec![("host", "127.0.0.1:9903"), (REQUEST_HEADER, "1")],
+            ),
+            ("http://user@127.0.0.1:9902/drain", vec![(REQUEST_HEADER, "1")]),
+        ] {
+            let denied = authorize(&absolute(uri, &headers), None).unwrap_err();
+            assert_eq!(denied.status, StatusCode::FORBIDDEN, "{uri} {headers:?}");
+        }
+        let with_token = absolute("http://evil.example/drain", &[("authorization", "Bearer s3cret-token")]);
+        assert_eq!(
+            authorize(&with_token, Some(&token)).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        // A cross-origin page cannot pass by naming the target's origin.
+        let cross = absolute(
+            "http://evil.example/drain",
+            &[("origin", "http://evil.example"), (REQUEST_HEADER, "1")],
+        );
+        assert_eq!(authorize(&cross, None).unwrap_err().status, StatusCode::FORBIDDEN);
+        // The loopback address itself, with or without a matching Host.
+        for headers in [
+            vec![(REQUEST_HEADER, "1")],
+            vec![("host", "127.0.0.1:9902"), (REQUEST_HEADER, "1")],
+        ] {
+            let ok = absolute("http://127.0.0.1:9902/drain", &headers);
+            assert_eq!(authorize(&ok, None), Ok(Grant::Loopback), "{headers:?}");
+        }
+    }
+
+    /// Issue 17: the first of two `Authorization` headers was taken.
+    #[test]
+    fn two_authorization_headers_are_refused() {
+        let token = Token::new("s3cret-token").unwrap();
+        for pair in [
+            ["Bearer s3cret-token", "Bearer wrong"],
+            ["Bearer wrong", "Bearer s3cret-token"],
+            ["Bearer s3cret-token", "Bearer s3cret-token"],
+        ] {
+            let req = request(
+                "127.0.0.1:5000",
+                &[("authorization", pair[0]), ("authorization", pair[1])],
+            );
+            let denied = authorize(&req, Some(&token)).unwrap_err();
+            assert_eq!(denied.status, StatusCode::BAD_REQUEST, "{pair:?}");
+            assert!(!denied.reason.contains("s3cret"));
+            let mut loopback = request(
+                "127.0.0.1:5000",
+                &[("authorization", pair[0]), ("authorization", pair[1])],
+            );
+            loopback.headers_mut().insert(REQUEST_HEADER, "1".parse().unwrap());
+            assert_eq!(authorize(&loopback, None).unwrap_err().status, StatusCode::BAD_REQUEST);
+        }
+    }
+
     #[test]
     fn token_files_are_checked() {
         use std::fs::Permissions;
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &[u8], mode: u32| {
             let path = dir.path().join(name);
@@ -542,7 +635,26 @@ mod tests {
         let e = read_token_file(&write("spaces", b"two words", 0o600)).unwrap_err();
         assert!(e.contains("visible ASCII") && !e.contains("two words"), "{e}");
         let e = read_token_file(dir.path()).unwrap_err();
-        assert!(e.contains("not a regular file"), "{e}");
+        assert!(e.contains("is a directory, not a regular file"), "{e}");
+        // A FIFO used to block the open until a writer came (a SIGHUP
+        // reload, and SIGTERM behind it, wedged): refused at once, by name.
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let started = std::time::Instant::now();
+        let e = read_token_file(&fifo).unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(
+            e,
+            format!("{} is a FIFO (named pipe), not a regular file", fifo.display())
+        );
+        // A symlink to a regular file (a Kubernetes secret) is fine.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert!(read_token_file(&link).unwrap().matches(b"abc123"));
     }
 
     #[test]

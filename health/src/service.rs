@@ -100,6 +100,53 @@ pub fn spawn_watchdog() {
     });
 }
 
+/// Why [`off_thread`] has no result.
+#[derive(Debug, thiserror::Error)]
+pub enum OffThreadError {
+    /// No thread could be started.
+    #[error("cannot start a thread: {0}")]
+    Spawn(io::Error),
+    /// The work did not finish within the deadline; it is left running on
+    /// its thread (nothing can interrupt a blocked system call), and its
+    /// result will be dropped.
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+    /// The work panicked.
+    #[error("the work panicked")]
+    Panicked,
+}
+
+/// Runs `work` (file reads that may hang: a hung NFS or FUSE mount) on a
+/// thread of its own named `name`, and waits at most `deadline` for it
+/// without blocking the runtime, so that signals and the admin API stay
+/// served meanwhile.
+///
+/// A detached thread rather than `spawn_blocking`: a runtime waits for its
+/// blocking tasks when it shuts down, so one that never returns would hold
+/// the process's exit after SIGTERM; a detached thread does not.
+pub async fn off_thread<T: Send + 'static>(
+    name: &str,
+    deadline: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, OffThreadError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            // The waiter may have given up (deadline passed): nothing to do.
+            if tx.send(work()).is_err() {
+                tracing::debug!("a result came after its deadline; dropped");
+            }
+        })
+        .map_err(OffThreadError::Spawn)?;
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(value)) => Ok(value),
+        // The sender was dropped without a send: the work panicked.
+        Ok(Err(_)) => Err(OffThreadError::Panicked),
+        Err(_) => Err(OffThreadError::TimedOut(deadline)),
+    }
+}
+
 /// The address to reach a server listening on `listen`: a wildcard listen
 /// address is reached on loopback.
 pub fn local_address(listen: SocketAddr) -> SocketAddr {
@@ -130,31 +177,38 @@ pub fn http_with(
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
     let deadline = Instant::now() + timeout;
+    let no_answer = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer from {addr} within {timeout:?}"),
+        )
+    };
     let left = || {
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer from {addr} within {timeout:?}"),
-                )
-            })
+            .ok_or_else(no_answer)
     };
-    let mut stream = TcpStream::connect_timeout(&addr, left()?)?;
+    // A socket deadline passing shows as EAGAIN ("Resource temporarily
+    // unavailable") or ETIMEDOUT: say what it means.
+    let timed_out = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => no_answer(),
+        _ => e,
+    };
+    let mut stream = TcpStream::connect_timeout(&addr, left()?).map_err(timed_out)?;
     stream.set_write_timeout(Some(left()?))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes())?;
+    stream.write_all(request.as_bytes()).map_err(timed_out)?;
     let mut answer = Vec::new();
     let mut limited = (&mut stream).take(MAX_ANSWER);
     let mut buf = [0u8; 4096];
     loop {
         limited.get_ref().set_read_timeout(Some(left()?))?;
-        match limited.read(&mut buf)? {
+        match limited.read(&mut buf).map_err(timed_out)? {
             0 => break,
             n => answer.extend_from_slice(&buf[..n]),
         }
@@ -211,6 +265,38 @@ mod tests {
         assert_eq!(&buf[..n], b"STOPPING=1");
     }
 
+    #[tokio::test]
+    async fn off_thread_work_has_a_deadline() {
+        let v = off_thread("t-quick", Duration::from_secs(5), || 42).await.unwrap();
+        assert_eq!(v, 42);
+        // A read that never ends (here: a FIFO opened the old, blocking way,
+        // with no writer) does not hold the caller past the deadline.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let started = Instant::now();
+        let e = off_thread("t-stuck", Duration::from_millis(200), move || std::fs::read(&fifo))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, OffThreadError::TimedOut(_)), "{e}");
+        assert_eq!(e.to_string(), "no answer within 200ms");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Unblock the stuck thread so it ends with the test.
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("fifo"))
+            .unwrap();
+        drop(writer);
+        let e = off_thread("t-panic", Duration::from_secs(5), || -> u8 { panic!("boom") })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, OffThreadError::Panicked), "{e}");
+    }
+
     #[test]
     fn wildcards_are_reached_on_loopback() {
         assert_eq!(
@@ -246,5 +332,19 @@ mod tests {
             l.local_addr().unwrap()
         };
         assert!(http(closed, "GET", "/health", Duration::from_secs(2)).is_err());
+    }
+
+    /// Issue 17: a server that accepts and never answers made `healthcheck`
+    /// and `drain` say "Resource temporarily unavailable (os error 11)".
+    #[test]
+    fn a_silent_server_is_no_answer_within_the_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = Instant::now();
+        let e = http(addr, "GET", "/health", Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(e.to_string(), format!("no answer from {addr} within 300ms"));
+        drop(listener);
     }
 }

@@ -132,7 +132,7 @@ pub struct ConsulSection {
 impl std::fmt::Debug for ConsulSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsulSection")
-            .field("address", &self.address)
+            .field("address", &self.address.as_deref().map(halo_consul::redact_address))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("ca_file", &self.ca_file)

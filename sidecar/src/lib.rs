@@ -137,8 +137,14 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
             _ = sigterm.recv() => { draining_tx.send_replace(true); }
             _ = sigint.recv() => { draining_tx.send_replace(true); }
             _ = sighup.recv() => {
-                if reload_token(&client) {
-                    token_changed.notify_one();
+                // The file is read on a thread of its own with a deadline;
+                // SIGTERM and SIGINT still start the drain meanwhile.
+                tokio::select! {
+                    changed = reload_token(&client) => if changed {
+                        token_changed.notify_one();
+                    },
+                    _ = sigterm.recv() => { draining_tx.send_replace(true); }
+                    _ = sigint.recv() => { draining_tx.send_replace(true); }
                 }
                 continue;
             }
@@ -170,21 +176,34 @@ pub async fn run(settings: Settings, prometheus: Option<PrometheusHandle>) -> an
     Ok(())
 }
 
+/// How long a SIGHUP's token file read may take before it is given up and
+/// the token in use kept.
+const RELOAD_DEADLINE: Duration = Duration::from_secs(5);
+
 /// SIGHUP: reads the Consul token file again (the only thing reloaded; the
-/// rest of the config needs a restart). A bad file keeps the old token in
-/// use, logged; the token itself is never logged. Answers whether the token
-/// changed.
-fn reload_token(client: &Client) -> bool {
-    match client.reload_token() {
-        Ok(true) => {
+/// rest of the config needs a restart), on a thread of its own with
+/// [`RELOAD_DEADLINE`]. A bad file keeps the old token in use, logged; the
+/// token itself is never logged. Answers whether the token changed.
+async fn reload_token(client: &Client) -> bool {
+    let reloading = client.clone();
+    let read = halo_health::service::off_thread("halo-token-reload", RELOAD_DEADLINE, move || reloading.reload_token());
+    match read.await {
+        Ok(Ok(true)) => {
             tracing::info!(token_file = ?client.token_file(), "SIGHUP: Consul ACL token changed; used from the next call");
             return true;
         }
-        Ok(false) => match client.token_file() {
+        Ok(Ok(false)) => match client.token_file() {
             Some(file) => tracing::info!(token_file = %file.display(), "SIGHUP: Consul ACL token file unchanged"),
             None => tracing::info!("SIGHUP: no Consul token file configured; nothing to reload"),
         },
-        Err(e) => tracing::error!(error = %e, "SIGHUP: cannot read the Consul token file; keeping the token in use"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "SIGHUP: cannot read the Consul token file; keeping the token in use")
+        }
+        Err(e) => tracing::error!(
+            token_file = ?client.token_file(),
+            error = %e,
+            "SIGHUP: cannot read the Consul token file; keeping the token in use"
+        ),
     }
     false
 }

@@ -41,10 +41,12 @@ enum Command {
     /// the sidecar deregisters it and exits after drain.grace. For a
     /// preStop hook or a script that must stop traffic before the app.
     Drain {
-        /// Return only once Consul has the instance in maintenance (out of
-        /// every healthy view: `?passing`, DNS, halo-lb), or the sidecar has
-        /// already deregistered it and exited. Exit 1 if that takes longer
-        /// than --timeout.
+        /// Return only once Consul confirms the instance is out of every
+        /// healthy view (`?passing`, DNS, halo-lb): in maintenance (as the
+        /// sidecar's /status reports once the agent accepted it) or, once
+        /// the sidecar has exited, deregistered or in maintenance as the
+        /// agent itself answers. Exit 1, with Consul's reason, if Consul
+        /// refused or cannot be asked, or after --timeout.
         #[arg(long)]
         wait: bool,
         /// The longest wait with --wait.
@@ -62,14 +64,16 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `halo-sidecar drain [--wait]`: with the custom header every write
 /// needs, and the bearer token when `admin.token_file` is configured.
-fn drain(
-    admin: std::net::SocketAddr,
-    token: Option<&halo_health::auth::Token>,
-    wait: bool,
-    timeout: Duration,
-) -> ExitCode {
-    let addr = halo_health::service::local_address(admin);
-    let bearer = token.map(|t| format!("Bearer {}", t.expose()));
+///
+/// `--wait` succeeds only on evidence from Consul: the sidecar's `/status`
+/// saying `consul.maintenance` (set only once the agent answered 200 to the
+/// maintenance call), or, once the sidecar is gone, the agent itself (asked
+/// with the sidecar's own Consul settings) no longer having the instance or
+/// having it in maintenance. The sidecar's admin API going away is not
+/// evidence: a sidecar whose deregistration Consul refused exits too.
+fn drain(settings: &halo_sidecar::config::Settings, wait: bool, timeout: Duration) -> ExitCode {
+    let addr = halo_health::service::local_address(settings.admin);
+    let bearer = settings.admin_token.as_ref().map(|t| format!("Bearer {}", t.expose()));
     let mut headers = vec![(halo_health::auth::REQUEST_HEADER, "1")];
     if let Some(bearer) = &bearer {
         headers.push(("Authorization", bearer));
@@ -93,6 +97,9 @@ fn drain(
         return ExitCode::SUCCESS;
     }
     let deadline = Instant::now() + timeout;
+    // The last Consul failure the sidecar reported, to say why if no
+    // evidence comes.
+    let mut last_error: Option<String> = None;
     loop {
         match halo_health::service::http(addr, "GET", "/status", ADMIN_TIMEOUT) {
             Ok((200, body)) => {
@@ -101,20 +108,81 @@ fn drain(
                     println!("halo-sidecar: drained: Consul has the instance in maintenance");
                     return ExitCode::SUCCESS;
                 }
+                if let Some(e) = status["consul"]["last_error"].as_str() {
+                    if last_error.as_deref() != Some(e) {
+                        eprintln!("halo-sidecar: the sidecar reports a Consul failure: {e}");
+                        last_error = Some(e.to_owned());
+                    }
+                }
             }
-            // The sidecar finished the drain (deregistered) and exited.
+            // The sidecar is gone (its drain ended, or it died): ask Consul.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                println!("halo-sidecar: drained: the sidecar deregistered the instance and exited");
-                return ExitCode::SUCCESS;
+                return match ask_consul(settings) {
+                    Ok(evidence) => {
+                        println!("halo-sidecar: drained: {evidence}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(why) => {
+                        eprintln!(
+                            "halo-sidecar: drain failed: the sidecar exited, and {why}{}",
+                            sidecar_said(&last_error)
+                        );
+                        ExitCode::FAILURE
+                    }
+                };
             }
             Ok(_) | Err(_) => {}
         }
         if Instant::now() >= deadline {
-            eprintln!("halo-sidecar: the instance is not in maintenance in Consul after {timeout:?} (see the sidecar's /status)");
+            eprintln!(
+                "halo-sidecar: drain failed: the instance is not in maintenance in Consul after {timeout:?}{} (see the sidecar's /status and log)",
+                sidecar_said(&last_error)
+            );
             return ExitCode::FAILURE;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `"; the sidecar's last Consul error: …"`, if it reported one.
+fn sidecar_said(last_error: &Option<String>) -> String {
+    last_error
+        .as_ref()
+        .map(|e| format!("; the sidecar's last Consul error: {e}"))
+        .unwrap_or_default()
+}
+
+/// Asks the local Consul agent, with the sidecar's own Consul settings,
+/// whether the instance is out of every healthy view: deregistered, or in
+/// maintenance. `Ok` with the evidence, or `Err` saying why not (Consul's
+/// answer included).
+fn ask_consul(settings: &halo_sidecar::config::Settings) -> Result<String, String> {
+    let id = &settings.service_id;
+    let client = halo_consul::Client::new(settings.config.consul.client_config(Some(ADMIN_TIMEOUT)))
+        .map_err(|e| format!("Consul cannot be asked: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("Consul cannot be asked (no runtime: {e})"))?;
+    runtime.block_on(async {
+        let unconfirmed =
+            |e: halo_consul::Error| format!("Consul did not confirm the instance {id} is out of service: {e}");
+        if client.agent_service(id).await.map_err(unconfirmed)?.is_none() {
+            return Ok(format!("Consul no longer has the instance {id} (deregistered)"));
+        }
+        let maintenance = format!("_service_maintenance:{id}");
+        if client
+            .agent_checks()
+            .await
+            .map_err(unconfirmed)?
+            .contains_key(&maintenance)
+        {
+            return Ok(format!("Consul has the instance {id} in maintenance"));
+        }
+        Err(format!(
+            "Consul still has the instance {id} registered and not in maintenance (it may still receive traffic)"
+        ))
+    })
 }
 
 fn main() -> ExitCode {
@@ -131,9 +199,7 @@ fn main() -> ExitCode {
             let path = if live { "/health/live" } else { "/health/ready" };
             return halo_health::service::healthcheck("halo-sidecar", settings.admin, path, timeout);
         }
-        Some(Command::Drain { wait, timeout }) => {
-            return drain(settings.admin, settings.admin_token.as_ref(), wait, timeout)
-        }
+        Some(Command::Drain { wait, timeout }) => return drain(&settings, wait, timeout),
         Some(Command::Check) | None => {}
     }
     if let Some(Command::Check) = cli.command {

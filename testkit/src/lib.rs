@@ -18,7 +18,8 @@
 //! - `ports`: free-port allocation on a loopback address.
 //! - [`http`]: a tiny HTTP/1.0 client for readiness polling and admin APIs,
 //!   independent of the code under test.
-//! - [`eventually`]: poll a condition until a generous deadline.
+//! - [`eventually`]: poll a condition until a generous deadline;
+//!   [`output_within`]: run a command that must end promptly.
 //! - [`tls`]: a CA and certificates made by `consul tls`, and the agent
 //!   settings for HTTPS ([`ConsulAgent::start_with_tls`]).
 //! - [`fault`]: a TCP proxy that can cut the path to an agent like a
@@ -103,6 +104,36 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `cmd` to completion with its stdout and stderr captured, polling
+/// every 20 ms; if it has not exited after `limit`, kills it and panics with
+/// what it wrote so far. For commands that must end promptly (a bad config
+/// refused at start) and used to hang instead: the test fails rather than
+/// hangs.
+pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() >= deadline {
+            let _already_gone = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still running after {limit:?}; killed. stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -193,6 +224,29 @@ impl ConsulAgent {
         assert_eq!(status, 200, "create token for {name}: {body}");
         let answer: serde_json::Value = serde_json::from_str(&body).expect("token JSON");
         answer["SecretID"].as_str().expect("SecretID").to_owned()
+    }
+
+    /// On an agent started with [`ConsulAgent::start_with_acl`]: deletes
+    /// the token whose SecretID is `secret` (as [`ConsulAgent::create_token`]
+    /// returned it), through `master_token`. Calls with it are refused from
+    /// then on ("ACL not found").
+    pub async fn revoke_token(&self, master_token: &str, secret: &str) {
+        let (status, body) = http::get_with_token(self.http_addr(), "/v1/acl/token/self", secret)
+            .await
+            .expect("the agent answers GET /v1/acl/token/self");
+        assert_eq!(status, 200, "read the token to revoke: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("token JSON");
+        let accessor = answer["AccessorID"].as_str().expect("AccessorID");
+        let (status, body) = http::request_with_token(
+            self.http_addr(),
+            "DELETE",
+            &format!("/v1/acl/token/{accessor}"),
+            master_token,
+            "",
+        )
+        .await
+        .expect("the agent answers DELETE /v1/acl/token");
+        assert_eq!(status, 200, "delete token {accessor}: {body}");
     }
 
     /// `127.0.0.1:<port>` of the HTTP API.

@@ -66,6 +66,24 @@ async fn https_with_the_agents_ca_works_and_the_wrong_ca_or_name_says_why() {
         text.contains("certificate verify failed: UnknownIssuer") && text.contains(&addr.to_string()),
         "{text}"
     );
+    let other_ca = other.ca_file().display().to_string();
+    assert!(
+        text.contains(&format!("not signed by a CA in ca_file {other_ca}")),
+        "{text}"
+    );
+
+    // Issue 17: with no CA configured the roots are the system's, and the
+    // error used to blame "ca_file/ca_path" all the same. (Only where the
+    // system has a trust store; without one the client is refused earlier.)
+    if let Ok(system) = https(addr, TlsConfig::default()) {
+        let text = round_trip(&system).await.unwrap_err().to_string();
+        eprintln!("system store: {text}");
+        assert!(
+            text.contains("UnknownIssuer (not signed by a CA in the system trust store")
+                && !text.contains("ca_file/ca_path"),
+            "{text}"
+        );
+    }
 
     // A name the certificate does not carry.
     let wrong_name = TlsConfig {

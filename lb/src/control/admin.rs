@@ -127,7 +127,7 @@ fn client<B>(req: &Request<B>) -> String {
 fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool, grant: Grant, req: &Request<Incoming>) -> HttpResponse {
     // Who asked: the peer, and the standby that forwarded it, if one did.
     let client = client(req);
-    let forwarded_by = req.headers().get(FORWARDED).and_then(|v| v.to_str().ok());
+    let forwarded_by = forwarded_by(req.headers(), grant);
     match vip.set_disabled(addr, disabled) {
         Ok(changed) => {
             tracing::info!(vip = vip.name(), backend = %addr, disabled, changed, client = %client, auth = grant.as_str(), forwarded_by, "backend state set by operator");
@@ -140,6 +140,26 @@ fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool, grant: Grant, req: 
             json_response(StatusCode::NOT_FOUND, &json!({"error": e.to_string()}))
         }
     }
+}
+
+/// Longest `X-Halo-Forwarded-By` value believed: an `ha.id`.
+const MAX_FORWARDER_ID: usize = 64;
+
+/// The standby that forwarded this write, for its log line: the
+/// `X-Halo-Forwarded-By` value, believed only when the write carried the
+/// pair's token (a standby forwards with it; anyone can send the header)
+/// and the value looks like an `ha.id` (at most [`MAX_FORWARDER_ID`]
+/// letters, digits, `-`, `_`, `.`), so a client can neither put words in
+/// the audit log nor make its lines long.
+fn forwarded_by(headers: &http::HeaderMap, grant: Grant) -> Option<&str> {
+    if grant != Grant::Token {
+        return None;
+    }
+    let value = headers.get(FORWARDED)?.to_str().ok()?;
+    let plausible = !value.is_empty()
+        && value.len() <= MAX_FORWARDER_ID
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    plausible.then_some(value)
 }
 
 /// Sends a standby's (already authorized) write request on to the active,
@@ -219,5 +239,36 @@ async fn forward(
             StatusCode::GATEWAY_TIMEOUT,
             &json!({"error": format!("the active at {addr} did not answer in {FORWARD_TIMEOUT:?}")}),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(forwarded_by: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(FORWARDED, http::HeaderValue::from_str(forwarded_by).unwrap());
+        headers
+    }
+
+    /// Issue 17: any client's `X-Halo-Forwarded-By` went into the audit log.
+    #[test]
+    fn the_forwarder_is_believed_only_with_the_token_and_only_if_it_looks_like_an_id() {
+        assert_eq!(forwarded_by(&headers("lb-b"), Grant::Token), Some("lb-b"));
+        assert_eq!(forwarded_by(&headers("lb-b"), Grant::Loopback), None);
+        assert_eq!(forwarded_by(&http::HeaderMap::new(), Grant::Token), None);
+        let long = "b".repeat(MAX_FORWARDER_ID + 1);
+        for bad in ["", "two words", "a\"b", "x=1 y=2", long.as_str(), "lb-b\u{7f}"] {
+            if let Ok(value) = http::HeaderValue::from_str(bad) {
+                let mut map = http::HeaderMap::new();
+                map.insert(FORWARDED, value);
+                assert_eq!(forwarded_by(&map, Grant::Token), None, "{bad:?}");
+            }
+        }
+        assert_eq!(
+            forwarded_by(&headers(&"b".repeat(MAX_FORWARDER_ID)), Grant::Token).map(str::len),
+            Some(MAX_FORWARDER_ID)
+        );
     }
 }

@@ -74,7 +74,12 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     let admin_listener = tokio::net::TcpListener::bind(config.admin)
         .await
         .with_context(|| format!("cannot listen on admin.listen {}", config.admin))?;
-    server.apply(&config).context("cannot start the configured vips")?;
+    // At start the token file is read here, before anything serves; on
+    // reload, on the reload's own thread.
+    let consul_token = config.consul_token().context("consul")?;
+    server
+        .apply(&config, consul_token)
+        .context("cannot start the configured vips")?;
     let stop_admin = CancellationToken::new();
     let auth = Arc::new(halo_health::auth::AdminAuth::new(config.admin_token.clone()));
     tokio::spawn(admin::serve(
@@ -92,11 +97,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         Some(leadership) => {
             // The token cell is the server's: a SIGHUP's new token reaches
             // the election's own client on its own thread.
-            let client = config
-                .consul
-                .client()
-                .context("consul")?
-                .sharing_token(server.consul_token());
+            let client = config.consul.client_sharing(server.consul_token()).context("consul")?;
             // A probe address the config fixes is bound now, so that a taken
             // one fails the start; one derived from the agent's address is
             // chosen and bound by the election once the agent answers.
@@ -159,7 +160,13 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
             }
         };
         tokio::select! {
-            _ = sighup.recv() => reload(&server, &auth, &config_path).await,
+            // A reload waits on file reads (off this thread, with a
+            // deadline); SIGTERM and SIGINT still end the process meanwhile.
+            _ = sighup.recv() => tokio::select! {
+                () = reload(&server, &auth, &config_path) => {}
+                _ = sigterm.recv() => break false,
+                _ = sigint.recv() => break false,
+            },
             _ = sigterm.recv() => break false,
             _ = sigint.recv() => break false,
             // The election thread only ends on shutdown; ending now means it
@@ -353,23 +360,34 @@ fn reload_blockers(
     changed
 }
 
+/// How long a reload may spend reading files (the config, token files, CA
+/// files) before it is given up, the running config kept.
+const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
+
 async fn reload(server: &Server, auth: &halo_health::auth::AdminAuth, path: &std::path::Path) {
     tracing::info!(path = %path.display(), "SIGHUP: reloading");
-    // File I/O off the control runtime's thread.
+    // Every file read (the config, the admin and Consul token files, CA
+    // files) happens on a thread of its own with a deadline: none on this
+    // one, which serves the admin API and drives discovery.
     let owned = path.to_owned();
-    let loaded = match tokio::task::spawn_blocking(move || Config::load(&owned)).await {
+    let read = halo_health::service::off_thread("halo-reload", RELOAD_DEADLINE, move || {
+        let config = Config::load(&owned).map_err(|e| e.to_string())?;
+        let token = config.consul_token().map_err(|e| format!("consul: {e}"))?;
+        Ok::<_, String>((config, token))
+    });
+    let loaded = match read.await {
         Ok(loaded) => loaded,
         Err(e) => {
-            tracing::error!(error = %e, "reload task failed; the running config stays in force");
+            tracing::error!(path = %path.display(), error = %e, "reload: reading the files failed; the running config stays in force");
             return;
         }
     };
-    let loaded = loaded.map(|mut config| {
+    let loaded = loaded.map(|(mut config, token)| {
         keep_running_id(&mut config, server.ha_settings().as_ref());
-        config
+        (config, token)
     });
     match loaded {
-        Ok(config)
+        Ok((config, _))
             if !reload_blockers(
                 server.ha_settings().as_ref(),
                 server.consul_settings().as_ref(),
@@ -388,7 +406,7 @@ async fn reload(server: &Server, auth: &halo_health::auth::AdminAuth, path: &std
                 fields.join(", ")
             )
         }
-        Ok(config) => match server.apply(&config) {
+        Ok((config, token)) => match server.apply(&config, token) {
             Ok(()) => {
                 // The token (re-read with the file) is part of the config
                 // that succeeded; a token file that fails to read rejects

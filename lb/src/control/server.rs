@@ -112,6 +112,10 @@ pub(crate) enum ApplyError {
     /// The `[consul]` section cannot be used.
     #[error("consul: {0}")]
     Consul(#[from] halo_consul::Error),
+    /// The config needs Consul but the caller read no token for it (a bug:
+    /// see [`Validated::consul_token`]).
+    #[error("consul: no ACL token was resolved for this configuration")]
+    NoConsulToken,
     /// A listener could not be bound.
     #[error("cannot listen on {addr} for vip {vip:?}: {source}")]
     Bind {
@@ -155,7 +159,12 @@ impl Server {
     /// anything changes, so a bind failure leaves the running config intact.
     /// While not serving, nothing is bound: the VIPs get their tables and
     /// discovery, and listeners wait for [`Server::start_serving`].
-    pub(crate) fn apply(&self, config: &Validated) -> Result<(), ApplyError> {
+    ///
+    /// `token` is the Consul ACL token `config` names
+    /// ([`Validated::consul_token`]), read by the caller where a file read
+    /// may block: this runs on the control runtime's thread and reads no
+    /// token file.
+    pub(crate) fn apply(&self, config: &Validated, token: Option<halo_consul::Token>) -> Result<(), ApplyError> {
         if config.admin != self.admin {
             tracing::warn!(running = %self.admin, configured = %config.admin, "admin.listen changes take effect only on restart");
         }
@@ -164,11 +173,10 @@ impl Server {
         // 0. The Consul settings, if any VIP discovers its backends there,
         // make a client (before any change, so a bad [consul] section
         // changes nothing; validation has already tried the same).
-        let needs_consul =
-            config.ha.is_some() || config.vips.iter().any(|v| matches!(v.source, BackendSource::Consul(_)));
-        let token = if needs_consul {
-            config.consul.client()?;
-            Some(config.consul.token()?)
+        let token = if config.needs_consul() {
+            let token = token.ok_or(ApplyError::NoConsulToken)?;
+            config.consul.client_sharing(&token)?;
+            Some(token)
         } else {
             None
         };

@@ -89,7 +89,7 @@ pub struct ConsulSettings {
 impl std::fmt::Debug for ConsulSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsulSettings")
-            .field("address", &self.address)
+            .field("address", &self.address.as_deref().map(halo_consul::redact_address))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("tls", &self.tls)
@@ -109,8 +109,17 @@ impl ConsulSettings {
         halo_consul::Client::new(self.client_config())
     }
 
+    /// A client for these settings that reads its ACL token from `token`
+    /// (the process's shared cell) and reads no token file: for the control
+    /// runtime's thread, where a file read must not happen (see
+    /// [`halo_consul::file`]).
+    pub fn client_sharing(&self, token: &halo_consul::Token) -> Result<halo_consul::Client, halo_consul::Error> {
+        halo_consul::Client::with_token(self.client_config(), token)
+    }
+
     /// The token these settings name (reading the token file), for
-    /// [`halo_consul::Token::adopt`] on reload.
+    /// [`halo_consul::Token::adopt`] on reload. A file read: call it where
+    /// blocking is harmless (start-up, the reload's own thread).
     pub fn token(&self) -> Result<halo_consul::Token, halo_consul::Error> {
         halo_consul::Token::resolve(&self.client_config(), |name| std::env::var(name).ok())
     }
@@ -166,6 +175,10 @@ pub struct ValidatedVip {
     pub source: BackendSource,
 }
 
+/// Largest config file read: a config with thousands of static backends is
+/// a few hundred KiB.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validated {
@@ -184,6 +197,21 @@ pub struct Validated {
     pub vips: Vec<ValidatedVip>,
     /// The HA settings, if `[ha]` is present.
     pub ha: Option<HaSettings>,
+}
+
+impl Validated {
+    /// Whether anything talks to Consul: a VIP fed by it, or `[ha]`.
+    pub fn needs_consul(&self) -> bool {
+        self.ha.is_some() || self.vips.iter().any(|v| matches!(v.source, BackendSource::Consul(_)))
+    }
+
+    /// The Consul ACL token this configuration names (its token file read
+    /// now), for [`Server::apply`](crate::control); `None` when nothing talks
+    /// to Consul. A file read: call it at start or on the reload's own
+    /// thread, never on the control runtime's.
+    pub fn consul_token(&self) -> Result<Option<halo_consul::Token>, halo_consul::Error> {
+        self.needs_consul().then(|| self.consul.token()).transpose()
+    }
 }
 
 /// Everything wrong with a config file.
@@ -229,10 +257,17 @@ impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Validated, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let problem = |reason: String| ConfigError {
             source_name: name.clone(),
-            problems: vec![format!("cannot read the file: {e}")],
+            problems: vec![reason],
+        };
+        // Opened without blocking, regular files only, bounded: a FIFO at
+        // the config path is refused rather than waited on.
+        let bytes = halo_consul::file::read_regular(path, MAX_CONFIG_BYTES).map_err(|e| match e {
+            halo_consul::file::FileError::Open(e) => problem(format!("cannot read the file: {e}")),
+            e => problem(format!("the file {e}")),
         })?;
+        let text = String::from_utf8(bytes).map_err(|_| problem("the file is not UTF-8 text".to_owned()))?;
         Config::parse(&text, &name)
     }
 

@@ -374,6 +374,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let token_file = dir.join("token");
         std::fs::write(&token_file, "s3cret-token\n").unwrap();
+        std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let file = |consul: &str| {
             format!(
                 "[admin]\nlisten = \"127.0.0.1:9901\"\n[consul]\n{consul}\n\

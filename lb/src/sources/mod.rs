@@ -155,12 +155,8 @@ impl Discovery {
                 return Ok(None);
             }
             BackendSource::Consul(target) => {
-                let source = consul::ConsulSource::new(
-                    consul.client()?.sharing_token(token),
-                    target.clone(),
-                    consul.wait,
-                    vip.name(),
-                );
+                let source =
+                    consul::ConsulSource::new(consul.client_sharing(token)?, target.clone(), consul.wait, vip.name());
                 let watched = Watched::Consul {
                     service: target.service.clone(),
                     tag: target.tag.clone(),

@@ -331,3 +331,44 @@ async fn non_loopback_peers_need_the_token() {
         "the start-up log states the rule: {start_log}"
     );
 }
+
+/// Issue 17, through the binary: an absolute-form target naming another
+/// host, two `Authorization` headers, and an `X-Halo-Forwarded-By` sent by
+/// a client rather than a standby with the token.
+#[tokio::test]
+async fn absolute_targets_two_credentials_and_a_spoofed_forwarder_are_not_believed() {
+    let a = TestBackend::start("a", Behavior::GreetEcho).await;
+    let (admin, vip) = addrs();
+    let lb = Lb::start(&one_vip(admin, vip, &[a.addr], ""), admin, &[vip]).await;
+    let disable = format!("/vips/web/backends/{}/disable", a.addr);
+    let enable = format!("/vips/web/backends/{}/enable", a.addr);
+
+    let absolute = format!("http://evil.example:{}{disable}", admin.port());
+    let (code, body) = request_with_headers(admin, "POST", &absolute, &[("X-Halo-Request", "1")])
+        .await
+        .unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(reason(&body).contains("Host"), "{body}");
+    let two = [
+        ("X-Halo-Request", "1"),
+        ("Authorization", "Bearer one"),
+        ("Authorization", "Bearer two"),
+    ];
+    let (code, body) = request_with_headers(admin, "POST", &disable, &two).await.unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(reason(&body).contains("more than one Authorization"), "{body}");
+    assert_eq!(disabled_count(&lb).await, 0);
+
+    // A loopback write may proceed, but its forwarder claim is not logged.
+    let spoofed = [("X-Halo-Request", "1"), ("X-Halo-Forwarded-By", "spoofed-standby")];
+    let (code, body) = request_with_headers(admin, "POST", &disable, &spoofed).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = admin_post(admin, &enable).await.unwrap();
+    assert_eq!(code, 200);
+    let log = lb.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("backend state set by operator"))
+        .unwrap();
+    assert!(!log.contains("spoofed-standby"), "{line}");
+}

@@ -19,4 +19,5 @@ mod lifecycle;
 mod production;
 mod production_consul;
 mod spread;
+mod token_files;
 mod zone;

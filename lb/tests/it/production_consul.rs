@@ -172,6 +172,11 @@ async fn the_shipped_policy_is_enough_and_a_good_token_file_plus_sighup_recovers
         .await;
     let dir = tempfile::tempdir().unwrap();
     let (file_a, file_b) = (dir.path().join("token-a"), dir.path().join("token-b"));
+    // Token files are secrets: owner-only, or refused (writes keep the mode).
+    for file in [&file_a, &file_b] {
+        std::fs::write(file, "").unwrap();
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
     std::fs::write(&file_b, format!("{weak}\n")).unwrap();
 
     // a: no token at all; b: the weak one, from its token file.
@@ -273,4 +278,26 @@ async fn the_shipped_policy_is_enough_and_a_good_token_file_plus_sighup_recovers
     assert!(s["ha"]["detector"]["forced_takeovers"].as_u64() >= Some(1), "{s}");
     assert!(s["ha"]["consul_error"].is_null(), "{s}");
     assert_eq!(greeting(vip).await.unwrap().0, "one");
+}
+
+/// Issue 17: `user:pw@` in the Consul address was echoed in `/status`
+/// (discovery's last error) and the log. It is never sent, so never shown.
+#[tokio::test]
+async fn userinfo_in_the_consul_address_is_never_shown() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let agent = closed.local_addr().unwrap();
+    drop(closed);
+    let (admin, vip) = addrs();
+    let section = format!("address = \"http://halo-user:hunter2@{agent}\"");
+    let lb = Lb::start(&lb_config(admin, vip, &section, None), admin, &[vip]).await;
+    let error = eventually(DEADLINE, "discovery's failure in /status", || async {
+        let s = lb.status().await;
+        s["vips"][0]["discovery"]["last_error"].as_str().map(str::to_owned)
+    })
+    .await;
+    assert!(error.contains(&agent.to_string()), "{error}");
+    let status = lb.status().await.to_string();
+    for text in [status, lb.log()] {
+        assert!(!text.contains("hunter2") && !text.contains("halo-user"), "{text}");
+    }
 }

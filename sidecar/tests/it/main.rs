@@ -18,6 +18,7 @@ mod config;
 mod production_consul;
 mod refusal;
 mod service;
+mod token_files;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 

@@ -135,6 +135,8 @@ async fn the_shipped_policy_is_enough_and_a_weak_token_recovers_by_token_file_an
 
     // A token too weak: the same, then the good one by file + SIGHUP.
     std::fs::write(&token_file, format!("{weak}\n")).unwrap();
+    // A secret: owner-only, or refused (later writes keep the mode).
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let admin = admin_addr();
     let section = format!(
         "address = \"{}\"\ntoken_file = \"{}\"",
@@ -194,6 +196,66 @@ async fn the_shipped_policy_is_enough_and_a_weak_token_recovers_by_token_file_an
         assert!(!log.contains(secret.as_str()), "a token in the log:\n{log}");
     }
     eprintln!("sidecar recovered {recovered_in:?} after SIGHUP");
+}
+
+/// Issue 17: with the sidecar's token revoked, Consul refuses the
+/// maintenance and the deregistration (403), and the instance stays
+/// registered. `drain --wait` used to take the sidecar's exit (connection
+/// refused on /status) for success, print "drained" and exit 0; it must fail,
+/// saying what Consul answered.
+#[tokio::test]
+async fn drain_wait_fails_with_consuls_reason_when_the_token_is_revoked() {
+    let consul = ConsulAgent::start_with_acl(MASTER).await;
+    let rules = std::fs::read_to_string(halo_testkit::workspace_root().join("packaging/consul/halo-sidecar.hcl"))
+        .unwrap()
+        .replace("WEB", "web");
+    let good = consul.create_token(MASTER, "halo-sidecar-web", &rules).await;
+    let master = master_client(&consul);
+    let app = App::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("consul-token");
+    std::fs::write(&token_file, format!("{good}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let admin = admin_addr();
+    let section = format!(
+        "address = \"{}\"\ntoken_file = \"{}\"",
+        consul.http_url(),
+        token_file.display()
+    );
+    // grace 1s: the sidecar gives up and exits within about 4 s.
+    let mut sidecar = Sidecar::start(&config_with_consul(&consul, &app, admin, &section), admin).await;
+    wait_passing(&master, &["web-1"], DEADLINE).await;
+
+    consul.revoke_token(MASTER, &good).await;
+    let mut cmd = crate::sidecar_command();
+    cmd.arg("--config")
+        .arg(&sidecar.config_path)
+        .args(["drain", "--wait", "--timeout", "20s"])
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .env_remove("CONSUL_HTTP_ADDR");
+    let out = tokio::task::spawn_blocking(move || halo_testkit::output_within(cmd, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(!stdout.contains("drained"), "{stdout}");
+    assert!(
+        stderr.contains("drain failed") && stderr.contains("403") && stderr.contains("ACL not found"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(good.as_str()), "the token leaked: {stderr}");
+    // And it was right: Consul still has the instance, not in maintenance.
+    assert!(sidecar.wait_exit().await.success());
+    assert!(
+        master.agent_service("web-1").await.unwrap().is_some(),
+        "still registered"
+    );
+    let checks = master.agent_checks().await.unwrap();
+    assert!(!checks.contains_key("_service_maintenance:web-1"), "{checks:?}");
+    eprintln!("drain --wait said: {stderr}");
 }
 
 fn signal(sidecar: &Sidecar, signal: nix::sys::signal::Signal) {
