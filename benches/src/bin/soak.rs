@@ -347,8 +347,9 @@ struct Seen {
     attempts: Mutex<Vec<Attempt>>,
     /// Corrupted answers and stream bytes, described.
     corruptions: Mutex<Vec<String>>,
-    /// When and how a stream broke (EOF, reset, or no echo for
-    /// STREAM_TIMEOUT).
+    /// How streams broke (EOF, reset, or no echo for STREAM_TIMEOUT),
+    /// each at the last time it made progress: when it stopped working,
+    /// not when the client noticed (up to STREAM_TIMEOUT later).
     breaks: Mutex<Vec<(Instant, Break)>>,
     stream_bytes: AtomicU64,
     conn_bytes: AtomicU64,
@@ -508,6 +509,7 @@ fn stream_loop(n: usize, vip: SocketAddr, seed: u64, stop: &AtomicBool, seen: &S
         }
         let mut rng = fastrand::Rng::with_seed(seed ^ generation.rotate_left(32));
         let mut offset = 0u64;
+        let mut progress = Instant::now();
         let mut chunk = Vec::with_capacity(4096);
         let mut back = vec![0u8; 4096];
         let broken = loop {
@@ -553,15 +555,21 @@ fn stream_loop(n: usize, vip: SocketAddr, seed: u64, stop: &AtomicBool, seen: &S
             if failed.is_some() {
                 break failed;
             }
+            progress = Instant::now();
             std::thread::sleep(Duration::from_millis(10));
         };
         if let Some(how) = broken {
             // A stream cut by the end of the run is no break.
             if !stop.load(Ordering::Relaxed) {
+                log(&format!(
+                    "stream {n} connection {generation} broke ({}) after {offset} bytes, {} after its last echo",
+                    how.key(),
+                    ms(progress.elapsed())
+                ));
                 seen.breaks
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .push((Instant::now(), how));
+                    .push((progress, how));
             }
         }
     }
@@ -1631,6 +1639,12 @@ fn check_and_render(
                 n + 1,
                 f.kind.key()
             )),
+        }
+        if f.kind == Fault::ForgedIcmp && b > 0 {
+            violations.push(format!(
+                "fault {} (forged-icmp): {b} stream(s) broke without a handover",
+                n + 1
+            ));
         }
         if let Some(max) = f.kind.max_handovers() {
             if h > max {
