@@ -72,6 +72,11 @@ const PAYLOAD: usize = 64;
 /// as the active holds listeners, connections and their buffers.
 const FD_GROWTH: usize = 64;
 const RSS_GROWTH_KIB: u64 = 32 * 1024;
+/// A stream's last echo comes up to a chunk's round trip (and the 10 ms
+/// between chunks) before the fault that broke it: a break counts for the
+/// fault that started within this long after its last echo. Faults are
+/// seconds apart, with the client steady before each.
+const BREAK_SLACK: Duration = Duration::from_millis(250);
 /// No new fault starts this close to the end.
 const TAIL: Duration = Duration::from_secs(15);
 
@@ -1615,7 +1620,7 @@ fn check_and_render(
         let h = handovers(&terms, f.wall, until_wall);
         let in_window: Vec<Break> = breaks
             .iter()
-            .filter(|(t, _)| *t >= f.at && *t < until)
+            .filter(|(t, _)| *t + BREAK_SLACK >= f.at && *t + BREAK_SLACK < until)
             .map(|(_, how)| *how)
             .collect();
         let b = in_window.len();
@@ -1672,7 +1677,7 @@ fn check_and_render(
         );
     }
     let first = st.faults.first().map_or(ended, |f| f.at);
-    let steady_breaks = breaks.iter().filter(|(t, _)| *t < first).count();
+    let steady_breaks = breaks.iter().filter(|(t, _)| *t + BREAK_SLACK < first).count();
 
     // Descriptors and RSS.
     let mut lives = String::new();
