@@ -63,7 +63,10 @@
 //! - **Cut hosts apart / heal**: [`Datacenter::cut`] drops every frame
 //!   between two hosts both ways (both still reach everybody else);
 //!   [`Datacenter::cut_from_servers`] cuts one host from the three servers
-//!   only; [`Datacenter::heal`], [`Datacenter::heal_all`] undo. An
+//!   only; [`Datacenter::cut_udp`] drops only UDP to one port between
+//!   two hosts (a failure detector's probes, say);
+//!   [`Datacenter::heal`], [`Datacenter::heal_udp`],
+//!   [`Datacenter::heal_all`] undo. An
 //!   nftables bridge table in the bridge's namespace (see
 //!   [`Topology`](crate::netns::Topology)); needs `nft` (Debian package
 //!   `nftables`).
@@ -635,7 +638,18 @@ impl Datacenter {
         self.net.heal(a, b);
     }
 
-    /// Undoes every cut.
+    /// Drops UDP datagrams to `port` between `a` and `b`, both ways; the
+    /// rest of their traffic passes.
+    pub fn cut_udp(&self, a: &str, b: &str, port: u16) {
+        self.net.cut_udp(a, b, port);
+    }
+
+    /// Undoes [`Datacenter::cut_udp`].
+    pub fn heal_udp(&self, a: &str, b: &str, port: u16) {
+        self.net.heal_udp(a, b, port);
+    }
+
+    /// Undoes every cut, UDP ones too.
     pub fn heal_all(&self) {
         self.net.heal_all();
     }

@@ -555,6 +555,9 @@ impl Drop for HostProcess {
 ///   VIP too) and ARP, and neither host's own netfilter state is touched;
 ///   senders see silent loss, as on a broken path. Needs `nft` (Debian
 ///   package `nftables`).
+/// - [`Topology::cut_udp`] / [`Topology::heal_udp`]: the same, for UDP
+///   datagrams to one port only (e.g. a failure detector's probes), in the
+///   same table; everything else between the two still passes.
 /// - [`Topology::power_off`] / [`Topology::power_on`]: SIGKILL everything in
 ///   the host and take its `eth0` down; on power-on, `eth0` comes back up
 ///   with only the host's own address (a reboot forgets added ones, such
@@ -570,8 +573,17 @@ pub struct Topology {
     /// Every namespace created so far, bridge first, for the cleanup.
     namespaces: Vec<String>,
     hosts: Vec<Host>,
-    /// Pairs of host names cut apart by [`Topology::cut`], each sorted.
-    cuts: Mutex<BTreeSet<(String, String)>>,
+    /// What [`Topology::cut`] and [`Topology::cut_udp`] drop now.
+    cuts: Mutex<Cuts>,
+}
+
+/// The frames the cut table drops.
+#[derive(Debug, Default)]
+struct Cuts {
+    /// Pairs of host names cut apart, each sorted.
+    pairs: BTreeSet<(String, String)>,
+    /// Pairs (sorted) between which UDP to the port is dropped.
+    udp: BTreeSet<(String, String, u16)>,
 }
 
 /// The hosts and the last octet of their addresses.
@@ -729,7 +741,7 @@ impl Topology {
     pub fn cut(&self, a: &str, b: &str) {
         let pair = self.pair(a, b);
         let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
-        cuts.insert(pair);
+        cuts.pairs.insert(pair);
         self.apply_cuts(&cuts);
     }
 
@@ -737,21 +749,48 @@ impl Topology {
     pub fn heal(&self, a: &str, b: &str) {
         let pair = self.pair(a, b);
         let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
-        cuts.remove(&pair);
+        cuts.pairs.remove(&pair);
         self.apply_cuts(&cuts);
     }
 
-    /// Heals every cut.
+    /// Drops every UDP datagram to `port` between `a` and `b`, both ways
+    /// (the rest of their traffic passes), silently, as a filter on the
+    /// path would. Idempotent. Undo with [`Topology::heal_udp`] or
+    /// [`Topology::heal_all`]. Panics if `nft` is missing or refuses it.
+    pub fn cut_udp(&self, a: &str, b: &str, port: u16) {
+        let (a, b) = self.pair(a, b);
+        let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
+        cuts.udp.insert((a, b, port));
+        self.apply_cuts(&cuts);
+    }
+
+    /// Lets UDP to `port` pass between `a` and `b` again after
+    /// [`Topology::cut_udp`]. Idempotent.
+    pub fn heal_udp(&self, a: &str, b: &str, port: u16) {
+        let (a, b) = self.pair(a, b);
+        let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
+        cuts.udp.remove(&(a, b, port));
+        self.apply_cuts(&cuts);
+    }
+
+    /// Heals every cut, [`Topology::cut_udp`]'s too.
     pub fn heal_all(&self) {
         let mut cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
-        cuts.clear();
+        cuts.pairs.clear();
+        cuts.udp.clear();
         self.apply_cuts(&cuts);
     }
 
     /// The pairs cut apart now, each as (smaller name, larger name).
     pub fn cuts(&self) -> Vec<(String, String)> {
         let cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
-        cuts.iter().cloned().collect()
+        cuts.pairs.iter().cloned().collect()
+    }
+
+    /// The UDP cuts now: (smaller name, larger name, port).
+    pub fn udp_cuts(&self) -> Vec<(String, String, u16)> {
+        let cuts = self.cuts.lock().unwrap_or_else(PoisonError::into_inner);
+        cuts.udp.iter().cloned().collect()
     }
 
     fn pair(&self, a: &str, b: &str) -> (String, String) {
@@ -764,19 +803,23 @@ impl Topology {
         }
     }
 
-    /// Replaces the cut table with one dropping the pairs in `cuts`,
+    /// Replaces the cut table with one dropping what `cuts` says,
     /// atomically (one `nft -f` transaction).
-    fn apply_cuts(&self, cuts: &BTreeSet<(String, String)>) {
+    fn apply_cuts(&self, cuts: &Cuts) {
         // `add` then `delete` makes the delete succeed whether or not the
         // table existed; the whole file is one transaction.
         let mut script = format!("add table bridge {CUT_TABLE}\ndelete table bridge {CUT_TABLE}\n");
-        if !cuts.is_empty() {
+        if !cuts.pairs.is_empty() || !cuts.udp.is_empty() {
             script.push_str(&format!(
                 "table bridge {CUT_TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n"
             ));
-            for (a, b) in cuts {
+            for (a, b) in &cuts.pairs {
                 script.push_str(&format!("    iifname \"{a}\" oifname \"{b}\" drop\n"));
                 script.push_str(&format!("    iifname \"{b}\" oifname \"{a}\" drop\n"));
+            }
+            for (a, b, port) in &cuts.udp {
+                script.push_str(&format!("    iifname \"{a}\" oifname \"{b}\" udp dport {port} drop\n"));
+                script.push_str(&format!("    iifname \"{b}\" oifname \"{a}\" udp dport {port} drop\n"));
             }
             script.push_str("  }\n}\n");
         }

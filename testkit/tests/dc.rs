@@ -164,6 +164,34 @@ async fn a_cut_separates_exactly_the_chosen_pairs_until_healed() {
     );
     dc.heal("lb2", "lb1");
     assert!(reaches(&dc, "lb2", dc.agent_addr_of("lb1")).await);
+
+    // UDP to one port only, both ways; other ports and TCP pass.
+    dc.cut_udp("lb1", "lb2", 9901);
+    assert_eq!(dc.net().udp_cuts(), vec![("lb1".to_owned(), "lb2".to_owned(), 9901)]);
+    assert!(!udp_arrives(&dc, "lb2", "lb1", 9901));
+    assert!(!udp_arrives(&dc, "lb1", "lb2", 9901));
+    assert!(udp_arrives(&dc, "lb2", "lb1", 9902));
+    assert!(udp_arrives(&dc, "client", "lb1", 9901), "only between the two");
+    assert!(reaches(&dc, "lb2", dc.agent_addr_of("lb1")).await);
+    dc.heal_udp("lb2", "lb1", 9901);
+    assert!(udp_arrives(&dc, "lb2", "lb1", 9901));
+    assert!(dc.net().udp_cuts().is_empty());
+}
+
+/// Whether a datagram sent from `from` to `to`'s address at `port` arrives
+/// within 500 ms.
+fn udp_arrives(dc: &Datacenter, from: &str, to: &str, port: u16) -> bool {
+    let dest = SocketAddr::from((dc.host(to).ip(), port));
+    let socket = dc.host(to).within(move || std::net::UdpSocket::bind(dest)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    dc.host(from)
+        .within(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.send_to(b"ping", dest)
+        })
+        .unwrap();
+    let mut buf = [0u8; 16];
+    socket.recv_from(&mut buf).is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
