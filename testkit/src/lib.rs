@@ -24,6 +24,8 @@
 //!   settings for HTTPS ([`ConsulAgent::start_with_tls`]).
 //! - [`fault`]: a TCP proxy that can cut the path to an agent like a
 //!   partition.
+//! - [`forge`]: packets an attacker on the network would forge (an ICMP
+//!   port-unreachable quoting a victim's UDP socket).
 //! - [`netns`]: hosts in network namespaces on one bridge (a client, two
 //!   balancers and a backend by default), network faults between them,
 //!   removed on drop; [`netns::required`] gates such tests.
@@ -34,6 +36,7 @@
 
 pub mod dc;
 pub mod fault;
+pub mod forge;
 pub mod http;
 pub mod netns;
 pub mod notify;

@@ -1190,19 +1190,19 @@ impl<'a> Soak<'a> {
     /// probe socket, from the client host every 50 ms for `how_long`.
     async fn forge_icmp(&self, a: usize, s: usize, how_long: Duration) -> Res<String> {
         let active = self.status(a).await.ok_or("the active's /status")?;
-        let probe: SocketAddr = active["ha"]["probe"]
+        let probe: std::net::SocketAddrV4 = active["ha"]["probe"]
             .as_str()
             .and_then(|p| p.parse().ok())
-            .ok_or_else(|| format!("no probe address in {}", active["ha"]))?;
+            .ok_or_else(|| format!("no IPv4 probe address in {}", active["ha"]))?;
         let netns = self.dc.lb(s).netns().to_owned();
         let port = self
             .wait("the standby's probe socket", Duration::from_secs(10), || async {
-                probe_source_port(&netns, probe)
+                halo_testkit::forge::connected_udp_port(&netns, "halo-lb", probe.into())
             })
             .await?;
         let before = metric(&self.metrics(s).await.unwrap_or_default(), UNCORROBORATED);
         let victim_ip = self.dc.lb(s).ip();
-        let icmp = forged_port_unreachable(victim_ip, port, probe);
+        let icmp = halo_testkit::forge::icmp_port_unreachable(victim_ip, port, probe);
         let victim = SocketAddr::from((victim_ip, 0));
         let sent = self
             .dc
@@ -1236,55 +1236,6 @@ fn metric(page: &str, name: &str) -> u64 {
     page.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
         .map_or(0, |v| v as u64)
-}
-
-/// The local port of halo-lb's probe socket towards `peer` in `netns` (a
-/// connected UDP socket), from `ss`.
-fn probe_source_port(netns: &str, peer: SocketAddr) -> Option<u16> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "ss", "-Hunap"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let local = words.iter().position(|w| *w == peer.to_string())?.checked_sub(1)?;
-        line.contains("halo-lb").then_some(())?;
-        words[local].rsplit(':').next()?.parse().ok()
-    })
-}
-
-/// An ICMP port-unreachable message to `victim`, quoting a UDP datagram
-/// from `victim:victim_port` to `peer` (as lb/tests/it/production.rs
-/// forges it).
-fn forged_port_unreachable(victim: Ipv4Addr, victim_port: u16, peer: SocketAddr) -> Vec<u8> {
-    fn checksum(bytes: &[u8]) -> u16 {
-        let mut sum: u32 = bytes
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-    let peer = match peer {
-        SocketAddr::V4(p) => p,
-        SocketAddr::V6(_) => return Vec::new(),
-    };
-    let mut quoted = vec![0x45, 0, 0, 92, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
-    quoted.extend_from_slice(&victim.octets());
-    quoted.extend_from_slice(&peer.ip().octets());
-    let sum = checksum(&quoted);
-    quoted[10..12].copy_from_slice(&sum.to_be_bytes());
-    quoted.extend_from_slice(&victim_port.to_be_bytes());
-    quoted.extend_from_slice(&peer.port().to_be_bytes());
-    quoted.extend_from_slice(&72u16.to_be_bytes());
-    quoted.extend_from_slice(&[0, 0]);
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&quoted);
-    let sum = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    icmp
 }
 
 // ----------------------------------------------------------------- checker

@@ -1321,52 +1321,6 @@ fn all_stopped(pid: u32) -> bool {
     })
 }
 
-/// The local port of `lb<i>`'s probe socket towards `peer` (a connected UDP
-/// socket of halo-lb), from `ss` in its host: what an attacker who watched
-/// the wire, or swept the whole ephemeral range, knows.
-fn probe_source_port(dc: &Datacenter, i: usize, peer: SocketAddr) -> Option<u16> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", dc.lb(i).netns(), "ss", "-Hunap"])
-        .output()
-        .expect("run ss");
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let local = words.iter().position(|w| *w == peer.to_string())?.checked_sub(1)?;
-        (line.contains("halo-lb")).then_some(())?;
-        words[local].rsplit(':').next()?.parse().ok()
-    })
-}
-
-/// An ICMP port-unreachable message to `victim`, quoting a UDP datagram
-/// from `victim:victim_port` to `peer`: "nothing listens at `peer`".
-fn forged_port_unreachable(victim: std::net::Ipv4Addr, victim_port: u16, peer: SocketAddr) -> Vec<u8> {
-    fn checksum(bytes: &[u8]) -> u16 {
-        let mut sum: u32 = bytes
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-    let SocketAddr::V4(peer) = peer else { panic!("IPv4") };
-    let mut quoted = vec![0x45, 0, 0, 92, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
-    quoted.extend_from_slice(&victim.octets());
-    quoted.extend_from_slice(&peer.ip().octets());
-    let sum = checksum(&quoted);
-    quoted[10..12].copy_from_slice(&sum.to_be_bytes());
-    quoted.extend_from_slice(&victim_port.to_be_bytes());
-    quoted.extend_from_slice(&peer.port().to_be_bytes());
-    quoted.extend_from_slice(&72u16.to_be_bytes());
-    quoted.extend_from_slice(&[0, 0]);
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&quoted);
-    let sum = checksum(&icmp);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    icmp
-}
-
 /// Defect: one forged ICMP port-unreachable, sent from a host that is not
 /// between the balancers and quoting the standby's probe socket, made the
 /// standby destroy the live active's session at once. Now a refusal counts
@@ -1393,12 +1347,15 @@ async fn a_forged_icmp_refusal_forces_no_takeover() {
         "the agent's address, not loopback: {active}"
     );
     let port = eventually(WAIT, "the standby's probe socket", || async {
-        probe_source_port(&rig.dc, s, probe)
+        halo_testkit::forge::connected_udp_port(rig.dc.lb(s).netns(), "halo-lb", probe)
     })
     .await;
     let uncorroborated = |m: &str| metric(m, "halo_ha_probe_refusals_uncorroborated_total");
     let before = uncorroborated(&rig.metrics(s).await);
-    let icmp = forged_port_unreachable(rig.dc.lb(s).ip(), port, probe);
+    let SocketAddr::V4(probe_v4) = probe else {
+        panic!("an IPv4 probe address")
+    };
+    let icmp = halo_testkit::forge::icmp_port_unreachable(rig.dc.lb(s).ip(), port, probe_v4);
     let victim = SocketAddr::from((rig.dc.lb(s).ip(), 0));
     let sent = rig
         .dc
