@@ -779,6 +779,19 @@ async fn bench_system(
     res
 }
 
+/// Waits until `host`'s node passes `serfHealth` again (a node failed in
+/// gossip comes back on serf's reconnect, up to 30 s).
+async fn wait_serf_passing(dc: &Datacenter, host: &str) -> Res<()> {
+    let started = Instant::now();
+    while dc.serf_health("client", host).await.as_deref() != Some("passing") {
+        if started.elapsed() > READY {
+            return Err(format!("{host}'s serfHealth is not passing after {READY:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
 async fn run_system(
     pair: &mut Pair<'_>,
     extra: &mut Vec<HostProcess>,
@@ -791,14 +804,8 @@ async fn run_system(
     // failed in gossip (a cable pulled and re-plugged: serf's reconnect
     // can take 30 s); a session bound to it cannot be created until it
     // passes again, which is not what this system is measured on.
-    let started = Instant::now();
     for host in BALANCERS {
-        while dc.serf_health("client", host).await.as_deref() != Some("passing") {
-            if started.elapsed() > READY {
-                return Err(format!("{host}'s serfHealth is not passing after {READY:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_serf_passing(dc, host).await?;
     }
     pair.write_configs()?;
     if system == System::Halo {
@@ -990,6 +997,11 @@ async fn round(
                     note.push_str("old holder still running 30 s after re-plug; restarted");
                     pair.kill(active);
                 }
+                // Its node is failed in gossip until serf reconnects (up to
+                // 30 s): `consul lock` cannot create a session before, and
+                // exits; a service manager would keep restarting it until
+                // then. Start it once the node passes again.
+                wait_serf_passing(dc, active).await?;
                 pair.start(active);
             }
         }
