@@ -225,6 +225,12 @@ pub(crate) struct LeaderValue {
     /// whose holders a standby does not probe (see [`Leadership::unwatchable`]).
     #[serde(default)]
     pub probe_protocol: Option<u32>,
+    /// The session this holder destroyed in its last forced takeover. The
+    /// instance that held that session learns from it that it was forced
+    /// out by a peer (and damps, see [`damping`]), rather than losing its
+    /// session to Consul (its own node failing in gossip, its check).
+    #[serde(default)]
+    pub forced: Option<String>,
 }
 
 /// The lock key as last seen by the consistent watch.
@@ -251,6 +257,13 @@ struct State {
     /// Other hosts that have the floating address while we hold the lock
     /// (see [`vip::record`]).
     vip_conflict: Option<VipConflict>,
+    /// The session we destroyed in our last forced takeover (written into
+    /// the lock's value).
+    forced: Option<String>,
+    /// Our session, lost while we served under a valid lease, and when: an
+    /// incident for damping if the next holder says it forced that session
+    /// out (see [`Leadership::observe_holder`]).
+    lost_while_serving: Option<(String, Instant)>,
 }
 
 /// One instance's view of the election: shared by the election thread, the
@@ -307,6 +320,8 @@ impl Leadership {
                 detector: DetectorStatus::default(),
                 damping: Damping::default(),
                 vip_conflict: None,
+                forced: None,
+                lost_while_serving: None,
             }),
         })
     }
@@ -417,10 +432,38 @@ impl Leadership {
         self.state().lease_until = until;
     }
 
-    /// This instance lost the lock while serving under a valid lease: damp
-    /// its forced takeovers.
-    fn lost_lock(&self) {
-        self.state().damping.incident(Instant::now());
+    /// This instance lost `session`'s lock while serving under a valid
+    /// lease. Whether that was a peer's forced takeover (an incident for
+    /// damping: the link between us may be what broke) or Consul
+    /// invalidating the session (our node failed in gossip, our check went
+    /// critical: nothing to damp) is known once the next holder's value is
+    /// seen.
+    fn lost_lock(&self, session: &str) {
+        self.state().lost_while_serving = Some((session.to_owned(), Instant::now()));
+    }
+
+    /// A holder of the lock as the key watch sees it: if it forced out the
+    /// session we lost while serving, that loss was an incident.
+    fn observe_holder(&self, key: Option<&KeyState>) {
+        let mut state = self.state();
+        let Some((lost, at)) = state.lost_while_serving.clone() else {
+            return;
+        };
+        let Some(holder) = key.and_then(|k| k.session.as_ref().and(k.holder.as_ref())) else {
+            // Free: nobody has acquired yet.
+            return;
+        };
+        if holder.instance == self.instance {
+            // We took it again ourselves: nobody forced us out.
+            state.lost_while_serving = None;
+        } else if holder.forced.as_deref() == Some(lost.as_str()) {
+            state.lost_while_serving = None;
+            state.damping.incident(at);
+            tracing::warn!(holder = %holder.id, "we were forced out by a peer while serving: damping our own forced takeovers until we hear the active again");
+        } else {
+            state.lost_while_serving = None;
+            tracing::info!(holder = %holder.id, "the lock went to a peer that did not force us out (Consul ended our session): not damped");
+        }
     }
 
     fn value(&self) -> String {
@@ -432,6 +475,7 @@ impl Leadership {
             probe: self.probe.get().map(|p| p.addr.to_string()),
             node: self.node.get().cloned(),
             probe_protocol: Some(detector::PROTOCOL),
+            forced: self.state().forced.clone(),
         })
         .expect("a struct of strings serialises")
     }
@@ -645,7 +689,7 @@ pub(crate) async fn run(
                 // here, a takeover we did not deserve (a broken link to the
                 // peer, not a dead active). Damp our own forced takeovers,
                 // or we would take the lock straight back.
-                leadership.lost_lock();
+                leadership.lost_lock(&session);
             }
             if reason != StepDown::LeaseExpired {
                 break reason;
@@ -690,7 +734,7 @@ pub(crate) async fn run(
             }
             StepDown::LockLost | StepDown::SessionLost | StepDown::LeaseExpired => {
                 bind_backoff = BIND_BACKOFF;
-                if leadership.state().damping.until(Instant::now()).is_some() {
+                if leadership.state().lost_while_serving.is_some() {
                     // Taken from us while we served: whoever took it waits
                     // out the lock delay before it can acquire. Do not race
                     // it for the lock (we would win half the time, and it
@@ -1217,6 +1261,7 @@ async fn force_takeover(leadership: &Leadership, client: &Client, target: &str, 
         Ok(()) => {
             let mut state = leadership.state();
             state.detector.forced_takeovers += 1;
+            state.forced = Some(target.to_owned());
             state.detector.last_evidence = Some(evidence.to_string());
             drop(state);
             metrics::counter!("halo_ha_forced_takeovers_total", "evidence" => evidence.kind()).increment(1);
@@ -2011,6 +2056,7 @@ async fn watch_key(
                     lock_index: pair.lock_index,
                 });
                 leadership.state().key.clone_from(&state);
+                leadership.observe_holder(state.as_ref());
                 tx.send_if_modified(|current| {
                     let changed = current.as_ref() != Some(&state);
                     if changed {
@@ -2065,7 +2111,41 @@ mod tests {
             probe: None,
             node: Some(node.into()),
             probe_protocol: protocol,
+            forced: None,
         }
+    }
+
+    /// The cable-pull outliers of the failover bench: an instance whose own
+    /// session Consul ended (its node flapping in gossip after a re-plug)
+    /// was damped as if a peer had forced it out, and its next real
+    /// takeover waited for Consul's detection (6.3 s). Only a holder that
+    /// says it forced our session out makes the loss an incident.
+    #[test]
+    fn only_a_peer_that_forced_us_out_damps_us() {
+        let key = |holder: LeaderValue| KeyState {
+            session: Some("theirs".into()),
+            lock_index: 2,
+            holder: Some(holder),
+        };
+        let now = Instant::now();
+        // Consul ended our session; a peer acquired without forcing: no damping.
+        let me = leadership("lb1");
+        me.lost_lock("ours");
+        me.observe_holder(Some(&KeyState {
+            session: None,
+            lock_index: 1,
+            holder: None,
+        }));
+        assert!(me.state().lost_while_serving.is_some(), "free: undecided yet");
+        me.observe_holder(Some(&key(holder("lb2", Some(detector::PROTOCOL)))));
+        assert!(me.state().damping.allows(now), "not damped");
+        assert!(me.state().lost_while_serving.is_none());
+        // A peer that forced our session out: damped.
+        me.lost_lock("ours");
+        let mut forcer = holder("lb2", Some(detector::PROTOCOL));
+        forcer.forced = Some("ours".into());
+        me.observe_holder(Some(&key(forcer)));
+        assert!(!me.state().damping.allows(Instant::now()), "damped");
     }
 
     #[test]
