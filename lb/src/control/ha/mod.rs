@@ -449,8 +449,15 @@ impl Leadership {
         let Some((lost, at)) = state.lost_while_serving.clone() else {
             return;
         };
-        let Some(holder) = key.and_then(|k| k.session.as_ref().and(k.holder.as_ref())) else {
+        let Some(key) = key.filter(|k| k.session.is_some()) else {
             // Free: nobody has acquired yet.
+            return;
+        };
+        if key.session.as_deref() == Some(lost.as_str()) {
+            // A view from before the loss: undecided yet.
+            return;
+        }
+        let Some(holder) = key.holder.as_ref() else {
             return;
         };
         if holder.instance == self.instance {
@@ -2137,6 +2144,15 @@ mod tests {
             holder: None,
         }));
         assert!(me.state().lost_while_serving.is_some(), "free: undecided yet");
+        me.observe_holder(Some(&KeyState {
+            session: Some("ours".into()),
+            lock_index: 1,
+            holder: Some(holder("lb1", Some(detector::PROTOCOL))),
+        }));
+        assert!(
+            me.state().lost_while_serving.is_some(),
+            "a view from before the loss: undecided yet"
+        );
         me.observe_holder(Some(&key(holder("lb2", Some(detector::PROTOCOL)))));
         assert!(me.state().damping.allows(now), "not damped");
         assert!(me.state().lost_while_serving.is_none());
