@@ -49,6 +49,8 @@ const BACKEND_PORTS: [u16; 2] = [7001, 7002];
 const PROBE_DEADLINE: Duration = Duration::from_secs(1);
 /// Longest wait for a role, a restart, a re-join.
 const READY: Duration = Duration::from_secs(90);
+/// How long one balancer must have answered alone before a round starts.
+const SETTLED: Duration = Duration::from_secs(2);
 const BALANCERS: [&str; 2] = ["lb1", "lb2"];
 
 type Res<T> = Result<T, String>;
@@ -285,6 +287,15 @@ impl ProbeLog {
         recent_ok && !recent_fail
     }
 
+    /// When the host that answers now began answering (ns): the first of
+    /// the unbroken run of its answers at the end of the log.
+    fn answering_since(&mut self) -> Option<i64> {
+        self.poll();
+        let who = self.ok_who.last()?;
+        let run = self.ok_who.iter().rev().take_while(|w| *w == who).count();
+        Some(self.ok_t[self.ok_t.len() - run])
+    }
+
     fn first_ok_after(&self, t: i64, who: &str) -> Option<usize> {
         let i = self.ok_t.partition_point(|x| *x <= t);
         (i..self.ok_t.len()).find(|j| self.ok_who[*j] == who)
@@ -418,6 +429,9 @@ struct Row {
     old_dropped_ms: Option<f64>,
     /// ms from the event until the new active's host held the VIP.
     new_claimed_ms: Option<f64>,
+    /// The pair had handed over on its own (no fault injected) since the
+    /// round before.
+    unprovoked_before: bool,
     note: String,
 }
 
@@ -738,6 +752,36 @@ impl<'a> Pair<'a> {
     }
 }
 
+/// A round starts from a settled pair only: the client is answered
+/// steadily, by the same balancer for [`SETTLED`], and that balancer is
+/// the active while the other is a ready standby. Without this a fault
+/// can land in the middle of a handover nobody injected (a Consul-side
+/// flap, say) and be charged the sum of both; those handovers are counted
+/// and reported separately instead. Returns the active.
+async fn wait_settled(pair: &mut Pair<'_>, sampler: &Sampler, pl: &mut ProbeLog) -> Res<&'static str> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        wait_steady(pl).await?;
+        let who = pl.last_who().ok_or("no answer yet")?;
+        let active: &'static str = BALANCERS
+            .iter()
+            .find(|h| **h == who)
+            .ok_or_else(|| format!("an answer from {who:?}, not a balancer"))?;
+        let quiet = pl
+            .answering_since()
+            .is_some_and(|t| mono_ns() - t >= SETTLED.as_nanos() as i64);
+        if quiet && pair.is_active(active, sampler).await && pair.is_standby(other(active)).await {
+            return Ok(active);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the pair did not settle within 60 s ({active} answering, quiet {quiet})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_steady(pl: &mut ProbeLog) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !pl.steady() {
@@ -855,6 +899,7 @@ async fn run_system(
             System::Halo => s.rounds,
         };
         let mut rows = Vec::new();
+        let mut expected: Option<&'static str> = None;
         for n in 0..rounds {
             if over_budget(s) {
                 notes.push(format!(
@@ -866,18 +911,27 @@ async fn run_system(
                 ));
                 break;
             }
-            wait_steady(&mut pl).await?;
-            let Some(active) = pl.last_who() else {
-                return Err("no answer yet".into());
-            };
-            let active: &'static str = BALANCERS
-                .iter()
-                .find(|h| **h == active)
-                .ok_or_else(|| format!("an answer from {active:?}, not a balancer"))?;
+            let active = wait_settled(pair, sampler, &mut pl).await?;
+            // The last round left `expected` serving; if another serves
+            // now, something other than the harness moved the VIP since.
+            let unprovoked = expected.is_some_and(|e| e != active);
+            if unprovoked {
+                log(&format!(
+                    "{} {}: a handover with no fault injected before round {} ({} serves, not {}); see the balancers' logs",
+                    system.key(),
+                    event.key(),
+                    n + 1,
+                    active,
+                    expected.unwrap_or_default()
+                ));
+            }
             let standby = other(active);
             let row = round(pair, sampler, &mut pl, event, active, standby).await;
             let row = match row {
-                Ok(r) => r,
+                Ok(r) => Row {
+                    unprovoked_before: unprovoked,
+                    ..r
+                },
                 Err(e) => {
                     results.insert((system, event), rows);
                     return Err(format!("{} {} round {}: {e}", system.key(), event.key(), n + 1));
@@ -910,6 +964,7 @@ async fn run_system(
                 }
             }
             rows.push(row);
+            expected = Some(standby);
         }
         results.insert((system, event), rows);
     }
@@ -1049,6 +1104,7 @@ async fn round(
         two_holders: two,
         old_dropped_ms,
         new_claimed_ms,
+        unprovoked_before: false,
         note,
     })
 }
@@ -1127,6 +1183,13 @@ fn render(s: &Settings, dc_desc: &str, results: &BTreeMap<(System, Event), Vec<R
                     let _infallible = write!(note, "; kept it until re-plugged in {kept} rounds");
                 }
             }
+            let unprovoked = rows.iter().filter(|r| r.unprovoked_before).count();
+            if unprovoked > 0 {
+                let _infallible = write!(
+                    note,
+                    "; {unprovoked} handovers between rounds with no fault injected (see the logs)"
+                );
+            }
             let odd: Vec<&str> = rows
                 .iter()
                 .map(|r| r.note.as_str())
@@ -1153,7 +1216,8 @@ fn render(s: &Settings, dc_desc: &str, results: &BTreeMap<(System, Event), Vec<R
          before the event to the first answer from the new active. VIP holders sampled every {} ms (`ip addr` of both balancers; a \
          powered-off host holds nothing). After kill -9 the harness removes the dead process's leftover address at once, as a \
          service manager would (`halo-lb release-vip`; `ip addr del` for the others). Power-off and cable: the host stays off / unplugged for {} s (at \
-         least 2 s after the standby answered), then is powered on (agent restarted, system started again) / plugged back; the old active must come back as the standby before the next round. Raw data: \
+         least 2 s after the standby answered), then is powered on (agent restarted, system started again) / plugged back; the old active must come back as the standby before the next round, and a round starts only once one balancer has answered alone for {} s \
+         and is the active while the other is a ready standby. Raw data: \
          benches/results/{}/.\n",
         utc_now(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -1163,6 +1227,7 @@ fn render(s: &Settings, dc_desc: &str, results: &BTreeMap<(System, Event), Vec<R
         s.keepalived.as_ref().map_or("keepalived not run".into(), |k| version(k, &["--version"])),
         SAMPLE_EVERY.as_millis(),
         s.fault_seconds,
+        SETTLED.as_secs(),
         s.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
     );
     if s.cable_fresh && s.events.contains(&Event::Cable) {
