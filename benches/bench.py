@@ -10,6 +10,11 @@ Subcommands (see `main` at the bottom):
   idle-backend PORT                accept, echo one byte, hold (asyncio)
   idle-client PORT N READYFILE [--hold S] [--timeout S]
   rss PID                          VmRSS in KiB, summed over PID and descendants
+  cpu PID                          CPU seconds (utime + stime, all threads) of PID and descendants
+  pids PID                         PID and its descendants, comma-separated (for perf stat -p)
+  perf-count FILE                  the count from `perf stat -x,` output
+  per-unit CPU0 CPU1 UNITS SCALE   (CPU1 - CPU0) * SCALE / UNITS, or "failed"
+  iperf-bytes FILE                 bytes received over every interval (omitted ones too)
   iperf FILE                       receiver Gbit/s from iperf3 -J output
   wrk FILE                         JSON: rps, p50_ms, p99_ms, errors
   swap-loop ADMIN VIP ADDR RATE SECONDS OUTFILE
@@ -308,6 +313,39 @@ def rss_kib(pid):
     return total
 
 
+def cpu_seconds(pid):
+    """utime + stime of PID and its descendants, in seconds: every thread,
+    including threads that have exited (the process's own counters keep
+    them), from /proc/PID/stat fields 14 and 15 (clock ticks)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                s = f.read()
+            fields = s[s.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / hz
+
+
+def perf_count(path):
+    """The first counter of `perf stat -x,` output (CSV: value,unit,event,...)."""
+    with open(path) as f:
+        for line in f:
+            parts = line.strip().split(",")
+            if len(parts) >= 3 and parts[0].isdigit():
+                return int(parts[0])
+    raise ValueError(f"no count in {path}")
+
+
+def iperf_bytes(path):
+    with open(path) as f:
+        d = json.load(f)
+    return sum(i["sum"]["bytes"] for i in d["intervals"])
+
+
 # ------------------------------------------------------------- parsers
 
 
@@ -441,6 +479,11 @@ ROWS = [
     ("lat_p50", "keep-alive latency p50, ms (lower is better)", False, "{:.3f}"),
     ("lat_p99", "keep-alive latency p99, ms (lower is better)", False, "{:.3f}"),
     ("idle_kib", "memory per idle connection, KiB RSS (lower is better)", False, "{:.2f}"),
+    ("cpu_gb", "CPU per GB bulk (one iperf3 stream), ms (lower is better)", False, "{:.0f}"),
+    ("cpu_cps", "CPU per new connection, µs (lower is better)", False, "{:.2f}"),
+    ("cpu_ka", "CPU per keep-alive request, µs (lower is better)", False, "{:.2f}"),
+    ("sys_cps", "syscalls per new connection (lower is better)", False, "{:.2f}"),
+    ("sys_ka", "syscalls per keep-alive request (lower is better)", False, "{:.2f}"),
     ("swap_p50", "keep-alive latency p50 while tables swap {rate}/s, ms (lower is better)", False, "{:.3f}"),
     ("swap_p99", "keep-alive latency p99 while tables swap {rate}/s, ms (lower is better)", False, "{:.3f}"),
     ("swap_cps", "new connections/s while tables swap {rate}/s (higher is better)", True, "{:,.0f}"),
@@ -486,6 +529,12 @@ def table_bench(args):
                 b = int(d["backends"])
                 alg = str(d.get("algorithm", "")).replace(":", "_").replace("\t", " ")
                 cell = f"build {float(d['build_us']):,.1f} µs, swap {float(d['swap_ns']):.1f} ns"
+                if "spread_pct" in d:
+                    cell += (
+                        f"; {int(d['slots']):,} slots, spread {float(d['spread_pct']):.2f} %,"
+                        f" one of {b:,} gone moves {float(d['moved_pct']):.2f} % of clients"
+                        f" (ideal {float(d['ideal_moved_pct']):.2f} %)"
+                    )
             except (ValueError, KeyError, TypeError):
                 continue
             out.write(f"tbl:{alg}:{b}\thalo\t{cell}\t\n")
@@ -619,6 +668,25 @@ def main():
         return idle_client(args)
     if cmd == "rss":
         print(rss_kib(int(args[0])))
+        return 0
+    if cmd == "cpu":
+        print(f"{cpu_seconds(int(args[0])):.2f}")
+        return 0
+    if cmd == "pids":
+        print(",".join(str(p) for p in descendants(int(args[0]))))
+        return 0
+    if cmd == "perf-count":
+        print(perf_count(args[0]))
+        return 0
+    if cmd == "iperf-bytes":
+        print(iperf_bytes(args[0]))
+        return 0
+    if cmd == "per-unit":
+        c0, c1, units, scale = (num(a) for a in args)
+        if None in (c0, c1, units, scale) or units <= 0:
+            print("failed")
+        else:
+            print(f"{(c1 - c0) * scale / units:.4g}")
         return 0
     if cmd == "iperf":
         print(f"{parse_iperf(args[0]):.4f}")

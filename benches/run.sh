@@ -25,6 +25,7 @@ to_secs() { # 10s | 10 | 2m  -> whole seconds
 }
 DUR=$(to_secs "${BENCH_DURATION:-10s}")
 WARM=$(to_secs "${BENCH_WARMUP:-1s}")
+SYSCALL_DUR=$(to_secs "${BENCH_SYSCALL_DURATION:-3s}")
 CONNS=${BENCH_CONNS:-50}
 CPS_CONNS=${BENCH_CPS_CONNS:-$CONNS}
 THREADS=${BENCH_THREADS:-2}
@@ -137,7 +138,7 @@ wait_ready() { "$PY" "$BENCH" wait-ready "$@"; }
 install_tools() {
   export PATH="$PATH:/usr/sbin:/sbin"
   local need=() cmd pkg pair
-  for pair in haproxy:haproxy nginx:nginx-light iperf3:iperf3 wrk:wrk; do
+  for pair in haproxy:haproxy nginx:nginx-light iperf3:iperf3 wrk:wrk perf:linux-perf; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
   done
@@ -465,12 +466,20 @@ run_tput() { # bulk throughput of one stream, iperf3 through the proxy
   alive "$IPERF_PID" || start_iperf || { result tput "$p" "failed"; return; }
   start_proxy "$p" listen "$IPERF_PORT" || { proxy_failed "$p"; result tput "$p" "failed (start)"; return; }
   log "$p: iperf3 -t $DUR"
-  local out="$OUTDIR/tput-$p.json" g
+  local out="$OUTDIR/tput-$p.json" g c0 c1
+  c0=$(cpu_of "$PROXY_PID")
   if run_fg timeout $(( DUR + WARM + 30 )) iperf3 -c 127.0.0.1 -p "$PROXY_PORT" -t "$DUR" -O "$WARM" -J \
       --connect-timeout 5000 >"$out" 2>"$OUTDIR/tput-$p.err" &&
       g=$("$PY" "$BENCH" iperf "$out" 2>>"$OUTDIR/tput-$p.err"); then
+    c1=$(cpu_of "$PROXY_PID")
     result tput "$p" "$g"
     log "$p: $g Gbit/s"
+    if [ -n "$PROXY_PID" ]; then
+      # ms of CPU per GB moved, over the whole run (omitted seconds too).
+      local bytes
+      bytes=$("$PY" "$BENCH" iperf-bytes "$out" 2>/dev/null || echo x)
+      log "$p: $(per_unit cpu_gb "$p" "$c0" "$c1" "$bytes" 1e12) ms CPU per GB"
+    fi
   else
     result tput "$p" "failed"
     log "$p: iperf3 failed (see $out)"
@@ -479,6 +488,46 @@ run_tput() { # bulk throughput of one stream, iperf3 through the proxy
     IPERF_PID=
   fi
   stop "$PROXY_PID"
+}
+
+cpu_of() { # PID: CPU seconds of the proxy (all threads and processes), "" for none
+  [ -n "${1:-}" ] && "$PY" "$BENCH" cpu "$1"
+}
+
+per_unit() { # KEY PROXY CPU0 CPU1 UNITS SCALE: record (CPU1-CPU0)*SCALE/UNITS
+  local v
+  v=$("$PY" "$BENCH" per-unit "${3:-x}" "${4:-x}" "${5:-x}" "$6")
+  result "$1" "$2" "$v"
+  echo "$v"
+}
+
+# syscalls_run KEY PROXY WRK-ARGS...: counts the proxy's system calls (every
+# thread and process, `perf stat -e raw_syscalls:sys_enter`) over a separate
+# wrk run of SYSCALL_DUR seconds, and records them per request. Separate,
+# so the tracepoint's own cost never lands in the CPU rows.
+syscalls_run() {
+  local key=$1 p=$2
+  shift 2
+  if [ -z "$PROXY_PID" ] || ! command -v perf >/dev/null 2>&1; then
+    result "$key" "$p" "n/a (no perf)"
+    return
+  fi
+  local pids out="$OUTDIR/$key-$p.perf" w="$OUTDIR/$key-$p.wrk"
+  pids=$("$PY" "$BENCH" pids "$PROXY_PID")
+  spawn "$OUTDIR/$key-$p.perf.log" perf stat -x, -e raw_syscalls:sys_enter -p "$pids" -o "$out"
+  local perf_pid=$LAST_PID
+  sleep 0.3 # perf attaches (its count starts before the run; idle calls are few)
+  wrk_run "$w" "$SYSCALL_DUR" "$@" || true
+  kill -INT "$perf_pid" 2>/dev/null || true
+  local deadline=$(( SECONDS + 10 ))
+  while kill -0 "$perf_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+  stop "$perf_pid"
+  local n req
+  n=$("$PY" "$BENCH" perf-count "$out" 2>/dev/null || echo x)
+  req=$("$PY" "$BENCH" wrk "$w" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("requests") or "x")')
+  local v
+  v=$(per_unit "$key" "$p" 0 "$n" "$req" 1)
+  log "$p: $v syscalls per request ($n in $req requests)"
 }
 
 wrk_run() { # OUTFILE SECONDS CONNS [wrk args...] URL
@@ -526,17 +575,33 @@ run_http() { # conn/s with Connection: close, then keep-alive latency
   local url="http://127.0.0.1:$PROXY_PORT/" v
   log "$p: wrk Connection: close -c $CPS_CONNS, ${DUR}s"
   wrk_run "$OUTDIR/warm-cps-$p.txt" "$WARM" "$CPS_CONNS" -H "Connection: close" "$url" || true
+  local c0 c1 n
+  c0=$(cpu_of "$PROXY_PID")
   wrk_run "$OUTDIR/cps-$p.txt" "$DUR" "$CPS_CONNS" -H "Connection: close" "$url" || true
+  c1=$(cpu_of "$PROXY_PID")
   v=$(record_wrk cps "$p" "$OUTDIR/cps-$p.txt" rps)
-  log "$p: $v conn/s"
+  n=$("$PY" "$BENCH" wrk "$OUTDIR/cps-$p.txt" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("requests") or "x")')
+  if [ -n "$PROXY_PID" ]; then
+    log "$p: $v conn/s, $(per_unit cpu_cps "$p" "$c0" "$c1" "$n" 1e6) µs CPU per connection"
+    syscalls_run sys_cps "$p" "$CPS_CONNS" -H "Connection: close" "$url"
+  else
+    log "$p: $v conn/s"
+  fi
   log "$p: wrk keep-alive --latency -c $CONNS, ${DUR}s"
   wrk_run "$OUTDIR/warm-ka-$p.txt" "$WARM" "$CONNS" "$url" || true
+  c0=$(cpu_of "$PROXY_PID")
   wrk_run "$OUTDIR/ka-$p.txt" "$DUR" "$CONNS" --latency "$url" || true
+  c1=$(cpu_of "$PROXY_PID")
   v=$(record_wrk ka_rps "$p" "$OUTDIR/ka-$p.txt" rps)
   local p50 p99
   p50=$(record_wrk lat_p50 "$p" "$OUTDIR/ka-$p.txt" p50_ms)
   p99=$(record_wrk lat_p99 "$p" "$OUTDIR/ka-$p.txt" p99_ms)
   log "$p: $v req/s, p50 $p50 ms, p99 $p99 ms"
+  if [ -n "$PROXY_PID" ]; then
+    n=$("$PY" "$BENCH" wrk "$OUTDIR/ka-$p.txt" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("requests") or "x")')
+    log "$p: $(per_unit cpu_ka "$p" "$c0" "$c1" "$n" 1e6) µs CPU per keep-alive request"
+    syscalls_run sys_ka "$p" "$CONNS" "$url"
+  fi
   stop "$PROXY_PID"
 }
 

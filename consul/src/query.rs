@@ -256,6 +256,14 @@ impl Watch {
         };
     }
 
+    /// Makes the next call at once (no back-off) and non-blocking: for a
+    /// caller that abandoned a call because it learned the server answers
+    /// again.
+    pub fn retry_now(&mut self) {
+        self.failures = 0;
+        self.index = 0;
+    }
+
     /// Waits for the rate limit and any back-off, runs one call with the
     /// watch's options, and records its index. Errors are returned, and the
     /// next call backs off.

@@ -3,8 +3,12 @@
 //! For each size, changes one backend's weight (so the table really changes)
 //! and times `Vip::set_backends`: the rebuild of the whole table (entries,
 //! selector state) plus the atomic swap. Also times the swap alone (one
-//! `ArcSwap::store` of a prebuilt table). Prints one JSON object per line:
-//! `{"backends":N,"algorithm":"maglev","build_us":..,"swap_ns":..}`.
+//! `ArcSwap::store` of a prebuilt table). For Maglev it also measures the
+//! balance (the spread of lookup slots per backend: most ÷ fewest − 1) and
+//! the disruption (the share of 200,000 clients that change backend when
+//! one of the N backends goes, against the ideal 1/N). Prints one JSON
+//! object per line: `{"backends":N,"algorithm":"maglev","build_us":..,
+//! "swap_ns":..,"slots":..,"spread_pct":..,"moved_pct":..,"ideal_moved_pct":..}`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,6 +53,32 @@ fn backends(n: usize, bump: u32) -> Vec<Backend> {
         .collect()
 }
 
+/// Maglev over `n` equal backends: (table size, slot spread, share of
+/// clients moved when the middle backend goes).
+fn balance(n: usize) -> (usize, f64, f64) {
+    let all = backends(n, 0);
+    let vip = Vip::new("balance", settings(Algorithm::Maglev), all.clone());
+    let slots = vip.table().maglev_slots().expect("a maglev table");
+    let most = slots.iter().map(|s| s.1).max().unwrap_or(0);
+    let fewest = slots.iter().map(|s| s.1).min().unwrap_or(0).max(1);
+    let size: usize = slots.iter().map(|s| s.1).sum();
+    let spread = most as f64 / fewest as f64 - 1.0;
+    let clients: Vec<SocketAddr> = (0..200_000u32)
+        .map(|i| SocketAddr::from(([100, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40_000)))
+        .collect();
+    let table = vip.table();
+    let before: Vec<_> = clients.iter().map(|c| table.route(*c)).collect();
+    let gone = all[n / 2].addr;
+    vip.set_backends(all.into_iter().filter(|b| b.addr != gone).collect());
+    let table = vip.table();
+    let moved = clients
+        .iter()
+        .zip(&before)
+        .filter(|(c, b)| table.route(**c) != **b)
+        .count();
+    (size, spread, moved as f64 / clients.len() as f64)
+}
+
 fn main() {
     for algorithm in [Algorithm::Maglev, Algorithm::RoundRobin] {
         for n in [10usize, 1_000, 10_000] {
@@ -74,15 +104,20 @@ fn main() {
             }
             let swap_ns = start.elapsed().as_secs_f64() * 1e9 / f64::from(swaps);
             let name = serde_json::to_value(algorithm).unwrap();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "backends": n,
-                    "algorithm": name,
-                    "build_us": (build_us * 10.0).round() / 10.0,
-                    "swap_ns": (swap_ns * 10.0).round() / 10.0,
-                })
-            );
+            let mut row = serde_json::json!({
+                "backends": n,
+                "algorithm": name,
+                "build_us": (build_us * 10.0).round() / 10.0,
+                "swap_ns": (swap_ns * 10.0).round() / 10.0,
+            });
+            if algorithm == Algorithm::Maglev {
+                let (slots, spread, moved) = balance(n);
+                row["slots"] = slots.into();
+                row["spread_pct"] = ((spread * 1e4).round() / 100.0).into();
+                row["moved_pct"] = ((moved * 1e4).round() / 100.0).into();
+                row["ideal_moved_pct"] = ((1e4 / n as f64).round() / 100.0).into();
+            }
+            println!("{row}");
         }
     }
 }

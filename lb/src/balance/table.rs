@@ -97,6 +97,37 @@ impl Table {
         self.mostly_v4
     }
 
+    /// How many Maglev lookup slots each selectable backend owns (its share
+    /// of clients), in entry order; `None` unless the VIP uses Maglev.
+    pub fn maglev_slots(&self) -> Option<Vec<(SocketAddr, usize)>> {
+        let Selector::Maglev { lookup } = &self.selector else {
+            return None;
+        };
+        let mut slots = vec![0usize; self.entries.len()];
+        for &i in lookup {
+            slots[i as usize] += 1;
+        }
+        Some(
+            self.selectable
+                .iter()
+                .map(|&i| (self.entries[i as usize].backend.addr, slots[i as usize]))
+                .collect(),
+        )
+    }
+
+    /// The backend a new connection from `client` would be sent to now (no
+    /// backend tried yet), as the accept path picks it.
+    pub fn route(&self, client: SocketAddr) -> Option<SocketAddr> {
+        let cursor = AtomicUsize::new(0);
+        let ctx = PickContext {
+            client,
+            cursor: &cursor,
+            now: Instant::now(),
+            tried: &[],
+        };
+        self.pick(&ctx).map(|i| self.entries[i].backend.addr)
+    }
+
     /// Number of backends that may be picked.
     pub(crate) fn selectable_len(&self) -> usize {
         self.selectable.len()

@@ -112,7 +112,7 @@ async fn route(
                 );
             };
             let grant = grant.expect("every POST was authorized above");
-            set_disabled(&vip, addr, *action == "disable", grant, &req)
+            set_disabled(vip, addr, *action == "disable", grant, &req).await
         }
         (_, ["health"] | ["status"] | ["metrics"]) => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         _ => text_response(StatusCode::NOT_FOUND, "not found\n"),
@@ -124,11 +124,30 @@ fn client<B>(req: &Request<B>) -> String {
     halo_health::server::peer(req).map_or_else(|| "unknown".to_owned(), |p| p.to_string())
 }
 
-fn set_disabled(vip: &Vip, addr: SocketAddr, disabled: bool, grant: Grant, req: &Request<Incoming>) -> HttpResponse {
+async fn set_disabled(
+    vip: Arc<Vip>,
+    addr: SocketAddr,
+    disabled: bool,
+    grant: Grant,
+    req: &Request<Incoming>,
+) -> HttpResponse {
     // Who asked: the peer, and the standby that forwarded it, if one did.
     let client = client(req);
     let forwarded_by = forwarded_by(req.headers(), grant);
-    match vip.set_disabled(addr, disabled) {
+    // The rebuild runs on a blocking thread, off the runtime that times
+    // health checks and serves this API.
+    let target = Arc::clone(&vip);
+    let set = match tokio::task::spawn_blocking(move || target.set_disabled(addr, disabled)).await {
+        Ok(set) => set,
+        Err(e) => {
+            tracing::error!(vip = vip.name(), backend = %addr, error = %e, "the table rebuild failed");
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"error": "the table rebuild failed; the previous table keeps serving"}),
+            );
+        }
+    };
+    match set {
         Ok(changed) => {
             tracing::info!(vip = vip.name(), backend = %addr, disabled, changed, client = %client, auth = grant.as_str(), forwarded_by, "backend state set by operator");
             json_response(

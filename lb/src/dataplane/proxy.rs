@@ -20,7 +20,9 @@ use crate::settings::ProxyProtocol;
 
 /// Binds a VIP listener: SO_REUSEADDR (restart without waiting out
 /// TIME_WAIT), IP_FREEBIND (bind an address not yet on the host, for the
-/// floating VIP), and the given backlog. Deliberately not SO_REUSEPORT: a
+/// floating VIP), TCP_NODELAY (Linux copies it to every accepted socket, so
+/// clients need no `setsockopt` of their own), and the given backlog.
+/// Deliberately not SO_REUSEPORT: a
 /// second process binding the same VIP must fail, not silently share it.
 /// Workers share this one socket (see [`crate::dataplane::workers`]).
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -31,19 +33,11 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     } else {
         socket.set_freebind_ipv6(true)?;
     }
+    socket.set_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
-}
-
-/// TCP_NODELAY: forward small writes at once, as they arrive. No TCP
-/// keepalive (as HAProxy and Envoy by default): the idle timeout ends
-/// connections to vanished peers, without three syscalls per socket.
-fn nodelay(stream: &TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
 }
 
 /// A backend socket made before its client is accepted, so that every
@@ -148,8 +142,12 @@ pub(crate) async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Canc
 
 /// Connects `client` to a backend (retrying others on failure) and proxies
 /// until the connection ends.
+///
+/// Both sockets send small writes at once (TCP_NODELAY: the client's from
+/// the listener, see [`bind`]; the backend's set before connecting). No TCP
+/// keepalive (as HAProxy and Envoy by default): the idle timeout ends
+/// connections to vanished peers, without three syscalls per socket.
 async fn handle(vip: &Vip, client: TcpStream, peer: SocketAddr, spare: Spare) {
-    nodelay(&client);
     // One snapshot for the whole set-up: swaps meanwhile don't affect it.
     let table = vip.table();
     let settings = Arc::clone(&table.settings);
@@ -255,4 +253,20 @@ async fn connect(addr: SocketAddr, timeout: Duration, spare: &mut Option<Spare>)
             )
         })??;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_clients_inherit_nodelay_from_the_listener() {
+        // The data plane sets no TCP_NODELAY per client: it relies on this.
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

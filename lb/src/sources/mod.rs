@@ -280,8 +280,16 @@ async fn run(vip: Arc<Vip>, mut source: impl Source, status: Arc<Mutex<SourceSta
                             "the source lists no backend: the table is empty"
                         );
                     }
-                    if vip.set_backends(backends.clone()) {
-                        updates.increment(1);
+                    // The rebuild (about 10 ms for 10,000 Maglev backends)
+                    // runs on a blocking thread, never on this runtime: it
+                    // also times health checks and answers the admin API.
+                    let (target, set) = (Arc::clone(&vip), backends.clone());
+                    match tokio::task::spawn_blocking(move || target.set_backends(set)).await {
+                        Ok(true) => updates.increment(1),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(vip = vip.name(), error = %e, "the table rebuild failed; the previous table keeps serving")
+                        }
                     }
                     last = Some(backends);
                 }

@@ -287,6 +287,10 @@ pub(crate) struct Leadership {
     node: OnceLock<String>,
     /// The pair key, read once at the start of the election and followed.
     keys: OnceLock<Arc<ArcSwap<KeyRing>>>,
+    /// Wakes the lock-key watch to read again at once: a session was just
+    /// created, so Consul answers again, while the watch may still be
+    /// waiting out a request the outage left hanging, or a back-off.
+    key_refresh: tokio::sync::Notify,
     state: Mutex<State>,
 }
 
@@ -308,6 +312,7 @@ impl Leadership {
             probe: OnceLock::new(),
             node: OnceLock::new(),
             keys: OnceLock::new(),
+            key_refresh: tokio::sync::Notify::new(),
             state: Mutex::new(State {
                 role: Role::Starting,
                 session: None,
@@ -936,6 +941,10 @@ async fn open_session(
             Ok(id) => {
                 tracing::info!(session = %id, "session created");
                 leadership.state().session = Some(id.clone());
+                // The key view may be as old as the outage that ended our
+                // last session: have it read afresh now, so a holder that
+                // dies in the next instant is already being probed.
+                leadership.key_refresh.notify_one();
                 return Some(id);
             }
             Err(e) => {
@@ -2033,6 +2042,11 @@ async fn register(leadership: &Leadership, client: &Client) -> Result<(), Consul
 
 /// Watches the lock key with consistent blocking reads, publishing what it
 /// holds whenever that changes (`Some(None)`: the key does not exist).
+///
+/// When a session is created ([`Leadership::key_refresh`]) the request in
+/// flight and any back-off are abandoned for an immediate read. Only the
+/// standby's view gets fresher by it: whether the active may serve is
+/// decided by its own confirming reads and lease, never by this watch.
 async fn watch_key(
     leadership: Arc<Leadership>,
     client: Client,
@@ -2049,6 +2063,10 @@ async fn watch_key(
     loop {
         let answer = tokio::select! {
             () = stop.cancelled() => return,
+            () = leadership.key_refresh.notified() => {
+                w.retry_now();
+                continue;
+            }
             answer = w.next(|options| client.kv_get(&key, options)) => answer,
         };
         match answer {
