@@ -531,7 +531,7 @@ def table_bench(args):
                 cell = f"build {float(d['build_us']):,.1f} µs, swap {float(d['swap_ns']):.1f} ns"
                 if "spread_pct" in d:
                     cell += (
-                        f"; {int(d['slots']):,} slots, spread {float(d['spread_pct']):.2f} %,"
+                        f"; table of {int(d['slots']):,} slots, slot spread {float(d['spread_pct']):.2f} %,"
                         f" one of {b:,} gone moves {float(d['moved_pct']):.2f} % of clients"
                         f" (ideal {float(d['ideal_moved_pct']):.2f} %)"
                     )

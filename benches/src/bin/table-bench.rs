@@ -58,10 +58,9 @@ fn backends(n: usize, bump: u32) -> Vec<Backend> {
 fn balance(n: usize) -> (usize, f64, f64) {
     let all = backends(n, 0);
     let vip = Vip::new("balance", settings(Algorithm::Maglev), all.clone());
-    let slots = vip.table().maglev_slots().expect("a maglev table");
+    let (size, slots) = vip.table().maglev_slots().expect("a maglev table");
     let most = slots.iter().map(|s| s.1).max().unwrap_or(0);
     let fewest = slots.iter().map(|s| s.1).min().unwrap_or(0).max(1);
-    let size: usize = slots.iter().map(|s| s.1).sum();
     let spread = most as f64 / fewest as f64 - 1.0;
     let clients: Vec<SocketAddr> = (0..200_000u32)
         .map(|i| SocketAddr::from(([100, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40_000)))

@@ -17,16 +17,13 @@ use tokio::time::Instant;
 use crate::balance::backend::Entry;
 use crate::settings::Algorithm;
 
-/// Maglev lookup-table sizes: primes just above or below powers of two.
-/// The smallest at least 100× the backend count is used, so each backend
-/// owns ≥ 100 slots and the spread of slots stays within 1 % (the paper's
-/// guidance); doubling steps keep the fill time proportional to the
-/// backends. Prime, so that a backend's preferred positions `offset +
-/// j·skip (mod m)` never repeat within its claims whatever `skip` is. A unit
-/// test checks every entry for primality.
-const MAGLEV_SIZES: [usize; 9] = [
-    65_537, 131_071, 262_147, 524_287, 1_048_573, 2_097_143, 4_194_301, 8_388_593, 16_777_213,
-];
+/// Maglev lookup-table sizes: primes, the smallest at least 100× the backend
+/// count is used, so each backend owns ≥ 100 slots and the spread stays within
+/// about 1 % (the paper's guidance). They must be prime: a backend's probe
+/// sequence `offset + j·skip (mod m)` visits every slot only when `skip` is
+/// coprime with `m`, and `skip` can be anything in `1..m`. A unit test checks
+/// every entry for primality; the fill has a bound besides.
+const MAGLEV_SIZES: [usize; 6] = [65_537, 655_373, 1_310_719, 2_620_199, 5_240_399, 10_480_831];
 
 /// How many lookup slots a Maglev pick walks from the client's slot before
 /// it scans the selectable backends instead. The table is ≥ 100× the
@@ -612,12 +609,10 @@ mod tests {
             assert!(is_prime(m as u64), "{m} is not prime");
         }
         assert!(MAGLEV_SIZES.windows(2).all(|w| w[0] < w[1]));
-        // Each size serves the backend counts that reach it: ≥ 100 slots each.
-        assert_eq!(maglev_size(10), 65_537);
-        assert_eq!(maglev_size(1_000), 131_071);
-        assert_eq!(maglev_size(10_000), 1_048_573);
-        assert_eq!(maglev_size(10_486), 2_097_143);
-        assert_eq!(maglev_size(1_000_000), 16_777_213);
+        // Each size serves the backend counts that reach it.
+        assert_eq!(maglev_size(13_108), 2_620_199);
+        assert_eq!(maglev_size(20_000), 2_620_199);
+        assert_eq!(maglev_size(1_000_000), 10_480_831);
     }
 
     #[test]

@@ -97,22 +97,25 @@ impl Table {
         self.mostly_v4
     }
 
-    /// How many Maglev lookup slots each selectable backend owns (its share
-    /// of clients), in entry order; `None` unless the VIP uses Maglev.
-    pub fn maglev_slots(&self) -> Option<Vec<(SocketAddr, usize)>> {
+    /// The Maglev lookup table's size, and how many of its slots each
+    /// selectable backend owns (its share of clients), in entry order;
+    /// `None` unless the VIP uses Maglev.
+    pub fn maglev_slots(&self) -> Option<(usize, Vec<(SocketAddr, usize)>)> {
         let Selector::Maglev { lookup } = &self.selector else {
             return None;
         };
         let mut slots = vec![0usize; self.entries.len()];
         for &i in lookup {
-            slots[i as usize] += 1;
+            if let Some(n) = slots.get_mut(i as usize) {
+                *n += 1;
+            }
         }
-        Some(
-            self.selectable
-                .iter()
-                .map(|&i| (self.entries[i as usize].backend.addr, slots[i as usize]))
-                .collect(),
-        )
+        let owned = self
+            .selectable
+            .iter()
+            .map(|&i| (self.entries[i as usize].backend.addr, slots[i as usize]))
+            .collect();
+        Some((lookup.len(), owned))
     }
 
     /// The backend a new connection from `client` would be sent to now (no
