@@ -18,6 +18,8 @@ use tokio::task::JoinHandle;
 pub struct FaultProxy {
     addr: SocketAddr,
     cut: watch::Sender<bool>,
+    /// Bumped by [`FaultProxy::restore`]: held connections are closed.
+    release: watch::Sender<u64>,
     task: JoinHandle<()>,
 }
 
@@ -27,15 +29,21 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the fault proxy");
         let addr = listener.local_addr().expect("the fault proxy's address");
         let (cut, cut_rx) = watch::channel(false);
+        let (release, release_rx) = watch::channel(0u64);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
-                tokio::spawn(relay(client, target, cut_rx.clone()));
+                tokio::spawn(relay(client, target, cut_rx.clone(), release_rx.clone()));
             }
         });
-        FaultProxy { addr, cut, task }
+        FaultProxy {
+            addr,
+            cut,
+            release,
+            task,
+        }
     }
 
     /// Where clients connect instead of the target.
@@ -56,6 +64,14 @@ impl FaultProxy {
     /// Heals the path: held connections are closed, new ones relayed.
     pub fn restore(&self) {
         self.cut.send_replace(false);
+        self.release.send_modify(|n| *n += 1);
+    }
+
+    /// Heals the path for new connections only: those held during the cut
+    /// stay open and silent (until [`FaultProxy::restore`]), like a request
+    /// a partition left hanging in an agent after the network came back.
+    pub fn heal_new_only(&self) {
+        self.cut.send_replace(false);
     }
 }
 
@@ -66,7 +82,13 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn relay(mut client: TcpStream, target: SocketAddr, mut cut: watch::Receiver<bool>) {
+async fn relay(
+    mut client: TcpStream,
+    target: SocketAddr,
+    mut cut: watch::Receiver<bool>,
+    mut release: watch::Receiver<u64>,
+) {
+    release.borrow_and_update();
     if !*cut.borrow_and_update() {
         let Ok(mut server) = TcpStream::connect(target).await else {
             return;
@@ -77,8 +99,9 @@ async fn relay(mut client: TcpStream, target: SocketAddr, mut cut: watch::Receiv
         }
         // Cut mid-connection: drop the server side, hold the client's.
     }
-    // Hold the client's connection open and silent until the cut heals.
-    wait_for(&mut cut, false).await;
+    // Hold the client's connection open and silent until the path is
+    // restored (or the proxy is gone).
+    let _closed = release.changed().await;
     drop(client);
 }
 

@@ -493,14 +493,28 @@ mod tests {
         }
     }
 
+    /// A UDP socket on a free loopback port whose TCP twin is free too
+    /// (a port free for UDP may be taken for TCP, by any socket of any
+    /// process, so the pair is bound together, and again on a clash).
+    async fn probe_socket() -> (UdpSocket, TcpListener) {
+        for _ in 0..100 {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            match TcpListener::bind(udp.local_addr().unwrap()).await {
+                Ok(tcp) => return (udp, tcp),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("bind TCP beside UDP: {e}"),
+            }
+        }
+        panic!("no port free for both UDP and TCP in 100 tries");
+    }
+
     /// A responder on `socket` (and a TCP listener on the same address)
     /// answering as `who` until the returned token is cancelled.
     async fn responder(
-        socket: UdpSocket,
+        (socket, tcp): (UdpSocket, TcpListener),
         keys: Arc<ArcSwap<KeyRing>>,
         who: impl Fn() -> (String, AnswerRole) + Send + Sync + 'static,
     ) -> CancellationToken {
-        let tcp = TcpListener::bind(socket.local_addr().unwrap()).await.unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(respond(socket, Some(tcp), keys, who, stop.clone()));
         stop
@@ -574,8 +588,8 @@ mod tests {
         assert_eq!(e, Evidence::Silent(3));
 
         // A responder with another key: silence, however alive it is.
-        let wrong = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = wrong.local_addr().unwrap();
+        let wrong = probe_socket().await;
+        let addr = wrong.0.local_addr().unwrap();
         let stop = responder(wrong, keys(2), || ("00000000000000aa".into(), AnswerRole::Active)).await;
         let e = watch_peer(addr, watch("00000000000000aa", &k, 20), || {})
             .await
@@ -584,8 +598,8 @@ mod tests {
         stop.cancel();
 
         // Alive, then replaced by another instance.
-        let live = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = live.local_addr().unwrap();
+        let live = probe_socket().await;
+        let addr = live.0.local_addr().unwrap();
         let answers = Arc::new(AtomicU32::new(0));
         let counted = Arc::clone(&answers);
         let stop = responder(live, Arc::clone(&k), move || {
@@ -606,8 +620,8 @@ mod tests {
 
         // The peer's advertised address leads back to ourselves (a loopback
         // probe address seen from another host): no evidence, never forced.
-        let own = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = own.local_addr().unwrap();
+        let own = probe_socket().await;
+        let addr = own.0.local_addr().unwrap();
         let stop = responder(own, Arc::clone(&k), || ("00000000000000ee".into(), AnswerRole::Standby)).await;
         let e = watch_peer(addr, watch("00000000000000aa", &k, 10), || {})
             .await
@@ -659,8 +673,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flood_of_forged_probes_does_not_silence_the_responder() {
         let k = keys(1);
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = socket.local_addr().unwrap();
+        let socket = probe_socket().await;
+        let addr = socket.0.local_addr().unwrap();
         let stop = responder(socket, Arc::clone(&k), || {
             ("00000000000000aa".into(), AnswerRole::Active)
         })
