@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::Counter;
@@ -64,7 +64,12 @@ pub(crate) async fn proxy(
     let start = Instant::now();
     // Milliseconds after `start` of the last byte moved, either way.
     let last = AtomicU64::new(0);
-    let activity = Activity { start, last: &last };
+    let one_ended = AtomicBool::new(false);
+    let activity = Activity {
+        start,
+        last: &last,
+        one_ended: &one_ended,
+    };
     let both = async {
         match mode {
             CopyMode::Buffered => {
@@ -100,12 +105,26 @@ pub(crate) async fn proxy(
 struct Activity<'a> {
     start: Instant,
     last: &'a AtomicU64,
+    /// One direction has reached end of stream.
+    one_ended: &'a AtomicBool,
 }
 
 impl Activity<'_> {
     fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl Activity<'_> {
+    /// `src` reached end of stream: pass the FIN on to `dst`. When the other
+    /// direction has already ended, both sockets are closed the moment this
+    /// returns, and the close sends that FIN (everything was read, so it is
+    /// a FIN, not a reset): one `shutdown(2)` fewer per connection.
+    fn end_of_stream(&self, dst: &TcpStream) {
+        if !self.one_ended.swap(true, Ordering::Relaxed) {
+            half_close(dst);
+        }
     }
 }
 
@@ -154,7 +173,7 @@ async fn pump_buffered(src: &TcpStream, dst: &TcpStream, counter: &Counter, acti
         })?;
         match step {
             Step::Eof => {
-                half_close(dst);
+                activity.end_of_stream(dst);
                 return Ok(total);
             }
             Step::WouldBlock => continue,
@@ -258,7 +277,7 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activi
         let mut in_pipe = match moved {
             Ok(0) => {
                 give_back(pipe);
-                half_close(dst);
+                activity.end_of_stream(dst);
                 return Ok(total);
             }
             Ok(n) => n,
