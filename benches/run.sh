@@ -491,7 +491,7 @@ run_tput() { # bulk throughput of one stream, iperf3 through the proxy
 }
 
 cpu_of() { # PID: CPU seconds of the proxy (all threads and processes), "" for none
-  [ -n "${1:-}" ] && "$PY" "$BENCH" cpu "$1"
+  if [ -n "${1:-}" ]; then "$PY" "$BENCH" cpu "$1"; fi
 }
 
 per_unit() { # KEY PROXY CPU0 CPU1 UNITS SCALE: record (CPU1-CPU0)*SCALE/UNITS

@@ -335,6 +335,16 @@ impl Vip {
         self.rebuild(&mut b)
     }
 
+    /// Whether a rebuild of this VIP's table takes long enough (a
+    /// millisecond or more: Maglev's lookup table, or past a thousand
+    /// backends) to belong on a blocking thread rather than on a runtime
+    /// that times things. Small rebuilds (microseconds) stay inline: a
+    /// hand-off to another thread and back would cost more than they do.
+    pub(crate) fn rebuild_is_heavy(&self) -> bool {
+        let table = self.table.load();
+        table.settings.algorithm == crate::settings::Algorithm::Maglev || table.entries.len() > 1_000
+    }
+
     /// Replaces the settings (a reload); rebuilds if they changed.
     pub(crate) fn set_settings(&self, settings: VipSettings) -> bool {
         let mut b = self.builder.lock().expect("builder lock poisoned");

@@ -280,11 +280,16 @@ async fn run(vip: Arc<Vip>, mut source: impl Source, status: Arc<Mutex<SourceSta
                             "the source lists no backend: the table is empty"
                         );
                     }
-                    // The rebuild (about 10 ms for 10,000 Maglev backends)
+                    // A long rebuild (tens of ms for a large Maglev table)
                     // runs on a blocking thread, never on this runtime: it
                     // also times health checks and answers the admin API.
-                    let (target, set) = (Arc::clone(&vip), backends.clone());
-                    match tokio::task::spawn_blocking(move || target.set_backends(set)).await {
+                    let swapped = if vip.rebuild_is_heavy() {
+                        let (target, set) = (Arc::clone(&vip), backends.clone());
+                        tokio::task::spawn_blocking(move || target.set_backends(set)).await
+                    } else {
+                        Ok(vip.set_backends(backends.clone()))
+                    };
+                    match swapped {
                         Ok(true) => updates.increment(1),
                         Ok(false) => {}
                         Err(e) => {
