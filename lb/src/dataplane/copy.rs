@@ -114,9 +114,7 @@ impl Activity<'_> {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Ordering::Relaxed);
     }
-}
 
-impl Activity<'_> {
     /// `src` reached end of stream: pass the FIN on to `dst`. When the other
     /// direction has already ended, both sockets are closed the moment this
     /// returns, and the close sends that FIN (everything was read, so it is
