@@ -2,7 +2,7 @@
 //! and an idle timeout.
 //!
 //! Two strategies, chosen per VIP (`copy = "buffered" | "splice"`):
-//! - **buffered**: read into a per-thread 64 KiB buffer and write straight
+//! - **buffered**: read into a per-thread 16 KiB buffer and write straight
 //!   out. No buffer lives in an idle connection: memory is only held for
 //!   bytes a slow peer has not taken yet.
 //! - **splice**: zero-copy through a kernel pipe with `splice(2)`; the bytes
@@ -27,8 +27,11 @@ use tokio::time::Instant;
 
 use crate::settings::CopyMode;
 
-/// Bytes a single read or splice moves at most.
-const CHUNK: usize = 64 * 1024;
+/// Bytes a single buffered read moves at most. 16 KiB, as HAProxy's
+/// buffers: the bytes are still in the CPU's cache when the write copies
+/// them out again. 64 KiB cost 1.2-2× HAProxy's CPU per GB on bulk
+/// transfers here; 16 KiB costs 1.0-1.12×.
+const CHUNK: usize = 16 * 1024;
 
 thread_local! {
     static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
