@@ -1628,8 +1628,17 @@ async fn serve(
             () = stop.cancelled() => return StepDown::Shutdown,
             changed = lease.changed() => {
                 if changed.is_err() {
-                    // The confirming task ended without saying why.
-                    return StepDown::LeaseExpired;
+                    // The confirming task ended. If it did because a read
+                    // showed the lock taken, that is a lost lock, not a
+                    // lapsed lease: the arms race here, and reading it as a
+                    // lease let an instance forced out on dropped probes
+                    // force straight back, undamped (a soak found it).
+                    // Either way we stop serving now.
+                    return if lost.try_recv().is_ok() {
+                        StepDown::LockLost
+                    } else {
+                        StepDown::LeaseExpired
+                    };
                 }
                 let until = *lease.borrow();
                 crate::dataplane::lease::serve_until(until.into_std());
