@@ -106,9 +106,7 @@ impl Table {
         };
         let mut slots = vec![0usize; self.entries.len()];
         for &i in lookup {
-            if let Some(n) = slots.get_mut(i as usize) {
-                *n += 1;
-            }
+            slots[i as usize] += 1;
         }
         let owned = self
             .selectable
@@ -119,7 +117,9 @@ impl Table {
     }
 
     /// The backend a new connection from `client` would be sent to now (no
-    /// backend tried yet), as the accept path picks it.
+    /// backend tried yet), as the accept path picks it; round robin starts
+    /// from a fresh position, so this is meant for the deterministic
+    /// algorithms (Maglev) and for benchmarks.
     pub fn route(&self, client: SocketAddr) -> Option<SocketAddr> {
         let cursor = AtomicUsize::new(0);
         let ctx = PickContext {
@@ -335,14 +335,30 @@ impl Vip {
         self.rebuild(&mut b)
     }
 
-    /// Whether a rebuild of this VIP's table takes long enough (a
-    /// millisecond or more: Maglev's lookup table, or past a thousand
-    /// backends) to belong on a blocking thread rather than on a runtime
-    /// that times things. Small rebuilds (microseconds) stay inline: a
-    /// hand-off to another thread and back would cost more than they do.
-    pub(crate) fn rebuild_is_heavy(&self) -> bool {
-        let table = self.table.load();
-        table.settings.algorithm == crate::settings::Algorithm::Maglev || table.entries.len() > 1_000
+    /// Runs `rebuild` (one of the rebuilding setters) where it belongs.
+    ///
+    /// A long rebuild (a millisecond or more: Maglev's lookup table, or
+    /// more than a thousand backends before or after) runs on a blocking
+    /// thread, never on the caller's runtime, which also times health
+    /// checks and answers the admin API. A short one (microseconds) runs
+    /// inline: a hand-off to another thread and back would cost more.
+    /// `Err` only if the rebuild panicked; the published table then keeps
+    /// serving.
+    pub(crate) async fn rebuild_off_timing_threads<R: Send + 'static>(
+        self: &Arc<Self>,
+        backends_after: usize,
+        rebuild: impl FnOnce(&Vip) -> R + Send + 'static,
+    ) -> Result<R, tokio::task::JoinError> {
+        let heavy = {
+            let table = self.table.load();
+            table.settings.algorithm == crate::settings::Algorithm::Maglev
+                || table.entries.len().max(backends_after) > 1_000
+        };
+        if !heavy {
+            return Ok(rebuild(self));
+        }
+        let vip = Arc::clone(self);
+        tokio::task::spawn_blocking(move || rebuild(&vip)).await
     }
 
     /// Replaces the settings (a reload); rebuilds if they changed.

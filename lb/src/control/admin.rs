@@ -134,14 +134,9 @@ async fn set_disabled(
     // Who asked: the peer, and the standby that forwarded it, if one did.
     let client = client(req);
     let forwarded_by = forwarded_by(req.headers(), grant);
-    // A long rebuild runs on a blocking thread, off the runtime that times
-    // health checks and serves this API.
-    let set = if vip.rebuild_is_heavy() {
-        let target = Arc::clone(&vip);
-        tokio::task::spawn_blocking(move || target.set_disabled(addr, disabled)).await
-    } else {
-        Ok(vip.set_disabled(addr, disabled))
-    };
+    let set = vip
+        .rebuild_off_timing_threads(0, move |vip| vip.set_disabled(addr, disabled))
+        .await;
     let set = match set {
         Ok(set) => set,
         Err(e) => {

@@ -280,15 +280,10 @@ async fn run(vip: Arc<Vip>, mut source: impl Source, status: Arc<Mutex<SourceSta
                             "the source lists no backend: the table is empty"
                         );
                     }
-                    // A long rebuild (tens of ms for a large Maglev table)
-                    // runs on a blocking thread, never on this runtime: it
-                    // also times health checks and answers the admin API.
-                    let swapped = if vip.rebuild_is_heavy() {
-                        let (target, set) = (Arc::clone(&vip), backends.clone());
-                        tokio::task::spawn_blocking(move || target.set_backends(set)).await
-                    } else {
-                        Ok(vip.set_backends(backends.clone()))
-                    };
+                    let set = backends.clone();
+                    let swapped = vip
+                        .rebuild_off_timing_threads(set.len(), move |vip| vip.set_backends(set))
+                        .await;
                     match swapped {
                         Ok(true) => updates.increment(1),
                         Ok(false) => {}

@@ -57,7 +57,10 @@
 //!   connection, so a process frozen past its lease serves nothing when it
 //!   wakes, whatever order its tasks then run in.
 //! - **Evidence of loss** (a confirming read, or the key watch, showing
-//!   another session or none) stops the active at once.
+//!   another session or none) stops the active at once. When that evidence
+//!   and the lapse of the lease arrive together, the term ends as a lost
+//!   lock ([`lapsed`]): either way serving stops in the same instant; the
+//!   name only decides the damping that follows, never the stop.
 //! - **Handover.** On SIGTERM the active stops serving first and only then
 //!   releases the key, which starts no lock delay, so the standby serves
 //!   within milliseconds without ever overlapping.
@@ -1557,6 +1560,23 @@ async fn lead(
     reason
 }
 
+/// Why a term ends whose lease lapsed, or whose confirming task ended:
+/// a lost lock if that task saw the lock taken, else an expired lease.
+///
+/// The two arrive in the same instant when a confirming read shows the lock
+/// gone (the task reports it on `lost`, ends, and the lease stops moving),
+/// and the serving loop's biased `select!` may see either first. Read as an
+/// expired lease, a forced-out instance was never damped and forced
+/// straight back (the soak's dropped probes found it). Both stop serving at
+/// once; only the damping afterwards differs.
+fn lapsed(lost: &mut oneshot::Receiver<()>) -> StepDown {
+    if lost.try_recv().is_ok() {
+        StepDown::LockLost
+    } else {
+        StepDown::LeaseExpired
+    }
+}
+
 /// The active's loop, once every VIP is bound: follows the lease and
 /// watches for evidence of loss. Nothing here waits on Consul (confirming
 /// runs beside it), so the deadline fires on time.
@@ -1622,23 +1642,14 @@ async fn serve(
                 // The lease may have moved just now: look again before acting.
                 if *lease.borrow() <= Instant::now() {
                     tracing::warn!(epoch, "no read of the lock confirmed in time: the lease ran out");
-                    return StepDown::LeaseExpired;
+                    return lapsed(lost);
                 }
             }
             () = stop.cancelled() => return StepDown::Shutdown,
             changed = lease.changed() => {
                 if changed.is_err() {
-                    // The confirming task ended. If it did because a read
-                    // showed the lock taken, that is a lost lock, not a
-                    // lapsed lease: the arms race here, and reading it as a
-                    // lease let an instance forced out on dropped probes
-                    // force straight back, undamped (a soak found it).
-                    // Either way we stop serving now.
-                    return if lost.try_recv().is_ok() {
-                        StepDown::LockLost
-                    } else {
-                        StepDown::LeaseExpired
-                    };
+                    // The confirming task ended (it says why on `lost`).
+                    return lapsed(lost);
                 }
                 let until = *lease.borrow();
                 crate::dataplane::lease::serve_until(until.into_std());
@@ -2146,6 +2157,21 @@ mod tests {
         leadership.key_refresh.notify_one();
         let seen = tokio::time::timeout(Duration::from_secs(3), rx.wait_for(|v| matches!(v, Some(Some(_))))).await;
         assert!(seen.is_ok(), "the watch read the key afresh when told to");
+    }
+
+    #[test]
+    fn a_term_whose_confirmer_saw_the_lock_taken_ends_as_a_lost_lock() {
+        let (tx, mut lost) = oneshot::channel::<()>();
+        assert_eq!(
+            lapsed(&mut lost),
+            StepDown::LeaseExpired,
+            "nothing said: the lease ran out"
+        );
+        tx.send(()).unwrap();
+        assert_eq!(lapsed(&mut lost), StepDown::LockLost, "said: the lock is gone");
+        let (tx, mut lost) = oneshot::channel::<()>();
+        drop(tx);
+        assert_eq!(lapsed(&mut lost), StepDown::LeaseExpired, "ended without a word");
     }
 
     fn leadership(node: &str) -> Arc<Leadership> {

@@ -249,13 +249,13 @@ pub(super) async fn wait_until_free(
             biased;
             () = tokio::time::sleep_until(deadline) => {
                 if *lease.borrow() <= Instant::now() {
-                    return Err(StepDown::LeaseExpired);
+                    return Err(super::lapsed(lost));
                 }
             }
             () = stop.cancelled() => return Err(StepDown::Shutdown),
             changed = lease.changed() => {
                 if changed.is_err() {
-                    return Err(StepDown::LeaseExpired);
+                    return Err(super::lapsed(lost));
                 }
                 leadership.set_lease(Some(*lease.borrow()));
             }
