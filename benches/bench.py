@@ -529,6 +529,11 @@ def table_bench(args):
                 b = int(d["backends"])
                 alg = str(d.get("algorithm", "")).replace(":", "_").replace("\t", " ")
                 cell = f"build {float(d['build_us']):,.1f} µs, swap {float(d['swap_ns']):.1f} ns"
+                if "remove_us" in d:
+                    cell += (
+                        f"; one removed {float(d['remove_us']):,.1f} µs;"
+                        f" full build (first table, or a new table size) {float(d['full_build_us']):,.1f} µs"
+                    )
                 if "spread_pct" in d:
                     cell += (
                         f"; table of {int(d['slots']):,} slots, slot spread {float(d['spread_pct']):.2f} %,"

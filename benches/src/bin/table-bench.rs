@@ -3,12 +3,16 @@
 //! For each size, changes one backend's weight (so the table really changes)
 //! and times `Vip::set_backends`: the rebuild of the whole table (entries,
 //! selector state) plus the atomic swap. Also times the swap alone (one
-//! `ArcSwap::store` of a prebuilt table). For Maglev it also measures the
-//! balance (the spread of lookup slots per backend: most ÷ fewest − 1) and
-//! the disruption (the share of 200,000 clients that change backend when
-//! one of the N backends goes, against the ideal 1/N). Prints one JSON
-//! object per line: `{"backends":N,"algorithm":"maglev","build_us":..,
-//! "swap_ns":..,"slots":..,"spread_pct":..,"moved_pct":..,"ideal_moved_pct":..}`.
+//! `ArcSwap::store` of a prebuilt table). For Maglev, whose tables are
+//! updated from the published one (see `halo_lb`'s `balance::maglev`), it
+//! also times the removal of one backend (every later entry shifts, so the
+//! whole table is remapped) and a full build (a VIP's first table), and
+//! measures the balance (the spread of lookup slots per backend: most ÷
+//! fewest − 1) and the disruption (the share of 200,000 clients that change
+//! backend when one of the N backends goes, against the ideal 1/N). Prints
+//! one JSON object per line: `{"backends":N,"algorithm":"maglev",
+//! "build_us":..,"swap_ns":..,"remove_us":..,"full_build_us":..,"slots":..,
+//! "spread_pct":..,"moved_pct":..,"ideal_moved_pct":..}`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,11 +57,25 @@ fn backends(n: usize, bump: u32) -> Vec<Backend> {
         .collect()
 }
 
-/// Maglev over `n` equal backends: (table size, slot spread, share of
-/// clients moved when the middle backend goes).
-fn balance(n: usize) -> (usize, f64, f64) {
+/// Maglev over `n` equal backends.
+struct Balance {
+    /// Lookup-table size.
+    slots: usize,
+    /// Most slots per backend ÷ fewest − 1.
+    spread: f64,
+    /// Share of clients moved when the middle backend goes.
+    moved: f64,
+    /// Time of that removal (rebuild + swap), the median of 7.
+    remove: Duration,
+    /// Time of the VIP's first table (a full build).
+    full_build: Duration,
+}
+
+fn balance(n: usize) -> Balance {
     let all = backends(n, 0);
+    let start = Instant::now();
     let vip = Vip::new("balance", settings(Algorithm::Maglev), all.clone());
+    let full_build = start.elapsed();
     let (size, slots) = vip.table().maglev_slots().expect("a maglev table");
     let most = slots.iter().map(|s| s.1).max().unwrap_or(0);
     let fewest = slots.iter().map(|s| s.1).min().unwrap_or(0).max(1);
@@ -68,14 +86,34 @@ fn balance(n: usize) -> (usize, f64, f64) {
     let table = vip.table();
     let before: Vec<_> = clients.iter().map(|c| table.route(*c)).collect();
     let gone = all[n / 2].addr;
-    vip.set_backends(all.into_iter().filter(|b| b.addr != gone).collect());
+    let rest: Vec<Backend> = all.iter().filter(|b| b.addr != gone).cloned().collect();
+    // The backend goes and comes back a few times (as a flapping health
+    // check makes it); the median removal is the figure. The last removal
+    // stays for the disruption count below.
+    let mut removals = Vec::new();
+    for round in 0..7 {
+        if round > 0 {
+            vip.set_backends(all.clone());
+        }
+        let start = Instant::now();
+        vip.set_backends(rest.clone());
+        removals.push(start.elapsed());
+    }
+    removals.sort();
+    let remove = removals[removals.len() / 2];
     let table = vip.table();
     let moved = clients
         .iter()
         .zip(&before)
         .filter(|(c, b)| table.route(**c) != **b)
         .count();
-    (size, spread, moved as f64 / clients.len() as f64)
+    Balance {
+        slots: size,
+        spread,
+        moved: moved as f64 / clients.len() as f64,
+        remove,
+        full_build,
+    }
 }
 
 fn main() {
@@ -110,10 +148,12 @@ fn main() {
                 "swap_ns": (swap_ns * 10.0).round() / 10.0,
             });
             if algorithm == Algorithm::Maglev {
-                let (slots, spread, moved) = balance(n);
-                row["slots"] = slots.into();
-                row["spread_pct"] = ((spread * 1e4).round() / 100.0).into();
-                row["moved_pct"] = ((moved * 1e4).round() / 100.0).into();
+                let b = balance(n);
+                row["remove_us"] = ((b.remove.as_secs_f64() * 1e7).round() / 10.0).into();
+                row["full_build_us"] = ((b.full_build.as_secs_f64() * 1e7).round() / 10.0).into();
+                row["slots"] = b.slots.into();
+                row["spread_pct"] = ((b.spread * 1e4).round() / 100.0).into();
+                row["moved_pct"] = ((b.moved * 1e4).round() / 100.0).into();
                 row["ideal_moved_pct"] = ((1e4 / n as f64).round() / 100.0).into();
             }
             println!("{row}");

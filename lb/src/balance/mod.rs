@@ -4,6 +4,8 @@
 //!   state (connection counts, passive ejection with exponential back-off,
 //!   the active check's verdict), and a table's [`backend::Entry`].
 //! - [`selection`]: each algorithm's precomputed state and the pick.
+//! - [`maglev`]: Maglev's lookup table, built in full once, then updated
+//!   by moving only the slots a change must move.
 //! - [`zone`]: zone-aware routing: local backends first while enough of
 //!   them are healthy.
 //! - [`spread`]: the fault-domain spread of a table's healthy backends
@@ -16,6 +18,7 @@
 //! lock. Imports: `settings` only.
 
 pub(crate) mod backend;
+pub(crate) mod maglev;
 pub(crate) mod selection;
 pub(crate) mod spread;
 pub(crate) mod table;

@@ -15,15 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::time::Instant;
 
 use crate::balance::backend::Entry;
+use crate::balance::maglev::Maglev;
 use crate::settings::Algorithm;
-
-/// Maglev lookup-table sizes: primes, the smallest at least 100× the backend
-/// count is used, so each backend owns ≥ 100 slots and the spread stays within
-/// about 1 % (the paper's guidance). They must be prime: a backend's probe
-/// sequence `offset + j·skip (mod m)` visits every slot only when `skip` is
-/// coprime with `m`, and `skip` can be anything in `1..m`. A unit test checks
-/// every entry for primality; the fill has a bound besides.
-const MAGLEV_SIZES: [usize; 6] = [65_537, 655_373, 1_310_719, 2_620_199, 5_240_399, 10_480_831];
 
 /// How many lookup slots a Maglev pick walks from the client's slot before
 /// it scans the selectable backends instead. The table is ≥ 100× the
@@ -61,19 +54,19 @@ pub(crate) enum Selector {
     /// Two random picks, the less loaded wins.
     P2c,
     /// Consistent hashing of the client address.
-    Maglev {
-        /// Slot → backend index; length is a prime.
-        lookup: Vec<u32>,
-    },
+    Maglev(Maglev),
 }
 
 impl Selector {
     /// Builds the state of `algorithm` over `entries`, using only the indices
-    /// in `selectable`.
+    /// in `selectable`. `previous` is the published selector and the entries
+    /// it was built over: Maglev updates its table from it rather than
+    /// building afresh (see [`crate::balance::maglev`]).
     pub(crate) fn build(
         algorithm: Algorithm,
         entries: &[Entry],
         selectable: &[u32],
+        previous: Option<(&Selector, &[Entry])>,
     ) -> Result<Selector, SelectorError> {
         Ok(match algorithm {
             Algorithm::RoundRobin => Selector::RoundRobin {
@@ -81,9 +74,12 @@ impl Selector {
             },
             Algorithm::LeastConn => Selector::LeastConn,
             Algorithm::P2c => Selector::P2c,
-            Algorithm::Maglev => Selector::Maglev {
-                lookup: maglev_lookup(entries, selectable, maglev_size(selectable.len()))?,
-            },
+            Algorithm::Maglev => Selector::Maglev(match previous {
+                Some((Selector::Maglev(table), previous_entries)) => {
+                    table.update(previous_entries, entries, selectable)?
+                }
+                _ => Maglev::build(entries, selectable)?,
+            }),
         })
     }
 }
@@ -165,7 +161,8 @@ fn pick_with(
             }
             least_loaded(entries, selectable, ok)
         }
-        Selector::Maglev { lookup } => {
+        Selector::Maglev(table) => {
+            let lookup = table.lookup();
             let m = lookup.len();
             let hash = client_hash(ctx.client.ip());
             let slot = (hash % m as u64) as usize;
@@ -243,93 +240,21 @@ fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
-/// The lookup-table size for `n` backends.
-pub(crate) fn maglev_size(n: usize) -> usize {
-    MAGLEV_SIZES
-        .iter()
-        .copied()
-        .find(|&m| m >= n.saturating_mul(100))
-        .unwrap_or(MAGLEV_SIZES[MAGLEV_SIZES.len() - 1])
-}
-
-/// Maglev's population (Eisenbud et al., NSDI '16), with weights: in round
-/// `r`, backend `i` claims a slot if `floor((r+1)·w_i/w_max) >
-/// floor(r·w_i/w_max)`, so shares follow weights. Offsets and skips come from
-/// the backend address only, so a backend keeps its preferred slots whatever
-/// else changes, and removing one of N moves only about 1/N of clients.
-fn maglev_lookup(entries: &[Entry], selectable: &[u32], size: usize) -> Result<Vec<u32>, SelectorError> {
-    let n = selectable.len();
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    let m = size as u64;
-    let max_weight = selectable
-        .iter()
-        .map(|&i| u64::from(entries[i as usize].backend.weight.max(1)))
-        .max()
-        .unwrap_or(1);
-    // (position of the next probe, skip, probes made, weight) per
-    // selectable backend. The position moves by `skip` with a compare and
-    // subtract, not a division: the fill makes ~m·ln m probes.
-    let mut perms: Vec<(u64, u64, u64, u64)> = selectable
-        .iter()
-        .map(|&i| {
-            let b = &entries[i as usize].backend;
-            let key = addr_key(b.addr);
-            let offset = hash64(&key, 0x9e37_79b9_7f4a_7c15) % m;
-            let skip = hash64(&key, 0xc2b2_ae3d_27d4_eb4f) % (m - 1) + 1;
-            (offset, skip, 0, u64::from(b.weight.max(1)))
-        })
-        .collect();
-    const EMPTY: u32 = u32::MAX;
-    let mut lookup = vec![EMPTY; size];
-    let mut filled = 0u64;
-    let mut round = 0u64;
-    // Termination: every round, the backend of the highest weight claims a
-    // slot (its share rises by one each round), and each claim probes at
-    // most `m` positions of its permutation (`next < m` is checked, not
-    // assumed), so the fill ends after at most `m` rounds.
-    while filled < m {
-        for (k, (pos, skip, next, weight)) in perms.iter_mut().enumerate() {
-            if (round + 1) * *weight / max_weight == round * *weight / max_weight {
-                continue;
-            }
-            let slot = loop {
-                if *next >= m {
-                    return Err(SelectorError::MaglevPermutation {
-                        size: m,
-                        backend: entries[selectable[k] as usize].backend.addr,
-                        skip: *skip,
-                    });
-                }
-                let slot = *pos as usize;
-                *pos += *skip;
-                if *pos >= m {
-                    *pos -= m;
-                }
-                *next += 1;
-                if lookup[slot] == EMPTY {
-                    break slot;
-                }
-            };
-            lookup[slot] = selectable[k];
-            filled += 1;
-            if filled == m {
-                break;
-            }
+/// The hash of a backend address (IP octets, then the port, big-endian).
+pub(crate) fn addr_hash(addr: SocketAddr, seed: u64) -> u64 {
+    let mut key = [0u8; 18];
+    let len = match addr.ip() {
+        IpAddr::V4(ip) => {
+            key[..4].copy_from_slice(&ip.octets());
+            4
         }
-        round += 1;
-    }
-    Ok(lookup)
-}
-
-fn addr_key(addr: SocketAddr) -> Vec<u8> {
-    let mut key = match addr.ip() {
-        IpAddr::V4(ip) => ip.octets().to_vec(),
-        IpAddr::V6(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => {
+            key[..16].copy_from_slice(&ip.octets());
+            16
+        }
     };
-    key.extend_from_slice(&addr.port().to_be_bytes());
-    key
+    key[len..len + 2].copy_from_slice(&addr.port().to_be_bytes());
+    hash64(&key[..len + 2], seed)
 }
 
 /// The hash of a client's IP (not its port: one client, one backend).
@@ -392,7 +317,7 @@ mod tests {
 
     fn counts(algorithm: Algorithm, e: &[Entry], picks: u32) -> HashMap<usize, u32> {
         let sel = all(e);
-        let s = Selector::build(algorithm, e, &sel).unwrap();
+        let s = Selector::build(algorithm, e, &sel, None).unwrap();
         let cursor = AtomicUsize::new(0);
         let mut counts = HashMap::new();
         for i in 0..picks {
@@ -414,7 +339,7 @@ mod tests {
         assert_eq!((c[&0], c[&1], c[&2]), (100, 200, 300));
         // Interleaved, not bursty: in any window of 6 picks each backend appears by weight.
         let sel = all(&e);
-        let Selector::RoundRobin { wheel } = Selector::build(Algorithm::RoundRobin, &e, &sel).unwrap() else {
+        let Selector::RoundRobin { wheel } = Selector::build(Algorithm::RoundRobin, &e, &sel, None).unwrap() else {
             unreachable!()
         };
         assert_eq!(wheel.len(), 6);
@@ -453,12 +378,13 @@ mod tests {
     fn maglev_is_balanced_and_deterministic() {
         let e = entries(10, |_| 1);
         let sel = all(&e);
-        let Selector::Maglev { lookup } = Selector::build(Algorithm::Maglev, &e, &sel).unwrap() else {
+        let Selector::Maglev(table) = Selector::build(Algorithm::Maglev, &e, &sel, None).unwrap() else {
             unreachable!()
         };
+        let lookup = table.lookup();
         assert_eq!(lookup.len(), 65_537);
         let mut slots = [0usize; 10];
-        for &b in &lookup {
+        for &b in lookup {
             slots[b as usize] += 1;
         }
         let ideal = 65_537.0 / 10.0;
@@ -467,8 +393,8 @@ mod tests {
         }
         // Same inputs, same table: both instances of a pair agree.
         assert_eq!(
-            Selector::build(Algorithm::Maglev, &e, &sel).unwrap(),
-            Selector::build(Algorithm::Maglev, &e, &sel).unwrap()
+            Selector::build(Algorithm::Maglev, &e, &sel, None).unwrap(),
+            Selector::build(Algorithm::Maglev, &e, &sel, None).unwrap()
         );
         // Weights shift shares.
         let w = entries(2, |i| [3, 1][i]);
@@ -479,7 +405,7 @@ mod tests {
 
     /// For each of many clients, the backend address Maglev maps it to.
     fn maglev_map(e: &[Entry], sel: &[u32], clients: u32) -> Vec<SocketAddr> {
-        let s = Selector::build(Algorithm::Maglev, e, sel).unwrap();
+        let s = Selector::build(Algorithm::Maglev, e, sel, None).unwrap();
         let cursor = AtomicUsize::new(0);
         (0..clients)
             .map(|i| {
@@ -535,7 +461,7 @@ mod tests {
             Algorithm::P2c,
             Algorithm::Maglev,
         ] {
-            let s = Selector::build(algorithm, &e, &sel).unwrap();
+            let s = Selector::build(algorithm, &e, &sel, None).unwrap();
             let cursor = AtomicUsize::new(0);
             for i in 0..200 {
                 let ctx = PickContext {
@@ -587,7 +513,7 @@ mod tests {
             }
             let algorithm = [Algorithm::RoundRobin, Algorithm::LeastConn, Algorithm::P2c, Algorithm::Maglev][algo];
             let sel = all(&e);
-            let s = Selector::build(algorithm, &e, &sel).unwrap();
+            let s = Selector::build(algorithm, &e, &sel, None).unwrap();
             let cursor = AtomicUsize::new(0);
             for c in clients {
                 let ctx = PickContext { client: client(c), cursor: &cursor, now, tried: &[] };
@@ -599,54 +525,13 @@ mod tests {
         }
     }
 
-    fn is_prime(n: u64) -> bool {
-        n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
-    }
-
-    #[test]
-    fn every_maglev_size_is_prime_and_sizes_rise() {
-        for &m in &MAGLEV_SIZES {
-            assert!(is_prime(m as u64), "{m} is not prime");
-        }
-        assert!(MAGLEV_SIZES.windows(2).all(|w| w[0] < w[1]));
-        // Each size serves the backend counts that reach it.
-        assert_eq!(maglev_size(13_108), 2_620_199);
-        assert_eq!(maglev_size(20_000), 2_620_199);
-        assert_eq!(maglev_size(1_000_000), 10_480_831);
-    }
-
-    #[test]
-    fn maglev_fill_of_a_composite_size_is_an_error_not_a_hang() {
-        // 5,240,389 = 7·11²·23·269 was once in MAGLEV_SIZES. Find a backend
-        // whose skip shares a factor with a small composite size: its
-        // permutation misses slots, and the fill must say so and stop.
-        let m = 7 * 11 * 13; // 1001
-        let e = entries(40, |_| 1);
-        let sel = all(&e);
-        let err = maglev_lookup(&e, &sel, m).expect_err("some skip shares a factor with 1001");
-        assert!(err.to_string().contains("does not cover"), "{err}");
-    }
-
-    #[test]
-    fn maglev_with_20k_backends_fills_every_slot() {
-        // 13,108 or more backends once selected a composite size and hung
-        // the control thread for ever.
-        let e = entries(20_000, |i| (i % 3 + 1) as u32);
-        let sel = all(&e);
-        let Selector::Maglev { lookup } = Selector::build(Algorithm::Maglev, &e, &sel).unwrap() else {
-            unreachable!()
-        };
-        assert_eq!(lookup.len(), maglev_size(20_000));
-        assert!(lookup.iter().all(|&b| (b as usize) < e.len()));
-    }
-
     #[test]
     fn maglev_pick_is_bounded_when_most_backends_are_unavailable() {
         // 2,000 backends, all but one tried: the pick still finds the last
         // one (through the bounded walk, then the scan), deterministically.
         let e = entries(2_000, |_| 1);
         let sel = all(&e);
-        let s = Selector::build(Algorithm::Maglev, &e, &sel).unwrap();
+        let s = Selector::build(Algorithm::Maglev, &e, &sel, None).unwrap();
         let tried: Vec<usize> = (0..2_000).filter(|&i| i != 1_234).collect();
         let cursor = AtomicUsize::new(0);
         for c in 0..50 {
@@ -657,41 +542,6 @@ mod tests {
                 tried: &tried,
             };
             assert_eq!(pick_available(&s, &e, &sel, &ctx), Some(1_234));
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)
-        ))]
-
-        /// Maglev construction over random backend sets, weights and table
-        /// sizes always ends; with a prime size every slot is filled and
-        /// every backend owns one (while there are more slots than
-        /// backends); with any size it either fills or says why.
-        #[test]
-        fn maglev_construction_always_terminates(
-            n in 1usize..300,
-            weights in proptest::collection::vec(1u32..=1000, 300),
-            size in 2usize..20_000,
-            disabled in proptest::collection::vec(any::<bool>(), 300),
-        ) {
-            let e = entries(n, |i| weights[i]);
-            let sel: Vec<u32> = (0..n as u32).filter(|&i| !disabled[i as usize] || i == 0).collect();
-            match maglev_lookup(&e, &sel, size) {
-                Ok(lookup) => {
-                    prop_assert_eq!(lookup.len(), size);
-                    prop_assert!(lookup.iter().all(|b| sel.contains(b)));
-                }
-                Err(err) => prop_assert!(!is_prime(size as u64), "prime size {} failed: {}", size, err),
-            }
-            let prime = (size..).find(|&m| is_prime(m as u64)).unwrap();
-            let lookup = maglev_lookup(&e, &sel, prime).unwrap();
-            prop_assert!(lookup.iter().all(|b| sel.contains(b)));
-            if prime >= sel.len() && weights[..n].iter().all(|&w| w == weights[0]) {
-                let owners: std::collections::HashSet<u32> = lookup.iter().copied().collect();
-                prop_assert_eq!(owners.len(), sel.len());
-            }
         }
     }
 

@@ -43,19 +43,33 @@ pub struct Table {
 }
 
 impl Table {
-    /// Builds a table (version 0; the publisher numbers it).
-    pub(crate) fn build(settings: Arc<VipSettings>, entries: Vec<Entry>) -> Result<Table, SelectorError> {
+    /// Builds a table (version 0; the publisher numbers it). `previous` is
+    /// the published table, which selectors may update from instead of
+    /// building afresh (Maglev does).
+    pub(crate) fn build(
+        settings: Arc<VipSettings>,
+        entries: Vec<Entry>,
+        previous: Option<&Table>,
+    ) -> Result<Table, SelectorError> {
         let selectable: Vec<u32> = entries
             .iter()
             .enumerate()
             .filter(|(_, e)| !e.disabled)
             .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 backends"))
             .collect();
-        let selector = Selector::build(settings.algorithm, &entries, &selectable)?;
+        let selector = Selector::build(
+            settings.algorithm,
+            &entries,
+            &selectable,
+            previous.map(|p| (&p.selector, p.entries.as_slice())),
+        )?;
         let zone = settings
             .zone
             .as_ref()
-            .map(|policy| ZoneRouting::build(policy, settings.algorithm, &entries))
+            .map(|policy| {
+                let previous = previous.and_then(|p| p.zone.as_ref().map(|z| (z.selector(), p.entries.as_slice())));
+                ZoneRouting::build(policy, settings.algorithm, &entries, previous)
+            })
             .transpose()?;
         let v4 = entries.iter().filter(|e| e.backend.addr.is_ipv4()).count();
         Ok(Table {
@@ -101,9 +115,10 @@ impl Table {
     /// selectable backend owns (its share of clients), in entry order;
     /// `None` unless the VIP uses Maglev.
     pub fn maglev_slots(&self) -> Option<(usize, Vec<(SocketAddr, usize)>)> {
-        let Selector::Maglev { lookup } = &self.selector else {
+        let Selector::Maglev(table) = &self.selector else {
             return None;
         };
+        let lookup = table.lookup();
         let mut slots = vec![0usize; self.entries.len()];
         for &i in lookup {
             slots[i as usize] += 1;
@@ -269,7 +284,8 @@ impl Vip {
             states: HashMap::new(),
         };
         let metrics = VipMetrics::new(name);
-        let empty = Table::build(Arc::clone(&builder.settings), Vec::new()).expect("an empty table always builds");
+        let empty =
+            Table::build(Arc::clone(&builder.settings), Vec::new(), None).expect("an empty table always builds");
         let vip = Arc::new(Vip {
             name: name.to_owned(),
             table: ArcSwap::from_pointee(empty),
@@ -421,7 +437,7 @@ impl Vip {
                 backend: backend.clone(),
             })
             .collect();
-        let mut table = match Table::build(Arc::clone(&b.settings), entries) {
+        let mut table = match Table::build(Arc::clone(&b.settings), entries, Some(&current)) {
             Ok(table) => table,
             Err(e) => {
                 // Fail static: the published table keeps serving.

@@ -128,6 +128,7 @@ impl ZoneRouting {
         policy: &ZonePolicy,
         algorithm: Algorithm,
         entries: &[Entry],
+        previous: Option<(&Selector, &[Entry])>,
     ) -> Result<ZoneRouting, SelectorError> {
         let local = |e: &Entry| e.backend.zone.as_deref() == Some(policy.zone.as_str());
         let listed = entries.iter().filter(|e| local(e)).count();
@@ -137,7 +138,7 @@ impl ZoneRouting {
             .filter(|(_, e)| local(e) && !e.disabled)
             .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 backends"))
             .collect();
-        let selector = Selector::build(algorithm, entries, &selectable)?;
+        let selector = Selector::build(algorithm, entries, &selectable, previous)?;
         Ok(ZoneRouting {
             needed: policy.needed(listed),
             policy: policy.clone(),
@@ -278,7 +279,7 @@ mod tests {
                 }
             })
             .collect();
-        Table::build(Arc::new(settings(algorithm, min_healthy)), entries).unwrap()
+        Table::build(Arc::new(settings(algorithm, min_healthy)), entries, None).unwrap()
     }
 
     fn eject(t: &Table, i: usize, now: Instant, for_: Duration) {
