@@ -59,14 +59,14 @@ pub(crate) enum Selector {
 
 impl Selector {
     /// Builds the state of `algorithm` over `entries`, using only the indices
-    /// in `selectable`. `previous` is the published selector and the entries
-    /// it was built over: Maglev updates its table from it rather than
-    /// building afresh (see [`crate::balance::maglev`]).
+    /// in `selectable`. `previous` is the published selector: Maglev
+    /// updates its table from it rather than building afresh (see
+    /// [`crate::balance::maglev`]).
     pub(crate) fn build(
         algorithm: Algorithm,
         entries: &[Entry],
         selectable: &[u32],
-        previous: Option<(&Selector, &[Entry])>,
+        previous: Option<&Selector>,
     ) -> Result<Selector, SelectorError> {
         Ok(match algorithm {
             Algorithm::RoundRobin => Selector::RoundRobin {
@@ -75,9 +75,7 @@ impl Selector {
             Algorithm::LeastConn => Selector::LeastConn,
             Algorithm::P2c => Selector::P2c,
             Algorithm::Maglev => Selector::Maglev(match previous {
-                Some((Selector::Maglev(table), previous_entries)) => {
-                    table.update(previous_entries, entries, selectable)?
-                }
+                Some(Selector::Maglev(table)) => table.update(entries, selectable)?,
                 _ => Maglev::build(entries, selectable)?,
             }),
         })
@@ -162,8 +160,7 @@ fn pick_with(
             least_loaded(entries, selectable, ok)
         }
         Selector::Maglev(table) => {
-            let lookup = table.lookup();
-            let m = lookup.len();
+            let m = table.len();
             let hash = client_hash(ctx.client.ip());
             let slot = (hash % m as u64) as usize;
             // Walk on from the client's slot: deterministic per client, and
@@ -171,7 +168,7 @@ fn pick_with(
             // walk is bounded; past it, scan the selectable set from a
             // per-client offset (still deterministic, O(backends)).
             (0..MAGLEV_WALK.min(m))
-                .map(|k| lookup[(slot + k) % m] as usize)
+                .map(|k| table.entry((slot + k) % m))
                 .find(|&i| ok(i))
                 .or_else(|| {
                     let n = selectable.len();
@@ -381,12 +378,8 @@ mod tests {
         let Selector::Maglev(table) = Selector::build(Algorithm::Maglev, &e, &sel, None).unwrap() else {
             unreachable!()
         };
-        let lookup = table.lookup();
-        assert_eq!(lookup.len(), 65_537);
-        let mut slots = [0usize; 10];
-        for &b in lookup {
-            slots[b as usize] += 1;
-        }
+        assert_eq!(table.len(), 65_537);
+        let slots = table.slots_by_entry(e.len());
         let ideal = 65_537.0 / 10.0;
         for (i, &s) in slots.iter().enumerate() {
             assert!((s as f64 / ideal - 1.0).abs() < 0.03, "backend {i} owns {s} slots");

@@ -57,17 +57,12 @@ impl Table {
             .filter(|(_, e)| !e.disabled)
             .map(|(i, _)| u32::try_from(i).expect("fewer than 2^32 backends"))
             .collect();
-        let selector = Selector::build(
-            settings.algorithm,
-            &entries,
-            &selectable,
-            previous.map(|p| (&p.selector, p.entries.as_slice())),
-        )?;
+        let selector = Selector::build(settings.algorithm, &entries, &selectable, previous.map(|p| &p.selector))?;
         let zone = settings
             .zone
             .as_ref()
             .map(|policy| {
-                let previous = previous.and_then(|p| p.zone.as_ref().map(|z| (z.selector(), p.entries.as_slice())));
+                let previous = previous.and_then(|p| p.zone.as_ref().map(ZoneRouting::selector));
                 ZoneRouting::build(policy, settings.algorithm, &entries, previous)
             })
             .transpose()?;
@@ -118,17 +113,13 @@ impl Table {
         let Selector::Maglev(table) = &self.selector else {
             return None;
         };
-        let lookup = table.lookup();
-        let mut slots = vec![0usize; self.entries.len()];
-        for &i in lookup {
-            slots[i as usize] += 1;
-        }
+        let slots = table.slots_by_entry(self.entries.len());
         let owned = self
             .selectable
             .iter()
             .map(|&i| (self.entries[i as usize].backend.addr, slots[i as usize]))
             .collect();
-        Some((lookup.len(), owned))
+        Some((table.len(), owned))
     }
 
     /// The backend a new connection from `client` would be sent to now (no

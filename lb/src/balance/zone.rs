@@ -128,7 +128,7 @@ impl ZoneRouting {
         policy: &ZonePolicy,
         algorithm: Algorithm,
         entries: &[Entry],
-        previous: Option<(&Selector, &[Entry])>,
+        previous: Option<&Selector>,
     ) -> Result<ZoneRouting, SelectorError> {
         let local = |e: &Entry| e.backend.zone.as_deref() == Some(policy.zone.as_str());
         let listed = entries.iter().filter(|e| local(e)).count();
