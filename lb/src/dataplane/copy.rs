@@ -142,15 +142,33 @@ fn half_close(dst: &TcpStream) {
 enum Step {
     Eof,
     Moved(usize),
+    /// Moved the last bytes before the peer's FIN.
+    MovedLast(usize),
     WouldBlock,
+}
+
+/// What one [`buffered_step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moved {
+    /// Bytes passed on (0 when the readiness was stale).
+    Bytes(usize),
+    /// The last bytes before `src`'s FIN were passed on; `dst`'s FIN is
+    /// due now and rides on the same segment.
+    Last(usize),
+    /// `src` reached end of stream.
+    Eof,
 }
 
 async fn pump_buffered(src: &TcpStream, dst: &TcpStream, counter: &Counter, activity: Activity<'_>) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         match buffered_step(src, dst, counter, activity).await? {
-            Some(n) => total += n as u64,
-            None => {
+            Moved::Bytes(n) => total += n as u64,
+            Moved::Last(n) => {
+                activity.end_of_stream(dst);
+                return Ok(total + n as u64);
+            }
+            Moved::Eof => {
                 activity.end_of_stream(dst);
                 return Ok(total);
             }
@@ -160,15 +178,25 @@ async fn pump_buffered(src: &TcpStream, dst: &TcpStream, counter: &Counter, acti
 
 /// Waits for `src` to be readable, reads once through the thread's buffer
 /// and writes the bytes on to `dst`, waiting for `dst` if it cannot take
-/// them all at once. The bytes moved (0 when the readiness was stale), or
-/// `None` at end of stream.
+/// them all at once.
+///
+/// When the peer's FIN has already arrived (the reactor saw `EPOLLRDHUP`)
+/// and a read empties the socket, those are the last bytes: they go out
+/// with `MSG_MORE`, so the kernel holds them for the FIN that the caller
+/// sends at once ([`Activity::end_of_stream`], or the close). Data and FIN
+/// then leave in one segment, and the `recv(2)` that would only return 0
+/// is never made: two packets (our FIN, the peer's ACK of the data) and one
+/// syscall fewer per closing direction. HAProxy merges the FIN the same way.
 async fn buffered_step(
     src: &TcpStream,
     dst: &TcpStream,
     counter: &Counter,
     activity: Activity<'_>,
-) -> io::Result<Option<usize>> {
+) -> io::Result<Moved> {
     src.readable().await?;
+    // Judged before the read: a FIN seen now arrived before it, so a read
+    // that does not fill the buffer has taken every byte the peer sent.
+    let finished = peer_finished(src);
     // Bytes read but not yet taken by `dst`: empty (unallocated) unless the
     // peer is slower than the source.
     let mut pending: Vec<u8> = Vec::new();
@@ -181,9 +209,15 @@ async fn buffered_step(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::WouldBlock),
             Err(e) => return Err(e),
         };
+        let last = finished && n < buf.len();
         let mut off = 0;
         while off < n {
-            match dst.try_write(&buf[off..n]) {
+            let sent = if last {
+                send_more(dst, &buf[off..n])
+            } else {
+                dst.try_write(&buf[off..n])
+            };
+            match sent {
                 Ok(m) => off += m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     pending.extend_from_slice(&buf[off..n]);
@@ -192,15 +226,17 @@ async fn buffered_step(
                 Err(e) => return Err(e),
             }
         }
-        Ok(Step::Moved(n))
+        Ok(if last { Step::MovedLast(n) } else { Step::Moved(n) })
     })?;
-    let n = match step {
-        Step::Eof => return Ok(None),
-        Step::WouldBlock => return Ok(Some(0)),
-        Step::Moved(n) => n,
+    let (n, last) = match step {
+        Step::Eof => return Ok(Moved::Eof),
+        Step::WouldBlock => return Ok(Moved::Bytes(0)),
+        Step::Moved(n) => (n, false),
+        Step::MovedLast(n) => (n, true),
     };
     counter.increment(n as u64);
     activity.touch();
+    // Written without MSG_MORE: nothing stays held behind a slow peer.
     while !pending.is_empty() {
         dst.writable().await?;
         match dst.try_write(&pending) {
@@ -212,7 +248,25 @@ async fn buffered_step(
             Err(e) => return Err(e),
         }
     }
-    Ok(Some(n))
+    Ok(if last { Moved::Last(n) } else { Moved::Bytes(n) })
+}
+
+/// Whether `src`'s peer has sent its FIN, as far as this thread's reactor
+/// knows: tokio keeps the read-closed state (from `EPOLLRDHUP`) until the
+/// socket goes, so one poll of its readiness tells, without a syscall.
+fn peer_finished(src: &TcpStream) -> bool {
+    use std::future::Future;
+    let mut ready = std::pin::pin!(src.ready(Interest::READABLE));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(ready.as_mut().poll(&mut cx), std::task::Poll::Ready(Ok(r)) if r.is_read_closed())
+}
+
+/// `send(2)` with `MSG_MORE`: the kernel may hold the bytes for what comes
+/// next, which must come at once (here: our FIN).
+fn send_more(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    dst.try_io(Interest::WRITABLE, || {
+        socket2::SockRef::from(dst).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+    })
 }
 
 /// Reads what `src` has, up to `buf.len()`.
@@ -290,11 +344,15 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activi
     let mut total = 0u64;
     loop {
         match buffered_step(src, dst, counter, activity).await? {
-            None => {
+            Moved::Eof => {
                 activity.end_of_stream(dst);
                 return Ok(total);
             }
-            Some(n) => {
+            Moved::Last(n) => {
+                activity.end_of_stream(dst);
+                return Ok(total + n as u64);
+            }
+            Moved::Bytes(n) => {
                 total += n as u64;
                 if n == CHUNK {
                     break;
@@ -402,5 +460,72 @@ mod tests {
         through(CopyMode::Splice, 4 << 20).await;
         assert!(PIPES.with_borrow(Vec::len) > 0, "bulk went through a pipe");
         through(CopyMode::Buffered, 4 << 20).await;
+    }
+
+    /// Waits (polling, bounded) until `stream`'s reactor has seen its
+    /// peer's FIN, as the relay would after an epoll turn.
+    async fn until_finished(stream: &TcpStream) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !peer_finished(stream) {
+            assert!(Instant::now() < deadline, "the FIN never showed");
+            tokio::task::yield_now().await;
+            let _ = tokio::time::timeout(Duration::from_millis(10), stream.ready(Interest::READABLE)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn last_bytes_that_arrive_with_the_fin_are_passed_on_with_ours() {
+        for mode in [CopyMode::Buffered, CopyMode::Splice] {
+            for other_side_first in [false, true] {
+                let (mut client, proxy_client) = pair().await;
+                let (proxy_backend, mut backend) = pair().await;
+                if other_side_first {
+                    // The backend has finished already (its FIN waits in
+                    // the relay's socket): the client's last bytes go out
+                    // with the close, not a shutdown.
+                    backend.shutdown().await.unwrap();
+                    until_finished(&proxy_backend).await;
+                }
+                // Bytes and FIN are both in the relay's socket before it
+                // first reads: the FIN path, not a read that returns 0.
+                client.write_all(b"last words").await.unwrap();
+                client.shutdown().await.unwrap();
+                until_finished(&proxy_client).await;
+                assert!(peer_finished(&proxy_client));
+                let counter = Counter::noop();
+                let meters = Meters {
+                    bytes_in: &counter,
+                    bytes_out: &counter,
+                };
+                let relay = async move {
+                    let ended = proxy(&proxy_client, &proxy_backend, mode, Duration::from_secs(10), meters).await;
+                    // Both ends done: the sockets close, as the
+                    // connection's task drops them.
+                    drop((proxy_client, proxy_backend));
+                    ended
+                };
+                let receive = async {
+                    let mut got = Vec::new();
+                    backend.read_to_end(&mut got).await.unwrap();
+                    if !other_side_first {
+                        backend.shutdown().await.unwrap();
+                    }
+                    got
+                };
+                let client_sees_end = async {
+                    let mut rest = Vec::new();
+                    client.read_to_end(&mut rest).await.unwrap();
+                    rest
+                };
+                let (ended, got, rest) = tokio::time::timeout(Duration::from_secs(10), async {
+                    tokio::join!(relay, receive, client_sees_end)
+                })
+                .await
+                .expect("nothing is held back waiting for more bytes");
+                assert_eq!(ended.unwrap(), Ended::Closed, "{mode:?}");
+                assert_eq!(got, b"last words", "{mode:?}, other side first: {other_side_first}");
+                assert!(rest.is_empty());
+            }
+        }
     }
 }
