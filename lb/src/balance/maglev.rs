@@ -55,7 +55,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::balance::backend::Entry;
-use crate::balance::selection::{addr_hash, SelectorError};
+use crate::balance::hash::addr_hash;
 
 /// Lookup-table sizes: primes, the smallest at least 100× the backend count
 /// is used. They must be prime: a backend's probe sequence `offset + j·skip
@@ -63,6 +63,20 @@ use crate::balance::selection::{addr_hash, SelectorError};
 /// `skip` can be anything in `1..m`. A unit test checks every entry for
 /// primality; the fill has a bound besides.
 pub(crate) const SIZES: [usize; 6] = [65_537, 655_373, 1_310_719, 2_620_199, 5_240_399, 10_480_831];
+
+/// A backend's permutation did not cover the table. Cannot happen with a
+/// prime table size; the fill stops with this error rather than looping for
+/// ever if the arithmetic is ever wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("maglev table of {size} slots: the permutation of backend {backend} (skip {skip}) does not cover it")]
+pub(crate) struct MaglevError {
+    /// The lookup-table size.
+    pub size: u64,
+    /// The backend whose permutation ran out.
+    pub backend: SocketAddr,
+    /// Its skip.
+    pub skip: u64,
+}
 
 /// No owner (in a table being built, or a slot whose owner went).
 const NONE: u32 = u32::MAX;
@@ -137,7 +151,7 @@ impl Maglev {
 
     /// A full build over the `selectable` indices of `entries` (sorted by
     /// address, as a table's are). Owner ids are entry indices.
-    pub(crate) fn build(entries: &[Entry], selectable: &[u32]) -> Result<Maglev, SelectorError> {
+    pub(crate) fn build(entries: &[Entry], selectable: &[u32]) -> Result<Maglev, MaglevError> {
         let lookup = if selectable.is_empty() {
             Vec::new()
         } else {
@@ -173,7 +187,7 @@ impl Maglev {
     /// The table for `entries`/`selectable`, made from this one by moving
     /// only the slots that must move. A full build when the table size
     /// changes or either side has nothing selectable.
-    pub(crate) fn update(&self, entries: &[Entry], selectable: &[u32]) -> Result<Maglev, SelectorError> {
+    pub(crate) fn update(&self, entries: &[Entry], selectable: &[u32]) -> Result<Maglev, MaglevError> {
         let m = size_for(selectable.len());
         if selectable.is_empty() || self.lookup.len() != m {
             return Maglev::build(entries, selectable);
@@ -493,7 +507,7 @@ fn targets(
 /// Maglev's population with weights: in round `r`, backend `i` claims a
 /// slot if `floor((r+1)·w_i/w_max) > floor(r·w_i/w_max)`, so shares follow
 /// weights. Offsets and skips come from the backend address only.
-pub(crate) fn populate(entries: &[Entry], selectable: &[u32], size: usize) -> Result<Vec<u32>, SelectorError> {
+pub(crate) fn populate(entries: &[Entry], selectable: &[u32], size: usize) -> Result<Vec<u32>, MaglevError> {
     let n = selectable.len();
     if n == 0 {
         return Ok(Vec::new());
@@ -530,7 +544,7 @@ pub(crate) fn populate(entries: &[Entry], selectable: &[u32], size: usize) -> Re
             }
             let slot = loop {
                 if *next >= m {
-                    return Err(SelectorError::MaglevPermutation {
+                    return Err(MaglevError {
                         size: m,
                         backend: entries[selectable[k] as usize].backend.addr,
                         skip: *skip,

@@ -4,6 +4,7 @@
 //!   state (connection counts, passive ejection with exponential back-off,
 //!   the active check's verdict), and a table's [`backend::Entry`].
 //! - [`selection`]: each algorithm's precomputed state and the pick.
+//! - [`hash`]: stable hashes of backend and client addresses.
 //! - [`maglev`]: Maglev's lookup table, built in full once, then updated
 //!   by moving only the slots a change must move.
 //! - [`zone`]: zone-aware routing: local backends first while enough of
@@ -18,6 +19,7 @@
 //! lock. Imports: `settings` only.
 
 pub(crate) mod backend;
+pub(crate) mod hash;
 pub(crate) mod maglev;
 pub(crate) mod selection;
 pub(crate) mod spread;
