@@ -140,8 +140,17 @@ pub(crate) fn render(vips: &[Arc<Vip>]) -> String {
         racks.samples.push((vl.clone(), s.racks as u64));
         listed_zones.samples.push((vl, s.listed_zones as u64));
     }
+    let mut workers = Family::new(
+        "halo_worker_connections",
+        "gauge",
+        "Live client connections per data-plane worker thread (all VIPs): how evenly the workers share them.",
+    );
+    for (i, n) in crate::dataplane::workers::loads().into_iter().enumerate() {
+        workers.samples.push((format!("worker=\"{i}\""), n as u64));
+    }
     let mut out = String::new();
     for f in [
+        workers,
         connections,
         active,
         up,

@@ -16,6 +16,7 @@ use crate::balance::table::Vip;
 use crate::dataplane::copy::{self, Ended, Meters};
 use crate::dataplane::pressure::{self, Op, RateLimit};
 use crate::dataplane::proxy_protocol;
+use crate::dataplane::workers;
 use crate::settings::ProxyProtocol;
 
 /// Binds a VIP listener: SO_REUSEADDR (restart without waiting out
@@ -97,6 +98,14 @@ pub(crate) async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Canc
                 }
             },
         };
+        // Carrying clearly more than another worker: leave this connection
+        // to it for a moment (see `workers`), then take it regardless.
+        if workers::should_defer_accept() {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(workers::ACCEPT_DEFER) => {}
+            }
+        }
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
@@ -114,8 +123,10 @@ pub(crate) async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Canc
             Ok((stream, peer)) => {
                 slot.accepted();
                 let vip = Arc::clone(&vip);
+                let load = workers::Load::start();
                 tracker.spawn(async move {
                     handle(&vip, stream, peer, socket).await;
+                    drop(load);
                     drop(slot);
                     // Its descriptors are free again.
                     pressure::relieve();

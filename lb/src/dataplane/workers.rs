@@ -6,8 +6,24 @@
 //! (no cross-thread wake-ups on the per-byte path, no work stealing). The
 //! control plane (admin API, signals, reloads, discovery) runs on the main
 //! runtime.
+//!
+//! # Balance between workers
+//! Every worker is woken by a new connection on a shared listener, and the
+//! first to run takes it. A burst of connects (a client pool opening 50 at
+//! once) could all land on one worker, which then carries every connection
+//! on one core while the other idles: measured, 50 of 50 keep-alive
+//! connections on one worker in one run of four. So each worker counts its
+//! live connections ([`Load`]), and one that carries clearly more than the
+//! least loaded other worker waits [`ACCEPT_DEFER`] before accepting, which
+//! lets the other (woken by the same connection) take it; after the wait
+//! it accepts whatever the balance, so a busy or stuck worker delays a
+//! connection by at most that long. HAProxy balances the same way, handing
+//! each accepted connection to the less loaded of its threads.
 
-use std::sync::Arc;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 
@@ -21,12 +37,19 @@ impl Workers {
     /// Starts `n` worker threads (at least one), each running a
     /// single-threaded runtime until the process exits.
     pub(crate) fn start(n: usize) -> std::io::Result<Workers> {
+        let n = n.max(1);
+        // One counter per worker, each on its own cache line; the first
+        // start fixes the count (a process starts its workers once).
+        let loads = LOADS.get_or_init(|| (0..n).map(|_| Padded::default()).collect());
         let mut handles = Vec::new();
-        for i in 0..n.max(1) {
+        for i in 0..n {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name(format!("halo-worker-{i}"))
                 .spawn(move || {
+                    if i < loads.len() {
+                        WORKER.set(Some(i));
+                    }
                     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(r) => r,
                         Err(e) => {
@@ -78,7 +101,95 @@ async fn keep_timer_armed() {
     }
 }
 
+/// How long an over-loaded worker leaves a new connection to the others
+/// before taking it itself.
+pub(crate) const ACCEPT_DEFER: Duration = Duration::from_millis(1);
+
+/// A worker's live connections, alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Padded(AtomicUsize);
+
+/// Live connections per worker.
+static LOADS: OnceLock<Box<[Padded]>> = OnceLock::new();
+
+thread_local! {
+    /// This thread's worker index; `None` off the workers.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// One live connection on this worker; counted until dropped. A no-op off
+/// the workers (tests that run the data plane on their own runtime).
+#[derive(Debug)]
+pub(crate) struct Load(Option<usize>);
+
+impl Load {
+    /// Counts a connection on the calling worker.
+    pub(crate) fn start() -> Load {
+        let worker = WORKER.get();
+        if let (Some(i), Some(loads)) = (worker, LOADS.get()) {
+            loads[i].0.fetch_add(1, Ordering::Relaxed);
+        }
+        Load(worker)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let (Some(i), Some(loads)) = (self.0, LOADS.get()) {
+            loads[i].0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether the calling worker carries clearly more connections than the
+/// least loaded other worker (more than twice its load plus 8), so it
+/// should leave the next connection to the others for [`ACCEPT_DEFER`].
+/// Only a lopsided split qualifies: each deferral costs a timer and a
+/// pause, and with a tighter rule the workers of a busy, churning VIP
+/// took turns pausing (half the new connections per second, measured).
+pub(crate) fn should_defer_accept() -> bool {
+    let (Some(me), Some(loads)) = (WORKER.get(), LOADS.get()) else {
+        return false;
+    };
+    let mine = loads[me].0.load(Ordering::Relaxed);
+    let least = loads
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != me)
+        .map(|(_, l)| l.0.load(Ordering::Relaxed))
+        .min();
+    least.is_some_and(|least| over_loaded(mine, least))
+}
+
+fn over_loaded(mine: usize, least_other: usize) -> bool {
+    mine > 2 * least_other + 8
+}
+
+/// Live connections per worker, for metrics and tests.
+pub(crate) fn loads() -> Vec<usize> {
+    LOADS
+        .get()
+        .map(|l| l.iter().map(|p| p.0.load(Ordering::Relaxed)).collect())
+        .unwrap_or_default()
+}
+
 /// The default worker count: one per available core.
 pub(crate) fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_defers_only_when_clearly_more_loaded() {
+        assert!(!over_loaded(0, 0));
+        assert!(!over_loaded(8, 0), "a few connections decide nothing");
+        assert!(over_loaded(9, 0));
+        assert!(!over_loaded(48, 20), "an uneven split is left alone");
+        assert!(over_loaded(49, 20));
+        assert!(!over_loaded(20, 49), "the less loaded worker never defers");
+    }
 }

@@ -299,3 +299,36 @@ async fn table_swaps_during_traffic_drop_no_connection() {
     let version_after = lb.status().await["vips"][0]["table_version"].as_u64().unwrap();
     assert_eq!(version_after, version_before + 100, "each change swapped one table");
 }
+
+#[tokio::test]
+async fn a_burst_of_connections_is_shared_between_the_workers() {
+    // 40 clients connecting at once, as a pool opening up: the first worker
+    // to wake could take them all and leave the other core idle.
+    let backend = TestBackend::start("a", Behavior::GreetEcho).await;
+    let (admin, vip) = addrs();
+    let cfg = format!("workers = 2\n{}", one_vip(admin, vip, &[backend.addr], ""));
+    let lb = Lb::start(&cfg, admin, &[vip]).await;
+    let connecting: Vec<_> = (0..40).map(|_| tokio::spawn(greeting(vip))).collect();
+    let mut clients = Vec::new();
+    for c in connecting {
+        clients.push(c.await.unwrap().unwrap().1);
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let per_worker = loop {
+        let (_, metrics) = halo_testkit::http::get(lb.admin, "/metrics").await.unwrap();
+        let w: Vec<f64> = (0..2)
+            .map(|i| metric(&metrics, &format!("halo_worker_connections{{worker=\"{i}\"}}")))
+            .collect();
+        if w.iter().sum::<f64>() == 40.0 {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "connections never all counted: {w:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Loose: under a loaded CI a worker may be slow to wake; all on one is the failure.
+    assert!(
+        per_worker.iter().all(|&n| n >= 8.0),
+        "connections per worker: {per_worker:?}"
+    );
+    drop(clients);
+}
