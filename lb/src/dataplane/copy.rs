@@ -310,10 +310,20 @@ thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Makes [`take_pipe`] fail on this thread, as it does out of descriptors.
+    static REFUSE_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// An empty pipe from this thread's pool, or a new one. A connection holds a
 /// pipe only while bytes are in flight, so idle connections cost no pipe
 /// descriptors (HAProxy pools its splice pipes the same way).
 fn take_pipe() -> io::Result<Pipe> {
+    #[cfg(test)]
+    if REFUSE_PIPES.get() {
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    }
     if let Some(pipe) = PIPES.with_borrow_mut(Vec::pop) {
         return Ok(pipe);
     }
@@ -363,7 +373,29 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activi
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
         src.readable().await?;
-        let pipe = take_pipe()?;
+        let pipe = match take_pipe() {
+            Ok(pipe) => pipe,
+            Err(e) => {
+                // No pipe (out of descriptors, or pipes refused): this read
+                // goes through the buffer instead, and the connection lives
+                // on; a later read tries for a pipe again.
+                tracing::debug!(error = %e, "no pipe for splice; copying through the buffer");
+                match buffered_step(src, dst, counter, activity).await? {
+                    Moved::Eof => {
+                        activity.end_of_stream(dst);
+                        return Ok(total);
+                    }
+                    Moved::Last(n) => {
+                        activity.end_of_stream(dst);
+                        return Ok(total + n as u64);
+                    }
+                    Moved::Bytes(n) => {
+                        total += n as u64;
+                        continue;
+                    }
+                }
+            }
+        };
         let moved = src.try_io(Interest::READABLE, || {
             splice(src.as_fd(), None, pipe.1.as_fd(), None, 1 << 20, flags).map_err(io::Error::from)
         });
@@ -460,6 +492,19 @@ mod tests {
         through(CopyMode::Splice, 4 << 20).await;
         assert!(PIPES.with_borrow(Vec::len) > 0, "bulk went through a pipe");
         through(CopyMode::Buffered, 4 << 20).await;
+    }
+
+    #[tokio::test]
+    async fn splice_mode_without_pipes_copies_through_the_buffer() {
+        // Out of descriptors, no pipe can be made: bulk still arrives whole
+        // (it used to end the connection with EMFILE).
+        PIPES.with_borrow_mut(Vec::clear);
+        REFUSE_PIPES.set(true);
+        tokio::time::timeout(Duration::from_secs(30), through(CopyMode::Splice, 4 << 20))
+            .await
+            .expect("the transfer ends, with every byte");
+        REFUSE_PIPES.set(false);
+        assert_eq!(PIPES.with_borrow(Vec::len), 0, "no pipe was made");
     }
 
     /// Waits (polling, bounded) until `stream`'s reactor has seen its
