@@ -514,14 +514,27 @@ syscalls_run() {
   fi
   local pids out="$OUTDIR/$key-$p.perf" w="$OUTDIR/$key-$p.wrk"
   pids=$("$PY" "$BENCH" pids "$PROXY_PID")
-  spawn "$OUTDIR/$key-$p.perf.log" perf stat -x, -e raw_syscalls:sys_enter -p "$pids" -o "$out"
+  # Counting starts disabled (-D -1); perf answers "ack" to "enable" on its
+  # control fifos once it is attached and counting, so the run starts then.
+  local ctl="$OUTDIR/$key-$p.perf-ctl" ack="$OUTDIR/$key-$p.perf-ack"
+  rm -f "$ctl" "$ack"
+  mkfifo "$ctl" "$ack"
+  spawn "$OUTDIR/$key-$p.perf.log" perf stat -x, -e raw_syscalls:sys_enter -p "$pids" -o "$out" \
+    -D -1 --control "fifo:$ctl,$ack"
   local perf_pid=$LAST_PID
-  sleep 0.3 # perf attaches (its count starts before the run; idle calls are few)
+  if ! timeout 10 bash -c 'echo enable >"$1" && read -r reply <"$2" && [ "$reply" = ack ]' _ "$ctl" "$ack"; then
+    log "$p: perf did not start counting; no syscall row"
+    stop "$perf_pid"
+    rm -f "$ctl" "$ack"
+    result "$key" "$p" "n/a (perf did not start)"
+    return
+  fi
   wrk_run "$w" "$SYSCALL_DUR" "$@" || true
   kill -INT "$perf_pid" 2>/dev/null || true
   local deadline=$(( SECONDS + 10 ))
   while kill -0 "$perf_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
   stop "$perf_pid"
+  rm -f "$ctl" "$ack"
   local n req
   n=$("$PY" "$BENCH" perf-count "$out" 2>/dev/null || echo x)
   req=$("$PY" "$BENCH" wrk "$w" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("requests") or "x")')
