@@ -44,7 +44,7 @@
 //!   configuration built from it; TLS errors explained.
 //! - `token`: the ACL [`Token`], its sources, and the shared cell SIGHUP
 //!   reloads.
-//! - [`file`]: opening token and PEM files without blocking (a FIFO is
+//! - [`file`](mod@file): opening token and PEM files without blocking (a FIFO is
 //!   refused, not waited on), regular files only, reads bounded; the
 //!   owner-only rule for secrets.
 //! - `connect`: the connector: TCP (plain or TLS) or a unix socket.

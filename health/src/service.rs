@@ -167,7 +167,7 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> io
     http_with(addr, method, path, &[], timeout)
 }
 
-/// [`http`] with extra request headers (`(name, value)`, e.g. a write's
+/// [`http`](fn@http) with extra request headers (`(name, value)`, e.g. a write's
 /// `X-Halo-Request` and `Authorization`). Neither is echoed anywhere.
 pub fn http_with(
     addr: SocketAddr,

@@ -68,7 +68,7 @@
 //!   [`Datacenter::heal`], [`Datacenter::heal_udp`],
 //!   [`Datacenter::heal_all`] undo. An
 //!   nftables bridge table in the bridge's namespace (see
-//!   [`Topology`](crate::netns::Topology)); needs `nft` (Debian package
+//!   [`Topology`]); needs `nft` (Debian package
 //!   `nftables`).
 //! - **Kill the Consul leader**: [`Datacenter::kill_leader`] finds it with
 //!   `/v1/status/leader` and SIGKILLs that server's agent;

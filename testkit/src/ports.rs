@@ -6,7 +6,7 @@ use std::sync::{Mutex, PoisonError};
 
 /// A free TCP port on `ip` that is also free for UDP (Consul's DNS and serf
 /// ports use both). Another process can still take it before ours binds it;
-/// [`crate::process`] retries a start that loses that race.
+/// `crate::process` retries a start that loses that race.
 pub fn free_port(ip: Ipv4Addr) -> u16 {
     // The kernel may hand the port it just gave (and we released) to the
     // next bind: an agent once got the same port for HTTP and Serf WAN.

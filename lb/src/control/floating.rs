@@ -324,11 +324,11 @@ impl FloatingIp {
         Ok(outcome)
     }
 
-    /// Sends [`GARP_REPEATS`] announcements of the address from this
+    /// Sends `GARP_REPEATS` announcements of the address from this
     /// interface's MAC: gratuitous ARP request-and-reply pairs (IPv4) or
     /// unsolicited neighbour advertisements with the override flag (IPv6).
     /// [`claim`](FloatingIp::claim) does this once; call it again
-    /// [`REANNOUNCE_AFTER`] a promotion, and to defend the address.
+    /// `REANNOUNCE_AFTER` a promotion, and to defend the address.
     pub fn announce(&self) -> Result<(), Error> {
         let Some(n) = &self.neighbours else {
             return Ok(());
@@ -392,8 +392,8 @@ impl FloatingIp {
     }
 
     /// A socket that reads what other hosts say about the address
-    /// ([`Listener::recv`]); `None` on links without neighbours. Blocking;
-    /// [`Listener::set_nonblocking`] for an event loop.
+    /// (`Listener::recv`); `None` on links without neighbours. Blocking;
+    /// `Listener::set_nonblocking` for an event loop.
     pub fn listen(&self) -> Result<Option<Listener>, Error> {
         let Some(n) = &self.neighbours else {
             return Ok(None);
@@ -418,7 +418,7 @@ impl FloatingIp {
     }
 
     /// Subscribes to the kernel's notifications of removed addresses of this
-    /// address's family; [`Removals::removed`] says whether this address
+    /// address's family; `Removals::removed` says whether this address
     /// left this interface. Opened before a claim, it sees every removal
     /// after it.
     pub fn watch_removals(&self) -> Result<Removals, Error> {

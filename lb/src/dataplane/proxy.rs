@@ -25,7 +25,7 @@ use crate::settings::ProxyProtocol;
 /// clients need no `setsockopt` of their own), and the given backlog.
 /// Deliberately not SO_REUSEPORT: a second process binding the same VIP
 /// must fail, not silently share it. Workers share this one socket (see
-/// [`crate::dataplane::workers`]).
+/// `crate::dataplane::workers`).
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;

@@ -15,7 +15,7 @@ pub struct HaSettings {
     /// This instance's name.
     pub id: String,
     /// `id` was not set in the file but derived from the host (see
-    /// [`default_id`]): a reload keeps the id the process runs with rather
+    /// `default_id`): a reload keeps the id the process runs with rather
     /// than deriving it again (the host name may have changed).
     pub id_is_default: bool,
     /// The check TTL.

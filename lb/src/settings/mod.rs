@@ -3,7 +3,7 @@
 //! Plain data, and the bottom of the crate: nothing here imports from the
 //! rest of halo-lb, and everything else may import from here.
 //!
-//! - [`file`]: the TOML schema as serde reads it, with its defaults.
+//! - [`file`](mod@file): the TOML schema as serde reads it, with its defaults.
 //! - [`Config::validate`] (in `validate`): every field checked at once,
 //!   each problem named by its path (`vip[1].backends[0]: …`), before
 //!   anything starts; a reload that fails it leaves the running
@@ -206,7 +206,7 @@ impl Validated {
     }
 
     /// The Consul ACL token this configuration names (its token file read
-    /// now), for [`Server::apply`](crate::control); `None` when nothing talks
+    /// now), for `Server::apply`; `None` when nothing talks
     /// to Consul. A file read: call it at start or on the reload's own
     /// thread, never on the control runtime's.
     pub fn consul_token(&self) -> Result<Option<halo_consul::Token>, halo_consul::Error> {
