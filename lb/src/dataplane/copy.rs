@@ -17,6 +17,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -159,19 +160,33 @@ enum Moved {
     Eof,
 }
 
+/// Adds one step's bytes to `total`. At the end of `src` (a FIN read, or
+/// the last bytes before it) passes the FIN on to `dst` and breaks with the
+/// direction's total; otherwise continues with the bytes just moved.
+fn tally(step: Moved, total: &mut u64, dst: &TcpStream, activity: Activity<'_>) -> ControlFlow<u64, usize> {
+    match step {
+        Moved::Bytes(n) => {
+            *total += n as u64;
+            ControlFlow::Continue(n)
+        }
+        Moved::Last(n) => {
+            *total += n as u64;
+            activity.end_of_stream(dst);
+            ControlFlow::Break(*total)
+        }
+        Moved::Eof => {
+            activity.end_of_stream(dst);
+            ControlFlow::Break(*total)
+        }
+    }
+}
+
 async fn pump_buffered(src: &TcpStream, dst: &TcpStream, counter: &Counter, activity: Activity<'_>) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        match buffered_step(src, dst, counter, activity).await? {
-            Moved::Bytes(n) => total += n as u64,
-            Moved::Last(n) => {
-                activity.end_of_stream(dst);
-                return Ok(total + n as u64);
-            }
-            Moved::Eof => {
-                activity.end_of_stream(dst);
-                return Ok(total);
-            }
+        let step = buffered_step(src, dst, counter, activity).await?;
+        if let ControlFlow::Break(total) = tally(step, &mut total, dst, activity) {
+            return Ok(total);
         }
     }
 }
@@ -353,21 +368,11 @@ fn give_back(pipe: Pipe) {
 async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activity: Activity<'_>) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        match buffered_step(src, dst, counter, activity).await? {
-            Moved::Eof => {
-                activity.end_of_stream(dst);
-                return Ok(total);
-            }
-            Moved::Last(n) => {
-                activity.end_of_stream(dst);
-                return Ok(total + n as u64);
-            }
-            Moved::Bytes(n) => {
-                total += n as u64;
-                if n == CHUNK {
-                    break;
-                }
-            }
+        let step = buffered_step(src, dst, counter, activity).await?;
+        match tally(step, &mut total, dst, activity) {
+            ControlFlow::Break(total) => return Ok(total),
+            ControlFlow::Continue(n) if n == CHUNK => break,
+            ControlFlow::Continue(_) => {}
         }
     }
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
@@ -380,20 +385,11 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activi
                 // goes through the buffer instead, and the connection lives
                 // on; a later read tries for a pipe again.
                 tracing::debug!(error = %e, "no pipe for splice; copying through the buffer");
-                match buffered_step(src, dst, counter, activity).await? {
-                    Moved::Eof => {
-                        activity.end_of_stream(dst);
-                        return Ok(total);
-                    }
-                    Moved::Last(n) => {
-                        activity.end_of_stream(dst);
-                        return Ok(total + n as u64);
-                    }
-                    Moved::Bytes(n) => {
-                        total += n as u64;
-                        continue;
-                    }
+                let step = buffered_step(src, dst, counter, activity).await?;
+                if let ControlFlow::Break(total) = tally(step, &mut total, dst, activity) {
+                    return Ok(total);
                 }
+                continue;
             }
         };
         let moved = src.try_io(Interest::READABLE, || {
