@@ -465,29 +465,44 @@ impl Vip {
         let mut counted = false;
         loop {
             let notified = self.slot_freed.notified();
-            let limit = self.table.load().settings.max_connections;
-            let mut taken = self.slots.load(Ordering::Acquire);
-            while taken < limit {
-                match self
-                    .slots
-                    .compare_exchange_weak(taken, taken + 1, Ordering::AcqRel, Ordering::Acquire)
-                {
-                    Ok(_) => {
-                        return ClientSlot {
-                            vip: Arc::clone(self),
-                            accepted: false,
-                        }
-                    }
-                    Err(now) => taken = now,
-                }
+            if let Some(slot) = self.try_reserve_slot() {
+                return slot;
             }
             if !counted {
                 counted = true;
-                self.metrics.limit_reached.increment(1);
-                tracing::warn!(vip = %self.name, limit, "connection limit reached; accepting paused");
+                self.limit_reached();
             }
             notified.await;
         }
+    }
+
+    /// Takes a connection slot if the VIP is below its limit.
+    pub(crate) fn try_reserve_slot(self: &Arc<Self>) -> Option<ClientSlot> {
+        let limit = self.table.load().settings.max_connections;
+        let mut taken = self.slots.load(Ordering::Acquire);
+        while taken < limit {
+            match self
+                .slots
+                .compare_exchange_weak(taken, taken + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    return Some(ClientSlot {
+                        vip: Arc::clone(self),
+                        accepted: false,
+                    })
+                }
+                Err(now) => taken = now,
+            }
+        }
+        None
+    }
+
+    /// Counts and logs an accept loop pausing at the connection limit (once
+    /// per pause).
+    pub(crate) fn limit_reached(&self) {
+        let limit = self.table.load().settings.max_connections;
+        self.metrics.limit_reached.increment(1);
+        tracing::warn!(vip = %self.name, limit, "connection limit reached; accepting paused");
     }
 
     /// Now, for ejection decisions.

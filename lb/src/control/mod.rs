@@ -54,7 +54,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         );
     }
     warn_about_operation(&config);
-    let workers = Workers::start(count).context("cannot start the worker threads")?;
+    let workers = Workers::start(count, config.data_plane).context("cannot start the worker threads")?;
     let leadership = config
         .ha
         .clone()

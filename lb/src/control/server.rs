@@ -369,22 +369,7 @@ impl Server {
     /// accepts a connection serves it to the end on that thread.
     fn spawn_accept(&self, vip: &Arc<Vip>, listener: std::net::TcpListener) -> Listening {
         let stop = CancellationToken::new();
-        for worker in self.workers.handles() {
-            let listener = match listener.try_clone() {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(vip = vip.name(), error = %e, "cannot share the listener with a worker");
-                    continue;
-                }
-            };
-            let (vip, stop, tracker) = (Arc::clone(vip), stop.clone(), self.connections.clone());
-            worker.spawn(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => proxy::accept_loop(vip, listener, stop, tracker).await,
-                    Err(e) => tracing::error!(vip = vip.name(), error = %e, "cannot register the listener"),
-                }
-            });
-        }
+        self.workers.spawn_accept(vip, &listener, &stop, &self.connections);
         Listening { socket: listener, stop }
     }
 

@@ -6,7 +6,9 @@
 //! - [`pressure`]: the process's own resources running out (descriptors,
 //!   ports): pause accepting, never blame a backend.
 //! - [`lease`]: the HA lease as the accept loop checks it, per connection.
-//! - [`workers`]: one single-threaded runtime per worker thread.
+//! - [`workers`]: the worker threads, epoll or io_uring.
+//! - [`uring`]: the io_uring data plane (accept, connect, copy on one ring
+//!   per worker).
 //!
 //! Everything here runs on the worker threads (`halo-worker-N`), each
 //! serving the connections it accepted to the end. Imports: `settings`,
@@ -17,4 +19,5 @@ pub(crate) mod lease;
 pub(crate) mod pressure;
 pub(crate) mod proxy;
 pub(crate) mod proxy_protocol;
+pub(crate) mod uring;
 pub(crate) mod workers;

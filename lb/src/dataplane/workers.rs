@@ -1,4 +1,5 @@
-//! The data plane's threads: one single-threaded tokio runtime per core.
+//! The data plane's threads: one per core, each an epoll (tokio) runtime
+//! or an io_uring completion loop ([`uring`]).
 //!
 //! Each worker accepts on its own registration of every VIP's listening
 //! socket and serves the connections it accepts to the end on its own
@@ -26,56 +27,141 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// Handles on the worker runtimes; cloning shares them.
+use crate::balance::table::Vip;
+use crate::dataplane::{proxy, uring};
+use crate::settings::DataPlane;
+
+/// One worker thread, as the control plane reaches it.
+#[derive(Debug)]
+enum Worker {
+    /// A single-threaded tokio runtime (epoll).
+    Epoll(Handle),
+    /// An io_uring completion loop (see [`uring`]).
+    IoUring(uring::Handle),
+}
+
+/// The data-plane worker threads; cloning shares them.
 #[derive(Debug, Clone)]
 pub(crate) struct Workers {
-    handles: Arc<Vec<Handle>>,
+    workers: Arc<Vec<Worker>>,
+    plane: &'static str,
 }
 
 impl Workers {
-    /// Starts `n` worker threads (at least one), each running a
-    /// single-threaded runtime until the process exits.
-    pub(crate) fn start(n: usize) -> std::io::Result<Workers> {
+    /// Starts `n` worker threads (at least one) on the data plane `plane`
+    /// asks for, each serving until the process exits. `auto` takes
+    /// io_uring if [`uring::probe`] passes, else epoll (and logs why).
+    pub(crate) fn start(n: usize, plane: DataPlane) -> std::io::Result<Workers> {
         let n = n.max(1);
         // One counter per worker, each on its own cache line; the first
         // start fixes the count (a process starts its workers once).
-        let loads = LOADS.get_or_init(|| (0..n).map(|_| Padded::default()).collect());
-        let mut handles = Vec::new();
+        LOADS.get_or_init(|| (0..n).map(|_| Padded::default()).collect());
+        let io_uring = match plane {
+            DataPlane::Epoll => false,
+            DataPlane::IoUring => {
+                uring::probe().map_err(|e| std::io::Error::new(e.kind(), format!("data_plane = \"io_uring\": {e}")))?;
+                true
+            }
+            DataPlane::Auto => match uring::probe() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::info!(error = %e, "io_uring unavailable here; the data plane uses epoll");
+                    false
+                }
+            },
+        };
+        let mut workers = Vec::new();
         for i in 0..n {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::Builder::new()
-                .name(format!("halo-worker-{i}"))
-                .spawn(move || {
-                    if i < loads.len() {
-                        WORKER.set(Some(i));
-                    }
-                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                        Ok(r) => r,
-                        Err(e) => {
-                            // The receiver learns of the failure from the closed channel.
-                            tracing::error!(error = %e, "cannot build a worker runtime");
-                            return;
-                        }
-                    };
-                    if tx.send(runtime.handle().clone()).is_err() {
-                        return;
-                    }
-                    runtime.block_on(keep_timer_armed());
-                })?;
-            let handle = rx
-                .recv()
-                .map_err(|_| std::io::Error::other(format!("worker {i} failed to start its runtime")))?;
-            handles.push(handle);
+            let name = format!("halo-worker-{i}");
+            let worker = if io_uring {
+                Worker::IoUring(uring::start(name, i)?)
+            } else {
+                Worker::Epoll(start_epoll(name, i)?)
+            };
+            workers.push(worker);
         }
+        let plane = if io_uring { "io_uring" } else { "epoll" };
+        tracing::info!(workers = n, data_plane = plane, "data-plane workers started");
         Ok(Workers {
-            handles: Arc::new(handles),
+            workers: Arc::new(workers),
+            plane,
         })
     }
 
-    /// The worker runtimes.
-    pub(crate) fn handles(&self) -> &[Handle] {
-        &self.handles
+    /// The data plane in use: `io_uring` or `epoll`.
+    pub(crate) fn plane(&self) -> &'static str {
+        self.plane
+    }
+
+    /// Accepts on `listener` on every worker: each takes its own clone of
+    /// the socket, and whichever accepts a connection serves it to the end
+    /// on its thread. Connections are counted on `tracker`; the accept
+    /// loops end when `stop` is cancelled.
+    pub(crate) fn spawn_accept(
+        &self,
+        vip: &Arc<Vip>,
+        listener: &std::net::TcpListener,
+        stop: &CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        for worker in self.workers.iter() {
+            let listener = match listener.try_clone() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(vip = vip.name(), error = %e, "cannot share the listener with a worker");
+                    continue;
+                }
+            };
+            let (vip, stop, tracker) = (Arc::clone(vip), stop.clone(), tracker.clone());
+            match worker {
+                Worker::Epoll(handle) => {
+                    handle.spawn(async move {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => proxy::accept_loop(vip, listener, stop, tracker).await,
+                            Err(e) => tracing::error!(vip = vip.name(), error = %e, "cannot register the listener"),
+                        }
+                    });
+                }
+                Worker::IoUring(handle) => handle.send(uring::Command::Listen {
+                    vip,
+                    listener,
+                    stop,
+                    tracker,
+                }),
+            }
+        }
+    }
+}
+
+/// Starts one epoll worker: a thread running a single-threaded runtime.
+fn start_epoll(name: String, index: usize) -> std::io::Result<Handle> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name(name).spawn(move || {
+        set_worker(index);
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                // The receiver learns of the failure from the closed channel.
+                tracing::error!(error = %e, "cannot build a worker runtime");
+                return;
+            }
+        };
+        if tx.send(runtime.handle().clone()).is_err() {
+            return;
+        }
+        runtime.block_on(keep_timer_armed());
+    })?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other(format!("worker {index} failed to start its runtime")))
+}
+
+/// Marks the calling thread as worker `index`, for [`Load`].
+pub(crate) fn set_worker(index: usize) {
+    if LOADS.get().is_some_and(|l| index < l.len()) {
+        WORKER.set(Some(index));
     }
 }
 

@@ -79,6 +79,10 @@ pub struct Config {
     /// connections. Unset: one per core.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// How the workers drive their sockets: `auto` (io_uring where the
+    /// kernel and the sandbox allow it, else epoll), `io_uring` or `epoll`.
+    #[serde(default)]
+    pub data_plane: DataPlane,
     /// How to reach Consul, for VIPs with `service`.
     #[serde(default)]
     pub consul: ConsulConfig,
@@ -254,6 +258,20 @@ pub enum ProxyProtocol {
     V1,
     /// Binary header, version 2.
     V2,
+}
+
+/// Which kernel interface the data-plane workers use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataPlane {
+    /// io_uring if this kernel and sandbox allow it (a probe at start),
+    /// otherwise epoll.
+    #[default]
+    Auto,
+    /// io_uring, or refuse to start.
+    IoUring,
+    /// epoll (tokio), whatever the kernel offers.
+    Epoll,
 }
 
 /// How bytes are moved between client and backend.

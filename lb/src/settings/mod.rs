@@ -191,6 +191,8 @@ pub struct Validated {
     pub drain_timeout: Duration,
     /// Data-plane threads; `None`: one per core.
     pub workers: Option<usize>,
+    /// Which kernel interface the workers use.
+    pub data_plane: DataPlane,
     /// How to reach Consul (for VIPs with `service`, and for `[ha]`).
     pub consul: ConsulSettings,
     /// The VIPs, in the file's order.

@@ -47,6 +47,7 @@ impl Config {
             admin_token,
             drain_timeout: self.drain_timeout,
             workers: self.workers,
+            data_plane: self.data_plane,
             consul,
             vips,
             ha,
