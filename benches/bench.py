@@ -469,7 +469,9 @@ def swap_loop(args):
 
 # --------------------------------------------------------------- table
 
-PROXIES = ["direct", "haproxy", "haproxy-splice", "nginx-stream", "halo", "halo-splice"]
+PROXIES = ["direct", "haproxy", "haproxy-splice", "nginx-stream", "halo", "halo-epoll", "halo-splice"]
+# Ratio columns: (halo variant, what it is compared with).
+RATIOS = (("halo", "haproxy"), ("halo-epoll", "haproxy"), ("halo-splice", "haproxy-splice"))
 
 # key -> (row title, higher_is_better, number format)
 ROWS = [
@@ -571,7 +573,7 @@ def render(args):
             s += f" ({note})"
         return s, x
 
-    header = ["measurement"] + PROXIES + ["halo ÷ haproxy", "halo-splice ÷ haproxy-splice", "notes"]
+    header = ["measurement"] + PROXIES + [f"{a} ÷ {b}" for a, b in RATIOS] + ["notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     # What the swap rows are compared with: the same 2-backend VIP without
@@ -595,7 +597,7 @@ def render(args):
             vals[p] = x
         notes = []
         ratios = []
-        for a, b in (("halo", "haproxy"), ("halo-splice", "haproxy-splice")):
+        for a, b in RATIOS:
             if key.startswith("swap"):
                 ratios.append("n/a")
                 continue
@@ -638,13 +640,13 @@ def render(args):
         for alg, n, v in tbl:
             what = f"{alg}, " if alg else ""
             row = [f"table rebuild + swap, {what}{n} backends (lower is better)"]
-            row += ["n/a"] * 4 + [v, "= halo", "n/a", "n/a", note]
+            row += ["n/a"] * 4 + [v, "= halo", "= halo", "n/a", "n/a", "n/a", note]
             lines.append("| " + " | ".join(row) + " |")
     else:
         why = tbl_state[0] if tbl_state else "not available"
         for n in (10, 1000, 10000):
             row = [f"table rebuild + swap, {n} backends (lower is better)"]
-            row += ["n/a"] * 4 + [why, "n/a", "n/a", "n/a", "halo-benches `table-bench`: " + why]
+            row += ["n/a"] * 4 + [why, "n/a", "n/a", "n/a", "n/a", "n/a", "halo-benches `table-bench`: " + why]
             lines.append("| " + " | ".join(row) + " |")
 
     desc = meta.get("description", "")

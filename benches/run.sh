@@ -31,7 +31,7 @@ CPS_CONNS=${BENCH_CPS_CONNS:-$CONNS}
 THREADS=${BENCH_THREADS:-2}
 IDLE_REQ=${BENCH_IDLE_CONNS:-10000}
 SWAP_RATE=${BENCH_SWAP_RATE:-100}
-PROXIES=${BENCH_PROXIES:-"direct haproxy haproxy-splice nginx-stream halo halo-splice"}
+PROXIES=${BENCH_PROXIES:-"direct haproxy haproxy-splice nginx-stream halo halo-epoll halo-splice"}
 TESTS=${BENCH_TESTS:-"tput http idle swap table"}
 CORES=$(nproc)
 BUILD_TIMEOUT=${BENCH_BUILD_TIMEOUT:-1800}
@@ -373,12 +373,14 @@ stream {
 EOF
 }
 
-halo_conf() { # FILE ADMIN_PORT PORT COPY BACKEND_PORT [BACKEND_PORT...]
-  local f=$1 admin=$2 port=$3 copy=$4
-  shift 4
+halo_conf() { # FILE ADMIN_PORT PORT COPY PLANE BACKEND_PORT [BACKEND_PORT...]
+  local f=$1 admin=$2 port=$3 copy=$4 plane=$5
+  shift 5
   local b list=
   for b in "$@"; do list+="${list:+, }\"127.0.0.1:$b\""; done
   cat >"$f" <<EOF
+data_plane = "$plane"
+
 [admin]
 listen = "127.0.0.1:$admin"
 
@@ -423,14 +425,18 @@ start_proxy() {
       spawn "$OUTDIR/$name$PROXY_TAG.log" nginx -p "$TMP/stream" -c "$TMP/stream/nginx.conf" -e "$TMP/stream/error.log"
       PROXY_PID=$LAST_PID
       wait_ready "$PROXY_PORT" "${extra[@]}" ;;
-    halo | halo-splice)
+    halo | halo-epoll | halo-splice)
       [ -n "$HALO_BIN" ] || return 1
       PROXY_PORT=$(freeport)
       ADMIN_PORT=$(freeport)
       while [ "$ADMIN_PORT" = "$PROXY_PORT" ]; do ADMIN_PORT=$(freeport); done
-      local copy=buffered
-      [ "$name" = halo-splice ] && copy=splice
-      halo_conf "$TMP/$name.toml" "$ADMIN_PORT" "$PROXY_PORT" "$copy" "$bport" ${bport2:+"$bport2"}
+      # halo: the defaults (data_plane = "auto": io_uring here). halo-epoll:
+      # the epoll data plane. halo-splice: splice(2) copying, which only
+      # the epoll data plane does.
+      local copy=buffered plane=auto
+      [ "$name" = halo-epoll ] && plane=epoll
+      [ "$name" = halo-splice ] && copy=splice plane=epoll
+      halo_conf "$TMP/$name.toml" "$ADMIN_PORT" "$PROXY_PORT" "$copy" "$plane" "$bport" ${bport2:+"$bport2"}
       cp "$TMP/$name.toml" "$OUTDIR/$name$PROXY_TAG.toml"
       spawn "$OUTDIR/$name$PROXY_TAG.log" env RUST_LOG="${RUST_LOG:-warn}" "$HALO_BIN" --config "$TMP/$name.toml"
       PROXY_PID=$LAST_PID

@@ -21,7 +21,7 @@ use crate::control::series;
 use crate::control::status::{self, Status, VipStatus};
 use crate::dataplane::proxy;
 use crate::dataplane::workers::Workers;
-use crate::settings::{BackendSource, ConsulSettings, HaSettings, Validated};
+use crate::settings::{BackendSource, ConsulSettings, DataPlane, HaSettings, Validated};
 use crate::sources::checks::ActiveChecks;
 use crate::sources::Discovery;
 
@@ -90,6 +90,8 @@ pub(crate) struct Server {
     drain_timeout: Mutex<Duration>,
     prometheus: Option<PrometheusHandle>,
     workers: Workers,
+    /// `data_plane` as started; it changes only on restart.
+    data_plane: DataPlane,
     /// The Consul settings discovery tasks were started with.
     consul: Mutex<Option<ConsulSettings>>,
     /// The ACL token every Consul client of this process reads (discovery
@@ -146,6 +148,7 @@ impl Server {
             drain_timeout: Mutex::new(config.drain_timeout),
             prometheus,
             workers,
+            data_plane: config.data_plane,
             consul: Mutex::new(None),
             consul_token: halo_consul::Token::default(),
             serving: AtomicBool::new(serving),
@@ -167,6 +170,9 @@ impl Server {
     pub(crate) fn apply(&self, config: &Validated, token: Option<halo_consul::Token>) -> Result<(), ApplyError> {
         if config.admin != self.admin {
             tracing::warn!(running = %self.admin, configured = %config.admin, "admin.listen changes take effect only on restart");
+        }
+        if config.data_plane != self.data_plane {
+            tracing::warn!(running = ?self.data_plane, configured = ?config.data_plane, "data_plane changes take effect only on restart");
         }
         let mut vips = self.vips.lock().expect("vip registry poisoned");
 
@@ -420,6 +426,7 @@ impl Server {
             draining: self.is_draining(),
             serving: self.is_serving(),
             admin: self.admin.to_string(),
+            data_plane: self.workers.plane().to_owned(),
             vips,
             ha: None,
         }

@@ -27,6 +27,9 @@ pub struct Status {
     pub serving: bool,
     /// The admin address.
     pub admin: String,
+    /// The data plane the workers run: `io_uring` or `epoll`.
+    #[serde(default)]
+    pub data_plane: String,
     /// Every configured VIP, by name.
     pub vips: Vec<VipStatus>,
     /// The election, for a balancer with `[ha]`; `null` without.

@@ -31,7 +31,9 @@
 //!   slows its writer (backpressure) instead of growing memory. The pool
 //!   grows when it runs dry (to [`MAX_BUFFERS`]).
 //! - **Half-close**: end of stream one way shuts down writing the other
-//!   way; the connection ends when both ways have.
+//!   way; the connection ends when both ways have. Shutdowns and closes go
+//!   through the ring too, so a turn makes no other system call on the
+//!   path of an established connection.
 //! - **Idle timeout**: a deadline per connection in the worker's timer
 //!   heap, checked against its last activity.
 //! - **Splice**: VIPs with `copy = "splice"` are copied through the same
@@ -61,7 +63,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -146,6 +148,8 @@ pub(crate) fn probe() -> io::Result<()> {
         (opcode::LinkTimeout::CODE, "link timeout"),
         (opcode::AsyncCancel::CODE, "cancel"),
         (opcode::Read::CODE, "read"),
+        (opcode::Shutdown::CODE, "shutdown"),
+        (opcode::Close::CODE, "close"),
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
@@ -218,6 +222,10 @@ enum Kind {
     Send1 = 8,
     Header = 9,
     Cancel = 10,
+    /// A half-close (`shutdown(SHUT_WR)`) of a connection's socket.
+    Shutdown = 11,
+    /// The close of a freed connection's socket.
+    Closed = 12,
 }
 
 fn token(index: usize, kind: Kind) -> u64 {
@@ -237,6 +245,8 @@ fn untoken(data: u64) -> Option<(usize, Kind)> {
         8 => Kind::Send1,
         9 => Kind::Header,
         10 => Kind::Cancel,
+        11 => Kind::Shutdown,
+        12 => Kind::Closed,
         _ => return None,
     };
     Some((index, kind))
@@ -348,7 +358,10 @@ fn tcp_socket(v4: bool) -> io::Result<OwnedFd> {
 
 impl Spare {
     fn new(v4: bool) -> io::Result<Spare> {
-        Ok(Spare { fd: tcp_socket(v4)?, v4 })
+        Ok(Spare {
+            fd: tcp_socket(v4)?,
+            v4,
+        })
     }
 }
 
@@ -610,7 +623,13 @@ impl Worker {
                 self.arm_wake();
             }
             Kind::Accept => self.accepted(index, result),
-            Kind::Cancel => {}
+            Kind::Cancel | Kind::Closed => {}
+            Kind::Shutdown => {
+                if let Some(c) = self.conns.get(index) {
+                    c.inflight -= 1;
+                    self.op_done(index);
+                }
+            }
             Kind::Connect => self.connected(index, result),
             Kind::ConnectTimeout => self.connect_timeout_done(index),
             Kind::Header => self.header_sent(index, result),
@@ -698,10 +717,16 @@ impl Worker {
             let (conns, listeners) = (&self.conns, &self.listeners);
             self.timers.retain(|Reverse((_, timer))| match *timer {
                 Timer::Tick => true,
-                Timer::Listener(i, serial) => listeners.items.get(i).and_then(Option::as_ref).is_some_and(|l| l.serial == serial),
-                Timer::Relief(i, serial) | Timer::Idle(i, serial) => {
-                    conns.items.get(i).and_then(Option::as_ref).is_some_and(|c| c.serial == serial)
-                }
+                Timer::Listener(i, serial) => listeners
+                    .items
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|l| l.serial == serial),
+                Timer::Relief(i, serial) | Timer::Idle(i, serial) => conns
+                    .items
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| c.serial == serial),
             });
         }
         for index in 0..self.listeners.items.len() {
@@ -728,7 +753,8 @@ impl Worker {
         }
         l.paused = true;
         let serial = l.serial;
-        self.timers.push(Reverse((self.now + wait, Timer::Listener(index, serial))));
+        self.timers
+            .push(Reverse((self.now + wait, Timer::Listener(index, serial))));
     }
 
     fn remove_listener(&mut self, index: usize) {
@@ -989,7 +1015,10 @@ impl Worker {
         let e = if result == -libc::ECANCELED {
             io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("connect to {} timed out after {:?}", entry.backend.addr, c.settings.connect_timeout),
+                format!(
+                    "connect to {} timed out after {:?}",
+                    entry.backend.addr, c.settings.connect_timeout
+                ),
             )
         } else {
             io::Error::from_raw_os_error(-result)
@@ -1226,10 +1255,12 @@ impl Worker {
         let Some(c) = self.conns.get(index) else { return };
         c.dirs[dir].ended = true;
         if !c.dirs[1 - dir].ended {
+            // A direct call: io_uring runs shutdowns on its blocking
+            // worker threads (a thread wake-up each, measured). A failure
+            // (the peer already gone) shows in the other direction.
             let dst = if dir == 0 { c.backend.as_ref() } else { Some(&c.client) };
             if let Some(dst) = dst {
                 if let Err(e) = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
-                    // The peer may already be gone; the other direction will notice.
                     tracing::debug!(error = %e, "shutdown(SHUT_WR) failed");
                 }
             }
@@ -1302,8 +1333,16 @@ impl Worker {
             }
         }
         if let Some(c) = self.conns.remove(index) {
-            drop(c);
-            // Its descriptors are free again.
+            let c = *c;
+            // Closed on the ring with the rest of the turn. Nothing of the
+            // connection is in flight, so nothing else uses them.
+            for fd in [Some(c.client), c.backend].into_iter().flatten() {
+                let entry = opcode::Close::new(types::Fd(fd.into_raw_fd()))
+                    .build()
+                    .user_data(token(0, Kind::Closed));
+                self.push(&entry);
+            }
+            // Its descriptors are (about to be) free again.
             pressure::relieve();
         }
     }
@@ -1332,6 +1371,8 @@ mod tests {
             Kind::Send1,
             Kind::Header,
             Kind::Cancel,
+            Kind::Shutdown,
+            Kind::Closed,
         ] {
             assert_eq!(untoken(token(123_456, kind)), Some((123_456, kind)));
         }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use super::ha::validate_ha;
 use super::{
     listens_conflict, Backend, BackendSource, BackendSpec, CheckSpec, Config, ConsulConfig, ConsulSettings,
-    ConsulTarget, DnsTarget, Validated, ValidatedVip, VipConfig, VipSettings, ZonePolicy, DEFAULT_CONSUL_WAIT,
-    DEFAULT_WEIGHT, MAX_WORKERS,
+    ConsulTarget, DataPlane, DnsTarget, Validated, ValidatedVip, VipConfig, VipSettings, ZonePolicy,
+    DEFAULT_CONSUL_WAIT, DEFAULT_WEIGHT, MAX_WORKERS,
 };
 
 impl Config {
@@ -31,6 +31,7 @@ impl Config {
         if let Some(w) = self.workers.filter(|w| !(1..=MAX_WORKERS).contains(w)) {
             problems.push(format!("workers: {w} is not in 1..={MAX_WORKERS}"));
         }
+        let data_plane = data_plane(self.data_plane, &mut problems);
         if self.vips.is_empty() {
             problems.push("vip: at least one [[vip]] is required".to_owned());
         }
@@ -47,7 +48,7 @@ impl Config {
             admin_token,
             drain_timeout: self.drain_timeout,
             workers: self.workers,
-            data_plane: self.data_plane,
+            data_plane,
             consul,
             vips,
             ha,
@@ -73,6 +74,29 @@ fn admin_token(token_file: Option<&str>, problems: &mut Vec<String>) -> Option<h
     read_token_file(std::path::Path::new(&path))
         .map_err(|e| problems.push(format!("{field}: {e}")))
         .ok()
+}
+
+/// The environment variable that overrides the file's `data_plane`: an
+/// operator's way to change it without editing the file (and the tests'
+/// way to run every data-plane test on each).
+pub(crate) const DATA_PLANE_ENV: &str = "HALO_DATA_PLANE";
+
+/// `data_plane`, or [`DATA_PLANE_ENV`] when set.
+fn data_plane(file: DataPlane, problems: &mut Vec<String>) -> DataPlane {
+    let Ok(value) = std::env::var(DATA_PLANE_ENV) else {
+        return file;
+    };
+    match value.as_str() {
+        "auto" => DataPlane::Auto,
+        "io_uring" => DataPlane::IoUring,
+        "epoll" => DataPlane::Epoll,
+        other => {
+            problems.push(format!(
+                "{DATA_PLANE_ENV}: {other:?} is not one of \"auto\", \"io_uring\", \"epoll\""
+            ));
+            file
+        }
+    }
 }
 
 /// Every `[[vip]]`, and what must hold between them: unique names, listen
