@@ -22,7 +22,7 @@
 //! | `settings` | the TOML file and the validated settings: plain data, no imports from the rest of the crate | whoever loads the file |
 //! | `balance` | backends and their live state, selection (the algorithms), zone-aware routing, the published table of each VIP | built on the control thread, read lock-free by the workers |
 //! | `sources` | where backends come from (static lists, Consul, DNS SRV) behind one `Source` trait and one fail-static loop, and the balancer's own active checks | tasks on the control runtime |
-//! | `dataplane` | listeners, the accept loop, connect-with-retry, copying, PROXY headers, the process's resource pressure, the lease check, the worker runtimes | one single-threaded runtime per worker thread (`halo-worker-N`) |
+//! | `dataplane` | listeners, the accept loop, connect-with-retry, copying, PROXY headers, the process's resource pressure, the lease check, the worker threads | one worker thread per core (`halo-worker-N`), each an io_uring completion loop (`uring`) or a single-threaded epoll runtime (`proxy`, `copy`) |
 //! | `control` | the running server (VIPs, reload, drain), `/status`, the admin API, the HA election and the floating address | the main runtime; the election on its own `halo-ha` thread |
 //!
 //! Data flows one way: a source → the VIP's table builder
