@@ -431,11 +431,11 @@ start_proxy() {
       ADMIN_PORT=$(freeport)
       while [ "$ADMIN_PORT" = "$PROXY_PORT" ]; do ADMIN_PORT=$(freeport); done
       # halo: the defaults (data_plane = "auto": io_uring here). halo-epoll:
-      # the epoll data plane. halo-splice: splice(2) copying, which only
-      # the epoll data plane does.
+      # the epoll data plane. halo-splice: copy = "splice" on the default
+      # data plane.
       local copy=buffered plane=auto
       [ "$name" = halo-epoll ] && plane=epoll
-      [ "$name" = halo-splice ] && copy=splice plane=epoll
+      [ "$name" = halo-splice ] && copy=splice
       halo_conf "$TMP/$name.toml" "$ADMIN_PORT" "$PROXY_PORT" "$copy" "$plane" "$bport" ${bport2:+"$bport2"}
       cp "$TMP/$name.toml" "$OUTDIR/$name$PROXY_TAG.toml"
       spawn "$OUTDIR/$name$PROXY_TAG.log" env RUST_LOG="${RUST_LOG:-warn}" "$HALO_BIN" --config "$TMP/$name.toml"

@@ -21,7 +21,7 @@ use crate::control::series;
 use crate::control::status::{self, Status, VipStatus};
 use crate::dataplane::proxy;
 use crate::dataplane::workers::Workers;
-use crate::settings::{BackendSource, ConsulSettings, CopyMode, DataPlane, HaSettings, Validated};
+use crate::settings::{BackendSource, ConsulSettings, DataPlane, HaSettings, Validated};
 use crate::sources::checks::ActiveChecks;
 use crate::sources::Discovery;
 
@@ -246,9 +246,6 @@ impl Server {
         };
         for v in &config.vips {
             let name = &v.name;
-            if v.settings.copy == CopyMode::Splice && self.workers.plane() == "io_uring" {
-                tracing::warn!(vip = %name, "copy = \"splice\" is an epoll data plane mode; on io_uring this VIP copies through the provided buffers (data_plane = \"epoll\" to splice)");
-            }
             let running = match vips.get_mut(name) {
                 Some(running) => {
                     running.vip.set_settings(v.settings.clone());

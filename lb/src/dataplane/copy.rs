@@ -316,7 +316,8 @@ fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// A kernel pipe for splice(2): (read end, write end).
-struct Pipe(OwnedFd, OwnedFd);
+#[derive(Debug)]
+pub(crate) struct Pipe(pub(crate) OwnedFd, pub(crate) OwnedFd);
 
 /// Empty pipes kept per thread for reuse; beyond this they are closed.
 const PIPE_POOL_MAX: usize = 64;
@@ -334,7 +335,7 @@ thread_local! {
 /// An empty pipe from this thread's pool, or a new one. A connection holds a
 /// pipe only while bytes are in flight, so idle connections cost no pipe
 /// descriptors (HAProxy pools its splice pipes the same way).
-fn take_pipe() -> io::Result<Pipe> {
+pub(crate) fn take_pipe() -> io::Result<Pipe> {
     #[cfg(test)]
     if REFUSE_PIPES.get() {
         return Err(io::Error::from_raw_os_error(libc::EMFILE));
@@ -351,7 +352,7 @@ fn take_pipe() -> io::Result<Pipe> {
 }
 
 /// Returns an empty pipe to the pool (or closes it if the pool is full).
-fn give_back(pipe: Pipe) {
+pub(crate) fn return_pipe(pipe: Pipe) {
     PIPES.with_borrow_mut(|pool| {
         if pool.len() < PIPE_POOL_MAX {
             pool.push(pipe);
@@ -397,17 +398,17 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activi
         });
         let mut in_pipe = match moved {
             Ok(0) => {
-                give_back(pipe);
+                return_pipe(pipe);
                 activity.end_of_stream(dst);
                 return Ok(total);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                give_back(pipe);
+                return_pipe(pipe);
                 continue;
             }
             Err(e) => {
-                give_back(pipe);
+                return_pipe(pipe);
                 return Err(e);
             }
         };
@@ -429,7 +430,7 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, counter: &Counter, activi
                 Err(e) => return Err(e),
             }
         }
-        give_back(pipe);
+        return_pipe(pipe);
     }
 }
 

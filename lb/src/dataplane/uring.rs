@@ -36,10 +36,12 @@
 //!   path of an established connection.
 //! - **Idle timeout**: a deadline per connection in the worker's timer
 //!   heap, checked against its last activity.
-//! - **Splice**: VIPs with `copy = "splice"` are copied through the same
-//!   buffers here (io_uring's splice runs on blocking kernel threads; a
-//!   pipe per connection would not pay for itself with one `send` per
-//!   buffer).
+//! - **Splice**: with `copy = "splice"` a direction whose read fills a
+//!   buffer moves on to splice(2) through a pipe from the worker's pool
+//!   (the epoll data plane's `splice-auto` rule). io_uring's own splice
+//!   runs on blocking kernel threads, one per operation in flight, so here
+//!   the ring only waits for readiness (a poll) and the worker splices
+//!   with direct non-blocking calls.
 //!
 //! # Safety of the ring
 //! Every buffer or address an operation points at lives in a `Box` owned by
@@ -69,6 +71,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use nix::fcntl::SpliceFFlags;
 use socket2::SockAddr;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -78,8 +81,9 @@ use crate::balance::backend::{ActiveConnection, BackendState};
 use crate::balance::selection::PickContext;
 use crate::balance::table::{ClientSlot, Table, Vip};
 use crate::dataplane::pressure::{self, Op, RateLimit};
+use crate::dataplane::copy::{self, Pipe};
 use crate::dataplane::{lease, proxy_protocol, workers};
-use crate::settings::{ProxyProtocol, VipSettings};
+use crate::settings::{CopyMode, ProxyProtocol, VipSettings};
 
 /// Bytes one buffer holds: 16 KiB, as the epoll path's reads.
 const CHUNK: usize = 16 * 1024;
@@ -97,6 +101,9 @@ const RING_ENTRIES: u32 = 1024;
 /// How often a worker looks at its listeners' stop tokens, with nothing
 /// else to do.
 const TICK: Duration = Duration::from_millis(250);
+/// Pipefuls a splicing direction moves before the worker turns to its
+/// other connections.
+const SPLICE_ROUNDS: u32 = 16;
 /// How often a paused accept (connection limit, descriptor shortage)
 /// looks again.
 const RECHECK: Duration = Duration::from_millis(5);
@@ -150,6 +157,7 @@ pub(crate) fn probe() -> io::Result<()> {
         (opcode::Read::CODE, "read"),
         (opcode::Shutdown::CODE, "shutdown"),
         (opcode::Close::CODE, "close"),
+        (opcode::PollAdd::CODE, "poll"),
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
@@ -226,6 +234,12 @@ enum Kind {
     Shutdown = 11,
     /// The close of a freed connection's socket.
     Closed = 12,
+    /// Splice mode: the client (direction 0) or backend (1) is readable.
+    Readable0 = 13,
+    Readable1 = 14,
+    /// Splice mode: the backend (direction 0) or client (1) is writable.
+    Writable0 = 15,
+    Writable1 = 16,
 }
 
 fn token(index: usize, kind: Kind) -> u64 {
@@ -247,6 +261,10 @@ fn untoken(data: u64) -> Option<(usize, Kind)> {
         10 => Kind::Cancel,
         11 => Kind::Shutdown,
         12 => Kind::Closed,
+        13 => Kind::Readable0,
+        14 => Kind::Readable1,
+        15 => Kind::Writable0,
+        16 => Kind::Writable1,
         _ => return None,
     };
     Some((index, kind))
@@ -395,8 +413,16 @@ struct Direction {
     buffer: Option<(u16, u32)>,
     /// Bytes of it sent.
     sent: u32,
+    /// The read that filled it left more in the socket: more bytes, or the
+    /// peer's FIN (the kernel reports a pending FIN as one byte more).
+    more: bool,
     /// End of stream read.
     ended: bool,
+    /// Splice mode, and a read has filled a buffer: this direction now
+    /// moves its bytes through a pipe.
+    splicing: bool,
+    /// The pipe holding bytes on their way, and how many.
+    pipe: Option<(Pipe, usize)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -637,6 +663,8 @@ impl Worker {
             Kind::Recv1 => self.received(index, 1, result, flags),
             Kind::Send0 => self.sent(index, 0, result),
             Kind::Send1 => self.sent(index, 1, result),
+            Kind::Readable0 | Kind::Writable0 => self.ready(index, 0, result),
+            Kind::Readable1 | Kind::Writable1 => self.ready(index, 1, result),
         }
     }
 
@@ -1184,6 +1212,12 @@ impl Worker {
             counter.increment(result as u64);
             c.dirs[dir].buffer = Some((id, result as u32));
             c.dirs[dir].sent = 0;
+            c.dirs[dir].more = cqueue::sock_nonempty(flags);
+            if c.settings.copy == CopyMode::Splice && result as usize == CHUNK {
+                // Bulk: once this buffer is out, splice (as the epoll data
+                // plane and HAProxy's `splice-auto` decide).
+                c.dirs[dir].splicing = true;
+            }
             return self.send(index, dir);
         }
         if result < 0 && result != -libc::ENOBUFS {
@@ -1214,9 +1248,15 @@ impl Worker {
         let sent = c.dirs[dir].sent;
         let bytes = &self.pool.bytes(id, len as usize)[sent as usize..];
         let kind = if dir == 0 { Kind::Send0 } else { Kind::Send1 };
+        // With more to read (or the FIN), MSG_MORE holds these bytes until
+        // the next send or our shutdown, so the last bytes and the FIN
+        // leave in one segment (as the epoll data plane does). The next
+        // read is armed as soon as this send completes, and it finds the
+        // bytes or the FIN at once.
+        let more = if c.dirs[dir].more { libc::MSG_MORE } else { 0 };
         // Direction 0 writes to the backend, 1 to the client.
         let entry = opcode::Send::new(types::Fd(c.fd(1 - dir)), bytes.as_ptr(), len - sent)
-            .flags(libc::MSG_NOSIGNAL)
+            .flags(libc::MSG_NOSIGNAL | more)
             .build()
             .user_data(token(index, kind));
         c.inflight += 1;
@@ -1245,8 +1285,146 @@ impl Worker {
             return self.send(index, dir);
         }
         c.dirs[dir].buffer = None;
+        let splicing = c.dirs[dir].splicing;
         self.give_back(id);
-        self.recv(index, dir);
+        if splicing {
+            self.splice_pump(index, dir);
+        } else {
+            self.recv(index, dir);
+        }
+    }
+
+    // ---- splice ----
+    //
+    // io_uring runs splice on its blocking worker threads, one per
+    // operation in flight, so a direction that splices waits for
+    // readiness on the ring (a poll) and splices with direct, non-blocking
+    // calls: the epoll data plane's method, with the ring for readiness.
+
+    /// Moves what `dir`'s source has into a pipe and on to the other side,
+    /// until the source has nothing (then a poll for readable), the other
+    /// side is full (a poll for writable), or [`SPLICE_ROUNDS`] pipefuls
+    /// have moved (a poll too, which completes at once: the worker's other
+    /// connections get their turn).
+    fn splice_pump(&mut self, index: usize, dir: usize) {
+        let now = self.now;
+        let Some(c) = self.conns.get(index) else { return };
+        let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        let (src, dst) = if dir == 0 {
+            (Some(&c.client), c.backend.as_ref())
+        } else {
+            (c.backend.as_ref(), Some(&c.client))
+        };
+        let (Some(src), Some(dst)) = (src, dst) else { return };
+        let mut wait_for = None;
+        let mut failed = None;
+        let mut ended = false;
+        let mut rounds = 0;
+        loop {
+            // Out: empty the pipe into the other side.
+            if let Some((pipe, in_pipe)) = c.dirs[dir].pipe.as_mut() {
+                while *in_pipe > 0 {
+                    match nix::fcntl::splice(&pipe.0, None, dst, None, *in_pipe, flags) {
+                        Ok(m) => {
+                            *in_pipe -= m;
+                            c.last_activity = now;
+                        }
+                        Err(nix::errno::Errno::EAGAIN) => break,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if failed.is_some() {
+                    // The pipe still holds bytes: closed with the
+                    // connection, never pooled.
+                    break;
+                }
+                if *in_pipe > 0 {
+                    wait_for = Some((1 - dir, libc::POLLOUT));
+                    break;
+                }
+                if let Some((pipe, _)) = c.dirs[dir].pipe.take() {
+                    copy::return_pipe(pipe);
+                }
+            }
+            rounds += 1;
+            if rounds > SPLICE_ROUNDS {
+                wait_for = Some((dir, libc::POLLIN));
+                break;
+            }
+            // In: from the source into a pipe.
+            let pipe = match copy::take_pipe() {
+                Ok(pipe) => pipe,
+                Err(e) => {
+                    // No pipe (out of descriptors): this read goes through
+                    // a buffer; the next tries for a pipe again.
+                    tracing::debug!(error = %e, "no pipe for splice; copying through a buffer");
+                    return self.recv(index, dir);
+                }
+            };
+            match nix::fcntl::splice(src, None, &pipe.1, None, 1 << 20, flags) {
+                Ok(0) => {
+                    copy::return_pipe(pipe);
+                    ended = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.last_activity = now;
+                    let counter = if dir == 0 {
+                        &c.vip.metrics().bytes_in
+                    } else {
+                        &c.vip.metrics().bytes_out
+                    };
+                    counter.increment(n as u64);
+                    c.dirs[dir].pipe = Some((pipe, n));
+                }
+                Err(nix::errno::Errno::EAGAIN) => {
+                    copy::return_pipe(pipe);
+                    wait_for = Some((dir, libc::POLLIN));
+                    break;
+                }
+                Err(e) => {
+                    copy::return_pipe(pipe);
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            tracing::debug!(vip = c.vip.name(), client = %c.peer, error = %e, "connection ended with an error");
+            self.abort(index);
+            return self.op_done(index);
+        }
+        if ended {
+            return self.end_of_stream(index, dir);
+        }
+        if let Some((side, events)) = wait_for {
+            let kind = match (dir, events) {
+                (0, libc::POLLIN) => Kind::Readable0,
+                (_, libc::POLLIN) => Kind::Readable1,
+                (0, _) => Kind::Writable0,
+                _ => Kind::Writable1,
+            };
+            let entry = opcode::PollAdd::new(types::Fd(c.fd(side)), events as u32)
+                .build()
+                .user_data(token(index, kind));
+            c.inflight += 1;
+            self.push(&entry);
+        }
+    }
+
+    /// A splicing direction's source became readable, or its destination
+    /// writable.
+    fn ready(&mut self, index: usize, dir: usize, result: i32) {
+        let Some(c) = self.conns.get(index) else { return };
+        c.inflight -= 1;
+        if c.aborting || result < 0 {
+            self.abort(index);
+            return self.op_done(index);
+        }
+        self.splice_pump(index, dir);
     }
 
     /// `dir`'s source sent FIN: pass it on, or end the connection if the
@@ -1373,6 +1551,10 @@ mod tests {
             Kind::Cancel,
             Kind::Shutdown,
             Kind::Closed,
+            Kind::Readable0,
+            Kind::Readable1,
+            Kind::Writable0,
+            Kind::Writable1,
         ] {
             assert_eq!(untoken(token(123_456, kind)), Some((123_456, kind)));
         }
