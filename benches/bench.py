@@ -469,9 +469,9 @@ def swap_loop(args):
 
 # --------------------------------------------------------------- table
 
-PROXIES = ["direct", "haproxy", "haproxy-splice", "nginx-stream", "halo", "halo-epoll", "halo-splice"]
+PROXIES = ["direct", "haproxy", "haproxy-splice", "nginx-stream", "halo", "halo-epoll", "halo-buffered"]
 # Ratio columns: (halo variant, what it is compared with).
-RATIOS = (("halo", "haproxy"), ("halo-epoll", "haproxy"), ("halo-splice", "haproxy-splice"))
+RATIOS = (("halo", "haproxy"), ("halo-epoll", "haproxy"), ("halo-buffered", "haproxy"))
 
 # key -> (row title, higher_is_better, number format)
 ROWS = [

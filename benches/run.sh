@@ -31,7 +31,7 @@ CPS_CONNS=${BENCH_CPS_CONNS:-$CONNS}
 THREADS=${BENCH_THREADS:-2}
 IDLE_REQ=${BENCH_IDLE_CONNS:-10000}
 SWAP_RATE=${BENCH_SWAP_RATE:-100}
-PROXIES=${BENCH_PROXIES:-"direct haproxy haproxy-splice nginx-stream halo halo-epoll halo-splice"}
+PROXIES=${BENCH_PROXIES:-"direct haproxy haproxy-splice nginx-stream halo halo-epoll halo-buffered"}
 TESTS=${BENCH_TESTS:-"tput http idle swap table"}
 CORES=$(nproc)
 BUILD_TIMEOUT=${BENCH_BUILD_TIMEOUT:-1800}
@@ -425,17 +425,17 @@ start_proxy() {
       spawn "$OUTDIR/$name$PROXY_TAG.log" nginx -p "$TMP/stream" -c "$TMP/stream/nginx.conf" -e "$TMP/stream/error.log"
       PROXY_PID=$LAST_PID
       wait_ready "$PROXY_PORT" "${extra[@]}" ;;
-    halo | halo-epoll | halo-splice)
+    halo | halo-epoll | halo-buffered)
       [ -n "$HALO_BIN" ] || return 1
       PROXY_PORT=$(freeport)
       ADMIN_PORT=$(freeport)
       while [ "$ADMIN_PORT" = "$PROXY_PORT" ]; do ADMIN_PORT=$(freeport); done
-      # halo: the defaults (data_plane = "auto": io_uring here). halo-epoll:
-      # the epoll data plane. halo-splice: copy = "splice" on the default
-      # data plane.
-      local copy=buffered plane=auto
+      # halo: the defaults, as in packaging/examples/lb.toml (data_plane =
+      # "auto": io_uring here; copy = "splice"). halo-epoll: the epoll data
+      # plane. halo-buffered: copy = "buffered" (no splice).
+      local copy=splice plane=auto
       [ "$name" = halo-epoll ] && plane=epoll
-      [ "$name" = halo-splice ] && copy=splice
+      [ "$name" = halo-buffered ] && copy=buffered
       halo_conf "$TMP/$name.toml" "$ADMIN_PORT" "$PROXY_PORT" "$copy" "$plane" "$bport" ${bport2:+"$bport2"}
       cp "$TMP/$name.toml" "$OUTDIR/$name$PROXY_TAG.toml"
       spawn "$OUTDIR/$name$PROXY_TAG.log" env RUST_LOG="${RUST_LOG:-warn}" "$HALO_BIN" --config "$TMP/$name.toml"

@@ -19,7 +19,8 @@ use std::io;
 use std::net::Shutdown;
 use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use metrics::Counter;
@@ -315,9 +316,67 @@ fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// A kernel pipe for splice(2): (read end, write end).
+/// A kernel pipe for splice(2): (read end, write end), counted in its
+/// [`PipeBudget`] until closed.
 #[derive(Debug)]
-pub(crate) struct Pipe(pub(crate) OwnedFd, pub(crate) OwnedFd);
+pub(crate) struct Pipe(pub(crate) OwnedFd, pub(crate) OwnedFd, &'static PipeBudget);
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.2.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How many pipes the process may hold open (in use or pooled), as
+/// HAProxy's `maxpipes`: each costs two descriptors, and descriptors are
+/// what clients need. Past it, splicing directions copy through the buffer
+/// until a pipe closes.
+#[derive(Debug)]
+pub(crate) struct PipeBudget {
+    open: AtomicUsize,
+    limit: usize,
+}
+
+impl PipeBudget {
+    const fn new(limit: usize) -> PipeBudget {
+        PipeBudget {
+            open: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// A new pipe, if the budget allows one.
+    fn open(&'static self) -> io::Result<Pipe> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.limit {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return Err(io::Error::other(format!(
+                "{} splice pipes open, the most allowed (a quarter of RLIMIT_NOFILE)",
+                self.limit
+            )));
+        }
+        match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok((read, write)) => {
+                // A bigger pipe moves more per syscall; best effort.
+                if let Err(e) = nix::fcntl::fcntl(write.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20)) {
+                    tracing::trace!(error = %e, "F_SETPIPE_SZ refused; keeping the default pipe size");
+                }
+                Ok(Pipe(read, write, self))
+            }
+            Err(e) => {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// The process's pipe budget: pipes may take at most a quarter of the
+/// descriptors RLIMIT_NOFILE allows at start (each pipe is two).
+static PIPE_BUDGET: LazyLock<PipeBudget> = LazyLock::new(|| {
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX));
+    PipeBudget::new(nofile / 8)
+});
 
 /// Empty pipes kept per thread for reuse; beyond this they are closed.
 const PIPE_POOL_MAX: usize = 64;
@@ -332,9 +391,10 @@ thread_local! {
     static REFUSE_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// An empty pipe from this thread's pool, or a new one. A connection holds a
-/// pipe only while bytes are in flight, so idle connections cost no pipe
-/// descriptors (HAProxy pools its splice pipes the same way).
+/// An empty pipe from this thread's pool, or a new one within the
+/// process's [`PipeBudget`]. A connection holds a pipe only while bytes are
+/// in flight, so idle connections cost no pipe descriptors (HAProxy pools
+/// its splice pipes the same way).
 pub(crate) fn take_pipe() -> io::Result<Pipe> {
     #[cfg(test)]
     if REFUSE_PIPES.get() {
@@ -343,12 +403,7 @@ pub(crate) fn take_pipe() -> io::Result<Pipe> {
     if let Some(pipe) = PIPES.with_borrow_mut(Vec::pop) {
         return Ok(pipe);
     }
-    let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    // A bigger pipe moves more per syscall; best effort.
-    if let Err(e) = nix::fcntl::fcntl(write.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20)) {
-        tracing::trace!(error = %e, "F_SETPIPE_SZ refused; keeping the default pipe size");
-    }
-    Ok(Pipe(read, write))
+    LazyLock::force(&PIPE_BUDGET).open()
 }
 
 /// Returns an empty pipe to the pool (or closes it if the pool is full).
@@ -502,6 +557,19 @@ mod tests {
             .expect("the transfer ends, with every byte");
         REFUSE_PIPES.set(false);
         assert_eq!(PIPES.with_borrow(Vec::len), 0, "no pipe was made");
+    }
+
+    #[test]
+    fn pipes_beyond_the_budget_are_refused_until_one_closes() {
+        static BUDGET: PipeBudget = PipeBudget::new(3);
+        let mut pipes: Vec<Pipe> = (0..3).map(|_| BUDGET.open().unwrap()).collect();
+        let refused = BUDGET.open().unwrap_err();
+        assert!(refused.to_string().contains("3 splice pipes open"), "{refused}");
+        drop(pipes.pop());
+        let again = BUDGET.open().expect("a closed pipe frees its place");
+        assert_eq!(BUDGET.open.load(Ordering::Relaxed), 3);
+        drop(again);
+        assert_eq!(BUDGET.open.load(Ordering::Relaxed), 2);
     }
 
     /// Waits (polling, bounded) until `stream`'s reactor has seen its

@@ -80,8 +80,8 @@ use tokio_util::task::TaskTracker;
 use crate::balance::backend::{ActiveConnection, BackendState};
 use crate::balance::selection::PickContext;
 use crate::balance::table::{ClientSlot, Table, Vip};
-use crate::dataplane::pressure::{self, Op, RateLimit};
 use crate::dataplane::copy::{self, Pipe};
+use crate::dataplane::pressure::{self, Op, RateLimit};
 use crate::dataplane::{lease, proxy_protocol, workers};
 use crate::settings::{CopyMode, ProxyProtocol, VipSettings};
 

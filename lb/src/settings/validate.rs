@@ -450,7 +450,7 @@ mod tests {
         assert_eq!(vip.settings.idle_timeout, Duration::from_secs(300));
         assert_eq!(vip.settings.proxy_protocol, ProxyProtocol::V2);
         assert_eq!(vip.settings.retries, DEFAULT_RETRIES);
-        assert_eq!(vip.settings.copy, CopyMode::Buffered);
+        assert_eq!(vip.settings.copy, CopyMode::Splice);
         let BackendSource::Static(backends) = &vip.source else {
             panic!("static backends")
         };
