@@ -19,7 +19,7 @@ use crate::balance::table::{ClientSlot, Vip};
 use crate::dataplane::pressure::{self, Op, RateLimit};
 use crate::dataplane::{lease, workers};
 
-use super::conn::{Conn, Direction, Phase};
+use super::conn::{tcp_socket, Conn, Direction, Phase};
 use super::{token, Kind, Worker, RECHECK};
 
 /// A backend socket made before its client is accepted (see the module
@@ -27,19 +27,6 @@ use super::{token, Kind, Worker, RECHECK};
 pub(super) struct Spare {
     pub(super) fd: OwnedFd,
     pub(super) v4: bool,
-}
-
-pub(super) fn tcp_socket(v4: bool) -> io::Result<OwnedFd> {
-    let family = if v4 { libc::AF_INET } else { libc::AF_INET6 };
-    // SAFETY: plain socket(2), checked.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    socket2::SockRef::from(&fd).set_nodelay(true)?;
-    Ok(fd)
 }
 
 impl Spare {

@@ -5,7 +5,7 @@
 use std::cmp::Reverse;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +22,6 @@ use crate::dataplane::pressure::{self, Op};
 use crate::dataplane::{proxy_protocol, workers};
 use crate::settings::{CopyMode, ProxyProtocol, VipSettings};
 
-use super::accept::tcp_socket;
 use super::{token, Kind, Timer, Worker, CHUNK, GROUP, GROW_BY, RECHECK, SPLICE_ROUNDS};
 
 /// One direction of a connection's copy.
@@ -87,6 +86,21 @@ pub(super) struct Conn {
     pub(super) _slot: ClientSlot,
     pub(super) _load: workers::Load,
     pub(super) _tracked: TaskTrackerToken,
+}
+
+/// A non-blocking TCP socket of the family, with TCP_NODELAY (small
+/// writes leave at once).
+pub(super) fn tcp_socket(v4: bool) -> io::Result<OwnedFd> {
+    let family = if v4 { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket(2), checked.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    socket2::SockRef::from(&fd).set_nodelay(true)?;
+    Ok(fd)
 }
 
 /// Counts `n` bytes of direction `dir` (0: client to backend) in the VIP's
