@@ -27,7 +27,8 @@ pub struct Status {
     pub serving: bool,
     /// The admin address.
     pub admin: String,
-    /// The data plane the workers run: `io_uring` or `epoll`.
+    /// The data plane the workers run: `io_uring`, `epoll`, or
+    /// `io_uring+epoll` (some io_uring workers could not start).
     #[serde(default)]
     pub data_plane: String,
     /// Every configured VIP, by name.

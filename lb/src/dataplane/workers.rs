@@ -77,13 +77,28 @@ impl Workers {
         for i in 0..n {
             let name = format!("halo-worker-{i}");
             let worker = if io_uring {
-                Worker::IoUring(uring::start(name, i)?)
+                match uring::start(name.clone(), i) {
+                    Ok(handle) => Worker::IoUring(handle),
+                    // The probe passed, yet this worker's ring could not be
+                    // made (locked memory, say): under `auto` it runs epoll;
+                    // workers are independent, so a mix serves alike.
+                    Err(e) if plane == DataPlane::Auto => {
+                        tracing::warn!(worker = i, error = %e, "cannot start an io_uring worker; this one uses epoll");
+                        Worker::Epoll(start_epoll(name, i)?)
+                    }
+                    Err(e) => return Err(e),
+                }
             } else {
                 Worker::Epoll(start_epoll(name, i)?)
             };
             workers.push(worker);
         }
-        let plane = if io_uring { "io_uring" } else { "epoll" };
+        let rings = workers.iter().filter(|w| matches!(w, Worker::IoUring(_))).count();
+        let plane = match rings {
+            0 => "epoll",
+            r if r == n => "io_uring",
+            _ => "io_uring+epoll",
+        };
         tracing::info!(workers = n, data_plane = plane, "data-plane workers started");
         Ok(Workers {
             workers: Arc::new(workers),
@@ -91,7 +106,8 @@ impl Workers {
         })
     }
 
-    /// The data plane in use: `io_uring` or `epoll`.
+    /// The data plane in use: `io_uring`, `epoll`, or `io_uring+epoll` when
+    /// some io_uring workers could not start under `auto`.
     pub(crate) fn plane(&self) -> &'static str {
         self.plane
     }

@@ -205,7 +205,6 @@ impl Worker {
             header_sent: 0,
             dirs: [Direction::default(), Direction::default()],
             last_activity: self.now,
-            backend_state: None,
             _active: None,
             _slot: slot,
             _load: workers::Load::start(),

@@ -14,7 +14,7 @@ use nix::fcntl::SpliceFFlags;
 use socket2::SockAddr;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::balance::backend::{ActiveConnection, BackendState};
+use crate::balance::backend::ActiveConnection;
 use crate::balance::selection::PickContext;
 use crate::balance::table::{ClientSlot, Table, Vip};
 use crate::dataplane::copy::{self, Pipe};
@@ -81,7 +81,6 @@ pub(super) struct Conn {
     pub(super) header_sent: usize,
     pub(super) dirs: [Direction; 2],
     pub(super) last_activity: Instant,
-    pub(super) backend_state: Option<Arc<BackendState>>,
     pub(super) _active: Option<ActiveConnection>,
     pub(super) _slot: ClientSlot,
     pub(super) _load: workers::Load,
@@ -205,7 +204,6 @@ impl Worker {
         if result == 0 {
             entry.state.connect_succeeded();
             c._active = Some(entry.state.start_connection());
-            c.backend_state = Some(Arc::clone(&entry.state));
             c.table = None;
             if c.settings.proxy_protocol != ProxyProtocol::Off {
                 let local = socket2::SockRef::from(&c.client)
@@ -218,7 +216,12 @@ impl Worker {
                         c.phase = Phase::Header;
                         self.send_header(index);
                     }
-                    None => self.abort(index),
+                    None => {
+                        // The client's socket has no local address (it is
+                        // already gone): nothing to proxy.
+                        self.abort(index);
+                        self.op_done(index);
+                    }
                 }
             } else {
                 self.start_copy(index);

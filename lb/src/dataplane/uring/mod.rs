@@ -31,9 +31,12 @@
 //!   slows its writer (backpressure) instead of growing memory. The pool
 //!   grows when it runs dry (to [`MAX_BUFFERS`]).
 //! - **Half-close**: end of stream one way shuts down writing the other
-//!   way; the connection ends when both ways have. Shutdowns and closes go
-//!   through the ring too, so a turn makes no other system call on the
-//!   path of an established connection.
+//!   way; the connection ends when both ways have. When a read leaves more
+//!   in the socket (bytes, or a FIN the kernel counts as one), its send
+//!   carries `MSG_MORE`, so the last bytes and our FIN leave in one
+//!   segment. Closes go through the ring; the shutdown is a direct call
+//!   (io_uring runs shutdowns on its blocking worker threads: a thread
+//!   wake-up each, measured).
 //! - **Idle timeout**: a deadline per connection in the worker's timer
 //!   heap, checked against its last activity.
 //! - **Splice**: with `copy = "splice"` a direction whose read fills a
@@ -172,7 +175,6 @@ pub(crate) fn probe() -> io::Result<()> {
         (opcode::LinkTimeout::CODE, "link timeout"),
         (opcode::AsyncCancel::CODE, "cancel"),
         (opcode::Read::CODE, "read"),
-        (opcode::Shutdown::CODE, "shutdown"),
         (opcode::Close::CODE, "close"),
         (opcode::PollAdd::CODE, "poll"),
     ] {
@@ -247,16 +249,14 @@ enum Kind {
     Send1 = 8,
     Header = 9,
     Cancel = 10,
-    /// A half-close (`shutdown(SHUT_WR)`) of a connection's socket.
-    Shutdown = 11,
     /// The close of a freed connection's socket.
-    Closed = 12,
+    Closed = 11,
     /// Splice mode: the client (direction 0) or backend (1) is readable.
-    Readable0 = 13,
-    Readable1 = 14,
+    Readable0 = 12,
+    Readable1 = 13,
     /// Splice mode: the backend (direction 0) or client (1) is writable.
-    Writable0 = 15,
-    Writable1 = 16,
+    Writable0 = 14,
+    Writable1 = 15,
 }
 
 fn token(index: usize, kind: Kind) -> u64 {
@@ -276,12 +276,11 @@ fn untoken(data: u64) -> Option<(usize, Kind)> {
         8 => Kind::Send1,
         9 => Kind::Header,
         10 => Kind::Cancel,
-        11 => Kind::Shutdown,
-        12 => Kind::Closed,
-        13 => Kind::Readable0,
-        14 => Kind::Readable1,
-        15 => Kind::Writable0,
-        16 => Kind::Writable1,
+        11 => Kind::Closed,
+        12 => Kind::Readable0,
+        13 => Kind::Readable1,
+        14 => Kind::Writable0,
+        15 => Kind::Writable1,
         _ => return None,
     };
     Some((index, kind))
@@ -457,12 +456,6 @@ impl Worker {
             }
             Kind::Accept => self.accepted(index, result),
             Kind::Cancel | Kind::Closed => {}
-            Kind::Shutdown => {
-                if let Some(c) = self.conns.get(index) {
-                    c.inflight -= 1;
-                    self.op_done(index);
-                }
-            }
             Kind::Connect => self.connected(index, result),
             Kind::ConnectTimeout => self.connect_timeout_done(index),
             Kind::Header => self.header_sent(index, result),
@@ -616,7 +609,6 @@ mod tests {
             Kind::Send1,
             Kind::Header,
             Kind::Cancel,
-            Kind::Shutdown,
             Kind::Closed,
             Kind::Readable0,
             Kind::Readable1,
