@@ -1093,12 +1093,22 @@ async fn leader_killed(spec: DcSpec, timing: &str) {
     let old = rig.dc.kill_leader().await;
     let watching = Arc::new(AtomicBool::new(true));
     let tables: Arc<Mutex<Vec<(usize, usize)>>> = Arc::default();
+    // What each balancer's discovery and Consul itself said the first time
+    // a table came up short: for the failure message's reader.
+    let short: Arc<Mutex<Option<String>>> = Arc::default();
     let monitor = async {
         while watching.load(Ordering::Relaxed) {
             for i in 1..=2 {
                 if let Some(s) = rig.status(i).await {
                     let n = s["vips"][0]["backends"].as_array().map_or(0, Vec::len);
                     tables.lock().unwrap().push((i, n));
+                    if n != 1 && short.lock().unwrap().is_none() {
+                        let health = rig.dc.get_json("client", "/v1/health/service/web").await;
+                        *short.lock().unwrap() = Some(format!(
+                            "lb{i} discovery: {}; Consul's /v1/health/service/web: {health:?}",
+                            s["vips"][0]["discovery"]
+                        ));
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1138,6 +1148,9 @@ async fn leader_killed(spec: DcSpec, timing: &str) {
         tables.len()
     );
     assert!(tables.len() > 5, "the monitor saw the election");
+    if let Some(said) = short.lock().unwrap().as_ref() {
+        eprintln!("a table came up short; {said}");
+    }
     assert!(
         tables.iter().all(|(_, n)| *n == 1),
         "a table lost its backend: {tables:?}"
