@@ -31,6 +31,7 @@ import random
 import re
 import resource
 import socket
+import statistics
 import sys
 import time
 
@@ -369,29 +370,35 @@ def wrk_time_ms(s):
 
 
 def parse_wrk(path):
+    """One wrk output, or several appended to one file (the rounds of an
+    interleaved measurement): requests and errors add up, the rate is all
+    requests over all the time, and a latency percentile is the median of
+    the rounds' (wrk reports no histogram to merge)."""
     with open(path) as f:
         text = f.read()
     out = {"rps": None, "p50_ms": None, "p99_ms": None, "requests": None,
-           "errors": 0, "non2xx": 0}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if m:
-        out["rps"] = float(m.group(1))
-    m = re.search(r"(\d+) requests in", text)
-    if m:
-        out["requests"] = int(m.group(1))
+           "errors": 0, "non2xx": 0, "rounds": 0}
+    runs = re.findall(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)", text)
+    if runs:
+        requests = sum(int(n) for n, _, _ in runs)
+        secs = sum(wrk_time_ms(t + u) / 1000.0 for _, t, u in runs)
+        out["requests"] = requests
+        out["rounds"] = len(runs)
+        if secs > 0:
+            out["rps"] = round(requests / secs, 2)
     for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
-        m = re.search(rf"^\s+{pct}%\s+(\S+)\s*$", text, re.M)
-        if m:
-            out[key] = round(wrk_time_ms(m.group(1)), 4)
-    m = re.search(
+        vals = [wrk_time_ms(v) for v in re.findall(rf"^\s+{pct}%\s+(\S+)\s*$", text, re.M)]
+        if vals:
+            out[key] = round(statistics.median(vals), 4)
+    errs = re.findall(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
     )
-    if m:
-        out["errors"] = sum(int(x) for x in m.groups())
-        out["socket_errors"] = m.group(0)
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    if m:
-        out["non2xx"] = int(m.group(1))
+    if errs:
+        out["errors"] = sum(int(x) for m in errs for x in m)
+        out["socket_errors"] = "; ".join(
+            f"connect {a}, read {b}, write {c}, timeout {d}" for a, b, c, d in errs
+        )
+    out["non2xx"] = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", text))
     return out
 
 

@@ -26,6 +26,8 @@ to_secs() { # 10s | 10 | 2m  -> whole seconds
 DUR=$(to_secs "${BENCH_DURATION:-10s}")
 WARM=$(to_secs "${BENCH_WARMUP:-1s}")
 SYSCALL_DUR=$(to_secs "${BENCH_SYSCALL_DURATION:-3s}")
+ROUNDS=${BENCH_ROUNDS:-3}
+ROUND_DUR=$(to_secs "${BENCH_ROUND_DURATION:-5s}")
 CONNS=${BENCH_CONNS:-50}
 CPS_CONNS=${BENCH_CPS_CONNS:-$CONNS}
 THREADS=${BENCH_THREADS:-2}
@@ -38,6 +40,10 @@ BUILD_TIMEOUT=${BENCH_BUILD_TIMEOUT:-1800}
 
 if ! [[ "$DUR" =~ ^[0-9]+$ ]] || [ "$DUR" -lt 1 ]; then
   echo "BENCH_DURATION must be whole seconds (e.g. 10s), got '${BENCH_DURATION:-}'" >&2
+  exit 2
+fi
+if ! [[ "$ROUNDS" =~ ^[0-9]+$ ]] || [ "$ROUNDS" -lt 1 ] || ! [[ "$ROUND_DUR" =~ ^[0-9]+$ ]] || [ "$ROUND_DUR" -lt 1 ]; then
+  echo "BENCH_ROUNDS must be a whole number ≥ 1 and BENCH_ROUND_DURATION whole seconds, got '${BENCH_ROUNDS:-}' and '${BENCH_ROUND_DURATION:-}'" >&2
   exit 2
 fi
 
@@ -582,46 +588,76 @@ EOF
   echo "$val"
 }
 
-run_http() { # conn/s with Connection: close, then keep-alive latency
-  local p=$1
-  if is_halo "$p" && [ -z "$HALO_BIN" ]; then skip_halo "$p" cps ka_rps lat_p50 lat_p99; return; fi
+# The HTTP rows are measured in ROUNDS interleaved passes over the proxies
+# (round 1: each proxy in turn, then round 2, ...), each a fresh proxy
+# process measured for ROUND_DUR seconds per row. The machine's own drift
+# (±20 % between minutes here) then lands on every proxy alike instead of on
+# whichever ran in a slow minute, which is what a ratio between proxies
+# needs. Rates are all requests over all measured time, CPU per unit is all
+# CPU over all units, latency percentiles are the median of the rounds'.
+declare -A HTTP_CPU_CPS HTTP_CPU_KA HTTP_FAILED
+
+http_round() { # PROXY ROUND: one pass of conn/s and keep-alive for one proxy
+  local p=$1 r=$2
+  if is_halo "$p" && [ -z "$HALO_BIN" ]; then return; fi
+  [ -n "${HTTP_FAILED[$p]:-}" ] && return
+  if [ "$r" -eq 1 ]; then rm -f "$OUTDIR/cps-$p.txt" "$OUTDIR/ka-$p.txt"; fi
   start_proxy "$p" connect "$HTTP_PORT" || {
     proxy_failed "$p"
-    local k
-    for k in cps ka_rps lat_p50 lat_p99; do result "$k" "$p" "failed (start)"; done
+    HTTP_FAILED[$p]=1
     return
   }
-  local url="http://127.0.0.1:$PROXY_PORT/" v
-  log "$p: wrk Connection: close -c $CPS_CONNS, ${DUR}s"
+  local url="http://127.0.0.1:$PROXY_PORT/" c0 c1 one="$TMP/wrk-round.txt"
+  log "$p: round $r/$ROUNDS: wrk Connection: close -c $CPS_CONNS, ${ROUND_DUR}s"
   wrk_run "$OUTDIR/warm-cps-$p.txt" "$WARM" "$CPS_CONNS" -H "Connection: close" "$url" || true
-  local c0 c1 n
   c0=$(cpu_of "$PROXY_PID")
-  wrk_run "$OUTDIR/cps-$p.txt" "$DUR" "$CPS_CONNS" -H "Connection: close" "$url" || true
+  wrk_run "$one" "$ROUND_DUR" "$CPS_CONNS" -H "Connection: close" "$url" || true
   c1=$(cpu_of "$PROXY_PID")
+  cat "$one" >>"$OUTDIR/cps-$p.txt"
+  if [ -n "$PROXY_PID" ]; then
+    HTTP_CPU_CPS[$p]=$("$PY" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))' "${HTTP_CPU_CPS[$p]:-0}" "$c0" "$c1")
+  fi
+  log "$p: round $r/$ROUNDS: wrk keep-alive --latency -c $CONNS, ${ROUND_DUR}s"
+  wrk_run "$OUTDIR/warm-ka-$p.txt" "$WARM" "$CONNS" "$url" || true
+  c0=$(cpu_of "$PROXY_PID")
+  wrk_run "$one" "$ROUND_DUR" "$CONNS" --latency "$url" || true
+  c1=$(cpu_of "$PROXY_PID")
+  cat "$one" >>"$OUTDIR/ka-$p.txt"
+  if [ -n "$PROXY_PID" ]; then
+    HTTP_CPU_KA[$p]=$("$PY" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))' "${HTTP_CPU_KA[$p]:-0}" "$c0" "$c1")
+  fi
+  if [ "$r" -eq 1 ] && [ -n "$PROXY_PID" ]; then
+    # System calls are counted (not timed) once, on a separate run each, so
+    # the tracepoint's cost never lands in the CPU rows.
+    syscalls_run sys_cps "$p" "$CPS_CONNS" -H "Connection: close" "$url"
+    syscalls_run sys_ka "$p" "$CONNS" "$url"
+  fi
+  stop "$PROXY_PID"
+}
+
+http_results() { # PROXY: the rows from all rounds
+  local p=$1 v n k
+  if is_halo "$p" && [ -z "$HALO_BIN" ]; then skip_halo "$p" cps ka_rps lat_p50 lat_p99; return; fi
+  if [ -n "${HTTP_FAILED[$p]:-}" ]; then
+    for k in cps ka_rps lat_p50 lat_p99; do result "$k" "$p" "failed (start)"; done
+    return
+  fi
   v=$(record_wrk cps "$p" "$OUTDIR/cps-$p.txt" rps)
   n=$("$PY" "$BENCH" wrk "$OUTDIR/cps-$p.txt" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("requests") or "x")')
-  if [ -n "$PROXY_PID" ]; then
-    log "$p: $v conn/s, $(per_unit cpu_cps "$p" "$c0" "$c1" "$n" 1e6) µs CPU per connection"
-    syscalls_run sys_cps "$p" "$CPS_CONNS" -H "Connection: close" "$url"
+  if [ -n "${HTTP_CPU_CPS[$p]:-}" ]; then
+    log "$p: $v conn/s, $(per_unit cpu_cps "$p" 0 "${HTTP_CPU_CPS[$p]}" "$n" 1e6) µs CPU per connection"
   else
     log "$p: $v conn/s"
   fi
-  log "$p: wrk keep-alive --latency -c $CONNS, ${DUR}s"
-  wrk_run "$OUTDIR/warm-ka-$p.txt" "$WARM" "$CONNS" "$url" || true
-  c0=$(cpu_of "$PROXY_PID")
-  wrk_run "$OUTDIR/ka-$p.txt" "$DUR" "$CONNS" --latency "$url" || true
-  c1=$(cpu_of "$PROXY_PID")
   v=$(record_wrk ka_rps "$p" "$OUTDIR/ka-$p.txt" rps)
   local p50 p99
   p50=$(record_wrk lat_p50 "$p" "$OUTDIR/ka-$p.txt" p50_ms)
   p99=$(record_wrk lat_p99 "$p" "$OUTDIR/ka-$p.txt" p99_ms)
   log "$p: $v req/s, p50 $p50 ms, p99 $p99 ms"
-  if [ -n "$PROXY_PID" ]; then
+  if [ -n "${HTTP_CPU_KA[$p]:-}" ]; then
     n=$("$PY" "$BENCH" wrk "$OUTDIR/ka-$p.txt" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("requests") or "x")')
-    log "$p: $(per_unit cpu_ka "$p" "$c0" "$c1" "$n" 1e6) µs CPU per keep-alive request"
-    syscalls_run sys_ka "$p" "$CONNS" "$url"
+    log "$p: $(per_unit cpu_ka "$p" 0 "${HTTP_CPU_KA[$p]}" "$n" 1e6) µs CPU per keep-alive request"
   fi
-  stop "$PROXY_PID"
 }
 
 run_idle() { # RSS growth of the proxy for IDLE held connections
@@ -748,11 +784,14 @@ run_table_bench() { # the executable `cargo run -p halo-benches --bin table-benc
 # ---------------------------------------------------------------- run it
 T0=$SECONDS
 has_test() { [[ " $TESTS " == *" $1 "* ]]; }
-log "proxies: $PROXIES; tests: $TESTS; ${DUR}s per measurement; results in $OUTDIR"
+log "proxies: $PROXIES; tests: $TESTS; ${DUR}s per measurement (HTTP: $ROUNDS rounds of ${ROUND_DUR}s); results in $OUTDIR"
 PROXY_TAG=-tput
 if has_test tput; then for p in $PROXIES; do run_tput "$p"; done; fi
 PROXY_TAG=-http
-if has_test http; then for p in $PROXIES; do run_http "$p"; done; fi
+if has_test http; then
+  for r in $(seq 1 "$ROUNDS"); do for p in $PROXIES; do http_round "$p" "$r"; done; done
+  for p in $PROXIES; do http_results "$p"; done
+fi
 PROXY_TAG=-idle
 if has_test idle; then for p in $PROXIES; do run_idle "$p"; done; fi
 PROXY_TAG=-swap
@@ -770,7 +809,7 @@ HAPROXY_V=$( (haproxy -v 2>/dev/null || true) | awk 'NR==1 {print $3}')
 NGINX_V=$( (nginx -v 2>&1 || true) | awk 'NR==1 {sub(/.*nginx\//, ""); print}')
 IPERF_V=$( (iperf3 --version 2>/dev/null || true) | awk 'NR==1 {print $2}')
 WRK_V=$( (wrk -v 2>&1 || true) | awk 'NR==1 {print $2}')
-DESC="Run $(date -u '+%Y-%m-%d %H:%M UTC'), Linux $(uname -r), $CORES cores, loopback only, in ${ELAPSED}s; HAProxy $HAPROXY_V (nbthread $CORES, maxconn $HAPROXY_MAXCONN), NGINX $NGINX_V (stream, $CORES workers, reuseport), iperf3 $IPERF_V, wrk $WRK_V, $HALO_V; fd limit $NOFILE for every process. Throughput: iperf3 -t $DUR (first ${WARM}s omitted), receiver rate. HTTP rows: wrk -t $THREADS, ${DUR}s after a ${WARM}s warm-up, -c $CPS_CONNS with Connection: close for conn/s, -c $CONNS keep-alive for requests/s and latency (wrk is closed-loop: latency is at the load it drives, not a fixed rate), backend nginx returning \"ok\". Idle memory: $IDLE connections each pinged once through the proxy, VmRSS of the proxy (all its processes) after minus before, ÷ connections. Table swaps: $SWAP_RATE POST/s alternating disable/enable of a second backend on halo's admin API during the ${DUR}s wrk run. Raw output: benches/results/$STAMP/."
+DESC="Run $(date -u '+%Y-%m-%d %H:%M UTC'), Linux $(uname -r), $CORES cores, loopback only, in ${ELAPSED}s; HAProxy $HAPROXY_V (nbthread $CORES, maxconn $HAPROXY_MAXCONN), NGINX $NGINX_V (stream, $CORES workers, reuseport), iperf3 $IPERF_V, wrk $WRK_V, $HALO_V; fd limit $NOFILE for every process. Throughput: iperf3 -t $DUR (first ${WARM}s omitted), receiver rate. HTTP rows: $ROUNDS interleaved rounds over the proxies, each a fresh proxy and wrk -t $THREADS for ${ROUND_DUR}s per row after a ${WARM}s warm-up (rates: all requests over all rounds; CPU: all CPU over all units; latency: median of the rounds), -c $CPS_CONNS with Connection: close for conn/s, -c $CONNS keep-alive for requests/s and latency (wrk is closed-loop: latency is at the load it drives, not a fixed rate), backend nginx returning \"ok\". Idle memory: $IDLE connections each pinged once through the proxy, VmRSS of the proxy (all its processes) after minus before, ÷ connections. Table swaps: $SWAP_RATE POST/s alternating disable/enable of a second backend on halo's admin API during the ${DUR}s wrk run. Raw output: benches/results/$STAMP/."
 export DESC SWAP_RATE CONNS HALO_NA
 "$PY" - "$OUTDIR/meta.json" <<'EOF'
 import json, os, sys

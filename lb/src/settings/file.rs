@@ -420,7 +420,7 @@ pub struct VipConfig {
     /// PROXY protocol header sent to backends. Unset: off.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
-    /// Copy strategy. Unset: buffered.
+    /// Copy strategy. Unset: splice (see [`CopyMode::Splice`]).
     #[serde(default)]
     pub copy: CopyMode,
     /// Other backends tried after a failed connect. Unset: 2.
