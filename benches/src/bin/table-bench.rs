@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use halo_lb::settings::Backend;
 use halo_lb::settings::VipSettings;
-use halo_lb::settings::{Algorithm, CopyMode, PassiveConfig, ProxyProtocol};
+use halo_lb::settings::{Algorithm, CopyMode, PassiveConfig, ProxyProtocol, UdpSettings};
 use halo_lb::{Table, Vip};
 
 fn settings(algorithm: Algorithm) -> VipSettings {
@@ -36,6 +36,7 @@ fn settings(algorithm: Algorithm) -> VipSettings {
         passive: PassiveConfig::default(),
         zone: None,
         check: None,
+        udp: UdpSettings::default(),
     }
 }
 

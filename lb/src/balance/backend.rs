@@ -78,6 +78,12 @@ struct BackendMetrics {
     connect_failures: AtomicU64,
     ejections: AtomicU64,
     check_flips: AtomicU64,
+    /// UDP: datagrams and bytes from clients to this backend.
+    datagrams_in: AtomicU64,
+    bytes_in: AtomicU64,
+    /// UDP: datagrams and bytes from this backend to clients.
+    datagrams_out: AtomicU64,
+    bytes_out: AtomicU64,
 }
 
 /// A backend's counters, read for `/metrics`.
@@ -91,6 +97,14 @@ pub(crate) struct BackendCounters {
     pub(crate) ejections: u64,
     /// Flips of its active check.
     pub(crate) check_flips: u64,
+    /// UDP datagrams from clients to it.
+    pub(crate) datagrams_in: u64,
+    /// UDP bytes from clients to it.
+    pub(crate) bytes_in: u64,
+    /// UDP datagrams from it to clients.
+    pub(crate) datagrams_out: u64,
+    /// UDP bytes from it to clients.
+    pub(crate) bytes_out: u64,
 }
 
 /// Process-wide origin of the nanosecond timestamps kept in atomics.
@@ -129,7 +143,28 @@ impl BackendState {
             connect_failures: self.metrics.connect_failures.load(Ordering::Relaxed),
             ejections: self.metrics.ejections.load(Ordering::Relaxed),
             check_flips: self.metrics.check_flips.load(Ordering::Relaxed),
+            datagrams_in: self.metrics.datagrams_in.load(Ordering::Relaxed),
+            bytes_in: self.metrics.bytes_in.load(Ordering::Relaxed),
+            datagrams_out: self.metrics.datagrams_out.load(Ordering::Relaxed),
+            bytes_out: self.metrics.bytes_out.load(Ordering::Relaxed),
         }
+    }
+
+    /// The backend's address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Counts one UDP datagram of `bytes` sent to this backend.
+    pub(crate) fn udp_in(&self, bytes: u64) {
+        self.metrics.datagrams_in.fetch_add(1, Ordering::Relaxed);
+        self.metrics.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts `n` UDP datagrams (`bytes` in all) received from this backend.
+    pub(crate) fn udp_out(&self, n: u64, bytes: u64) {
+        self.metrics.datagrams_out.fetch_add(n, Ordering::Relaxed);
+        self.metrics.bytes_out.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Live proxied connections to this backend.

@@ -29,6 +29,24 @@ pub(crate) fn client_hash(ip: IpAddr) -> u64 {
     }
 }
 
+/// A UDP flow's hash: the client's address and port.
+pub(crate) fn flow_hash(client: SocketAddr) -> u64 {
+    let port = client.port().to_be_bytes();
+    let mut bytes = [0u8; 18];
+    let n = match client.ip() {
+        IpAddr::V4(ip) => {
+            bytes[..4].copy_from_slice(&ip.octets());
+            4
+        }
+        IpAddr::V6(ip) => {
+            bytes[..16].copy_from_slice(&ip.octets());
+            16
+        }
+    };
+    bytes[n..n + 2].copy_from_slice(&port);
+    hash64(&bytes[..n + 2], 0x5851_f42d_4c95_7f2d)
+}
+
 /// FNV-1a with a seed, then splitmix64's finalizer. Stable across builds and
 /// processes, so both instances of a pair map clients the same way.
 pub(crate) fn hash64(bytes: &[u8], seed: u64) -> u64 {

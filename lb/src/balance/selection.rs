@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::time::Instant;
 
 use crate::balance::backend::Entry;
-use crate::balance::hash::client_hash;
+use crate::balance::hash::{client_hash, flow_hash};
 use crate::balance::maglev::{Maglev, MaglevError};
 use crate::settings::Algorithm;
 
@@ -85,6 +85,9 @@ pub(crate) struct PickContext<'a> {
     pub now: Instant,
     /// Backend indices already tried for this connection.
     pub tried: &'a [usize],
+    /// Maglev hashes the client's port too: a UDP flow is an address and a
+    /// port, and two flows of one host may go to different backends.
+    pub by_port: bool,
 }
 
 /// Picks a backend index among `selectable` entries, or `None` when every
@@ -153,7 +156,11 @@ fn pick_with(
         }
         Selector::Maglev(table) => {
             let m = table.len();
-            let hash = client_hash(ctx.client.ip());
+            let hash = if ctx.by_port {
+                flow_hash(ctx.client)
+            } else {
+                client_hash(ctx.client.ip())
+            };
             let slot = (hash % m as u64) as usize;
             // Walk on from the client's slot: deterministic per client, and
             // spreads an unusable backend's clients like the table does. The
@@ -277,6 +284,7 @@ mod tests {
                 cursor: &cursor,
                 now: Instant::now(),
                 tried: &[],
+                by_port: false,
             };
             *counts.entry(pick(&s, e, &sel, &ctx).unwrap()).or_insert(0) += 1;
         }
@@ -361,6 +369,7 @@ mod tests {
                     cursor: &cursor,
                     now: Instant::now(),
                     tried: &[],
+                    by_port: false,
                 };
                 e[pick(&s, e, sel, &ctx).unwrap()].backend.addr
             })
@@ -416,6 +425,7 @@ mod tests {
                     cursor: &cursor,
                     now,
                     tried: &[1],
+                    by_port: false,
                 };
                 assert_eq!(pick(&s, &e, &sel, &ctx), Some(2), "{algorithm:?}");
             }
@@ -425,6 +435,7 @@ mod tests {
                 cursor: &cursor,
                 now,
                 tried: &[1, 2],
+                by_port: false,
             };
             assert_eq!(pick(&s, &e, &sel, &ctx), Some(0), "{algorithm:?} panic mode");
             let ctx = PickContext {
@@ -432,6 +443,7 @@ mod tests {
                 cursor: &cursor,
                 now,
                 tried: &[0, 1, 2],
+                by_port: false,
             };
             assert_eq!(pick(&s, &e, &sel, &ctx), None);
         }
@@ -463,7 +475,7 @@ mod tests {
             let s = Selector::build(algorithm, &e, &sel, None).unwrap();
             let cursor = AtomicUsize::new(0);
             for c in clients {
-                let ctx = PickContext { client: client(c), cursor: &cursor, now, tried: &[] };
+                let ctx = PickContext { client: client(c), cursor: &cursor, now, tried: &[], by_port: false };
                 let i = pick(&s, &e, &sel, &ctx).expect("a pick");
                 if any_healthy {
                     prop_assert!(!ejected[i], "{:?} picked ejected {}", algorithm, i);
@@ -487,6 +499,7 @@ mod tests {
                 cursor: &cursor,
                 now: Instant::now(),
                 tried: &tried,
+                by_port: false,
             };
             assert_eq!(pick_available(&s, &e, &sel, &ctx), Some(1_234));
         }
@@ -511,6 +524,7 @@ mod tests {
                 cursor: &cursor,
                 now: Instant::now(),
                 tried: &[],
+                by_port: false,
             };
             let draws = 20_000;
             let idle_wins = (0..draws)

@@ -133,6 +133,7 @@ impl Table {
             cursor: &cursor,
             now: Instant::now(),
             tried: &[],
+            by_port: false,
         };
         self.pick(&ctx).map(|i| self.entries[i].backend.addr)
     }

@@ -256,6 +256,7 @@ mod tests {
             passive: PassiveConfig::default(),
             zone: Some(ZonePolicy::new("a", min_healthy)),
             check: None,
+            udp: crate::settings::UdpSettings::default(),
         }
     }
 
@@ -300,6 +301,7 @@ mod tests {
                     cursor: &cursor,
                     now,
                     tried: &[],
+                    by_port: false,
                 };
                 t.pick(&ctx).expect("a pick")
             })
@@ -379,6 +381,7 @@ mod tests {
             cursor: &cursor,
             now: Instant::now(),
             tried: &[0],
+            by_port: false,
         };
         let i = t.pick(&ctx).unwrap();
         assert!(i == 1 || i == 2, "{i}");

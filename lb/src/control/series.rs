@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::balance::spread;
 use crate::balance::table::Vip;
+use crate::dataplane::udp;
 
 /// One family: its name, type, help, and samples as (labels, value).
 struct Family {
@@ -40,7 +41,7 @@ fn escape(v: &str) -> String {
 }
 
 /// The Prometheus text of every VIP's backend and spread series.
-pub(crate) fn render(vips: &[Arc<Vip>]) -> String {
+pub(crate) fn render(vips: &[(Arc<Vip>, Option<Arc<udp::Stats>>)]) -> String {
     let now = Vip::now();
     let mut connections = Family::new(
         "halo_backend_connections_total",
@@ -107,7 +108,34 @@ pub(crate) fn render(vips: &[Arc<Vip>]) -> String {
         "gauge",
         "Distinct zones among all the backends of a VIP's table, whatever their health.",
     );
-    for vip in vips {
+    let mut flows_active = Family::new("halo_vip_udp_flows", "gauge", "Live UDP flows of a VIP.");
+    let mut flows_created = Family::new("halo_vip_udp_flows_created_total", "counter", "UDP flows opened.");
+    let mut flows_ended = Family::new(
+        "halo_vip_udp_flows_ended_total",
+        "counter",
+        "UDP flows ended, by how: expired (idle), answered (udp_responses reached), evicted (flow limit), failed (ICMP error from the backend), closed (VIP no longer served).",
+    );
+    let mut datagrams = Family::new(
+        "halo_vip_udp_datagrams_total",
+        "counter",
+        "UDP datagrams forwarded: in (client to backend), out (backend to client).",
+    );
+    let mut drops = Family::new(
+        "halo_vip_udp_drops_total",
+        "counter",
+        "UDP datagrams dropped, by reason.",
+    );
+    let mut backend_datagrams = Family::new(
+        "halo_backend_udp_datagrams_total",
+        "counter",
+        "UDP datagrams to a backend (in) and from it (out).",
+    );
+    let mut backend_bytes = Family::new(
+        "halo_backend_udp_bytes_total",
+        "counter",
+        "UDP payload bytes to a backend (in) and from it (out).",
+    );
+    for (vip, udp) in vips {
         let table = vip.table();
         let v = escape(vip.name());
         let vl = format!("vip=\"{v}\"");
@@ -119,9 +147,40 @@ pub(crate) fn render(vips: &[Arc<Vip>]) -> String {
             up.samples.push((l.clone(), u64::from(spread::healthy(e, now))));
             failures.samples.push((l.clone(), c.connect_failures));
             ejections.samples.push((l.clone(), c.ejections));
+            if udp.is_some() {
+                backend_datagrams
+                    .samples
+                    .push((format!("{l},direction=\"in\""), c.datagrams_in));
+                backend_datagrams
+                    .samples
+                    .push((format!("{l},direction=\"out\""), c.datagrams_out));
+                backend_bytes
+                    .samples
+                    .push((format!("{l},direction=\"in\""), c.bytes_in));
+                backend_bytes
+                    .samples
+                    .push((format!("{l},direction=\"out\""), c.bytes_out));
+            }
             if e.state.check().is_some() {
                 check_up.samples.push((l.clone(), u64::from(!e.state.check_failing())));
                 check_flips.samples.push((l, c.check_flips));
+            }
+        }
+        if let Some(udp) = udp {
+            let s = udp.snapshot();
+            flows_active.samples.push((vl.clone(), s.flows_active));
+            flows_created.samples.push((vl.clone(), s.flows_created));
+            for (how, n) in s.flows_ended {
+                flows_ended.samples.push((format!("{vl},event=\"{how}\""), n));
+            }
+            datagrams
+                .samples
+                .push((format!("{vl},direction=\"in\""), s.datagrams_in));
+            datagrams
+                .samples
+                .push((format!("{vl},direction=\"out\""), s.datagrams_out));
+            for (reason, n) in s.drops {
+                drops.samples.push((format!("{vl},reason=\"{reason}\""), n));
             }
         }
         let counts = spread::state_counts(&table.entries, now);
@@ -164,6 +223,13 @@ pub(crate) fn render(vips: &[Arc<Vip>]) -> String {
         regions,
         racks,
         listed_zones,
+        flows_active,
+        flows_created,
+        flows_ended,
+        datagrams,
+        drops,
+        backend_datagrams,
+        backend_bytes,
     ] {
         if f.samples.is_empty() {
             continue;

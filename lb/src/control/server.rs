@@ -19,9 +19,9 @@ use tokio_util::task::TaskTracker;
 use crate::balance::table::Vip;
 use crate::control::series;
 use crate::control::status::{self, Status, VipStatus};
-use crate::dataplane::proxy;
 use crate::dataplane::workers::Workers;
-use crate::settings::{BackendSource, ConsulSettings, DataPlane, HaSettings, Validated};
+use crate::dataplane::{proxy, udp};
+use crate::settings::{BackendSource, ConsulSettings, DataPlane, HaSettings, Protocol, Validated};
 use crate::sources::checks::ActiveChecks;
 use crate::sources::Discovery;
 
@@ -30,12 +30,17 @@ use crate::sources::Discovery;
 struct Running {
     vip: Arc<Vip>,
     listen: SocketAddr,
+    protocol: Protocol,
     backlog: u32,
     /// The listening socket and its accept loops, while serving.
     listener: Option<Listening>,
+    /// A UDP VIP's counters; they outlive its sockets (a step-down, a
+    /// rebind).
+    udp: Option<Arc<udp::Stats>>,
     /// A socket bound and listening but not accepted on, kept by a standby
     /// with a floating address so that promotion needs no bind. (The
     /// address is not on the host until promotion, so nothing arrives.)
+    /// TCP only: a UDP VIP binds at promotion (a few microseconds).
     prebound: Option<std::net::TcpListener>,
     /// Consul or DNS discovery; `None` for static backends. Dropping it
     /// stops it.
@@ -45,16 +50,42 @@ struct Running {
     checks: ActiveChecks,
 }
 
-/// A VIP's listening socket and the token of its accept loops.
+/// A VIP being served.
 #[derive(Debug)]
-struct Listening {
+enum Listening {
+    /// A TCP VIP's listening socket and the token of its accept loops.
+    Tcp(TcpListening),
+    /// A UDP VIP's sockets on the UDP workers, behind their gate.
+    Udp(udp::Serving),
+}
+
+impl Listening {
+    /// Stops serving, synchronously: see [`TcpListening::close`] and
+    /// [`udp::Serving::close`].
+    fn close(self) {
+        match self {
+            Listening::Tcp(l) => l.close(),
+            Listening::Udp(s) => s.close(),
+        }
+    }
+}
+
+/// A VIP's sockets, bound, not serving yet.
+enum Bound {
+    Tcp(std::net::TcpListener),
+    Udp(Vec<std::net::UdpSocket>),
+}
+
+/// A TCP VIP's listening socket and the token of its accept loops.
+#[derive(Debug)]
+struct TcpListening {
     /// One handle on the socket; each worker registered its own clone.
     socket: std::net::TcpListener,
     /// Cancels the accept loops (their connections carry on).
     stop: CancellationToken,
 }
 
-impl Listening {
+impl TcpListening {
     /// Takes the socket out of the LISTEN state at once, from this thread.
     ///
     /// `shutdown(SHUT_RD)` on a listening socket acts on the socket itself,
@@ -78,6 +109,11 @@ impl Listening {
     }
 }
 
+/// A UDP VIP's counters; `None` for TCP.
+fn udp_stats(protocol: Protocol) -> Option<Arc<udp::Stats>> {
+    (protocol == Protocol::Udp).then(Arc::default)
+}
+
 /// The balancer's state, shared by the accept loops, the admin API and the
 /// signal handlers.
 #[derive(Debug)]
@@ -90,6 +126,8 @@ pub(crate) struct Server {
     drain_timeout: Mutex<Duration>,
     prometheus: Option<PrometheusHandle>,
     workers: Workers,
+    /// The UDP workers, started with the first UDP VIP.
+    udp: udp::Workers,
     /// `data_plane` as started; it changes only on restart.
     data_plane: DataPlane,
     /// The Consul settings discovery tasks were started with.
@@ -148,6 +186,7 @@ impl Server {
             drain_timeout: Mutex::new(config.drain_timeout),
             prometheus,
             workers,
+            udp: udp::Workers::default(),
             data_plane: config.data_plane,
             consul: Mutex::new(None),
             consul_token: halo_consul::Token::default(),
@@ -189,18 +228,22 @@ impl Server {
 
         // 1. Bind whatever needs a new listener.
         let serving = self.serving.load(Ordering::Relaxed);
-        let mut new_listeners: BTreeMap<String, std::net::TcpListener> = BTreeMap::new();
+        let mut new_listeners: BTreeMap<String, Bound> = BTreeMap::new();
         for v in &config.vips {
-            let needs_bind = vips
-                .get(&v.name)
-                .is_none_or(|r| r.listen != v.listen || (r.listener.is_none() && r.prebound.is_none()));
-            if (serving || self.prebind) && needs_bind {
-                let listener = proxy::bind(v.listen, v.backlog).map_err(|source| ApplyError::Bind {
-                    vip: v.name.clone(),
-                    addr: v.listen,
-                    source,
-                })?;
-                new_listeners.insert(v.name.clone(), listener);
+            let needs_bind = vips.get(&v.name).is_none_or(|r| {
+                r.listen != v.listen || r.protocol != v.protocol || (r.listener.is_none() && r.prebound.is_none())
+            });
+            // A standby pre-binds TCP listeners only (see `prebound`).
+            let prebind = self.prebind && v.protocol == Protocol::Tcp;
+            if (serving || prebind) && needs_bind {
+                let bound = self
+                    .bind(v.protocol, v.listen, v.backlog)
+                    .map_err(|source| ApplyError::Bind {
+                        vip: v.name.clone(),
+                        addr: v.listen,
+                        source,
+                    })?;
+                new_listeners.insert(v.name.clone(), bound);
             }
         }
 
@@ -251,30 +294,38 @@ impl Server {
                     running.vip.set_settings(v.settings.clone());
                     running.listen = v.listen;
                     running.backlog = v.backlog;
-                    if let Some(socket) = new_listeners.remove(name) {
+                    if running.protocol != v.protocol {
+                        running.protocol = v.protocol;
+                        running.prebound = None;
+                        running.udp = udp_stats(v.protocol);
+                    }
+                    if let Some(bound) = new_listeners.remove(name) {
                         if let Some(old) = running.listener.take() {
                             old.close();
                         }
-                        if serving {
-                            running.listener = Some(self.spawn_accept(&running.vip, socket));
-                        } else {
-                            running.prebound = Some(socket);
+                        match bound {
+                            Bound::Tcp(socket) if !serving => running.prebound = Some(socket),
+                            bound => running.listener = Some(self.serve(&running.vip, running.udp.as_ref(), bound)?),
                         }
                     }
                     running
                 }
                 None => {
                     let vip = Vip::new(name, v.settings.clone(), Vec::new());
+                    let udp = udp_stats(v.protocol);
                     let (listener, prebound) = match new_listeners.remove(name) {
-                        Some(socket) if serving => (Some(self.spawn_accept(&vip, socket)), None),
-                        socket => (None, socket),
+                        Some(Bound::Tcp(socket)) if !serving => (None, Some(socket)),
+                        Some(bound) => (Some(self.serve(&vip, udp.as_ref(), bound)?), None),
+                        None => (None, None),
                     };
                     vips.entry(name.clone()).or_insert(Running {
                         checks: ActiveChecks::spawn(Arc::clone(&vip)),
                         vip,
                         listen: v.listen,
+                        protocol: v.protocol,
                         backlog: v.backlog,
                         listener,
+                        udp,
                         prebound,
                         discovery: None,
                     })
@@ -305,11 +356,17 @@ impl Server {
                 continue;
             }
             let bound = match running.prebound.take() {
-                Some(socket) => Ok(socket),
-                None => proxy::bind(running.listen, running.backlog),
+                Some(socket) => Ok(Bound::Tcp(socket)),
+                None => self.bind(running.protocol, running.listen, running.backlog),
             };
-            match bound {
-                Ok(socket) => running.listener = Some(self.spawn_accept(&running.vip, socket)),
+            match bound.and_then(|bound| {
+                self.serve(&running.vip, running.udp.as_ref(), bound)
+                    .map_err(|e| match e {
+                        ApplyError::Bind { source, .. } => source,
+                        other => std::io::Error::other(other.to_string()),
+                    })
+            }) {
+                Ok(listening) => running.listener = Some(listening),
                 Err(source) => failed.push(ApplyError::Bind {
                     vip: name.clone(),
                     addr: running.listen,
@@ -335,7 +392,7 @@ impl Server {
         if self.prebind && !self.is_draining() {
             // Ready for the next promotion; a failure here only means that
             // promotion binds instead.
-            for (name, running) in vips.iter_mut() {
+            for (name, running) in vips.iter_mut().filter(|(_, r)| r.protocol == Protocol::Tcp) {
                 match proxy::bind(running.listen, running.backlog) {
                     Ok(socket) => running.prebound = Some(socket),
                     Err(e) => tracing::warn!(vip = %name, error = %e, "cannot pre-bind the listener"),
@@ -370,13 +427,39 @@ impl Server {
         self.serving.load(Ordering::Relaxed)
     }
 
-    /// Runs an accept loop for `listener` on every worker: each registers
-    /// its own clone of the socket with its own runtime, and whichever
-    /// accepts a connection serves it to the end on that thread.
-    fn spawn_accept(&self, vip: &Arc<Vip>, listener: std::net::TcpListener) -> Listening {
-        let stop = CancellationToken::new();
-        self.workers.spawn_accept(vip, &listener, &stop, &self.connections);
-        Listening { socket: listener, stop }
+    /// Binds a VIP's sockets: one TCP listener, or one UDP socket per
+    /// worker (see [`udp::bind`]).
+    fn bind(&self, protocol: Protocol, listen: SocketAddr, backlog: u32) -> std::io::Result<Bound> {
+        match protocol {
+            Protocol::Tcp => proxy::bind(listen, backlog).map(Bound::Tcp),
+            Protocol::Udp => udp::bind(listen, self.udp.count(self.workers.len())).map(Bound::Udp),
+        }
+    }
+
+    /// Serves a VIP on its bound sockets. TCP: an accept loop on every
+    /// worker, each on its own clone of the socket, and whichever accepts a
+    /// connection serves it to the end on that thread. UDP: each UDP
+    /// worker takes one socket of the group.
+    fn serve(&self, vip: &Arc<Vip>, stats: Option<&Arc<udp::Stats>>, bound: Bound) -> Result<Listening, ApplyError> {
+        match bound {
+            Bound::Tcp(listener) => {
+                let stop = CancellationToken::new();
+                self.workers.spawn_accept(vip, &listener, &stop, &self.connections);
+                Ok(Listening::Tcp(TcpListening { socket: listener, stop }))
+            }
+            Bound::Udp(sockets) => {
+                let addr = sockets.first().and_then(|s| s.local_addr().ok());
+                let stats = stats.cloned().unwrap_or_default();
+                self.udp
+                    .serve(vip, sockets, &stats)
+                    .map(Listening::Udp)
+                    .map_err(|source| ApplyError::Bind {
+                        vip: vip.name().to_owned(),
+                        addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                        source,
+                    })
+            }
+        }
     }
 
     /// The VIP named `name`.
@@ -394,9 +477,9 @@ impl Server {
     /// then the per-backend ones rendered from the live tables.
     pub(crate) fn render_metrics(&self) -> Option<String> {
         let handle = self.prometheus.as_ref()?;
-        let vips: Vec<Arc<Vip>> = {
+        let vips: Vec<(Arc<Vip>, Option<Arc<udp::Stats>>)> = {
             let vips = self.vips.lock().expect("vip registry poisoned");
-            vips.values().map(|r| Arc::clone(&r.vip)).collect()
+            vips.values().map(|r| (Arc::clone(&r.vip), r.udp.clone())).collect()
         };
         let mut text = handle.render();
         text.push_str(&series::render(&vips));
@@ -414,13 +497,21 @@ impl Server {
             vips.values()
                 .map(|r| {
                     let discovery = r.discovery.as_ref().map(Discovery::status);
-                    (Arc::clone(&r.vip), r.listen, r.listener.is_some(), discovery)
+                    (
+                        Arc::clone(&r.vip),
+                        r.listen,
+                        r.listener.is_some(),
+                        discovery,
+                        r.udp.clone(),
+                    )
                 })
                 .collect()
         };
         let vips: Vec<VipStatus> = snapshot
             .into_iter()
-            .map(|(vip, listen, listening, discovery)| status::vip_status(&vip, listen, listening, discovery))
+            .map(|(vip, listen, listening, discovery, udp)| {
+                status::vip_status(&vip, listen, listening, discovery, udp.as_deref())
+            })
             .collect();
         Status {
             draining: self.is_draining(),

@@ -4,6 +4,7 @@
 //! deserialize the same types. Times are Unix seconds unless a field's name
 //! says otherwise (`_ms`, `_us`); addresses are `ip:port` strings.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
@@ -14,7 +15,8 @@ use crate::balance::spread;
 pub use crate::balance::spread::Spread;
 use crate::balance::table::Vip;
 pub use crate::balance::zone::{Routing, ZoneStatus};
-use crate::settings::{Algorithm, CopyMode, ProxyProtocol};
+use crate::dataplane::udp;
+use crate::settings::{Algorithm, CopyMode, Protocol, ProxyProtocol};
 pub use crate::sources::{SourceStatus, Watched};
 
 /// The whole document.
@@ -46,6 +48,9 @@ pub struct VipStatus {
     pub listen: String,
     /// Whether its listener is bound and accepting.
     pub listening: bool,
+    /// `tcp` or `udp`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// The balancing algorithm.
     pub algorithm: Algorithm,
     /// The copy strategy.
@@ -69,8 +74,49 @@ pub struct VipStatus {
     /// spread, now.
     #[serde(default)]
     pub spread: Spread,
+    /// UDP VIPs: flows, datagrams and drops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpStatus>,
     /// Every backend of the published table.
     pub backends: Vec<BackendStatus>,
+}
+
+/// A UDP VIP's flows and datagrams since the process started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpStatus {
+    /// The flow idle timeout, milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Replies per datagram that end a flow; `None`: flows end when idle.
+    pub responses: Option<u32>,
+    /// Live flows.
+    pub flows_active: u64,
+    /// Flows opened.
+    pub flows_created: u64,
+    /// Flows ended, by how: `expired` (idle), `answered` (`udp_responses`
+    /// reached), `evicted` (at the flow limit), `failed` (ICMP error from
+    /// the backend), `closed` (the VIP stopped being served).
+    pub flows_ended: BTreeMap<String, u64>,
+    /// Datagrams from clients forwarded to backends.
+    pub datagrams_in: u64,
+    /// Datagrams from backends forwarded to clients.
+    pub datagrams_out: u64,
+    /// Datagrams dropped, by reason: `not_serving`, `flow_limit`,
+    /// `no_backend`, `local_resources`, `backend_busy`, `backend_error`,
+    /// `reply_error`.
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// A backend's UDP traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendUdp {
+    /// Datagrams sent to it.
+    pub datagrams_in: u64,
+    /// Bytes sent to it.
+    pub bytes_in: u64,
+    /// Datagrams it sent back.
+    pub datagrams_out: u64,
+    /// Bytes it sent back.
+    pub bytes_out: u64,
 }
 
 /// One backend of a VIP's table.
@@ -96,6 +142,9 @@ pub struct BackendStatus {
     pub active_connections: usize,
     /// Its active check, when the VIP has `[vip.check]`.
     pub check: Option<CheckStatus>,
+    /// Its datagrams, on a UDP VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<BackendUdp>,
 }
 
 /// Whether a backend is picked, and if not, why.
@@ -309,9 +358,16 @@ pub struct Term {
 
 /// A VIP's part of the document. `listen`, `listening` and `discovery`
 /// come from the server's registry; the rest from the published table.
-pub(crate) fn vip_status(vip: &Vip, listen: SocketAddr, listening: bool, discovery: Option<SourceStatus>) -> VipStatus {
+pub(crate) fn vip_status(
+    vip: &Vip,
+    listen: SocketAddr,
+    listening: bool,
+    discovery: Option<SourceStatus>,
+    udp: Option<&udp::Stats>,
+) -> VipStatus {
     let now = Vip::now();
     let table = vip.table();
+    let protocol = if udp.is_some() { Protocol::Udp } else { Protocol::Tcp };
     let backends = table
         .entries
         .iter()
@@ -337,13 +393,37 @@ pub(crate) fn vip_status(vip: &Vip, listen: SocketAddr, listening: bool, discove
                 ejected_for_ms: u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX),
                 active_connections: e.state.active(),
                 check: check_status(&e.state),
+                udp: udp.map(|_| {
+                    let c = e.state.counters();
+                    BackendUdp {
+                        datagrams_in: c.datagrams_in,
+                        bytes_in: c.bytes_in,
+                        datagrams_out: c.datagrams_out,
+                        bytes_out: c.bytes_out,
+                    }
+                }),
             }
         })
         .collect();
+    let udp = udp.map(|stats| {
+        let s = stats.snapshot();
+        let owned = |m: BTreeMap<&'static str, u64>| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        UdpStatus {
+            idle_timeout_ms: u64::try_from(table.settings.udp.idle_timeout.as_millis()).unwrap_or(u64::MAX),
+            responses: table.settings.udp.responses,
+            flows_active: s.flows_active,
+            flows_created: s.flows_created,
+            flows_ended: owned(s.flows_ended),
+            datagrams_in: s.datagrams_in,
+            datagrams_out: s.datagrams_out,
+            drops: owned(s.drops),
+        }
+    });
     VipStatus {
         name: vip.name().to_owned(),
         listen: listen.to_string(),
         listening,
+        protocol,
         algorithm: table.settings.algorithm,
         copy: table.settings.copy,
         proxy_protocol: table.settings.proxy_protocol,
@@ -354,6 +434,7 @@ pub(crate) fn vip_status(vip: &Vip, listen: SocketAddr, listening: bool, discove
         discovery,
         zone: table.zone_status(now),
         spread: spread::spread(&table.entries, now),
+        udp,
         backends,
     }
 }

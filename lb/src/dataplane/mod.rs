@@ -9,6 +9,8 @@
 //! - [`workers`]: the worker threads, epoll or io_uring.
 //! - [`uring`]: the io_uring data plane (accept, connect, copy on one ring
 //!   per worker).
+//! - [`udp`]: UDP VIPs: flows, batched datagrams, per-worker sockets.
+//! - [`slab`]: stable-index storage for the workers' connections and flows.
 //!
 //! Everything here runs on the worker threads (`halo-worker-N`), each
 //! serving the connections it accepted to the end. Imports: `settings`,
@@ -19,5 +21,7 @@ pub(crate) mod lease;
 pub(crate) mod pressure;
 pub(crate) mod proxy;
 pub(crate) mod proxy_protocol;
+pub(crate) mod slab;
+pub(crate) mod udp;
 pub(crate) mod uring;
 pub(crate) mod workers;

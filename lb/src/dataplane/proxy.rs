@@ -174,6 +174,7 @@ async fn handle(vip: &Vip, client: TcpStream, peer: SocketAddr, spare: Spare) {
             cursor: vip.cursor(),
             now: Vip::now(),
             tried: &tried,
+            by_port: false,
         };
         let Some(i) = table.pick(&ctx) else { break };
         let entry = &table.entries[i];

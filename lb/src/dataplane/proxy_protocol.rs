@@ -11,9 +11,30 @@ const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// The header for a connection from `client` to `local` (the VIP address it
 /// arrived on); empty when the protocol is off.
 pub(crate) fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let (client, local) = normalise(client, local);
+    match version {
+        ProxyProtocol::Off => Vec::new(),
+        ProxyProtocol::V1 => v1(client, local),
+        ProxyProtocol::V2 => v2(client, local, STREAM),
+    }
+}
+
+/// The version 2 header of a UDP flow (its DGRAM form: `0x12` UDP over
+/// IPv4, `0x22` over IPv6), sent in front of every datagram of the flow,
+/// since a datagram may be lost and each must stand alone.
+pub(crate) fn header_dgram(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let (client, local) = normalise(client, local);
+    v2(client, local, DGRAM)
+}
+
+/// The low nibble of the address-family byte: the transport.
+const STREAM: u8 = 0x1;
+const DGRAM: u8 = 0x2;
+
+fn normalise(client: SocketAddr, local: SocketAddr) -> (SocketAddr, SocketAddr) {
     // Mixed families (an IPv4 client on a dual-stack IPv6 listener) are
     // reported with the mapped address normalised to the client's family.
-    let (client, local) = match (client, local) {
+    match (client, local) {
         (SocketAddr::V4(_), SocketAddr::V6(l)) => match l.ip().to_ipv4_mapped() {
             Some(ip) => (client, SocketAddr::from((ip, l.port()))),
             None => (client, local),
@@ -23,11 +44,6 @@ pub(crate) fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAd
             None => (client, local),
         },
         _ => (client, local),
-    };
-    match version {
-        ProxyProtocol::Off => Vec::new(),
-        ProxyProtocol::V1 => v1(client, local),
-        ProxyProtocol::V2 => v2(client, local),
     }
 }
 
@@ -43,12 +59,12 @@ fn v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     }
 }
 
-fn v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+fn v2(client: SocketAddr, local: SocketAddr, transport: u8) -> Vec<u8> {
     let mut h = V2_SIGNATURE.to_vec();
     h.push(0x21); // version 2, PROXY command
     match (client, local) {
         (SocketAddr::V4(c), SocketAddr::V4(l)) => {
-            h.push(0x11); // TCP over IPv4
+            h.push(0x10 | transport); // IPv4: TCP 0x11, UDP 0x12
             h.extend_from_slice(&12u16.to_be_bytes());
             h.extend_from_slice(&c.ip().octets());
             h.extend_from_slice(&l.ip().octets());
@@ -56,7 +72,7 @@ fn v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
             h.extend_from_slice(&l.port().to_be_bytes());
         }
         (SocketAddr::V6(c), SocketAddr::V6(l)) => {
-            h.push(0x21); // TCP over IPv6
+            h.push(0x20 | transport); // IPv6: TCP 0x21, UDP 0x22
             h.extend_from_slice(&36u16.to_be_bytes());
             h.extend_from_slice(&c.ip().octets());
             h.extend_from_slice(&l.ip().octets());
@@ -116,6 +132,18 @@ mod tests {
         );
         assert_eq!(h6.len(), 16 + 36);
         assert_eq!(&h6[12..16], &[0x21, 0x21, 0, 36]);
+    }
+
+    #[test]
+    fn the_dgram_form_differs_only_in_its_transport() {
+        let (c, l) = ("192.0.2.1:56324".parse().unwrap(), "198.18.0.10:53".parse().unwrap());
+        let stream = header(ProxyProtocol::V2, c, l);
+        let dgram = header_dgram(c, l);
+        assert_eq!(dgram[13], 0x12, "UDP over IPv4");
+        assert_eq!(dgram[..13], stream[..13]);
+        assert_eq!(dgram[14..], stream[14..]);
+        let h6 = header_dgram("[2001:db8::1]:1".parse().unwrap(), "[2001:db8::2]:53".parse().unwrap());
+        assert_eq!(&h6[12..16], &[0x21, 0x22, 0, 36], "UDP over IPv6");
     }
 }
 

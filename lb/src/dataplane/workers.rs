@@ -106,6 +106,11 @@ impl Workers {
         })
     }
 
+    /// How many worker threads there are.
+    pub(crate) fn len(&self) -> usize {
+        self.workers.len()
+    }
+
     /// The data plane in use: `io_uring`, `epoll`, or `io_uring+epoll` when
     /// some io_uring workers could not start under `auto`.
     pub(crate) fn plane(&self) -> &'static str {

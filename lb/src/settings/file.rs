@@ -16,6 +16,19 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default time a proxied connection may sit with no bytes either way.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A UDP flow with no datagram either way for this long ends (its upstream
+/// socket is closed; the client's next datagram starts a new flow, which
+/// Maglev sends to the same backend while the backend set is the same).
+///
+/// 60 s, as Envoy's UDP proxy: longer than the idle timeout QUIC stacks
+/// negotiate by default (30 s), so a QUIC connection ends on its own terms,
+/// and than the keepalive interval of streaming senders (syslog, statsd,
+/// game and media traffic keep NAT mappings alive at 15 to 30 s); short
+/// enough that the descriptors of gone clients come back within a minute.
+/// Request/response protocols (DNS) end their flows sooner with
+/// `udp_responses`.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default per-VIP connection limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default extra backends tried after a failed connect.
@@ -289,6 +302,28 @@ pub enum CopyMode {
     Splice,
 }
 
+/// The transport a VIP balances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// TCP connections, each proxied to one backend connection.
+    #[default]
+    Tcp,
+    /// UDP datagrams, in flows (a client address and port), each flow
+    /// sent to one backend through its own connected socket.
+    Udp,
+}
+
+impl Protocol {
+    /// `"tcp"` or `"udp"`, as in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 /// Passive health: what the data plane does with backends that refuse
 /// connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -394,6 +429,18 @@ pub struct VipConfig {
     pub name: String,
     /// `ip:port` to accept on.
     pub listen: String,
+    /// `"tcp"` or `"udp"`. Unset: tcp. A TCP and a UDP VIP may listen on
+    /// the same address and port (DNS on both, for example).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// UDP only: a flow with no datagram either way for this long ends.
+    /// Unset: [`DEFAULT_UDP_IDLE_TIMEOUT`].
+    #[serde(default, with = "halo_consul::duration::serde_opt_str")]
+    pub udp_idle_timeout: Option<Duration>,
+    /// UDP only: a flow ends once every datagram the client sent on it has
+    /// had this many datagrams back (as NGINX's `proxy_responses`; 1 for
+    /// DNS). Unset: flows end only when idle.
+    pub udp_responses: Option<u32>,
     /// Balancing algorithm. Unset: round robin.
     #[serde(default)]
     pub algorithm: Algorithm,
@@ -414,7 +461,9 @@ pub struct VipConfig {
     #[serde(default = "default_idle_timeout", with = "go_duration")]
     pub idle_timeout: Duration,
     /// Most live client connections; beyond it, accepting pauses (clients
-    /// wait in the listen backlog). Unset: 10000.
+    /// wait in the listen backlog). For a UDP VIP, the most live flows:
+    /// beyond it, a new flow takes the place of the one idle longest.
+    /// Unset: 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// PROXY protocol header sent to backends. Unset: off.

@@ -158,6 +158,27 @@ pub struct VipSettings {
     pub zone: Option<ZonePolicy>,
     /// Active health check of every backend; `None`: no active checks.
     pub check: Option<CheckSpec>,
+    /// UDP flows: idle timeout, and replies per datagram that end a flow.
+    pub udp: UdpSettings,
+}
+
+/// How a UDP VIP's flows end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSettings {
+    /// A flow idle this long ends.
+    pub idle_timeout: Duration,
+    /// A flow ends once each of its client's datagrams had this many
+    /// replies; `None`: only when idle.
+    pub responses: Option<u32>,
+}
+
+impl Default for UdpSettings {
+    fn default() -> Self {
+        UdpSettings {
+            idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+            responses: None,
+        }
+    }
 }
 
 /// One validated `[[vip]]`.
@@ -167,6 +188,8 @@ pub struct ValidatedVip {
     pub name: String,
     /// The listen address.
     pub listen: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
     /// The listen backlog.
     pub backlog: u32,
     /// What its connections read from the table.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use super::ha::validate_ha;
 use super::{
     listens_conflict, Backend, BackendSource, BackendSpec, CheckSpec, Config, ConsulConfig, ConsulSettings,
-    ConsulTarget, DataPlane, DnsTarget, Validated, ValidatedVip, VipConfig, VipSettings, ZonePolicy,
-    DEFAULT_CONSUL_WAIT, DEFAULT_WEIGHT, MAX_WORKERS,
+    ConsulTarget, DataPlane, DnsTarget, Protocol, ProxyProtocol, UdpSettings, Validated, ValidatedVip, VipConfig,
+    VipSettings, ZonePolicy, DEFAULT_CONSUL_WAIT, DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_WEIGHT, MAX_WORKERS,
 };
 
 impl Config {
@@ -108,7 +108,8 @@ fn validate_vips(
     problems: &mut Vec<String>,
 ) -> Vec<ValidatedVip> {
     let mut names = HashSet::new();
-    let mut listens: Vec<SocketAddr> = Vec::new();
+    // Each protocol has its own ports: a TCP and a UDP VIP may share one.
+    let mut listens: Vec<(SocketAddr, Protocol)> = Vec::new();
     let mut vips = Vec::new();
     for (i, vip) in configs.iter().enumerate() {
         let at = format!("vip[{i}]");
@@ -122,15 +123,17 @@ fn validate_vips(
         }
         let listen = match vip.listen.parse::<SocketAddr>() {
             Ok(a) => {
-                if let Some(other) = listens.iter().find(|&&b| listens_conflict(a, b)) {
+                let protocol = vip.protocol;
+                if let Some((other, _)) = listens.iter().find(|&&(b, p)| p == protocol && listens_conflict(a, b)) {
+                    let p = protocol.as_str();
                     problems.push(if *other == a {
-                        format!("{at}.listen: {a} is used by another vip")
+                        format!("{at}.listen: {a} is used by another {p} vip")
                     } else {
-                        format!("{at}.listen: {a} overlaps {other} of another vip (a wildcard address takes the port on every address of its family)")
+                        format!("{at}.listen: {a} overlaps {other} of another {p} vip (a wildcard address takes the port on every address of its family)")
                     });
                 }
-                listens.push(a);
-                if let Some(admin) = admin.filter(|&b| listens_conflict(a, b)) {
+                listens.push((a, protocol));
+                if let Some(admin) = admin.filter(|&b| protocol == Protocol::Tcp && listens_conflict(a, b)) {
                     problems.push(if admin == a {
                         format!("{at}.listen: {a} is the admin address")
                     } else {
@@ -150,6 +153,7 @@ fn validate_vips(
             vips.push(ValidatedVip {
                 name: vip.name.clone(),
                 listen,
+                protocol: vip.protocol,
                 backlog: vip.backlog,
                 settings,
                 source,
@@ -186,6 +190,7 @@ fn validate_vip_settings(
     if vip.passive.max_ejection < vip.passive.base_ejection {
         problems.push(format!("{at}.passive.max_ejection: must be at least base_ejection"));
     }
+    let udp = validate_udp(at, vip, problems);
     let zone = validate_zone_routing(at, vip, zone, problems);
     let check = vip
         .check
@@ -202,7 +207,42 @@ fn validate_vip_settings(
         passive: vip.passive,
         zone,
         check,
+        udp,
     })
+}
+
+/// The UDP fields: set only on a UDP VIP, and sane there; PROXY v1 has no
+/// UDP form.
+fn validate_udp(at: &str, vip: &VipConfig, problems: &mut Vec<String>) -> UdpSettings {
+    let udp_only = [
+        ("udp_idle_timeout", vip.udp_idle_timeout.is_some()),
+        ("udp_responses", vip.udp_responses.is_some()),
+    ];
+    if vip.protocol != Protocol::Udp {
+        for (field, set) in udp_only {
+            if set {
+                problems.push(format!("{at}.{field}: only for protocol = \"udp\""));
+            }
+        }
+        return UdpSettings::default();
+    }
+    if vip.udp_idle_timeout.is_some_and(|d| d.is_zero()) {
+        problems.push(format!("{at}.udp_idle_timeout: must be above zero"));
+    }
+    if vip.udp_responses == Some(0) {
+        problems.push(format!(
+            "{at}.udp_responses: must be at least 1 (leave it unset for flows that end only when idle)"
+        ));
+    }
+    if vip.proxy_protocol == ProxyProtocol::V1 {
+        problems.push(format!(
+            "{at}.proxy_protocol: \"v1\" has no form for UDP; use \"v2\" (its DGRAM form, a header in front of every datagram)"
+        ));
+    }
+    UdpSettings {
+        idle_timeout: vip.udp_idle_timeout.unwrap_or(DEFAULT_UDP_IDLE_TIMEOUT),
+        responses: vip.udp_responses,
+    }
 }
 
 /// Exactly one of `backends`, `service` and `dns`, and that one valid; a
@@ -469,6 +509,64 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse(text, "bad.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn udp_vips_validate_their_own_fields() {
+        let vip = |name: &str, extra: &str| {
+            format!("[[vip]]\nname = \"{name}\"\nlisten = \"127.0.0.1:5353\"\nbackends = [\"127.0.0.1:53\"]\n{extra}\n")
+        };
+        // A TCP and a UDP VIP share a port; the defaults of a UDP VIP.
+        let v = Config::parse(
+            &format!("{}{}", vip("dns-tcp", ""), vip("dns", "protocol = \"udp\"")),
+            "ok",
+        )
+        .unwrap();
+        assert_eq!(v.vips[0].protocol, Protocol::Tcp);
+        assert_eq!(v.vips[1].protocol, Protocol::Udp);
+        assert_eq!(v.vips[1].settings.udp, UdpSettings::default());
+        assert_eq!(v.vips[1].settings.udp.idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+        let v = Config::parse(
+            &vip(
+                "dns",
+                "protocol = \"udp\"\nudp_idle_timeout = \"5s\"\nudp_responses = 1\nproxy_protocol = \"v2\"",
+            ),
+            "ok",
+        )
+        .unwrap();
+        assert_eq!(
+            v.vips[0].settings.udp,
+            UdpSettings {
+                idle_timeout: Duration::from_secs(5),
+                responses: Some(1)
+            }
+        );
+        // Two UDP VIPs on one port conflict, as two TCP ones do.
+        let e = err(&format!(
+            "{}{}",
+            vip("a", "protocol = \"udp\""),
+            vip("b", "protocol = \"udp\"")
+        ));
+        assert!(
+            e.contains("vip[1].listen: 127.0.0.1:5353 is used by another udp vip"),
+            "{e}"
+        );
+        // UDP fields on a TCP VIP, zero values, PROXY v1, a bad protocol.
+        let e = err(&vip("a", "udp_idle_timeout = \"5s\"\nudp_responses = 2"));
+        assert!(
+            e.contains("vip[0].udp_idle_timeout: only for protocol = \"udp\""),
+            "{e}"
+        );
+        assert!(e.contains("vip[0].udp_responses: only for protocol = \"udp\""), "{e}");
+        let e = err(&vip(
+            "a",
+            "protocol = \"udp\"\nudp_idle_timeout = \"0s\"\nudp_responses = 0\nproxy_protocol = \"v1\"",
+        ));
+        assert!(e.contains("vip[0].udp_idle_timeout: must be above zero"), "{e}");
+        assert!(e.contains("vip[0].udp_responses: must be at least 1"), "{e}");
+        assert!(e.contains("vip[0].proxy_protocol: \"v1\" has no form for UDP"), "{e}");
+        let e = err(&vip("a", "protocol = \"sctp\""));
+        assert!(e.contains("protocol") && e.contains("sctp"), "{e}");
     }
 
     #[test]

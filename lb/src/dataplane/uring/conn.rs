@@ -146,6 +146,7 @@ impl Worker {
             cursor: c.vip.cursor(),
             now: Vip::now(),
             tried: &c.tried,
+            by_port: false,
         };
         let Some(i) = table.pick(&ctx) else {
             return self.no_backend(index);

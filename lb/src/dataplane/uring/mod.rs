@@ -103,6 +103,7 @@ use self::conn::Conn;
 use self::pool::Pool;
 use crate::balance::table::Vip;
 use crate::dataplane::pressure::RateLimit;
+use crate::dataplane::slab::Slab;
 use crate::dataplane::workers;
 
 /// Bytes one buffer holds: 16 KiB, as the epoll path's reads.
@@ -292,43 +293,6 @@ enum Timer {
     Listener(usize, u64),
     Relief(usize, u64),
     Idle(usize, u64),
-}
-
-/// A slab: stable indices, reused after removal.
-struct Slab<T> {
-    items: Vec<Option<T>>,
-    free: Vec<usize>,
-}
-
-impl<T> Slab<T> {
-    fn new() -> Slab<T> {
-        Slab {
-            items: Vec::new(),
-            free: Vec::new(),
-        }
-    }
-
-    fn insert(&mut self, item: T) -> usize {
-        if let Some(i) = self.free.pop() {
-            self.items[i] = Some(item);
-            i
-        } else {
-            self.items.push(Some(item));
-            self.items.len() - 1
-        }
-    }
-
-    fn get(&mut self, i: usize) -> Option<&mut T> {
-        self.items.get_mut(i).and_then(Option::as_mut)
-    }
-
-    fn remove(&mut self, i: usize) -> Option<T> {
-        let item = self.items.get_mut(i).and_then(Option::take);
-        if item.is_some() {
-            self.free.push(i);
-        }
-        item
-    }
 }
 
 struct Worker {
@@ -540,24 +504,16 @@ impl Worker {
         // Each live connection or listener has at most a couple of timers;
         // ended ones leave theirs until they fire. Past twice the live
         // count, sweep (bounded memory under churn with long timeouts).
-        let live = self.conns.items.len() + self.listeners.items.len();
+        let live = self.conns.capacity() + self.listeners.capacity();
         if self.timers.len() > 2 * live + 64 {
             let (conns, listeners) = (&self.conns, &self.listeners);
             self.timers.retain(|Reverse((_, timer))| match *timer {
                 Timer::Tick => true,
-                Timer::Listener(i, serial) => listeners
-                    .items
-                    .get(i)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|l| l.serial == serial),
-                Timer::Relief(i, serial) | Timer::Idle(i, serial) => conns
-                    .items
-                    .get(i)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|c| c.serial == serial),
+                Timer::Listener(i, serial) => listeners.peek(i).is_some_and(|l| l.serial == serial),
+                Timer::Relief(i, serial) | Timer::Idle(i, serial) => conns.peek(i).is_some_and(|c| c.serial == serial),
             });
         }
-        for index in 0..self.listeners.items.len() {
+        for index in 0..self.listeners.capacity() {
             let Some(l) = self.listeners.get(index) else { continue };
             if !l.stop.is_cancelled() {
                 continue;
