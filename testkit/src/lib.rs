@@ -24,6 +24,8 @@
 //!   settings for HTTPS ([`ConsulAgent::start_with_tls`]).
 //! - [`fault`]: a TCP proxy that can cut the path to an agent like a
 //!   partition.
+//! - [`dnsd`]: dnsmasq backends, dig and dnsperf clients for the UDP
+//!   tests (Debian's packages, installed as root when missing).
 //! - [`forge`]: packets an attacker on the network would forge (an ICMP
 //!   port-unreachable quoting a victim's UDP socket).
 //! - [`netns`]: hosts in network namespaces on one bridge (a client, two
@@ -35,6 +37,7 @@
 //!   pause, leader kill).
 
 pub mod dc;
+pub mod dnsd;
 pub mod fault;
 pub mod forge;
 pub mod http;

@@ -20,4 +20,5 @@ mod production;
 mod production_consul;
 mod spread;
 mod token_files;
+mod udp;
 mod zone;
