@@ -210,7 +210,7 @@ pub fn parse_dnsperf(text: &str) -> Perf {
     let field = |label: &str| {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(label))
-            .and_then(|rest| rest.trim().split_whitespace().next())
+            .and_then(|rest| rest.split_whitespace().next())
             .and_then(|v| v.parse::<f64>().ok())
     };
     Perf {
