@@ -17,6 +17,7 @@ Subcommands (see `main` at the bottom):
   iperf-bytes FILE                 bytes received over every interval (omitted ones too)
   iperf FILE                       receiver Gbit/s from iperf3 -J output
   wrk FILE                         JSON: rps, p50_ms, p99_ms, errors
+  dnsperf FILE                     "qps completed lost%" over every dnsperf summary in FILE
   swap-loop ADMIN VIP ADDR RATE SECONDS OUTFILE
   table-bench FILE RESULTS         turn table-bench JSON lines into result rows
   render RESULTS META OUT          print the Markdown table and write OUT
@@ -556,6 +557,60 @@ def table_bench(args):
     return 0 if n else 1
 
 
+UDP_PROXIES = ["direct", "nginx-stream", "halo"]
+UDP_ROWS = [
+    ("udp_qps", "DNS queries/s through a UDP VIP, dnsperf (higher is better)", True, "{:,.0f}"),
+    ("udp_cpu", "CPU per DNS query, µs (lower is better)", False, "{:.2f}"),
+    ("udp_lost", "DNS queries lost, % (lower is better)", False, "{:.3f}"),
+]
+
+
+def udp_table(res, meta):
+    """The UDP rows: a table of their own, since HAProxy 2.6 balances no
+    UDP; halo is compared with NGINX's stream module."""
+    if not any(k.startswith("udp_") for (k, _p) in res):
+        return []
+    header = ["UDP (DNS)"] + UDP_PROXIES + ["halo ÷ nginx-stream", "notes"]
+    lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, title, higher, fmt in UDP_ROWS:
+        cells, vals = [], {}
+        for p in UDP_PROXIES:
+            v = res.get((key, p))
+            x = num(v[0]) if v else None
+            if key == "udp_cpu" and p == "direct":
+                cells.append("n/a (no proxy)")
+            elif x is None:
+                cells.append(v[0] if v else "n/a")
+            else:
+                cells.append(fmt.format(x))
+            vals[p] = x
+        a, b = vals.get("halo"), vals.get("nginx-stream")
+        notes = []
+        if a is not None and b:
+            r = a / b
+            ratio = f"{r:.2f}"
+            if (r < 1) if higher else (r > 1):
+                notes.append("**behind** (halo vs nginx-stream)")
+        else:
+            ratio = "n/a"
+        lines.append("| " + " | ".join([title] + cells + [ratio, "; ".join(notes)]) + " |")
+    return lines
+
+
+def parse_dnsperf(path):
+    """One or more dnsperf summaries appended to one file: queries per
+    second over all of them (completed ÷ run time), completed, and the
+    share lost in percent."""
+    with open(path) as f:
+        text = f.read()
+    sent = sum(int(x) for x in re.findall(r"Queries sent:\s+(\d+)", text))
+    done = sum(int(x) for x in re.findall(r"Queries completed:\s+(\d+)", text))
+    secs = sum(float(x) for x in re.findall(r"Run time \(s\):\s+([\d.]+)", text))
+    if not sent or not secs:
+        return None
+    return done / secs, done, (sent - done) * 100.0 / sent
+
+
 def render(args):
     results_path, meta_path, out_path = args
     res = load_results(results_path)
@@ -656,6 +711,7 @@ def render(args):
             row += ["n/a"] * 4 + [why, "n/a", "n/a", "n/a", "n/a", "n/a", "halo-benches `table-bench`: " + why]
             lines.append("| " + " | ".join(row) + " |")
 
+    lines += udp_table(res, meta)
     desc = meta.get("description", "")
     md = "\n".join(lines) + "\n\n" + desc + "\n"
     sys.stdout.write(md)
@@ -707,6 +763,10 @@ def main():
         return 0
     if cmd == "wrk":
         print(json.dumps(parse_wrk(args[0])))
+        return 0
+    if cmd == "dnsperf":
+        r = parse_dnsperf(args[0]) if os.path.exists(args[0]) else None
+        print("failed x x" if r is None else f"{r[0]:.1f} {r[1]} {r[2]:.4f}")
         return 0
     if cmd == "swap-loop":
         return swap_loop(args)

@@ -34,7 +34,7 @@ THREADS=${BENCH_THREADS:-2}
 IDLE_REQ=${BENCH_IDLE_CONNS:-10000}
 SWAP_RATE=${BENCH_SWAP_RATE:-100}
 PROXIES=${BENCH_PROXIES:-"direct haproxy haproxy-splice nginx-stream halo halo-epoll halo-buffered"}
-TESTS=${BENCH_TESTS:-"tput http idle swap table"}
+TESTS=${BENCH_TESTS:-"tput http idle swap udp table"}
 CORES=$(nproc)
 BUILD_TIMEOUT=${BENCH_BUILD_TIMEOUT:-1800}
 
@@ -149,6 +149,11 @@ install_tools() {
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
   done
   [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+  # The UDP rows: dnsmasq behind the proxies, dnsperf in front.
+  for pair in dnsmasq:dnsmasq-base dnsperf:dnsperf dig:bind9-dnsutils; do
+    cmd=${pair%%:*} pkg=${pair#*:}
+    command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+  done
   [ "${#need[@]}" -gt 0 ] || return 0
   log "installing ${need[*]} with apt-get"
   local SUDO=
@@ -660,6 +665,139 @@ http_results() { # PROXY: the rows from all rounds
   fi
 }
 
+# ------------------------------------------------------------------ UDP
+# DNS through a UDP VIP: two dnsmasq resolvers behind the proxy, dnsperf in
+# front (UDP_CLIENTS sockets, i.e. flows, at most UDP_OUTSTANDING queries in
+# flight), in ROUNDS interleaved rounds of ROUND_DUR seconds, as the HTTP
+# rows. halo runs packaging/examples/lb-udp.toml with only its addresses
+# changed; NGINX its stream module with `listen ... udp` and
+# `proxy_responses 1`, the same two resolvers round-robin. HAProxy 2.6 has no
+# UDP load balancing.
+UDP_CLIENTS=${BENCH_UDP_CLIENTS:-20}
+UDP_OUTSTANDING=${BENCH_UDP_OUTSTANDING:-200}
+UDP_PROXIES="direct nginx-stream halo"
+declare -A UDP_CPU UDP_FAILED
+UDP_BACKENDS=()
+
+start_dns_backends() {
+  local i port
+  for i in 1 2; do
+    port=$(freeport)
+    spawn "$OUTDIR/dnsmasq-$i.log" dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll \
+      --cache-size=0 --bind-interfaces --listen-address=127.0.0.1 --interface=lo --port="$port" \
+      --address=/example.test/198.18.0.$i --pid-file="$TMP/dnsmasq-$i.pid" --user=root --dns-forward-max=10000
+    UDP_BACKENDS+=("$port")
+  done
+  local deadline=$(( SECONDS + 20 )) p
+  for p in "${UDP_BACKENDS[@]}"; do
+    until [ -n "$(dig +short +tries=1 +time=1 @127.0.0.1 -p "$p" ready.example.test A 2>/dev/null)" ]; do
+      [ "$SECONDS" -lt "$deadline" ] || return 1
+      sleep 0.1
+    done
+  done
+}
+
+start_udp_proxy() { # NAME: sets PROXY_PID, PROXY_PORT
+  local name=$1
+  PROXY_PID= PROXY_PORT=
+  case "$name" in
+    direct)
+      PROXY_PORT=${UDP_BACKENDS[0]} ;;
+    nginx-stream)
+      PROXY_PORT=$(freeport)
+      rm -rf "$TMP/ustream"
+      mkdir -p "$TMP/ustream"
+      cat >"$TMP/ustream/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes $CORES;
+worker_rlimit_nofile $NOFILE;
+pid $TMP/ustream/nginx.pid;
+error_log $TMP/ustream/error.log warn;
+daemon off;
+events { worker_connections $NGINX_WC; }
+stream {
+  upstream dns { server 127.0.0.1:${UDP_BACKENDS[0]}; server 127.0.0.1:${UDP_BACKENDS[1]}; }
+  server {
+    listen 127.0.0.1:$PROXY_PORT udp reuseport;
+    proxy_pass dns;
+    proxy_responses 1;
+    proxy_timeout 10s;
+  }
+}
+EOF
+      spawn "$OUTDIR/$name-udp.log" nginx -p "$TMP/ustream" -c "$TMP/ustream/nginx.conf" -e "$TMP/ustream/error.log"
+      PROXY_PID=$LAST_PID ;;
+    halo)
+      [ -n "$HALO_BIN" ] || return 1
+      PROXY_PORT=$(freeport)
+      local admin
+      admin=$(freeport)
+      # The shipped example, addresses changed: admin, the VIP's port (both
+      # of its VIPs), the two resolvers.
+      sed -e "s/127\.0\.0\.1:9901/127.0.0.1:$admin/" \
+        -e "s/127\.0\.0\.1:5353/127.0.0.1:$PROXY_PORT/" \
+        -e "s/127\.0\.0\.1:5301/127.0.0.1:${UDP_BACKENDS[0]}/g" \
+        -e "s/127\.0\.0\.1:5302/127.0.0.1:${UDP_BACKENDS[1]}/g" \
+        "$ROOT/packaging/examples/lb-udp.toml" >"$TMP/halo-udp.toml"
+      cp "$TMP/halo-udp.toml" "$OUTDIR/halo-udp.toml"
+      spawn "$OUTDIR/halo-udp.log" env RUST_LOG="${RUST_LOG:-warn}" "$HALO_BIN" --config "$TMP/halo-udp.toml"
+      PROXY_PID=$LAST_PID ;;
+  esac
+  # Ready when a query through it is answered.
+  local deadline=$(( SECONDS + 20 ))
+  until [ -n "$(dig +short +tries=1 +time=1 @127.0.0.1 -p "$PROXY_PORT" ready.example.test A 2>/dev/null)" ]; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.1
+  done
+}
+
+udp_round() { # PROXY ROUND
+  local p=$1 r=$2
+  if is_halo "$p" && [ -z "$HALO_BIN" ]; then return; fi
+  [ -n "${UDP_FAILED[$p]:-}" ] && return
+  [ "$r" -eq 1 ] && rm -f "$OUTDIR/udp-$p.txt"
+  start_udp_proxy "$p" || { log "$p: UDP proxy not ready"; UDP_FAILED[$p]=1; stop "$PROXY_PID"; return; }
+  printf 'a.example.test A\nb.example.test A\nc.example.test A\n' >"$TMP/queries"
+  log "$p: round $r/$ROUNDS: dnsperf -c $UDP_CLIENTS -q $UDP_OUTSTANDING, ${ROUND_DUR}s"
+  run_fg timeout $(( WARM + 30 )) dnsperf -s 127.0.0.1 -p "$PROXY_PORT" -d "$TMP/queries" -l "$WARM" \
+    -c "$UDP_CLIENTS" -q "$UDP_OUTSTANDING" >/dev/null 2>&1 || true
+  local c0 c1
+  c0=$(cpu_of "$PROXY_PID")
+  run_fg timeout $(( ROUND_DUR + 30 )) dnsperf -s 127.0.0.1 -p "$PROXY_PORT" -d "$TMP/queries" -l "$ROUND_DUR" \
+    -c "$UDP_CLIENTS" -q "$UDP_OUTSTANDING" >>"$OUTDIR/udp-$p.txt" 2>&1 || true
+  c1=$(cpu_of "$PROXY_PID")
+  if [ -n "$PROXY_PID" ]; then
+    UDP_CPU[$p]=$("$PY" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))' "${UDP_CPU[$p]:-0}" "$c0" "$c1")
+  fi
+  stop "$PROXY_PID"
+}
+
+udp_results() { # PROXY
+  local p=$1 v
+  if is_halo "$p" && [ -z "$HALO_BIN" ]; then skip_halo "$p" udp_qps udp_cpu udp_lost; return; fi
+  if [ -n "${UDP_FAILED[$p]:-}" ]; then
+    for v in udp_qps udp_cpu udp_lost; do result "$v" "$p" "failed (start)"; done
+    return
+  fi
+  v=$("$PY" "$BENCH" dnsperf "$OUTDIR/udp-$p.txt")
+  local qps completed lost
+  read -r qps completed lost <<<"$v"
+  result udp_qps "$p" "$qps"
+  result udp_lost "$p" "$lost"
+  if [ -n "${UDP_CPU[$p]:-}" ]; then
+    log "$p: $qps DNS queries/s, $lost % lost, $(per_unit udp_cpu "$p" 0 "${UDP_CPU[$p]}" "$completed" 1e6) µs CPU per query"
+  else
+    log "$p: $qps DNS queries/s, $lost % lost"
+  fi
+}
+
+run_udp() {
+  start_dns_backends || { log "dnsmasq did not start; UDP rows skipped"; for p in $UDP_PROXIES; do result udp_qps "$p" failed; done; return; }
+  local r p
+  for r in $(seq 1 "$ROUNDS"); do for p in $UDP_PROXIES; do udp_round "$p" "$r"; done; done
+  for p in $UDP_PROXIES; do udp_results "$p"; done
+}
+
 run_idle() { # RSS growth of the proxy for IDLE held connections
   local p=$1
   [ "$p" = direct ] && return
@@ -796,6 +934,8 @@ PROXY_TAG=-idle
 if has_test idle; then for p in $PROXIES; do run_idle "$p"; done; fi
 PROXY_TAG=-swap
 if has_test swap && [[ " $PROXIES " == *" halo "* ]]; then run_swap; fi
+PROXY_TAG=-udp
+if has_test udp; then run_udp; fi
 if has_test table; then run_table_bench; else result tbl_state all "not run"; fi
 if has_test idle; then
   if [ "$IDLE" -eq "$IDLE_REQ" ]; then result idle_count all "$IDLE conns"

@@ -50,10 +50,17 @@ pub fn tools() -> Tools {
         .unwrap_or_else(|e| panic!("no DNS tools for the UDP tests: {e}"))
 }
 
-/// A free UDP port on `ip` (bound and released; the caller binds it next).
+/// A port on `ip` free for both UDP and TCP (bound and released; the
+/// caller binds it next): a UDP VIP's or a DNS server's port, which the
+/// other protocol may want too.
 pub fn free_udp_port(ip: Ipv4Addr) -> u16 {
-    let s = std::net::UdpSocket::bind((ip, 0)).expect("bind a UDP port");
-    s.local_addr().expect("its address").port()
+    loop {
+        let s = std::net::UdpSocket::bind((ip, 0)).expect("bind a UDP port");
+        let port = s.local_addr().expect("its address").port();
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One dnsmasq on `addr` that answers every name under `example.test`
@@ -70,18 +77,25 @@ pub struct Dnsmasq {
 }
 
 impl Dnsmasq {
-    /// Starts it and waits until it answers a query.
-    pub fn start(addr: SocketAddr, answer: Ipv4Addr) -> Dnsmasq {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Self::spawn(addr, answer, &dir);
-        let d = Dnsmasq {
-            addr,
-            answer,
-            child: Some(child),
-            _dir: dir,
-        };
-        d.wait_answering();
-        d
+    /// Starts one on a free port of 127.0.0.1 and waits until it answers
+    /// a query (on another port if a test elsewhere took the one it was
+    /// given before it could bind).
+    pub fn start(answer: Ipv4Addr) -> Dnsmasq {
+        for _ in 0..10 {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_udp_port(Ipv4Addr::LOCALHOST)));
+            let dir = tempfile::tempdir().expect("tempdir");
+            let child = Self::spawn(addr, answer, &dir);
+            let mut d = Dnsmasq {
+                addr,
+                answer,
+                child: Some(child),
+                _dir: dir,
+            };
+            if d.wait_answering() {
+                return d;
+            }
+        }
+        panic!("dnsmasq did not start on any of 10 ports");
     }
 
     fn spawn(addr: SocketAddr, answer: Ipv4Addr, dir: &tempfile::TempDir) -> Child {
@@ -106,12 +120,21 @@ impl Dnsmasq {
             .expect("start dnsmasq")
     }
 
-    fn wait_answering(&self) {
+    /// Waits until it answers; false if it exited (its port was taken).
+    fn wait_answering(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         while dig(self.addr, "ready.example.test", None).as_deref() != Some(self.answer.to_string().as_str()) {
+            if self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+            {
+                return false;
+            }
             assert!(Instant::now() < deadline, "dnsmasq on {} does not answer", self.addr);
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Kills it (SIGKILL) and waits for it: its port answers with ICMP
@@ -127,7 +150,7 @@ impl Dnsmasq {
     pub fn restart(&mut self) {
         self.kill();
         self.child = Some(Self::spawn(self.addr, self.answer, &self._dir));
-        self.wait_answering();
+        assert!(self.wait_answering(), "dnsmasq could not start again on {}", self.addr);
     }
 }
 

@@ -47,6 +47,20 @@ impl<T> Slab<T> {
         item
     }
 
+    /// Values in it.
+    pub(crate) fn len(&self) -> usize {
+        self.items.len() - self.free.len()
+    }
+
+    /// Gives its memory back once it is empty and was large (a burst of
+    /// flows that all ended).
+    pub(crate) fn shrink_if_empty(&mut self) {
+        if self.len() == 0 && self.items.capacity() > 1024 {
+            self.items = Vec::new();
+            self.free = Vec::new();
+        }
+    }
+
     /// The indices in use.
     pub(crate) fn indices(&self) -> impl Iterator<Item = usize> + '_ {
         self.items

@@ -730,10 +730,11 @@ mod fuzz {
 
     use super::*;
 
-    const EXAMPLES: [&str; 5] = [
+    const EXAMPLES: [&str; 6] = [
         include_str!("../../../packaging/examples/lb.toml"),
         include_str!("../../../packaging/examples/lb-consul.toml"),
         include_str!("../../../packaging/examples/lb-dns.toml"),
+        include_str!("../../../packaging/examples/lb-udp.toml"),
         include_str!("../../../packaging/examples/lb-ha-1.toml"),
         include_str!("../../../packaging/examples/lb-ha-2.toml"),
     ];

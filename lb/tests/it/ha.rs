@@ -936,3 +936,95 @@ async fn the_standby_forwards_writes_with_the_pairs_token() {
     );
     assert!(!a.log().contains("shared-pair-token") && !b.log().contains("shared-pair-token"));
 }
+
+/// A UDP VIP fails over with the pair: served by the active only (the
+/// standby never binds it: the port is exclusive), by the new active after
+/// a kill -9, and handed over on SIGTERM, with no overlap of terms.
+#[tokio::test]
+async fn a_udp_vip_fails_over_with_the_pair() {
+    use std::net::{Ipv4Addr, UdpSocket};
+
+    let consul = ConsulAgent::start().await;
+    // A UDP echo backend.
+    let backend = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = backend.recv_from(&mut buf) {
+            let _ = backend.send_to(&buf[..n], from);
+        }
+    });
+    let vip = SocketAddr::from((
+        Ipv4Addr::LOCALHOST,
+        halo_testkit::dnsd::free_udp_port(Ipv4Addr::LOCALHOST),
+    ));
+    let config = |id: &str, admin: SocketAddr| {
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[[vip]]\nname = \"dns\"\nlisten = \"{vip}\"\nprotocol = \"udp\"\nalgorithm = \"maglev\"\nbackends = [\"{backend_addr}\"]\n[consul]\naddress = \"{}\"\n[ha]\ncluster = \"udp\"\nid = \"{id}\"\n",
+            consul.http_url()
+        )
+    };
+    let admin_a = SocketAddr::from(([127, 0, 0, 1], port()));
+    let admin_b = SocketAddr::from(([127, 0, 0, 1], port()));
+    let a = start(&config("a", admin_a), admin_a).await;
+    wait_role(&a, "active").await;
+    let b = start(&config("b", admin_b), admin_b).await;
+    wait_role(&b, "standby").await;
+
+    // Who answers: the instance whose datagram counter moves.
+    let ask = || async move {
+        tokio::task::spawn_blocking(move || {
+            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut buf = [0u8; 16];
+            s.send_to(b"hello", vip).is_ok() && s.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == b"hello")
+        })
+        .await
+        .unwrap()
+    };
+    let served = |lb: &Lb| {
+        let admin = lb.admin;
+        async move {
+            let (_, body) = halo_testkit::http::get(admin, "/status").await?;
+            let status: Value = serde_json::from_str(&body).ok()?;
+            status["vips"][0]["udp"]["datagrams_out"].as_u64()
+        }
+    };
+    eventually(DEADLINE, "the active to answer on the UDP VIP", || async {
+        ask().await.then_some(())
+    })
+    .await;
+    assert!(served(&a).await.unwrap_or(0) >= 1, "a answered");
+    assert_eq!(served(&b).await.unwrap_or(0), 0, "the standby forwards nothing");
+    assert!(UdpSocket::bind(vip).is_err(), "the active holds the port");
+
+    // kill -9 of the active: b takes the UDP VIP.
+    a.signal(nix::sys::signal::Signal::SIGKILL);
+    let killed = Instant::now();
+    wait_role(&b, "active").await;
+    eventually(DEADLINE, "the new active to answer on the UDP VIP", || async {
+        ask().await.then_some(())
+    })
+    .await;
+    eprintln!("UDP VIP answered again {:?} after kill -9", killed.elapsed());
+    assert!(served(&b).await.unwrap_or(0) >= 1, "b answers now");
+
+    // A third instance joins as standby; SIGTERM on b hands over to it.
+    let admin_c = SocketAddr::from(([127, 0, 0, 1], port()));
+    let mut c = start(&config("c", admin_c), admin_c).await;
+    wait_role(&c, "standby").await;
+    let mut b = b;
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    let sc = wait_role(&c, "active").await;
+    assert!(b.wait_exit().await.success(), "{}", b.log());
+    eventually(DEADLINE, "the third instance to answer on the UDP VIP", || async {
+        ask().await.then_some(())
+    })
+    .await;
+    assert!(served(&c).await.unwrap_or(0) >= 1, "c answers now");
+    let b_to = a_term_end(&b);
+    let (_, c_from, _) = *terms(&sc).last().unwrap();
+    assert!(b_to <= c_from, "c started at {c_from} before b stopped at {b_to}");
+    c.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.wait_exit().await.success());
+}

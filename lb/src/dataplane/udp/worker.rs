@@ -714,7 +714,14 @@ impl Worker {
                 }
                 self.end(head, End::Expired);
             }
+            // After a burst, the memory of its flows goes back.
+            if let Some(l) = self.listeners.get(li) {
+                if l.flows.is_empty() && l.flows.capacity() > 1024 {
+                    l.flows.shrink_to_fit();
+                }
+            }
         }
+        self.flows.shrink_if_empty();
     }
 
     /// How long to wait for events: until the next flow could expire, at
