@@ -667,13 +667,14 @@ http_results() { # PROXY: the rows from all rounds
 
 # ------------------------------------------------------------------ UDP
 # DNS through a UDP VIP: two dnsmasq resolvers behind the proxy, dnsperf in
-# front (UDP_CLIENTS sockets, i.e. flows, at most UDP_OUTSTANDING queries in
-# flight), in ROUNDS interleaved rounds of ROUND_DUR seconds, as the HTTP
+# front (UDP_THREADS threads, as wrk's -t 2; UDP_CLIENTS sockets, i.e. flows;
+# at most UDP_OUTSTANDING queries in flight), in ROUNDS interleaved rounds of ROUND_DUR seconds, as the HTTP
 # rows. halo runs packaging/examples/lb-udp.toml with only its addresses
 # changed; NGINX its stream module with `listen ... udp` and
 # `proxy_responses 1`, the same two resolvers round-robin. HAProxy 2.6 has no
 # UDP load balancing.
 UDP_CLIENTS=${BENCH_UDP_CLIENTS:-20}
+UDP_THREADS=${BENCH_UDP_THREADS:-2}
 UDP_OUTSTANDING=${BENCH_UDP_OUTSTANDING:-200}
 UDP_PROXIES="direct nginx-stream halo"
 declare -A UDP_CPU UDP_FAILED
@@ -685,7 +686,7 @@ start_dns_backends() {
     port=$(freeport)
     spawn "$OUTDIR/dnsmasq-$i.log" dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll \
       --cache-size=0 --bind-interfaces --listen-address=127.0.0.1 --interface=lo --port="$port" \
-      --address=/example.test/198.18.0.$i --pid-file="$TMP/dnsmasq-$i.pid" --user=root --dns-forward-max=10000
+      --address=/example.test/198.18.0.$i --pid-file="$TMP/dnsmasq-$i.pid" --user=root
     UDP_BACKENDS+=("$port")
   done
   local deadline=$(( SECONDS + 20 )) p
@@ -758,13 +759,13 @@ udp_round() { # PROXY ROUND
   [ "$r" -eq 1 ] && rm -f "$OUTDIR/udp-$p.txt"
   start_udp_proxy "$p" || { log "$p: UDP proxy not ready"; UDP_FAILED[$p]=1; stop "$PROXY_PID"; return; }
   printf 'a.example.test A\nb.example.test A\nc.example.test A\n' >"$TMP/queries"
-  log "$p: round $r/$ROUNDS: dnsperf -c $UDP_CLIENTS -q $UDP_OUTSTANDING, ${ROUND_DUR}s"
+  log "$p: round $r/$ROUNDS: dnsperf -T $UDP_THREADS -c $UDP_CLIENTS -q $UDP_OUTSTANDING, ${ROUND_DUR}s"
   run_fg timeout $(( WARM + 30 )) dnsperf -s 127.0.0.1 -p "$PROXY_PORT" -d "$TMP/queries" -l "$WARM" \
-    -c "$UDP_CLIENTS" -q "$UDP_OUTSTANDING" >/dev/null 2>&1 || true
+    -T "$UDP_THREADS" -c "$UDP_CLIENTS" -q "$UDP_OUTSTANDING" >/dev/null 2>&1 || true
   local c0 c1
   c0=$(cpu_of "$PROXY_PID")
   run_fg timeout $(( ROUND_DUR + 30 )) dnsperf -s 127.0.0.1 -p "$PROXY_PORT" -d "$TMP/queries" -l "$ROUND_DUR" \
-    -c "$UDP_CLIENTS" -q "$UDP_OUTSTANDING" >>"$OUTDIR/udp-$p.txt" 2>&1 || true
+    -T "$UDP_THREADS" -c "$UDP_CLIENTS" -q "$UDP_OUTSTANDING" >>"$OUTDIR/udp-$p.txt" 2>&1 || true
   c1=$(cpu_of "$PROXY_PID")
   if [ -n "$PROXY_PID" ]; then
     UDP_CPU[$p]=$("$PY" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))' "${UDP_CPU[$p]:-0}" "$c0" "$c1")

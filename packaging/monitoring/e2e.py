@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -292,6 +293,20 @@ grace = "1s"
     # -- the pair
     vip = f"127.0.0.1:{free_port()}"
     lb_admins = {}
+    # A UDP echo server behind a UDP VIP, for the dashboard's UDP panels.
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo_addr = "127.0.0.1:%d" % echo.getsockname()[1]
+
+    def echo_loop():
+        while True:
+            try:
+                data, peer = echo.recvfrom(2048)
+                echo.sendto(data, peer)
+            except OSError:
+                return
+    threading.Thread(target=echo_loop, daemon=True).start()
+    udp_vip = f"127.0.0.1:{free_port()}"
 
     def lb_config(name):
         admin = lb_admins.setdefault(name, f"127.0.0.1:{free_port()}")
@@ -310,6 +325,11 @@ name = "web"
 listen = "{vip}"
 service = "web"
 connect_timeout = "1s"
+[[vip]]
+name = "web-udp"
+listen = "{udp_vip}"
+protocol = "udp"
+backends = ["{echo_addr}"]
 """)
         return cfg
 
@@ -324,7 +344,8 @@ connect_timeout = "1s"
 
     def table_full():
         _, body = http_get(f"http://{lb_admins['lb-1']}/status")
-        return len(json.loads(body)["vips"][0]["backends"]) == 2
+        web = [v for v in json.loads(body)["vips"] if v["name"] == "web"]
+        return bool(web) and len(web[0]["backends"]) == 2
     eventually(30, "both backends in lb-1's table", table_full)
 
     # -- Prometheus
@@ -363,6 +384,17 @@ scrape_configs:
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             served += b"hello from web-" in s.recv(4096)
     check(served == 40, "40 requests served through the VIP", f"{served} served")
+    uhost, uport = udp_vip.split(":")
+    echoed = 0
+    for i in range(20):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(2)
+            u.sendto(b"ping %d" % i, (uhost, int(uport)))
+            try:
+                echoed += u.recvfrom(64)[0] == b"ping %d" % i
+            except OSError:
+                pass
+    check(echoed == 20, "20 datagrams echoed through the UDP VIP", f"{echoed} echoed")
 
     # -- failover events: freeze the active; the standby forces a takeover
     procs.signal("lb-1", signal.SIGSTOP)

@@ -41,6 +41,8 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 panels = [p for p in d["panels"] if p["type"] != "row"]
 assert panels and all(p["targets"] and all(t["expr"].strip() for t in p["targets"]) for p in panels)
+bad = [p["title"] for p in panels if p["type"] not in ("timeseries", "stat", "table", "gauge", "bargauge", "state-timeline")]
+assert not bad, f"panels of no Grafana type: {bad}"
 ' "$here/halo-dashboard.json"
 
 step "README's Monitoring tables list every metric the code exports" python3 -c '

@@ -112,7 +112,6 @@ impl Dnsmasq {
             .arg(format!("--address=/example.test/{answer}"))
             .arg(format!("--pid-file={}", dir.path().join("pid").display()))
             .arg("--user=root")
-            .arg("--dns-forward-max=10000")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("log")).expect("log file"))
