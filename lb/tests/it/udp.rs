@@ -467,3 +467,83 @@ async fn udp_and_tcp_vips_share_a_port_and_a_removed_udp_vip_stops_at_once() {
     let (name, _conn) = greeting(vip).await.unwrap();
     assert_eq!(name, "tcp");
 }
+
+#[tokio::test]
+async fn a_udp_vip_takes_its_backends_from_consul_and_a_failing_instance_leaves() {
+    use halo_consul::{CheckRegistration, CheckStatus, Client, ServiceRegistration};
+    let consul = halo_testkit::ConsulAgent::start().await;
+    let client = Client::from_address(consul.http_url()).unwrap();
+    let dns = three_dns();
+    for (i, d) in dns.iter().take(2).enumerate() {
+        client
+            .register_service(&ServiceRegistration {
+                id: format!("dns-{i}"),
+                name: "dns".into(),
+                address: Some("127.0.0.1".into()),
+                port: Some(d.addr.port()),
+                checks: vec![CheckRegistration::ttl(
+                    format!("dns-{i}:ttl"),
+                    "ttl",
+                    Duration::from_secs(300),
+                    CheckStatus::Passing,
+                )],
+                ..ServiceRegistration::default()
+            })
+            .await
+            .unwrap();
+    }
+    let (admin, vip) = (addrs().0, udp_addr());
+    let config = format!(
+        "[admin]\nlisten = \"{admin}\"\n[consul]\naddress = \"{}\"\nwait = \"30s\"\n[[vip]]\nname = \"web\"\nlisten = \"{vip}\"\nprotocol = \"udp\"\nalgorithm = \"maglev\"\nservice = \"dns\"\nudp_responses = 1\n",
+        consul.http_url()
+    );
+    let lb = Lb::start(&config, admin, &[vip]).await;
+    let two: HashSet<String> = dns.iter().take(2).map(|d| d.answer.to_string()).collect();
+    let answers = |n: usize| async move {
+        tokio::task::spawn_blocking(move || {
+            (0..n)
+                .filter_map(|_| dig(vip, "x.example.test", None))
+                .collect::<HashSet<String>>()
+        })
+        .await
+        .unwrap()
+    };
+    eventually(DEADLINE, "both Consul instances to answer", || async {
+        (answers(16).await == two).then_some(())
+    })
+    .await;
+    client.check_fail("dns-0:ttl", "down").await.unwrap();
+    let one = HashSet::from([dns[1].answer.to_string()]);
+    eventually(DEADLINE, "the failing instance to leave", || async {
+        (table_addrs(&lb).await == [dns[1].addr.to_string()]).then_some(())
+    })
+    .await;
+    assert_eq!(answers(12).await, one);
+}
+
+#[tokio::test]
+async fn a_udp_vip_serves_ipv6_clients_and_backends() {
+    // An echo on [::1], a VIP on [::1].
+    let backend = UdpSocket::bind("[::1]:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = backend.recv_from(&mut buf) {
+            // The backend sees the balancer's address, and says so.
+            let mut reply = buf[..n].to_vec();
+            reply.extend_from_slice(format!(" via {}", from.ip()).as_bytes());
+            let _ = backend.send_to(&reply, from);
+        }
+    });
+    let port = {
+        let s = UdpSocket::bind("[::1]:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let vip: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let admin = addrs().0;
+    let lb = Lb::start(&udp_vip(admin, vip, &[backend_addr], ""), admin, &[vip]).await;
+    let client = UdpSocket::bind("[::1]:0").unwrap();
+    let back = round_trip(&client, vip, b"six").expect("an answer over IPv6");
+    assert_eq!(back, b"six via ::1");
+    assert_eq!(n(&udp_status(&lb).await["datagrams_out"]), 1);
+}

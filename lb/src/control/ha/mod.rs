@@ -51,11 +51,14 @@
 //!   the session (whose check our failed heartbeats let go critical) can be
 //!   invalidated and its lock delay end.
 //! - **Enforced where it matters.** When the lease ends the active stops
-//!   serving ([`Server::stop_serving`], synchronous: the listening sockets
-//!   leave LISTEN before it returns). Independently, the data plane checks
-//!   the lease ([`crate::dataplane::lease`], one atomic deadline) for every accepted
-//!   connection, so a process frozen past its lease serves nothing when it
-//!   wakes, whatever order its tasks then run in.
+//!   serving ([`Server::stop_serving`], synchronous: the TCP listening
+//!   sockets leave LISTEN, and each UDP VIP's gate closes, before it
+//!   returns; a closed gate waits out a batch being forwarded and lets no
+//!   other datagram of that VIP through, see [`crate::dataplane::udp`]).
+//!   Independently, the data plane checks the lease
+//!   ([`crate::dataplane::lease`], one atomic deadline) for every accepted
+//!   connection and every UDP batch, so a process frozen past its lease
+//!   serves nothing when it wakes, whatever order its tasks then run in.
 //! - **Evidence of loss** (a confirming read, or the key watch, showing
 //!   another session or none) stops the active at once. When that evidence
 //!   and the lapse of the lease arrive together, the term ends as a lost
