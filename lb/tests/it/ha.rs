@@ -589,6 +589,13 @@ pub(crate) async fn through_vip(client: &halo_testkit::netns::Host, vip: SocketA
     )
 }
 
+/// A UDP echo server (argv: address, port), for the netns hosts.
+const UDP_ECHO: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],int(sys.argv[2])))\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(d,a)\n";
+
+/// Sends one datagram to argv's address and port; prints "ok" if it comes
+/// back within 300 ms from that address.
+const UDP_ASK: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(0.3)\nt=(sys.argv[1],int(sys.argv[2]))\ns.sendto(b'halo',t)\ntry:\n d,a=s.recvfrom(64)\n print('ok' if d==b'halo' and a==t else 'wrong')\nexcept OSError:\n print('none')\n";
+
 #[tokio::test]
 async fn a_floating_vip_follows_the_active_between_hosts() {
     use halo_testkit::netns::{self, Topology, INTERFACE};
@@ -617,12 +624,35 @@ async fn a_floating_vip_follows_the_active_between_hosts() {
     .await;
 
     let vip = SocketAddr::from((topology.vip(), 8080));
+    // A UDP VIP on the same floating address: an echo on the backend host.
+    let udp_vip = SocketAddr::from((topology.vip(), 5353));
+    let udp_backend = SocketAddr::from((backend.ip(), 7053));
+    let _echo = backend.spawn({
+        let mut echo = backend.command("python3");
+        echo.args([
+            "-c",
+            UDP_ECHO,
+            &udp_backend.ip().to_string(),
+            &udp_backend.port().to_string(),
+        ]);
+        echo
+    });
     let config = |host: &halo_testkit::netns::Host, id: &str| {
         format!(
-            "[admin]\nlisten = \"{}:9901\"\n[consul]\naddress = \"http://{consul_http}\"\n[ha]\ncluster = \"float\"\nid = \"{id}\"\nvip_address = \"{}/24\"\nvip_interface = \"{INTERFACE}\"\n[[vip]]\nname = \"web\"\nlisten = \"{vip}\"\nbackends = [\"{consul_http}\"]\n",
+            "[admin]\nlisten = \"{}:9901\"\n[consul]\naddress = \"http://{consul_http}\"\n[ha]\ncluster = \"float\"\nid = \"{id}\"\nvip_address = \"{}/24\"\nvip_interface = \"{INTERFACE}\"\n[[vip]]\nname = \"web\"\nlisten = \"{vip}\"\nbackends = [\"{consul_http}\"]\n[[vip]]\nname = \"dns\"\nlisten = \"{udp_vip}\"\nprotocol = \"udp\"\nbackends = [\"{udp_backend}\"]\n",
             host.ip(),
             topology.vip()
         )
+    };
+    // One datagram from the client host through the UDP VIP, echoed.
+    let udp_through = || {
+        client
+            .run(
+                "python3",
+                ["-c", UDP_ASK, &udp_vip.ip().to_string(), &udp_vip.port().to_string()],
+            )
+            .trim()
+            == "ok"
     };
     let admin1 = SocketAddr::from((lb1.ip(), 9901));
     let admin2 = SocketAddr::from((lb2.ip(), 9901));
@@ -641,6 +671,10 @@ async fn a_floating_vip_follows_the_active_between_hosts() {
     })
     .await;
     assert_eq!(client.neighbour(topology.vip()).as_deref(), Some(lb1.mac()));
+    eventually(DEADLINE, "a datagram echoed through the UDP VIP on lb1", || async {
+        udp_through().then_some(())
+    })
+    .await;
 
     // kill -9 of the active host's balancer: lb2 claims the address and its
     // gratuitous ARP repoints the client.
@@ -659,6 +693,20 @@ async fn a_floating_vip_follows_the_active_between_hosts() {
     eprintln!(
         "floating failover: served through lb2 {:?} after kill -9 of lb1",
         killed.elapsed()
+    );
+    eventually(DEADLINE, "a datagram echoed through the UDP VIP on lb2", || async {
+        udp_through().then_some(())
+    })
+    .await;
+    let udp_out = |s: &serde_json::Value| {
+        s["vips"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "dns"))
+            .map(|v| v["udp"]["datagrams_out"].as_u64().unwrap_or(0))
+    };
+    assert!(
+        udp_out(&host_status(lb2, two.admin).await.unwrap()).unwrap_or(0) >= 1,
+        "lb2 forwarded it"
     );
 
     // lb1 died holding the address, and its kernel still answers ARP for
@@ -699,6 +747,12 @@ async fn a_floating_vip_follows_the_active_between_hosts() {
     eventually(DEADLINE, "the client to be served through lb1 again", || async {
         through_vip(client, vip).await.then_some(())
     })
+    .await;
+    eventually(
+        DEADLINE,
+        "a datagram echoed through the UDP VIP on lb1 again",
+        || async { udp_through().then_some(()) },
+    )
     .await;
     assert_eq!(client.neighbour(topology.vip()).as_deref(), Some(lb1.mac()));
     drop(one);

@@ -547,3 +547,29 @@ async fn a_udp_vip_serves_ipv6_clients_and_backends() {
     assert_eq!(back, b"six via ::1");
     assert_eq!(n(&udp_status(&lb).await["datagrams_out"]), 1);
 }
+
+#[tokio::test]
+async fn a_wildcard_udp_vip_replies_from_the_address_the_client_sent_to() {
+    let echo = Echo::start();
+    let port = free_udp_port(Ipv4Addr::UNSPECIFIED);
+    let vip = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let admin = addrs().0;
+    let _lb = Lb::start(
+        &udp_vip(admin, vip, &[echo.addr], "proxy_protocol = \"v2\""),
+        admin,
+        &[vip],
+    )
+    .await;
+    // Two of the host's addresses: each reply comes from the one asked
+    // (IP_PKTINFO), and the PROXY header names it as the destination.
+    for to in [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)] {
+        let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let target = SocketAddr::from((to, port));
+        let back = tokio::task::spawn_blocking(move || round_trip(&client, target, b"where"))
+            .await
+            .unwrap()
+            .expect("an answer from the address asked");
+        assert_eq!(&back[back.len() - 5..], b"where");
+        assert_eq!(&back[20..24], &to.octets(), "the header's destination is {to}");
+    }
+}
