@@ -52,15 +52,27 @@ pub fn tools() -> Tools {
 
 /// A port on `ip` free for both UDP and TCP (bound and released; the
 /// caller binds it next): a UDP VIP's or a DNS server's port, which the
-/// other protocol may want too.
+/// other protocol may want too. Taken below the kernel's ephemeral range
+/// (32768 and up), so that the outgoing connections and sockets of tests
+/// running beside this one (dig, dnsperf, HTTP clients: all ephemeral)
+/// cannot take it before its owner binds it; never the same port twice in
+/// one process.
 pub fn free_udp_port(ip: Ipv4Addr) -> u16 {
-    loop {
-        let s = std::net::UdpSocket::bind((ip, 0)).expect("bind a UDP port");
-        let port = s.local_addr().expect("its address").port();
-        if std::net::TcpListener::bind((ip, port)).is_ok() {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..10_000 {
+        let port = fastrand::u16(20_000..32_000);
+        let free = std::net::UdpSocket::bind((ip, port)).is_ok() && std::net::TcpListener::bind((ip, port)).is_ok();
+        if free
+            && GIVEN
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(port)
+        {
             return port;
         }
     }
+    panic!("no port on {ip} in 20000..32000 is free for both UDP and TCP");
 }
 
 /// One dnsmasq on `addr` that answers every name under `example.test`

@@ -102,7 +102,7 @@ pub struct UdpStatus {
     pub datagrams_out: u64,
     /// Datagrams dropped, by reason: `not_serving`, `flow_limit`,
     /// `no_backend`, `local_resources`, `backend_busy`, `backend_error`,
-    /// `reply_error`.
+    /// `too_large`, `reply_error`.
     pub drops: BTreeMap<String, u64>,
 }
 

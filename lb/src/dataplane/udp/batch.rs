@@ -21,9 +21,11 @@ pub(super) const BATCH: usize = 32;
 /// IPv6 without jumbograms) fits, so nothing is ever truncated.
 pub(super) const SLOT: usize = 65_536;
 
-/// Room for one `cmsghdr` with an `in6_pktinfo` (the larger of the two),
-/// in 8-byte words so the buffer is aligned for a `cmsghdr`.
-const CONTROL_WORDS: usize = 8;
+/// Room for the control messages of one datagram: on a dual-stack socket
+/// an IPv4 datagram brings both an `in6_pktinfo` (40 bytes with its
+/// header) and an `in_pktinfo` (32); in 8-byte words so the buffer is
+/// aligned for a `cmsghdr`.
+const CONTROL_WORDS: usize = 16;
 
 pub(super) struct Batch {
     data: Box<[u8]>,
@@ -33,6 +35,8 @@ pub(super) struct Batch {
     headers: Box<[libc::mmsghdr]>,
     /// Per slot: bytes in it.
     lens: [usize; BATCH],
+    /// Per slot (receiving): the length of the address the kernel wrote.
+    name_lens: [libc::socklen_t; BATCH],
     /// Per slot (sending): the source address the reply must leave from,
     /// for wildcard listeners.
     sources: [Option<IpAddr>; BATCH],
@@ -54,6 +58,7 @@ impl Batch {
             iovs: zeroed_iovs.collect(),
             headers: zeroed_headers.collect(),
             lens: [0; BATCH],
+            name_lens: [0; BATCH],
             sources: [None; BATCH],
             len: 0,
         }
@@ -75,7 +80,7 @@ impl Batch {
     /// Where the datagram of slot `i` came from (receiving), or goes to
     /// (sending).
     pub(super) fn addr(&self, i: usize) -> Option<SocketAddr> {
-        from_storage(&self.names[i])
+        (self.name_lens[i] > 0).then(|| from_storage(&self.names[i]))?
     }
 
     /// Points slot `i`'s header at its buffer, name and control space.
@@ -117,6 +122,7 @@ impl Batch {
         let n = recvmmsg(fd, &mut self.headers[..BATCH])?;
         for i in 0..n {
             self.lens[i] = self.headers[i].msg_len as usize;
+            self.name_lens[i] = self.headers[i].msg_hdr.msg_namelen;
         }
         self.len = n;
         Ok(n)
@@ -131,17 +137,22 @@ impl Batch {
             return None;
         }
         // SAFETY: the kernel wrote msg_controllen bytes of control messages
-        // into this slot's buffer; the CMSG_* walk stays inside them.
+        // into this slot's buffer; the CMSG_* walk stays inside them, and a
+        // message is read only if its length covers what is read.
         unsafe {
             let mut c = libc::CMSG_FIRSTHDR(h);
             while !c.is_null() {
                 let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len;
+                let fits = |size: usize| len >= libc::CMSG_LEN(size as u32) as usize;
                 match ((*c).cmsg_level, (*c).cmsg_type) {
-                    (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    (libc::IPPROTO_IP, libc::IP_PKTINFO) if fits(mem::size_of::<libc::in_pktinfo>()) => {
                         let info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
-                        return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr))));
+                        // The local address a reply must come from (the
+                        // destination, for unicast).
+                        return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_spec_dst.s_addr))));
                     }
-                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) if fits(mem::size_of::<libc::in6_pktinfo>()) => {
                         let info: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
                         return Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
                     }
@@ -194,11 +205,12 @@ impl Batch {
     }
 
     /// Sends every slot from `fd` (`sendmmsg`), each to its address, and
-    /// empties the batch. Returns how many the kernel took, and the last
-    /// error: a datagram the kernel refuses is dropped and the rest still
-    /// go (UDP promises nothing, and a batch is never held back for one
-    /// unreachable client).
-    pub(super) fn send_all(&mut self, fd: RawFd, v6: bool) -> (usize, Option<io::Error>) {
+    /// empties the batch. Returns how many datagrams and bytes the kernel
+    /// took, and the last error: a datagram the kernel refuses is dropped
+    /// and the rest still go (UDP promises nothing, and a batch is never
+    /// held back for one unreachable client); a full send queue (EAGAIN,
+    /// ENOBUFS) drops the rest at once.
+    pub(super) fn send_all(&mut self, fd: RawFd, v6: bool) -> (usize, u64, Option<io::Error>) {
         let n = self.len;
         for i in 0..n {
             let len = self.lens[i];
@@ -211,27 +223,32 @@ impl Batch {
             self.headers[i].msg_hdr.msg_namelen = name_len(&self.names[i]);
         }
         let mut done = 0;
-        let mut dropped = 0;
+        let mut sent = 0;
+        let mut bytes = 0u64;
         let mut error = None;
         while done < n {
             match sendmmsg(fd, &mut self.headers[done..n]) {
-                Ok(0) => {
-                    dropped += n - done;
-                    break;
+                Ok(0) => break,
+                Ok(k) => {
+                    bytes += self.lens[done..done + k].iter().map(|&l| l as u64).sum::<u64>();
+                    sent += k;
+                    done += k;
                 }
-                Ok(k) => done += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
+                    let full = e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOBUFS);
+                    error = Some(e);
+                    if full {
+                        break;
+                    }
                     // The first message of the rest failed: skip it, send
                     // the others.
-                    error = Some(e);
-                    dropped += 1;
                     done += 1;
                 }
             }
         }
         self.len = 0;
-        (n - dropped, error)
+        (sent, bytes, error)
     }
 
     /// Writes the control message that makes slot `i` leave from `source`;

@@ -61,14 +61,17 @@
 //!   costs a descriptor until it is idle or evicted. Spoofed sources can
 //!   churn flows out (eviction keeps the most recently active ones) but
 //!   not grow memory.
-//! - An ICMP error on a flow's socket counts as a failed connect against
-//!   its backend, as a refused TCP connect does (ejection after
-//!   `passive.eject_after` in a row). The kernel delivers it to the socket
-//!   only if the quoted datagram matches the socket's addresses and its
-//!   random source port, so an off-path attacker must guess a port per
+//! - An ICMP port unreachable on a flow's socket counts as a failed
+//!   connect against its backend, as a refused TCP connect does (ejection
+//!   after `passive.eject_after` in a row). The kernel delivers it to the
+//!   socket only if the quoted datagram matches the socket's addresses and
+//!   its random source port, so an off-path attacker must guess a port per
 //!   flow; and a reply from the backend resets the count. It can end a
 //!   flow early; the next datagram opens a new one. Corroborated, then:
-//!   one forged error does not eject a backend.
+//!   one forged error does not eject a backend. Host and network
+//!   unreachable (which a route gone from this host also produces) move or
+//!   end the flow without blaming the backend; errors of `connect(2)` on a
+//!   UDP socket are this host's (it sends nothing) and blame no one.
 //! - Replies are accepted only on the flow's connected socket, which the
 //!   kernel filters to the backend's address and port.
 
@@ -87,6 +90,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::balance::table::Vip;
 use crate::dataplane::lease;
+
+/// How long [`Serving::close`] waits for the workers to close a stopped
+/// VIP's sockets (they do within one turn of their loop).
+const FORGET_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Batches read from one socket per wake-up before the worker moves on.
 pub(crate) const READS_PER_WAKE: usize = 4;
@@ -124,20 +131,24 @@ pub(crate) enum DropReason {
     LocalResources,
     /// The backend's socket could not take it (its send buffer full).
     BackendBusy,
-    /// Sending to the backend failed (an ICMP error from it).
+    /// Sending to the backend failed (an ICMP error from it, or no route).
     BackendError,
+    /// Too large to send (with the PROXY header, past UDP's limit; or past
+    /// the path's MTU).
+    TooLarge,
     /// A reply could not be sent to the client.
     ReplyError,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 7] = [
+    const ALL: [DropReason; 8] = [
         DropReason::NotServing,
         DropReason::FlowLimit,
         DropReason::NoBackend,
         DropReason::LocalResources,
         DropReason::BackendBusy,
         DropReason::BackendError,
+        DropReason::TooLarge,
         DropReason::ReplyError,
     ];
 
@@ -150,6 +161,7 @@ impl DropReason {
             DropReason::LocalResources => "local_resources",
             DropReason::BackendBusy => "backend_busy",
             DropReason::BackendError => "backend_error",
+            DropReason::TooLarge => "too_large",
             DropReason::ReplyError => "reply_error",
         }
     }
@@ -194,7 +206,7 @@ pub(crate) struct Stats {
     active: AtomicU64,
     datagrams_in: AtomicU64,
     datagrams_out: AtomicU64,
-    drops: [AtomicU64; 7],
+    drops: [AtomicU64; 8],
 }
 
 /// A snapshot of [`Stats`].
@@ -329,8 +341,8 @@ pub(crate) enum Command {
         gate: Arc<Gate>,
         stats: Arc<Stats>,
     },
-    /// Drop the listener (and its flows) of this gate.
-    Forget(Arc<Gate>),
+    /// Drop the listener (and its flows) of this gate, then say so.
+    Forget(Arc<Gate>, mpsc::Sender<()>),
 }
 
 /// The control plane's handle on one UDP worker.
@@ -413,12 +425,24 @@ pub(crate) struct Serving {
 
 impl Serving {
     /// Stops forwarding on this VIP, synchronously: when this returns no
-    /// worker forwards another datagram of it (see the module docs). The
-    /// workers then close its sockets and flows.
+    /// worker forwards another datagram of it (see the module docs). Then
+    /// the workers close its sockets and flows; this waits (at most
+    /// [`FORGET_WAIT`]) until they have, so that the port is free for a
+    /// new bind at once, as a TCP listener's is after `shutdown(2)`.
     pub(crate) fn close(self) {
         self.gate.close();
+        let (done, acks) = mpsc::channel();
+        let n = self.workers.len();
         for (commands, wake) in self.workers {
-            Handle { commands, wake }.send(Command::Forget(Arc::clone(&self.gate)));
+            Handle { commands, wake }.send(Command::Forget(Arc::clone(&self.gate), done.clone()));
+        }
+        let deadline = std::time::Instant::now() + FORGET_WAIT;
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if acks.recv_timeout(left).is_err() {
+                tracing::warn!(wait = ?FORGET_WAIT, "a UDP worker has not closed a stopped VIP's socket yet; it will (nothing is forwarded meanwhile)");
+                return;
+            }
         }
     }
 }

@@ -102,12 +102,31 @@ pub(super) struct Worker {
     errors: RateLimit,
 }
 
-/// An error the backend caused: an ICMP error reported on its socket.
-fn from_backend_error(e: &io::Error) -> bool {
+/// The path to the backend failed: an ICMP error reported on the flow's
+/// socket, or a route that went away. The flow moves or ends.
+fn path_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN)
     )
+}
+
+/// Of those, the one that can only come from the backend's host: an ICMP
+/// port unreachable (nothing listens there). It counts against the backend
+/// as a failed connect. Host and network unreachable also come from a
+/// route that went away on this host, so they move the flow without
+/// blaming anyone; active checks and discovery judge the backend's host.
+fn backend_refused(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ECONNREFUSED)
+}
+
+/// What became of a flow whose backend failed.
+enum Failover {
+    /// It moved to another backend; `resent`: its first datagram went
+    /// there too (a copy was kept).
+    Moved { resent: bool },
+    /// It ended: no backend left to try within `retries`.
+    Ended,
 }
 
 impl Worker {
@@ -204,7 +223,10 @@ impl Worker {
                     gate,
                     stats,
                 }) => self.listen(vip, socket, gate, stats),
-                Ok(Command::Forget(gate)) => self.forget(&gate),
+                Ok(Command::Forget(gate, done)) => {
+                    self.forget(&gate);
+                    let _ = done.send(());
+                }
                 Err(mpsc::TryRecvError::Empty) => return true,
                 Err(mpsc::TryRecvError::Disconnected) => return false,
             }
@@ -250,10 +272,16 @@ impl Worker {
         for li in found {
             if self.tx_listener == li {
                 // Not sent: the gate is closed.
+                if let Some(l) = self.listeners.get(li) {
+                    l.stats.dropped(DropReason::NotServing, self.tx.len() as u64);
+                }
                 self.tx.clear();
                 self.tx_listener = NIL;
             }
             while let Some(head) = self.listeners.get(li).map(|l| l.head).filter(|&h| h != NIL) {
+                if self.flows.get(head).is_none() {
+                    break;
+                }
                 self.end(head, End::Closed);
             }
             self.listeners.remove(li);
@@ -326,29 +354,43 @@ impl Worker {
         };
         let sent = match self.send(fi, data) {
             Ok(()) => Ok(()),
-            Err(e) if from_backend_error(&e) => {
+            Err(e) if path_error(&e) => {
                 // An ICMP error from an earlier datagram: the backend is
                 // gone. A flow still waiting for its first answer moves to
-                // another backend (and takes this datagram along);
-                // otherwise the flow ends and this datagram opens a new
-                // one, which avoids the failed backend.
-                let failed = self.flows.get(fi).and_then(|f| f.pending.as_ref().map(|p| p.picked));
-                if self.backend_failed(fi, &e) {
-                    self.send(fi, data)
-                } else {
-                    let tried = failed.into_iter().collect();
-                    match self.open(li, client, to, data, table, tried) {
-                        Some(fi) => self.send(fi, data),
-                        // Counted where it failed.
-                        None => return false,
+                // another backend (within `retries`); one that was answered
+                // ends, and this datagram opens a new flow that avoids the
+                // failed backend (Maglev would pick it again otherwise).
+                let Some(f) = self.flows.get(fi) else { return false };
+                let (first, failed) = (f.requests == 0, f.backend.addr());
+                match self.backend_failed(fi, &e) {
+                    // The copy of this very datagram went.
+                    Failover::Moved { resent: true } if first => Ok(()),
+                    Failover::Moved { .. } => self.send(fi, data),
+                    Failover::Ended if first => Err(e),
+                    Failover::Ended => {
+                        let table = li_table(&self.listeners, li).unwrap_or_else(|| Arc::clone(table));
+                        let tried = table
+                            .entries
+                            .iter()
+                            .position(|en| en.backend.addr == failed)
+                            .into_iter()
+                            .collect();
+                        match self.open(li, client, to, data, &table, tried) {
+                            Some(fi) => self.send(fi, data),
+                            // Counted where it failed.
+                            None => return false,
+                        }
                     }
                 }
             }
             Err(e) => Err(e),
         };
         let Err(e) = sent else { return true };
-        let why = if from_backend_error(&e) {
+        let why = if path_error(&e) {
             DropReason::BackendError
+        } else if e.raw_os_error() == Some(libc::EMSGSIZE) {
+            // Too large for the path (or, with the PROXY header, for UDP).
+            DropReason::TooLarge
         } else {
             // EAGAIN, ENOBUFS: this host's own send queue; no blame.
             DropReason::BackendBusy
@@ -369,7 +411,7 @@ impl Worker {
         to: Option<IpAddr>,
         first: &[u8],
         table: &Arc<Table>,
-        mut tried: Vec<usize>,
+        tried: Vec<usize>,
     ) -> Option<usize> {
         let l = self.listeners.get(li)?;
         let stats = Arc::clone(&l.stats);
@@ -400,34 +442,34 @@ impl Worker {
             }
         };
         let settings = &table.settings;
-        let (picked, upstream) = loop {
-            let l = self.listeners.get(li)?;
-            let ctx = PickContext {
-                client,
-                cursor: l.vip.cursor(),
-                now: Vip::now(),
-                tried: &tried,
-                by_port: true,
-            };
-            let Some(i) = table.pick(&ctx).filter(|_| tried.len() <= settings.retries as usize) else {
-                stats.dropped(DropReason::NoBackend, 1);
-                l.vip.metrics().no_backend.increment(1);
-                return None;
-            };
-            let entry = &table.entries[i];
-            match connected_socket(entry.backend.addr) {
-                Ok(fd) => break (i, fd),
-                Err(e) if pressure::is_local(&e) => {
+        let l = self.listeners.get(li)?;
+        let ctx = PickContext {
+            client,
+            cursor: l.vip.cursor(),
+            now: Vip::now(),
+            tried: &tried,
+            by_port: true,
+        };
+        let Some(picked) = table.pick(&ctx).filter(|_| tried.len() <= settings.retries as usize) else {
+            stats.dropped(DropReason::NoBackend, 1);
+            l.vip.metrics().no_backend.increment(1);
+            return None;
+        };
+        let backend = table.entries[picked].backend.addr;
+        let upstream = match connected_socket(backend) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // connect(2) on a UDP socket sends nothing: it looks up a
+                // route and a local port. Whatever fails there is this
+                // host's (descriptors, ports, routes, a firewall), never
+                // the backend's.
+                if pressure::is_local(&e) {
                     pressure::report(Op::Connect, l.vip.name(), &e);
-                    stats.dropped(DropReason::LocalResources, 1);
-                    return None;
+                } else if let Some(suppressed) = self.errors.allow() {
+                    tracing::warn!(vip = l.vip.name(), %backend, error = %e, suppressed, "cannot open a UDP flow's socket");
                 }
-                Err(e) => {
-                    l.vip.metrics().connect_failures.increment(1);
-                    entry.state.connect_failed(Vip::now(), &settings.passive);
-                    tracing::debug!(vip = l.vip.name(), backend = %entry.backend.addr, error = %e, "UDP connect failed");
-                    tried.push(i);
-                }
+                stats.dropped(DropReason::LocalResources, 1);
+                return None;
             }
         };
         let l = self.listeners.get(li)?;
@@ -519,8 +561,17 @@ impl Worker {
             let n = match self.tx.recv_connected(fd, room) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) if from_backend_error(&e) => {
-                    self.backend_failed(fi, &e);
+                Err(e) if path_error(&e) => {
+                    // A retry sends: only under the gate, within the lease.
+                    let Some(gate) = self.listeners.get(li).map(|l| Arc::clone(&l.gate)) else {
+                        return;
+                    };
+                    match serving(&gate) {
+                        Some(_forwarding) => {
+                            self.backend_failed(fi, &e);
+                        }
+                        None => self.end(fi, End::Closed),
+                    }
                     return;
                 }
                 Err(e) => {
@@ -577,8 +628,7 @@ impl Worker {
             self.tx.clear();
             return;
         };
-        let bytes = self.tx.bytes_of_last(queued);
-        let (sent, error) = self.tx.send_all(fd, v6);
+        let (sent, bytes, error) = self.tx.send_all(fd, v6);
         stats
             .datagrams_out
             .fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
@@ -593,22 +643,29 @@ impl Worker {
 
     // ---- failures ----
 
-    /// The backend of flow `fi` answered with an ICMP error: counted
-    /// against it as a failed connect. A flow still waiting for its first
-    /// answer moves to another backend (within `retries`) and resends its
-    /// first datagram; returns whether the flow lives on.
-    fn backend_failed(&mut self, fi: usize, e: &io::Error) -> bool {
-        let Some(f) = self.flows.get(fi) else { return false };
+    /// The path to flow `fi`'s backend failed (see [`path_error`]); a
+    /// refusal counts against the backend as a failed connect. A flow still
+    /// waiting for its first answer moves to another backend (within
+    /// `retries`) and resends its first datagram if a copy was kept.
+    /// The caller holds the VIP's gate (a retry sends).
+    fn backend_failed(&mut self, fi: usize, e: &io::Error) -> Failover {
+        let Some(f) = self.flows.get(fi) else {
+            return Failover::Ended;
+        };
         let li = f.listener;
-        let Some(l) = self.listeners.get(li) else { return false };
+        let Some(l) = self.listeners.get(li) else {
+            return Failover::Ended;
+        };
         let vip = Arc::clone(&l.vip);
-        let table = vip.table();
-        vip.metrics().connect_failures.increment(1);
-        f.backend.connect_failed(Vip::now(), &table.settings.passive);
-        tracing::debug!(vip = vip.name(), backend = %f.backend.addr(), error = %e, "UDP backend answered with an error");
+        if backend_refused(e) {
+            let table = vip.table();
+            vip.metrics().connect_failures.increment(1);
+            f.backend.connect_failed(Vip::now(), &table.settings.passive);
+        }
+        tracing::debug!(vip = vip.name(), backend = %f.backend.addr(), error = %e, "UDP flow's backend unreachable");
         let Some(mut pending) = f.pending.take() else {
             self.end(fi, End::Failed);
-            return false;
+            return Failover::Ended;
         };
         pending.tried.push(pending.picked);
         let client = f.client;
@@ -628,14 +685,12 @@ impl Worker {
             let entry = &pending.table.entries[i];
             let upstream = match connected_socket(entry.backend.addr) {
                 Ok(fd) => fd,
-                Err(e) if pressure::is_local(&e) => {
-                    pressure::report(Op::Connect, vip.name(), &e);
+                Err(e) => {
+                    // This host's fault (see `open`): no retry, no blame.
+                    if pressure::is_local(&e) {
+                        pressure::report(Op::Connect, vip.name(), &e);
+                    }
                     break;
-                }
-                Err(_) => {
-                    entry.state.connect_failed(Vip::now(), &pending.table.settings.passive);
-                    pending.tried.push(i);
-                    continue;
                 }
             };
             vip.metrics().retries.increment(1);
@@ -645,20 +700,23 @@ impl Worker {
             if self.register(fd, token(KIND_FLOW, fi, serial)).is_err() {
                 break;
             }
-            let Some(f) = self.flows.get(fi) else { return false };
+            let Some(f) = self.flows.get(fi) else {
+                self.first_bytes -= pending.first.as_ref().map_or(0, |d| d.len());
+                return Failover::Ended;
+            };
             f.serial = serial;
             f._active = state.start_connection();
             f.backend = state;
             // The old socket closes here (and leaves the epoll set).
             f.upstream = upstream;
             pending.picked = i;
-            let resent = pending
-                .first
-                .as_ref()
-                .is_none_or(|d| send(f.upstream.as_raw_fd(), &f.header, d).is_ok());
-            if resent {
+            let resent = match &pending.first {
+                None => Some(false),
+                Some(d) => send(f.upstream.as_raw_fd(), &f.header, d).ok().map(|()| true),
+            };
+            if let Some(resent) = resent {
                 f.pending = Some(pending);
-                return true;
+                return Failover::Moved { resent };
             }
             // The new backend refused at once too: try the next.
             pending.tried.push(i);
@@ -668,7 +726,7 @@ impl Worker {
             f.pending = Some(pending);
         }
         self.end(fi, End::Failed);
-        false
+        Failover::Ended
     }
 
     // ---- ending flows ----
@@ -797,6 +855,11 @@ impl Worker {
         self.unlink(fi);
         self.push_tail(li, fi);
     }
+}
+
+/// The current table of listener `li`'s VIP.
+fn li_table(listeners: &Slab<Listener>, li: usize) -> Option<Arc<Table>> {
+    listeners.peek(li).map(|l| l.vip.table())
 }
 
 /// A non-blocking UDP socket connected to `backend`.
