@@ -15,6 +15,8 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::de::DeserializeOwned;
 
 use crate::connect::Connector;
+pub use crate::error::MAX_ERROR_TEXT_BYTES;
+use crate::error::{clip_text, BodyLength};
 use crate::query::{QueryMeta, QueryOptions};
 use crate::tls::{TlsConfig, TlsSettings};
 use crate::token::Token;
@@ -40,10 +42,6 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// At most this much of an error answer's body (a non-2xx status) is read:
 /// it only becomes error text, and Consul's messages are one line.
 const ERROR_BODY_READ_LIMIT: usize = 64 << 10;
-
-/// Error text taken from an answer (Consul's message, a decoder's complaint)
-/// is cut to this many bytes, so errors stay short in logs and `/status`.
-pub const MAX_ERROR_TEXT_BYTES: usize = 256;
 
 /// Characters escaped in a path segment that may itself contain `/` (KV keys,
 /// IDs): controls, space and the characters that would end or restructure a
@@ -625,33 +623,6 @@ pub(crate) fn decode_json<T: DeserializeOwned>(path: &str, body: &[u8]) -> Resul
             reason: clip_text(&reason, BodyLength::Exactly(reason.len() as u64)),
         }
     })
-}
-
-/// The whole length of a text being clipped, when it is known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BodyLength {
-    /// The text is whole and this long.
-    Exactly(u64),
-    /// Only a prefix was read; the whole is at least this long.
-    AtLeast(u64),
-}
-
-/// Cuts `text` to [`MAX_ERROR_TEXT_BYTES`] on a character boundary, marking
-/// the cut with the whole length: `"…text… (20971520 bytes)"`.
-pub(crate) fn clip_text(text: &str, total: BodyLength) -> String {
-    let whole = matches!(total, BodyLength::Exactly(_));
-    if whole && text.len() <= MAX_ERROR_TEXT_BYTES {
-        return text.to_owned();
-    }
-    let mut end = text.len().min(MAX_ERROR_TEXT_BYTES);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let marker = match total {
-        BodyLength::Exactly(n) => format!("… ({n} bytes)"),
-        BodyLength::AtLeast(n) => format!("… (at least {n} bytes)"),
-    };
-    format!("{}{marker}", &text[..end])
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

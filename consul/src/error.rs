@@ -136,3 +136,34 @@ impl Error {
         matches!(self, Error::NotFound { .. })
     }
 }
+
+/// Error text taken from an answer (Consul's message, a decoder's complaint)
+/// is cut to this many bytes, so errors stay short in logs and `/status`.
+pub const MAX_ERROR_TEXT_BYTES: usize = 256;
+
+/// The whole length of a text being clipped, when it is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyLength {
+    /// The text is whole and this long.
+    Exactly(u64),
+    /// Only a prefix was read; the whole is at least this long.
+    AtLeast(u64),
+}
+
+/// Cuts `text` to [`MAX_ERROR_TEXT_BYTES`] on a character boundary, marking
+/// the cut with the whole length: `"…text… (20971520 bytes)"`.
+pub(crate) fn clip_text(text: &str, total: BodyLength) -> String {
+    let whole = matches!(total, BodyLength::Exactly(_));
+    if whole && text.len() <= MAX_ERROR_TEXT_BYTES {
+        return text.to_owned();
+    }
+    let mut end = text.len().min(MAX_ERROR_TEXT_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let marker = match total {
+        BodyLength::Exactly(n) => format!("… ({n} bytes)"),
+        BodyLength::AtLeast(n) => format!("… (at least {n} bytes)"),
+    };
+    format!("{}{marker}", &text[..end])
+}

@@ -13,7 +13,7 @@ use base64::Engine as _;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use crate::client::{clip_text, BodyLength, MAX_ERROR_TEXT_BYTES};
+use crate::error::{clip_text, BodyLength, MAX_ERROR_TEXT_BYTES};
 use crate::health::decode_entries;
 use crate::kv::decode_pair;
 use crate::session::decode_sessions;

@@ -108,7 +108,7 @@ impl TlsSettings {
                     Some(v) => parse_go_bool(&v).map(Some).ok_or_else(|| {
                         Error::Config(format!(
                             "{var}={:?} is not a boolean (true or false)",
-                            crate::client::clip_text(&v, crate::client::BodyLength::Exactly(v.len() as u64))
+                            crate::error::clip_text(&v, crate::error::BodyLength::Exactly(v.len() as u64))
                         ))
                     }),
                 },

@@ -336,6 +336,12 @@ fn default_fall() -> u32 {
     2
 }
 
+/// Name of the sidecar's own liveness check, registered beside the app's
+/// checks and always passing while the sidecar heartbeats. It alone carries
+/// `deregister_critical_after`: a dead sidecar's workload leaves the catalog,
+/// a sick app stays registered as critical.
+pub const LIVENESS_CHECK: &str = "sidecar";
+
 /// A checked, ready-to-run configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -685,7 +691,7 @@ fn validate(config: Config, env: impl Fn(&str) -> Option<String>) -> Result<Sett
         let at = format!("check[{i}]");
         if c.name.is_empty() || c.name.contains(char::is_whitespace) {
             problems.push(format!("{at}.name: {:?} must be non-empty, without spaces", c.name));
-        } else if c.name == crate::sync::LIVENESS_CHECK {
+        } else if c.name == LIVENESS_CHECK {
             problems.push(format!(
                 "{at}.name: {:?} is the name of the sidecar's own liveness check",
                 c.name

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{Settings, LIVENESS_CHECK};
 
 /// First back-off after a failed Consul call.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -44,12 +44,6 @@ pub const REFUSED_BACKOFF: Duration = Duration::from_secs(60);
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// Most bytes of an error kept in logs and in [`SyncStatus`].
 pub const ERROR_TEXT_MAX: usize = 300;
-
-/// Name of the sidecar's own liveness check, registered beside the app's
-/// checks and always passing while the sidecar heartbeats. It alone carries
-/// `deregister_critical_after`: a dead sidecar's workload leaves the catalog,
-/// a sick app stays registered as critical.
-pub const LIVENESS_CHECK: &str = "sidecar";
 
 /// The Consul check ID of check `name` of instance `service_id`.
 pub fn check_id(service_id: &str, name: &str) -> String {

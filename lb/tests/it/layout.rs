@@ -116,7 +116,14 @@ fn planes_import_downwards_only_and_modules_form_no_circle() {
         wrong_way.join("\n")
     );
 
-    // Depth-first search for a back edge.
+    if let Some(circle) = find_circle(&graph) {
+        panic!("modules import each other: {}", circle.join(" → "));
+    }
+}
+
+/// A circle of imports in `graph`, if any (depth-first search for a back
+/// edge).
+fn find_circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     fn visit(
         m: &str,
         graph: &BTreeMap<String, BTreeSet<String>>,
@@ -145,9 +152,32 @@ fn planes_import_downwards_only_and_modules_form_no_circle() {
         None
     }
     let mut state = BTreeMap::new();
-    for module in graph.keys() {
-        if let Some(circle) = visit(module, &graph, &mut state, &mut Vec::new()) {
-            panic!("modules import each other: {}", circle.join(" → "));
+    graph
+        .keys()
+        .find_map(|module| visit(module, graph, &mut state, &mut Vec::new()))
+}
+
+/// The workspace's other crates form no import circle either (issue 21).
+#[test]
+fn no_crate_of_the_workspace_has_an_import_circle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for krate in ["consul", "sidecar", "health", "testkit"] {
+        let src = root.join(krate).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        let modules: BTreeSet<String> = files.iter().map(|f| module_of(&src, f)).collect();
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for file in &files {
+            let module = module_of(&src, file);
+            let text = std::fs::read_to_string(file).unwrap();
+            for imported in imports(&module, &text, &modules) {
+                if imported != module && !related(&module, &imported) {
+                    graph.entry(module.clone()).or_default().insert(imported);
+                }
+            }
+        }
+        if let Some(circle) = find_circle(&graph) {
+            panic!("{krate}: modules import each other: {}", circle.join(" → "));
         }
     }
 }
