@@ -10,7 +10,8 @@
 //! - [`uring`]: the io_uring data plane (accept, connect, copy on one ring
 //!   per worker).
 //! - [`udp`]: UDP VIPs: flows, batched datagrams, per-worker sockets.
-//! - [`slab`]: stable-index storage for the workers' connections and flows.
+//! - [`slab`]: stable-index storage for the workers' connections and flows;
+//!   [`mailbox`]: how the control plane hands a worker a command.
 //!
 //! Everything here runs on the worker threads (`halo-worker-N`), each
 //! serving the connections it accepted to the end. Imports: `settings`,
@@ -18,6 +19,7 @@
 
 pub(crate) mod copy;
 pub(crate) mod lease;
+pub(crate) mod mailbox;
 pub(crate) mod pressure;
 pub(crate) mod proxy;
 pub(crate) mod proxy_protocol;

@@ -53,6 +53,22 @@ fn fds_and_rss(pid: i32) -> (usize, u64) {
     (fds, rss)
 }
 
+/// Waits until halo-lb holds no more descriptors than `fds_before` (polled:
+/// the admin API's own connection for a /status just read may still be
+/// closing), then checks its memory is within 8 MiB of `rss_before`.
+async fn assert_back_to(lb: &Lb, fds_before: usize, rss_before: u64) {
+    let pid = lb.pid();
+    eventually(DEADLINE, &format!("descriptors back to {fds_before}"), || async move {
+        (fds_and_rss(pid).0 <= fds_before).then_some(())
+    })
+    .await;
+    let (_, rss_after) = fds_and_rss(pid);
+    assert!(
+        rss_after <= rss_before + 8 * 1024,
+        "memory back within 8 MiB: {rss_before} → {rss_after} KiB"
+    );
+}
+
 /// A UDP echo server on loopback: every datagram goes back to its sender
 /// as it came. Stops when dropped.
 struct Echo {
@@ -317,18 +333,7 @@ async fn empty_and_largest_datagrams_pass_and_a_flood_stays_within_the_flow_limi
         (n(&udp_status(&lb).await["flows_active"]) == 0).then_some(())
     })
     .await;
-    // (Polled: the admin API's own connection for the /status above may
-    // still be closing.)
-    let pid = lb.pid();
-    eventually(DEADLINE, &format!("descriptors back to {fds_before}"), || async move {
-        (fds_and_rss(pid).0 <= fds_before).then_some(())
-    })
-    .await;
-    let (_, rss_after) = fds_and_rss(pid);
-    assert!(
-        rss_after <= rss_before + 8 * 1024,
-        "memory back within 8 MiB: {rss_before} → {rss_after} KiB"
-    );
+    assert_back_to(&lb, fds_before, rss_before).await;
 }
 
 #[tokio::test]
@@ -393,18 +398,7 @@ async fn a_hundred_thousand_short_flows_leave_descriptors_and_memory_where_they_
     .await;
     let udp = udp_status(&lb).await;
     assert_eq!(n(&udp["flows_ended"]["evicted"]), 0, "expired, not evicted: {udp}");
-    // (Polled: the admin API's own connection for the /status above may
-    // still be closing.)
-    let pid = lb.pid();
-    eventually(DEADLINE, &format!("descriptors back to {fds_before}"), || async move {
-        (fds_and_rss(pid).0 <= fds_before).then_some(())
-    })
-    .await;
-    let (_, rss_after) = fds_and_rss(pid);
-    assert!(
-        rss_after <= rss_before + 8 * 1024,
-        "memory back within 8 MiB: {rss_before} → {rss_after} KiB"
-    );
+    assert_back_to(&lb, fds_before, rss_before).await;
 }
 
 #[tokio::test]

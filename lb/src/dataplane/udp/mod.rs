@@ -82,7 +82,7 @@ mod worker;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock, RwLock};
 
@@ -90,6 +90,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::balance::table::Vip;
 use crate::dataplane::lease;
+use crate::dataplane::mailbox::{self, Mailbox};
 
 /// How long [`Serving::close`] waits for the workers to close a stopped
 /// VIP's sockets (they do within one turn of their loop).
@@ -346,26 +347,7 @@ pub(crate) enum Command {
 }
 
 /// The control plane's handle on one UDP worker.
-#[derive(Debug)]
-struct Handle {
-    commands: mpsc::Sender<Command>,
-    wake: Arc<OwnedFd>,
-}
-
-impl Handle {
-    fn send(&self, command: Command) {
-        if self.commands.send(command).is_err() {
-            tracing::error!("a UDP worker has stopped; command dropped");
-            return;
-        }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        let n = unsafe { libc::write(self.wake.as_raw_fd(), std::ptr::addr_of!(one).cast(), 8) };
-        if n != 8 {
-            tracing::warn!(error = %io::Error::last_os_error(), "cannot wake a UDP worker");
-        }
-    }
-}
+type Handle = Mailbox<Command>;
 
 /// The UDP worker threads, started with the first UDP VIP.
 #[derive(Debug, Default)]
@@ -402,11 +384,7 @@ impl Workers {
         }
         Ok(Serving {
             gate,
-            workers: workers
-                .iter()
-                .take(on)
-                .map(|w| (w.commands.clone(), Arc::clone(&w.wake)))
-                .collect(),
+            workers: workers.iter().take(on).cloned().collect(),
         })
     }
 
@@ -420,7 +398,7 @@ impl Workers {
 #[derive(Debug)]
 pub(crate) struct Serving {
     gate: Arc<Gate>,
-    workers: Vec<(mpsc::Sender<Command>, Arc<OwnedFd>)>,
+    workers: Vec<Handle>,
 }
 
 impl Serving {
@@ -433,8 +411,8 @@ impl Serving {
         self.gate.close();
         let (done, acks) = mpsc::channel();
         let n = self.workers.len();
-        for (commands, wake) in self.workers {
-            Handle { commands, wake }.send(Command::Forget(Arc::clone(&self.gate), done.clone()));
+        for worker in &self.workers {
+            worker.send(Command::Forget(Arc::clone(&self.gate), done.clone()));
         }
         let deadline = std::time::Instant::now() + FORGET_WAIT;
         for _ in 0..n {
@@ -451,22 +429,14 @@ impl Serving {
 fn start(n: usize) -> io::Result<Vec<Handle>> {
     (0..n.max(1))
         .map(|i| {
-            // SAFETY: plain eventfd(2), checked.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: a fresh descriptor.
-            let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-            let (tx, rx) = mpsc::channel();
-            let w = Arc::clone(&wake);
+            let (handle, inbox) = mailbox::new("UDP", libc::EFD_NONBLOCK)?;
             std::thread::Builder::new()
                 .name(format!("halo-udp-{i}"))
-                .spawn(move || match worker::Worker::new(rx, w) {
+                .spawn(move || match worker::Worker::new(inbox.commands, inbox.wake) {
                     Ok(worker) => worker.run(),
                     Err(e) => tracing::error!(error = %e, "cannot start a UDP worker"),
                 })?;
-            Ok(Handle { commands: tx, wake })
+            Ok(handle)
         })
         .collect()
 }

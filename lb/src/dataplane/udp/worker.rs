@@ -758,8 +758,7 @@ impl Worker {
     /// Ends the flows idle past their VIP's timeout.
     fn expire(&mut self) {
         let now = self.now;
-        let listeners: Vec<usize> = self.listeners.indices().collect();
-        for li in listeners {
+        for li in 0..self.listeners.capacity() {
             let Some(l) = self.listeners.get(li) else { continue };
             let idle = l.vip.table().settings.udp.idle_timeout;
             while let Some(head) = self.listeners.get(li).map(|l| l.head).filter(|&h| h != NIL) {
@@ -787,8 +786,7 @@ impl Worker {
     fn next_wait(&mut self) -> Duration {
         let now = Instant::now();
         let mut wait = MAX_WAIT;
-        let listeners: Vec<usize> = self.listeners.indices().collect();
-        for li in listeners {
+        for li in 0..self.listeners.capacity() {
             let Some(l) = self.listeners.get(li) else { continue };
             let head = l.head;
             if head == NIL {

@@ -90,7 +90,7 @@ mod pool;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,7 @@ use self::accept::Listener;
 use self::conn::Conn;
 use self::pool::Pool;
 use crate::balance::table::Vip;
+use crate::dataplane::mailbox::{self, Mailbox};
 use crate::dataplane::pressure::RateLimit;
 use crate::dataplane::slab::Slab;
 use crate::dataplane::workers;
@@ -141,27 +142,7 @@ pub(crate) enum Command {
 }
 
 /// The control plane's handle on one io_uring worker.
-#[derive(Debug)]
-pub(crate) struct Handle {
-    commands: mpsc::Sender<Command>,
-    wake: Arc<OwnedFd>,
-}
-
-impl Handle {
-    /// Hands `command` to the worker and wakes it.
-    pub(crate) fn send(&self, command: Command) {
-        if self.commands.send(command).is_err() {
-            tracing::error!("an io_uring worker has stopped; command dropped");
-            return;
-        }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        let n = unsafe { libc::write(self.wake.as_raw_fd(), std::ptr::addr_of!(one).cast(), 8) };
-        if n != 8 {
-            tracing::warn!(error = %io::Error::last_os_error(), "cannot wake an io_uring worker");
-        }
-    }
-}
+pub(crate) type Handle = Mailbox<Command>;
 
 /// Checks that this kernel and sandbox give a worker everything it uses.
 pub(crate) fn probe() -> io::Result<()> {
@@ -206,19 +187,11 @@ fn build_ring(entries: u32) -> io::Result<IoUring> {
 /// Starts an io_uring worker thread named `name`, counted as worker
 /// `index` for the balance between workers.
 pub(crate) fn start(name: String, index: usize) -> io::Result<Handle> {
-    // SAFETY: plain eventfd(2); the result is checked before use.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-    let (commands, rx) = mpsc::channel();
+    let (handle, inbox) = mailbox::new("io_uring", 0)?;
     let (ready_tx, ready_rx) = mpsc::channel();
-    let wake_fd = Arc::clone(&wake);
     std::thread::Builder::new().name(name).spawn(move || {
         workers::set_worker(index);
-        match Worker::new(rx, wake_fd) {
+        match Worker::new(inbox.commands, inbox.wake) {
             Ok(mut worker) => {
                 let _ = ready_tx.send(Ok(()));
                 worker.run();
@@ -231,7 +204,7 @@ pub(crate) fn start(name: String, index: usize) -> io::Result<Handle> {
     ready_rx
         .recv()
         .map_err(|_| io::Error::other("the io_uring worker died while starting"))??;
-    Ok(Handle { commands, wake })
+    Ok(handle)
 }
 
 /// What a completion belongs to: the low byte of its user data; the rest
