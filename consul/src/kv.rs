@@ -60,6 +60,23 @@ impl Client {
         })
     }
 
+    /// Reads every key under `prefix` (`?recurse`), in key order; empty if
+    /// there are none (Consul answers 404). Blocking if `options` carries an
+    /// index.
+    pub async fn kv_list(&self, prefix: &str, options: QueryOptions) -> Result<Response<Vec<KvPair>>, Error> {
+        let answer = self.send(Call::get(kv_path(prefix)).flag("recurse").options(options)).await?;
+        let meta = answer.meta();
+        let Some(answer) = present(answer)? else {
+            return Ok(Response { value: Vec::new(), meta });
+        };
+        let pairs: Vec<WirePair> = decode_json(&answer.path, &answer.body)?;
+        let pairs = pairs
+            .into_iter()
+            .map(|wire| from_wire(&answer.path, wire))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response { value: pairs, meta })
+    }
+
     /// Reads `key`'s raw value (`?raw`); `None` if absent.
     pub async fn kv_get_raw(&self, key: &str, options: QueryOptions) -> Result<Response<Option<Bytes>>, Error> {
         let answer = self.send(Call::get(kv_path(key)).flag("raw").options(options)).await?;
@@ -137,6 +154,10 @@ pub(crate) fn decode_pair(path: &str, body: &[u8]) -> Result<KvPair, Error> {
             reason: format!("expected one entry for a single key, got {count}"),
         });
     };
+    from_wire(path, wire)
+}
+
+fn from_wire(path: &str, wire: WirePair) -> Result<KvPair, Error> {
     let value = wire
         .value
         .map(|v| base64::engine::general_purpose::STANDARD.decode(v))

@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::table::{AdminError, Vip};
+use crate::control::ecmp::Membership;
 use crate::control::ha::{Leadership, Role};
 use crate::control::server::Server;
 
@@ -43,12 +44,18 @@ pub(crate) async fn serve(
     listener: TcpListener,
     server: Arc<Server>,
     leadership: Option<Arc<Leadership>>,
+    membership: Option<Arc<Membership>>,
     auth: Arc<AdminAuth>,
     stop: CancellationToken,
 ) {
     halo_health::server::serve(listener, stop, move |req| {
-        let (server, leadership, auth) = (Arc::clone(&server), leadership.clone(), Arc::clone(&auth));
-        async move { route(&server, leadership.as_deref(), &auth, req).await }
+        let (server, leadership, membership, auth) = (
+            Arc::clone(&server),
+            leadership.clone(),
+            membership.clone(),
+            Arc::clone(&auth),
+        );
+        async move { route(&server, leadership.as_deref(), membership.as_deref(), &auth, req).await }
     })
     .await;
 }
@@ -56,6 +63,7 @@ pub(crate) async fn serve(
 async fn route(
     server: &Server,
     leadership: Option<&Leadership>,
+    membership: Option<&Membership>,
     auth: &AdminAuth,
     req: Request<Incoming>,
 ) -> HttpResponse {
@@ -92,6 +100,7 @@ async fn route(
         (&Method::GET, ["status"]) => {
             let mut status = server.status();
             status.ha = leadership.map(Leadership::status);
+            status.ecmp = membership.map(Membership::status);
             json_response(StatusCode::OK, &status)
         }
         (&Method::GET, ["metrics"]) => match server.render_metrics() {

@@ -69,7 +69,7 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope};
-use netlink_packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::protocols::NETLINK_ROUTE;
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
@@ -532,7 +532,7 @@ fn open_icmpv6(interface: &str) -> Result<Socket, Error> {
     Ok(socket)
 }
 
-fn address_message(index: u32, address: IpAddr, prefix_len: u8) -> AddressMessage {
+pub(crate) fn address_message(index: u32, address: IpAddr, prefix_len: u8) -> AddressMessage {
     let mut message = AddressMessage::default();
     message.header.prefix_len = prefix_len;
     message.header.scope = AddressScope::Universe;
@@ -566,7 +566,7 @@ struct Link {
 }
 
 /// A blocking rtnetlink socket connected to the kernel.
-struct Netlink {
+pub(crate) struct Netlink {
     socket: netlink_sys::Socket,
     sequence: u32,
     buffer: Vec<u8>,
@@ -583,7 +583,7 @@ impl std::fmt::Debug for Netlink {
 }
 
 impl Netlink {
-    fn open() -> Result<Netlink, Error> {
+    pub(crate) fn open() -> Result<Netlink, Error> {
         let socket_error = |source| Error::Socket {
             what: "netlink",
             source,
@@ -601,6 +601,36 @@ impl Netlink {
             sequence: 0,
             buffer: vec![0; 64 * 1024],
         })
+    }
+
+    /// An interface's index, by name (RTM_GETLINK; needs no privilege).
+    pub(crate) fn index(&mut self, name: &str) -> io::Result<u32> {
+        self.link(name).map(|link| link.index)
+    }
+
+    /// Sets an interface up (RTM_NEWLINK with IFF_UP in the change mask).
+    pub(crate) fn set_up(&mut self, index: u32) -> io::Result<()> {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message.header.flags = LinkFlags::Up;
+        message.header.change_mask = LinkFlags::Up;
+        self.request(RouteNetlinkMessage::SetLink(message), 0).map(drop)
+    }
+
+    /// Adds (`add`) or removes an address on an interface. Adding one the
+    /// interface has, or removing one it has not, is success.
+    pub(crate) fn change_address(&mut self, index: u32, address: IpAddr, prefix_len: u8, add: bool) -> io::Result<()> {
+        let message = address_message(index, address, prefix_len);
+        let result = if add {
+            self.request(RouteNetlinkMessage::NewAddress(message), NLM_F_CREATE | NLM_F_EXCL)
+        } else {
+            self.request(RouteNetlinkMessage::DelAddress(message), 0)
+        };
+        match result {
+            Err(e) if add && e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) if !add && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
+            other => other.map(drop),
+        }
     }
 
     /// Looks an interface up by name (RTM_GETLINK; needs no privilege).

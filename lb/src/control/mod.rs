@@ -12,11 +12,14 @@
 //! - [`ha`]: the active/standby election, its server-confirmed lease,
 //!   step-down, and the standby's failure detector.
 //! - [`floating`]: the floating VIP address (netlink, gratuitous ARP).
+//! - [`ecmp`]: `ha.mode = "ecmp"`: every instance serves, and announces the
+//!   VIP addresses (through a routing daemon) while it can.
 //!
 //! [`run`] wires them together with the data plane's workers and the
 //! signals.
 
 pub(crate) mod admin;
+pub(crate) mod ecmp;
 pub(crate) mod floating;
 pub(crate) mod ha;
 pub(crate) mod series;
@@ -35,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dataplane::workers::{self, Workers};
 use crate::settings::{self, Config, Validated};
 
+use self::ecmp::Membership;
 use self::ha::Leadership;
 use self::server::Server;
 
@@ -55,10 +59,23 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     }
     warn_about_operation(&config);
     let workers = Workers::start(count, config.data_plane).context("cannot start the worker threads")?;
+    let ecmp_mode = config.ha.as_ref().is_some_and(|ha| ha.ecmp.is_some());
     let leadership = config
         .ha
         .clone()
+        .filter(|_| !ecmp_mode)
         .map(|settings| Leadership::new(settings, config.admin));
+    let membership = config
+        .ha
+        .clone()
+        .filter(|_| ecmp_mode)
+        .map(|settings| Membership::new(settings, config.admin));
+    // The announce interface too: a missing capability, or the name taken,
+    // is a start-up error.
+    let announcer = match &membership {
+        Some(m) => Some(ecmp::Announcer::open(m.interface())?),
+        None => None,
+    };
     // The floating address is checked before anything starts: a missing
     // interface or capability is a start-up error, not a failed promotion.
     let floating = match config.ha.as_ref().and_then(|ha| ha.floating.as_ref()) {
@@ -69,7 +86,8 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         ),
         None => None,
     };
-    // A lone balancer serves from the start; one of a pair only once elected.
+    // A lone balancer, or one of an ECMP cluster, serves from the start; one
+    // of a pair only once elected.
     let server = Server::new(&config, prometheus.clone(), workers, leadership.is_none());
     let admin_listener = tokio::net::TcpListener::bind(config.admin)
         .await
@@ -86,10 +104,13 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         admin_listener,
         Arc::clone(&server),
         leadership.clone(),
+        membership.clone(),
         Arc::clone(&auth),
         stop_admin.clone(),
     ));
     let stop_ha = CancellationToken::new();
+    let exit_ecmp = CancellationToken::new();
+    let mut ecmp_withdrawn = None;
     // The election times the active's lease: it gets a thread and runtime
     // of its own, shared with nothing that could delay it (table rebuilds,
     // /status rendering and discovery run on this one).
@@ -130,7 +151,40 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
                 .context("cannot start the election thread")?;
             Some(done)
         }
-        None => None,
+        None => match (&membership, announcer) {
+            (Some(membership), Some(announcer)) => {
+                let client = config.consul.client_sharing(server.consul_token()).context("consul")?;
+                let (withdrawn_tx, withdrawn) = tokio::sync::oneshot::channel::<()>();
+                ecmp_withdrawn = Some(withdrawn);
+                let shutdown = ecmp::Shutdown {
+                    stop: stop_ha.clone(),
+                    withdrawn: withdrawn_tx,
+                    exit: exit_ecmp.clone(),
+                };
+                let (membership, server) = (Arc::clone(membership), Arc::clone(&server));
+                let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+                // Its own thread for the same reason as the election's: the
+                // announcing lease is timed there.
+                std::thread::Builder::new()
+                    .name("halo-ecmp".into())
+                    .spawn(move || {
+                        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot build the membership's runtime");
+                                return;
+                            }
+                        };
+                        runtime.block_on(ecmp::run(membership, client, server, announcer, shutdown));
+                        if done_tx.send(()).is_err() {
+                            tracing::debug!("nobody waits for the membership any more");
+                        }
+                    })
+                    .context("cannot start the membership thread")?;
+                Some(done)
+            }
+            _ => None,
+        },
     };
     if let Some(handle) = prometheus {
         // Histograms need periodic upkeep to drain their buckets.
@@ -188,6 +242,29 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
     }
     tracing::info!("shutdown requested");
     halo_health::service::stopping("handing over and draining");
+    if let (Some(withdrawn), Some(membership)) = (ecmp_withdrawn, &membership) {
+        // Withdraw, let the routers stop sending, close the listeners; then
+        // drain while the member key says `draining`; then leave.
+        stop_ha.cancel();
+        let bound = membership.withdraw_wait() + Duration::from_secs(5);
+        match tokio::time::timeout(bound, withdrawn).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tracing::error!("the membership thread ended without withdrawing"),
+            Err(_) => tracing::warn!("the withdrawal did not finish in time; draining anyway"),
+        }
+        let left = server.drain().await;
+        exit_ecmp.cancel();
+        if let Some(done) = election {
+            if tokio::time::timeout(Duration::from_secs(2), done).await.is_err() {
+                tracing::warn!("the membership did not leave Consul in 2s; its session ends with its check");
+            }
+        }
+        stop_admin.cancel();
+        if left > 0 {
+            tracing::warn!(left, "exiting with connections still open");
+        }
+        return Ok(());
+    }
     if let Some(election) = election {
         // Stop serving, then hand the lock over, before the drain.
         stop_ha.cancel();
@@ -210,7 +287,7 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
 /// Consul agent when the address comes from it (two seconds at most);
 /// `None` without `[ha]`.
 pub async fn describe_probe_address(config: &Validated) -> Option<String> {
-    let ha = config.ha.as_ref()?;
+    let ha = config.ha.as_ref().filter(|ha| ha.ecmp.is_none())?;
     let agent = match ha.probe {
         settings::ProbeListen::AgentAddress { .. } => {
             let asked = match config.consul.client() {

@@ -427,6 +427,33 @@ impl Server {
         self.serving.load(Ordering::Relaxed)
     }
 
+    /// Each VIP address with whether it may be announced now (ECMP mode,
+    /// see [`crate::control::ecmp`]): every VIP listening on it has its
+    /// listener bound and at least one backend it may pick. An instance
+    /// with an empty table would only refuse the share of clients the
+    /// routers send it. `None` in the second place: ready; otherwise why
+    /// not.
+    pub(crate) fn announceable(&self) -> BTreeMap<std::net::IpAddr, Option<String>> {
+        let vips = self.vips.lock().expect("vip registry poisoned");
+        let mut addresses: BTreeMap<std::net::IpAddr, Option<String>> = BTreeMap::new();
+        for (name, running) in vips.iter() {
+            let why = if self.is_draining() {
+                Some("draining".to_owned())
+            } else if running.listener.is_none() {
+                Some(format!("vip {name}: not listening"))
+            } else if running.vip.table().selectable_len() == 0 {
+                Some(format!("vip {name}: no backend to send to"))
+            } else {
+                None
+            };
+            let entry = addresses.entry(running.listen.ip()).or_insert(None);
+            if entry.is_none() {
+                *entry = why;
+            }
+        }
+        addresses
+    }
+
     /// Binds a VIP's sockets: one TCP listener, or one UDP socket per
     /// worker (see [`udp::bind`]).
     fn bind(&self, protocol: Protocol, listen: SocketAddr, backlog: u32) -> std::io::Result<Bound> {
@@ -520,6 +547,7 @@ impl Server {
             data_plane: self.workers.plane().to_owned(),
             vips,
             ha: None,
+            ecmp: None,
         }
     }
 

@@ -35,8 +35,108 @@ pub struct Status {
     pub data_plane: String,
     /// Every configured VIP, by name.
     pub vips: Vec<VipStatus>,
-    /// The election, for a balancer with `[ha]`; `null` without.
+    /// The election, for a balancer with `[ha]` (a pair); `null` without.
     pub ha: Option<HaStatus>,
+    /// The cluster's membership and this instance's announcements, with
+    /// `ha.mode = "ecmp"`; `null` otherwise.
+    #[serde(default)]
+    pub ecmp: Option<EcmpStatus>,
+}
+
+/// An ECMP cluster, as this instance sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EcmpStatus {
+    /// The cluster's name.
+    pub cluster: String,
+    /// This instance's `ha.id`.
+    pub id: String,
+    /// This process (random, new with every start).
+    pub instance: String,
+    /// What this instance does now.
+    pub state: MemberState,
+    /// The VIP addresses it announces now.
+    pub announced: Vec<String>,
+    /// Why it announces nothing, or not every VIP address.
+    pub withheld: Option<String>,
+    /// The interface holding the announced addresses.
+    pub interface: String,
+    /// Its Consul session, while it has one.
+    pub session: Option<String>,
+    /// Milliseconds of announcing lease left.
+    pub lease_remaining_ms: Option<u64>,
+    /// `ha.announce_lease` in milliseconds.
+    pub lease_ms: u64,
+    /// `ha.max_announcing`.
+    pub max_announcing: Option<u32>,
+    /// `ha.expect_announcing` (or `max_announcing`).
+    pub expect_announcing: Option<u32>,
+    /// The members as the last confirmed read of Consul listed them,
+    /// longest-standing first.
+    pub members: Vec<EcmpMember>,
+    /// The last Consul error, while the membership cannot be read.
+    pub consul_error: Option<String>,
+    /// Another live process holds this instance's membership key (the same
+    /// `ha.cluster` and `ha.id`): this one stays out.
+    pub id_conflict: Option<String>,
+    /// Its recent announcements and withdrawals, oldest first, on its own
+    /// clock.
+    pub changes: Vec<AnnounceChange>,
+}
+
+/// One member of an ECMP cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EcmpMember {
+    /// Its `ha.id`.
+    pub id: String,
+    /// Its process.
+    pub instance: String,
+    /// Its admin address.
+    pub admin: String,
+    /// What it said it does.
+    pub state: MemberState,
+    /// When it said so (RFC 3339).
+    pub since: String,
+}
+
+/// What a member of an ECMP cluster does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Serving but announcing nothing: not ready (no lease, no listener, no
+    /// backend), or a hot spare beyond `max_announcing`.
+    Ready,
+    /// Announcing at least one VIP address.
+    Announcing,
+    /// Withdrawn for shutdown; finishing its connections.
+    Draining,
+}
+
+impl MemberState {
+    /// The name used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Ready => "ready",
+            MemberState::Announcing => "announcing",
+            MemberState::Draining => "draining",
+        }
+    }
+}
+
+/// One change of what an ECMP instance announces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnnounceChange {
+    /// When (RFC 3339).
+    pub at: String,
+    /// When, in microseconds since the Unix epoch.
+    pub at_unix_us: u64,
+    /// Addresses announced.
+    pub announced: Vec<String>,
+    /// Addresses withdrawn.
+    pub withdrawn: Vec<String>,
+    /// Why: `ready`, `lease_expired`, `membership_lost`, `not_ready`,
+    /// `over_cap`, `drain`, or `listeners_closed` (a drain's listeners
+    /// closing after the withdrawal, with no address of its own).
+    pub reason: String,
 }
 
 /// One VIP.

@@ -117,6 +117,40 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HaConfig {
+    /// How the instances of the cluster share the VIPs. `"pair"` (the
+    /// default): one active at a time, elected through a Consul lock, the
+    /// others warm standbys. `"ecmp"`: every healthy instance serves the
+    /// VIPs at once and announces their addresses to the routers (through a
+    /// routing daemon that exports `announce_interface`), which spread flows
+    /// over the instances with ECMP.
+    #[serde(default)]
+    pub mode: HaMode,
+    /// ecmp: the interface halo-lb creates and holds each VIP address on
+    /// (as a /32 or /128) while it announces it: a TUN device that lives
+    /// exactly as long as the process, so a crash withdraws every route at
+    /// once. The routing daemon exports this interface's addresses. Unset:
+    /// "halo-vips".
+    pub announce_interface: Option<String>,
+    /// ecmp: how long an instance keeps announcing after the last read of
+    /// its membership that the Consul servers confirmed (the same lease as
+    /// the pair's: an instance cut off from Consul withdraws within it).
+    /// Confirmed five times per lease. 500 ms to 60 s. Unset: 3 s.
+    #[serde(default, with = "halo_consul::duration::serde_opt_str")]
+    pub announce_lease: Option<Duration>,
+    /// ecmp: on SIGTERM, how long the withdrawn instance keeps accepting
+    /// before it closes its listeners, for the routers to stop sending it
+    /// new flows (a withdrawal takes the routing daemon and the routers a
+    /// few milliseconds to tens of milliseconds). Up to 30 s. Unset: 1 s.
+    #[serde(default, with = "halo_consul::duration::serde_opt_str")]
+    pub withdraw_wait: Option<Duration>,
+    /// ecmp: at most this many instances announce at once, the longest-
+    /// standing members first; the others serve nothing and wait as hot
+    /// spares (for a router's ECMP path limit, say). Unset: no cap.
+    pub max_announcing: Option<u32>,
+    /// ecmp: how many instances should be announcing; fewer raise the
+    /// `HaloEcmpFewerAnnouncing` alert (`halo_ecmp_expected_announcing`).
+    /// Unset: `max_announcing`, if set.
+    pub expect_announcing: Option<u32>,
     /// The pair's name; its lock is the key `halo/<cluster>/leader`. Unset:
     /// "default".
     #[serde(default = "default_cluster")]
@@ -161,6 +195,18 @@ pub struct HaConfig {
     pub vip_address: Option<String>,
     /// The interface carrying `vip_address`. Set both or neither.
     pub vip_interface: Option<String>,
+}
+
+/// `ha.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HaMode {
+    /// One active, elected through a Consul lock; warm standbys.
+    #[default]
+    Pair,
+    /// Every healthy instance serves and announces the VIPs; the routers
+    /// spread flows over them.
+    Ecmp,
 }
 
 /// `[admin]`.

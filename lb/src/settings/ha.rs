@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::file::HaConfig;
+use super::file::{HaConfig, HaMode};
 
 /// Validated `[ha]`, with the timings derived from the check TTL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,35 @@ pub struct HaSettings {
     pub probe_misses: u32,
     /// The floating address and its prefix length, and the interface.
     pub floating: Option<FloatingAddress>,
+    /// `mode = "ecmp"`: every instance serves and announces; `None`: the
+    /// pair.
+    pub ecmp: Option<EcmpSettings>,
 }
+
+/// The settings of `mode = "ecmp"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcmpSettings {
+    /// The TUN device holding the announced addresses.
+    pub interface: String,
+    /// How long one server-confirmed read of the membership lets the
+    /// instance announce, from the time it was sent.
+    pub lease: Duration,
+    /// How often the membership is read (confirmed): a fifth of the lease.
+    pub confirm_every: Duration,
+    /// How long a withdrawn, draining instance keeps accepting.
+    pub withdraw_wait: Duration,
+    /// At most this many instances announce at once.
+    pub max_announcing: Option<u32>,
+    /// How many should.
+    pub expect_announcing: Option<u32>,
+}
+
+/// `ha.announce_interface` unset.
+pub(crate) const DEFAULT_ANNOUNCE_INTERFACE: &str = "halo-vips";
+/// `ha.announce_lease` unset.
+pub(crate) const DEFAULT_ANNOUNCE_LEASE: Duration = Duration::from_secs(3);
+/// `ha.withdraw_wait` unset.
+pub(crate) const DEFAULT_WITHDRAW_WAIT: Duration = Duration::from_secs(1);
 
 /// Where an instance answers its peers' probes: the address it advertises
 /// in the lock's value and its registration.
@@ -223,6 +251,23 @@ pub(super) fn validate_ha(ha: &HaConfig, admin: Option<SocketAddr>, problems: &m
             })
         }
     };
+    let ecmp = match ha.mode {
+        HaMode::Pair => {
+            for (field, set) in [
+                ("announce_interface", ha.announce_interface.is_some()),
+                ("announce_lease", ha.announce_lease.is_some()),
+                ("withdraw_wait", ha.withdraw_wait.is_some()),
+                ("max_announcing", ha.max_announcing.is_some()),
+                ("expect_announcing", ha.expect_announcing.is_some()),
+            ] {
+                if set {
+                    problems.push(format!("ha.{field}: only for mode = \"ecmp\" (this is a pair)"));
+                }
+            }
+            None
+        }
+        HaMode::Ecmp => validate_ecmp(ha, problems),
+    };
     let probe = probe?;
     (problems.len() == before).then(|| HaSettings {
         cluster: ha.cluster.clone(),
@@ -238,6 +283,68 @@ pub(super) fn validate_ha(ha: &HaConfig, admin: Option<SocketAddr>, problems: &m
         probe_interval: ha.probe_interval,
         probe_misses: ha.probe_misses,
         floating,
+        ecmp,
+    })
+}
+
+/// Checks the `mode = "ecmp"` fields, and refuses the pair's floating
+/// address and probe address, which mean nothing there.
+fn validate_ecmp(ha: &HaConfig, problems: &mut Vec<String>) -> Option<EcmpSettings> {
+    let before = problems.len();
+    for (field, set) in [
+        ("vip_address", ha.vip_address.is_some()),
+        ("vip_interface", ha.vip_interface.is_some()),
+        ("probe_listen", ha.probe_listen.is_some()),
+    ] {
+        if set {
+            problems.push(format!(
+                "ha.{field}: only for a pair; with mode = \"ecmp\" every instance announces the VIP addresses (announce_interface)"
+            ));
+        }
+    }
+    let interface = ha
+        .announce_interface
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ANNOUNCE_INTERFACE.to_owned());
+    if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ', ':']) {
+        problems.push(format!(
+            "ha.announce_interface: {interface:?} is not an interface name (1 to 15 characters, no '/', ':' or spaces)"
+        ));
+    }
+    let lease = ha.announce_lease.unwrap_or(DEFAULT_ANNOUNCE_LEASE);
+    if lease < Duration::from_millis(500) || lease > Duration::from_secs(60) {
+        problems.push(format!(
+            "ha.announce_lease: {} must be between 500ms and 60s",
+            halo_consul::duration::format(lease)
+        ));
+    }
+    let withdraw_wait = ha.withdraw_wait.unwrap_or(DEFAULT_WITHDRAW_WAIT);
+    if withdraw_wait > Duration::from_secs(30) {
+        problems.push(format!(
+            "ha.withdraw_wait: {} is over 30s",
+            halo_consul::duration::format(withdraw_wait)
+        ));
+    }
+    if ha.max_announcing == Some(0) {
+        problems.push("ha.max_announcing: 0 would announce from no instance; unset it for no cap".to_owned());
+    }
+    if ha.expect_announcing == Some(0) {
+        problems.push("ha.expect_announcing: 0 expects nothing; unset it".to_owned());
+    }
+    if let (Some(cap), Some(expect)) = (ha.max_announcing, ha.expect_announcing) {
+        if expect > cap {
+            problems.push(format!(
+                "ha.expect_announcing: {expect} is more than max_announcing ({cap}) lets announce"
+            ));
+        }
+    }
+    (problems.len() == before).then(|| EcmpSettings {
+        interface,
+        lease,
+        confirm_every: lease / 5,
+        withdraw_wait,
+        max_announcing: ha.max_announcing,
+        expect_announcing: ha.expect_announcing.or(ha.max_announcing),
     })
 }
 

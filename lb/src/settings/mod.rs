@@ -29,7 +29,7 @@ use std::time::Duration;
 pub use self::check::CheckSpec;
 pub use self::dns::DnsTarget;
 pub use self::file::*;
-pub use self::ha::{FloatingAddress, HaSettings, ProbeListen};
+pub use self::ha::{EcmpSettings, FloatingAddress, HaSettings, ProbeListen};
 pub use self::zone::ZonePolicy;
 
 /// A backend as a source describes it: a static list, Consul or DNS.

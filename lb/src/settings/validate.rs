@@ -40,6 +40,19 @@ impl Config {
         let needs_consul = self.ha.is_some() || self.vips.iter().any(|v| v.service.is_some());
         let consul = validate_consul(&self.consul, needs_consul, &mut problems);
         let ha = self.ha.as_ref().and_then(|ha| validate_ha(ha, admin, &mut problems));
+        if ha.as_ref().is_some_and(|ha| ha.ecmp.is_some()) {
+            // An ECMP instance announces each VIP by its address.
+            for vip in &vips {
+                let i = self.vips.iter().position(|v| v.name == vip.name).unwrap_or_default();
+                let ip = vip.listen.ip();
+                if ip.is_unspecified() || ip.is_loopback() {
+                    problems.push(format!(
+                        "vip[{i}].listen: {} cannot be announced with ha.mode = \"ecmp\"; listen on the VIP's own address",
+                        vip.listen
+                    ));
+                }
+            }
+        }
         if !problems.is_empty() {
             return Err(problems);
         }

@@ -2193,6 +2193,7 @@ mod tests {
             probe_interval: Duration::from_millis(100),
             probe_misses: 3,
             floating: None,
+            ecmp: None,
         };
         let l = Leadership::new(settings, admin);
         l.node.get_or_init(|| node.to_owned());

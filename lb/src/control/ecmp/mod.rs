@@ -1,0 +1,868 @@
+//! `ha.mode = "ecmp"`: every healthy instance of a cluster serves the VIPs at
+//! once, and announces their addresses to the routers, which spread flows
+//! over the instances with equal-cost multipath.
+//!
+//! halo decides *when* this host may announce; a routing daemon on the host
+//! (BIRD 2 in the shipped example, `packaging/bird/`) speaks BGP and BFD to
+//! the routers. The coupling is one interface: halo holds each announced
+//! VIP address as a /32 (or /128) on a TUN device of its own
+//! ([`tun::Announcer`]), and the daemon exports that interface's addresses.
+//! Consul remains the one source of membership and health.
+//!
+//! # When an instance announces
+//!
+//! An address is announced only while all of these hold:
+//!
+//! - **Confirmed by the servers.** Each instance holds a session (bound to
+//!   its own TTL check and its node's `serfHealth`, behaviour `delete`) and
+//!   with it the key `halo/<cluster>/members/<id>`, whose value says what it
+//!   does. Every `announce_lease / 5` it reads the cluster's members with
+//!   `?consistent`: the Consul leader answers only after confirming its
+//!   leadership with a quorum, so an answer to a read *sent* at `t` that
+//!   shows our key held by our session proves the servers still counted us
+//!   a live member at some instant after `t`. That earns a lease until `t +
+//!   announce_lease`. An instance cut off from the servers (a partition, a
+//!   Consul outage, an agent that lost them) gets no confirmation and
+//!   withdraws when the lease runs out, before its view of the backends
+//!   (served from the last good state meanwhile) can be far out of date.
+//!   A read that shows our key gone or held by another session (our
+//!   session was invalidated: our node failed in gossip, our check went
+//!   critical) withdraws at once, and the instance starts over with a new
+//!   session. Heartbeats to the local agent prove nothing about what the
+//!   servers decided and never extend the lease.
+//! - **Able to serve.** Every VIP on the address has its listener bound and
+//!   at least one backend it may pick ([`Server::announceable`]).
+//! - **Within the cap.** With `max_announcing = N`, only the N
+//!   longest-standing members that are not draining (ordered by the
+//!   `CreateIndex` of their member keys, as the last confirmed read listed
+//!   them) announce; the others serve nothing and wait as hot spares. A
+//!   member's place only moves forward (older members can only leave), so a
+//!   spare starts announcing once a confirmed read shows it within the cap.
+//!   While a member that was cut off is still inside its own lease, one
+//!   more than N may announce, for at most one lease; nothing is unsafe
+//!   about that (every instance picks the same backends, see below), the
+//!   cap is for the routers' path limits and for capacity, not a lock.
+//! - **Not draining.**
+//!
+//! The lease is checked by its own timer, not only after reads: a read
+//! that hangs (a server that accepted the connection and went silent)
+//! cannot keep a stale instance announcing.
+//!
+//! # What withdraws, and how fast
+//!
+//! - **kill -9, a crash, an OOM kill**: the kernel deletes the TUN device
+//!   with the process, the daemon sees its addresses go and withdraws at
+//!   once (8 ms to the router's table measured in the testbed).
+//! - **Host death, a cable pull**: BFD between the daemon and the router
+//!   (300 ms in the example config).
+//! - **Cut off from Consul**: within `announce_lease` (3 s by default).
+//! - **SIGTERM** (drain): the member key says `draining`, the addresses are
+//!   withdrawn, and the listeners keep accepting for `withdraw_wait` (1 s)
+//!   while the routers stop sending new flows; only then do they close, and
+//!   the usual drain waits for the connections to finish. The route is gone
+//!   before the listeners close, so no client is refused.
+//!
+//! # The same backend whichever balancer the router picks
+//!
+//! Maglev on the client address (TCP) or address and port (UDP flows)
+//! builds the same table from the same backend set on every instance, so a
+//! client's new connections, and a UDP flow the routers move to another
+//! balancer, reach the same backend. Every instance reads the same Consul
+//! health view; an operator's disable (`POST /vips/…/disable`) is local to
+//! the instance it is sent to and must be sent to each.
+//!
+//! # What the network can do
+//!
+//! Nothing received from the network changes what is announced: the
+//! decision uses only this process's own state and Consul reads over the
+//! authenticated (ACL token, TLS) client. The routing daemon's sessions are
+//! the daemon's to protect (BGP MD5/TCP-AO or GTSM in its config).
+
+mod tun;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use halo_consul::{
+    CheckRegistration, CheckStatus, Client, Consistency, Error as ConsulError, KvPair, QueryOptions,
+    ServiceRegistration, SessionBehavior, SessionChecks, SessionRequest,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) use self::tun::Announcer;
+use crate::control::server::Server;
+pub(crate) use crate::control::status::MemberState;
+use crate::control::status::{AnnounceChange, EcmpMember, EcmpStatus};
+use crate::settings::{EcmpSettings, HaSettings};
+
+/// How often what may be announced is looked at again between reads (a
+/// table that lost its last backend, a listener that came up).
+const EVALUATE_EVERY: Duration = Duration::from_millis(100);
+/// Membership reads in flight at once, at most.
+const READS_IN_FLIGHT: usize = 4;
+/// Back-off after a failed Consul call, doubling up to [`CONSUL_RETRY_MAX`].
+const CONSUL_RETRY: Duration = Duration::from_millis(100);
+const CONSUL_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a process whose membership key another live process holds
+/// waits before trying again.
+const TWIN_RETRY: Duration = Duration::from_secs(2);
+/// How long the `draining` value may take to reach Consul before the
+/// withdrawal goes ahead without it.
+const DRAINING_WRITE: Duration = Duration::from_millis(300);
+/// Deregister the `halo-lb` instance of a process that died without
+/// cleaning up (Consul's minimum).
+const DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+/// Changes kept for `/status`.
+const HISTORY: usize = 64;
+
+/// A member key's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct MemberValue {
+    id: String,
+    instance: String,
+    admin: String,
+    state: MemberState,
+    /// When `state` began (RFC 3339).
+    since: String,
+}
+
+#[derive(Debug)]
+struct State {
+    state: MemberState,
+    since: SystemTime,
+    session: Option<String>,
+    lease_until: Option<Instant>,
+    announced: BTreeSet<IpAddr>,
+    withheld: Option<String>,
+    /// Members as the last confirmed read listed them, by `CreateIndex`.
+    members: Vec<(u64, MemberValue)>,
+    consul_error: Option<String>,
+    id_conflict: Option<String>,
+    changes: VecDeque<AnnounceChange>,
+}
+
+/// One instance's view of its ECMP cluster: shared by the membership thread
+/// and `/status`.
+#[derive(Debug)]
+pub(crate) struct Membership {
+    settings: HaSettings,
+    ecmp: EcmpSettings,
+    admin: SocketAddr,
+    /// Random, new with every process (see the pair's
+    /// [`crate::control::ha`]: the same identity scheme).
+    instance: String,
+    state: Mutex<State>,
+}
+
+fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Membership {
+    /// The view of a new instance, announcing nothing. `settings.ecmp` must
+    /// be set.
+    pub(crate) fn new(settings: HaSettings, admin: SocketAddr) -> Arc<Membership> {
+        let ecmp = settings.ecmp.clone().expect("ecmp settings for an ecmp membership");
+        Arc::new(Membership {
+            settings,
+            ecmp,
+            admin,
+            instance: format!("{:016x}", fastrand::u64(..)),
+            state: Mutex::new(State {
+                state: MemberState::Ready,
+                since: SystemTime::now(),
+                session: None,
+                lease_until: None,
+                announced: BTreeSet::new(),
+                withheld: Some("starting".to_owned()),
+                members: Vec::new(),
+                consul_error: None,
+                id_conflict: None,
+                changes: VecDeque::new(),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("membership state poisoned")
+    }
+
+    /// `ha.withdraw_wait`.
+    pub(crate) fn withdraw_wait(&self) -> Duration {
+        self.ecmp.withdraw_wait
+    }
+
+    /// The `ha.announce_interface` the routing daemon exports.
+    pub(crate) fn interface(&self) -> &str {
+        &self.ecmp.interface
+    }
+
+    fn service_id(&self) -> String {
+        format!(
+            "halo-lb-{}-{}-{}",
+            self.settings.cluster,
+            self.settings.id,
+            &self.instance[..8]
+        )
+    }
+
+    fn check_id(&self) -> String {
+        format!("{}:ttl", self.service_id())
+    }
+
+    fn prefix(&self) -> String {
+        format!("halo/{}/members/", self.settings.cluster)
+    }
+
+    fn key(&self) -> String {
+        format!("{}{}", self.prefix(), self.settings.id)
+    }
+
+    fn value(&self) -> String {
+        let state = self.state();
+        serde_json::to_string(&MemberValue {
+            id: self.settings.id.clone(),
+            instance: self.instance.clone(),
+            admin: self.admin.to_string(),
+            state: state.state,
+            since: halo_health::server::rfc3339(state.since),
+        })
+        .expect("a struct of strings serialises")
+    }
+
+    /// The `ecmp` part of `/status`.
+    pub(crate) fn status(&self) -> EcmpStatus {
+        let state = self.state();
+        let now = Instant::now();
+        EcmpStatus {
+            cluster: self.settings.cluster.clone(),
+            id: self.settings.id.clone(),
+            instance: self.instance.clone(),
+            state: state.state,
+            announced: state.announced.iter().map(ToString::to_string).collect(),
+            withheld: state.withheld.clone(),
+            interface: self.ecmp.interface.clone(),
+            session: state.session.clone(),
+            lease_remaining_ms: state
+                .lease_until
+                .map(|until| millis(until.saturating_duration_since(now))),
+            lease_ms: millis(self.ecmp.lease),
+            max_announcing: self.ecmp.max_announcing,
+            expect_announcing: self.ecmp.expect_announcing,
+            members: state
+                .members
+                .iter()
+                .map(|(_, m)| EcmpMember {
+                    id: m.id.clone(),
+                    instance: m.instance.clone(),
+                    admin: m.admin.clone(),
+                    state: m.state,
+                    since: m.since.clone(),
+                })
+                .collect(),
+            consul_error: state.consul_error.clone(),
+            id_conflict: state.id_conflict.clone(),
+            changes: state.changes.iter().cloned().collect(),
+        }
+    }
+
+    fn set_consul_error(&self, error: Option<String>) {
+        self.state().consul_error = error;
+    }
+
+    /// Records this instance's state; true if it changed (and should be
+    /// written to its member key).
+    fn set_member_state(&self, new: MemberState) -> bool {
+        let mut state = self.state();
+        if state.state == new {
+            return false;
+        }
+        state.state = new;
+        state.since = SystemTime::now();
+        let cluster = self.settings.cluster.clone();
+        metrics::gauge!("halo_ecmp_announcing", "cluster" => cluster)
+            .set(if new == MemberState::Announcing { 1.0 } else { 0.0 });
+        true
+    }
+
+    fn record(&self, announced: &[IpAddr], withdrawn: &[IpAddr], reason: &str) {
+        let now = SystemTime::now();
+        let mut state = self.state();
+        state.changes.push_back(AnnounceChange {
+            at: halo_health::server::rfc3339(now),
+            at_unix_us: unix_us(now),
+            announced: announced.iter().map(ToString::to_string).collect(),
+            withdrawn: withdrawn.iter().map(ToString::to_string).collect(),
+            reason: reason.to_owned(),
+        });
+        while state.changes.len() > HISTORY {
+            state.changes.pop_front();
+        }
+    }
+
+    /// Takes in a confirmed read of the members.
+    fn set_members(&self, pairs: &[KvPair]) {
+        let mut members: Vec<(u64, MemberValue)> = pairs
+            .iter()
+            .filter(|p| p.session.is_some())
+            .filter_map(|p| {
+                let value = p.value.as_ref()?;
+                match serde_json::from_slice::<MemberValue>(value) {
+                    Ok(v) => Some((p.create_index, v)),
+                    Err(e) => {
+                        tracing::debug!(key = %p.key, error = %e, "a member key holds no member value; ignored");
+                        None
+                    }
+                }
+            })
+            .collect();
+        members.sort_by_key(|(index, _)| *index);
+        let cluster = self.settings.cluster.clone();
+        metrics::gauge!("halo_ecmp_members", "cluster" => cluster.clone()).set(members.len() as f64);
+        for state in [MemberState::Ready, MemberState::Announcing, MemberState::Draining] {
+            let count = members.iter().filter(|(_, m)| m.state == state).count();
+            metrics::gauge!("halo_ecmp_members_by_state", "cluster" => cluster.clone(), "state" => state.as_str())
+                .set(count as f64);
+        }
+        self.state().members = members;
+    }
+
+    /// This instance's place among the members that are not draining,
+    /// by age (0: the longest-standing), as the last confirmed read listed
+    /// them; `None` if that read did not list it.
+    fn rank(&self) -> Option<usize> {
+        let state = self.state();
+        let ours = state.members.iter().position(|(_, m)| m.instance == self.instance)?;
+        Some(
+            state.members[..ours]
+                .iter()
+                .filter(|(_, m)| m.state != MemberState::Draining)
+                .count(),
+        )
+    }
+}
+
+/// Registers the metrics at their starting values.
+fn register_metrics(membership: &Membership) {
+    let cluster = membership.settings.cluster.clone();
+    metrics::gauge!("halo_ecmp_info", "cluster" => cluster.clone(), "id" => membership.settings.id.clone()).set(1.0);
+    metrics::gauge!("halo_ecmp_announcing", "cluster" => cluster.clone()).set(0.0);
+    metrics::gauge!("halo_ecmp_announced_addresses", "cluster" => cluster.clone()).set(0.0);
+    if let Some(expect) = membership.ecmp.expect_announcing {
+        metrics::gauge!("halo_ecmp_expected_announcing", "cluster" => cluster.clone()).set(f64::from(expect));
+    }
+    metrics::counter!("halo_ecmp_confirm_failures_total").increment(0);
+    for reason in Withdrawal::ALL {
+        metrics::counter!("halo_ecmp_withdrawals_total", "reason" => reason.as_str()).increment(0);
+    }
+}
+
+/// Why addresses were withdrawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Withdrawal {
+    /// No confirmed read within the lease.
+    LeaseExpired,
+    /// A confirmed read showed our member key gone or held by another
+    /// session.
+    MembershipLost,
+    /// A VIP on the address has no listener or no backend.
+    NotReady,
+    /// Beyond `max_announcing`.
+    OverCap,
+    /// SIGTERM.
+    Drain,
+}
+
+impl Withdrawal {
+    const ALL: [Withdrawal; 5] = [
+        Withdrawal::LeaseExpired,
+        Withdrawal::MembershipLost,
+        Withdrawal::NotReady,
+        Withdrawal::OverCap,
+        Withdrawal::Drain,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Withdrawal::LeaseExpired => "lease_expired",
+            Withdrawal::MembershipLost => "membership_lost",
+            Withdrawal::NotReady => "not_ready",
+            Withdrawal::OverCap => "over_cap",
+            Withdrawal::Drain => "drain",
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How the shutdown goes: `stop` begins it (withdraw, wait, close the
+/// listeners, then say so on `withdrawn`); `exit` ends it once the caller
+/// drained the connections (the member key says `draining` until then).
+pub(crate) struct Shutdown {
+    pub(crate) stop: CancellationToken,
+    pub(crate) withdrawn: oneshot::Sender<()>,
+    pub(crate) exit: CancellationToken,
+}
+
+/// Runs the membership until shutdown, announcing on `announcer` what
+/// `server` can serve while the lease holds.
+pub(crate) async fn run(
+    membership: Arc<Membership>,
+    client: Client,
+    server: Arc<Server>,
+    mut announcer: Announcer,
+    shutdown: Shutdown,
+) {
+    register_metrics(&membership);
+    let Shutdown { stop, withdrawn, exit } = shutdown;
+    let (check_tx, mut check) = watch::channel(None);
+    let _heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
+        Arc::clone(&membership),
+        client.clone(),
+        check_tx,
+        exit.clone(),
+    )));
+    let mut session: Option<String> = None;
+    while !stop.is_cancelled() {
+        if let Some(old) = session.take() {
+            close_session(&client, &old).await;
+        }
+        let Some(id) = open_session(&membership, &client, &mut check, &stop).await else {
+            break;
+        };
+        membership.state().session = Some(id.clone());
+        session = Some(id.clone());
+        match client.kv_acquire(&membership.key(), membership.value(), &id).await {
+            Ok(true) => {
+                membership.state().id_conflict = None;
+                membership.set_consul_error(None);
+            }
+            Ok(false) => {
+                let why = format!(
+                    "another live process holds {} (the same ha.cluster and ha.id); this one stays out until it goes",
+                    membership.key()
+                );
+                tracing::error!("{why}");
+                membership.state().id_conflict = Some(why);
+                wait(&stop, TWIN_RETRY).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the membership key; retrying");
+                membership.set_consul_error(Some(e.to_string()));
+                wait(&stop, CONSUL_RETRY).await;
+                continue;
+            }
+        }
+        tracing::info!(key = %membership.key(), session = %id, "member of the ecmp cluster");
+        if !member(&membership, &client, &server, &mut announcer, &id, &stop).await {
+            // Lost: withdrawn already; start over with a new session.
+            continue;
+        }
+    }
+    // Shutdown: withdraw, let the routers stop sending, close the
+    // listeners; the caller drains.
+    membership.set_member_state(MemberState::Draining);
+    if let Some(id) = &session {
+        let (key, value) = (membership.key(), membership.value());
+        match tokio::time::timeout(DRAINING_WRITE, client.kv_acquire(&key, value, id)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot say draining in the member key"),
+            Err(_) => tracing::debug!("saying draining in the member key takes too long; withdrawing anyway"),
+        }
+    }
+    apply(&membership, &mut announcer, &BTreeSet::new(), Withdrawal::Drain, None);
+    tracing::info!(
+        wait = %halo_consul::duration::format(membership.ecmp.withdraw_wait),
+        "withdrawn for shutdown; accepting until the routers have stopped sending"
+    );
+    tokio::time::sleep(membership.ecmp.withdraw_wait).await;
+    server.stop_serving();
+    membership.record(&[], &[], "listeners_closed");
+    tracing::info!("listeners closed; draining connections");
+    if withdrawn.send(()).is_err() {
+        tracing::debug!("nobody waits for the withdrawal");
+    }
+    exit.cancelled().await;
+    if let Some(id) = session {
+        close_session(&client, &id).await;
+    }
+    match client.deregister_service(&membership.service_id()).await {
+        Ok(()) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot deregister; the agent removes the instance later"),
+    }
+}
+
+/// Sleeps for `pause` unless `stop` comes first.
+async fn wait(stop: &CancellationToken, pause: Duration) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(pause) => {}
+    }
+}
+
+/// One membership (one session): reads the members, keeps the lease,
+/// announces and withdraws. Returns true on shutdown (addresses still
+/// announced, for the drain to withdraw), false when the membership was
+/// lost (everything withdrawn).
+async fn member(
+    membership: &Arc<Membership>,
+    client: &Client,
+    server: &Arc<Server>,
+    announcer: &mut Announcer,
+    session: &str,
+    stop: &CancellationToken,
+) -> bool {
+    let ecmp = membership.ecmp.clone();
+    let key = membership.key();
+    let mut reads: JoinSet<(Instant, Result<Vec<KvPair>, ConsulError>)> = JoinSet::new();
+    let mut read_tick = tokio::time::interval(ecmp.confirm_every);
+    read_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut evaluate_tick = tokio::time::interval(EVALUATE_EVERY);
+    evaluate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The member key's value, written by a task of its own so a slow write
+    // never holds up a withdrawal; the latest value wins.
+    let (publish, published) = watch::channel(membership.value());
+    let _publisher = AbortOnDrop(tokio::spawn(publish_value(
+        client.clone(),
+        key.clone(),
+        session.to_owned(),
+        published,
+    )));
+    let mut lease_until: Option<Instant> = None;
+    let mut failing = false;
+    loop {
+        let lease_end = lease_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return true,
+            () = tokio::time::sleep_until(lease_end), if lease_until.is_some() => {}
+            Some(done) = reads.join_next() => {
+                let Ok((sent, result)) = done else { continue };
+                match result {
+                    Ok(pairs) => {
+                        let ours = pairs.iter().find(|p| p.key == key);
+                        if ours.and_then(|p| p.session.as_deref()) != Some(session) {
+                            tracing::warn!(
+                                holder = ?ours.and_then(|p| p.session.clone()),
+                                "the servers no longer list this instance's membership (its session ended: node failed in gossip, or its check went critical); withdrawing"
+                            );
+                            membership.state().lease_until = None;
+                            apply(membership, announcer, &BTreeSet::new(), Withdrawal::MembershipLost, Some("membership lost; joining again".to_owned()));
+                            membership.set_member_state(MemberState::Ready);
+                            return false;
+                        }
+                        let until = sent + ecmp.lease;
+                        if lease_until.is_none_or(|current| until > current) {
+                            lease_until = Some(until);
+                            membership.state().lease_until = Some(until);
+                        }
+                        membership.set_members(&pairs);
+                        if failing {
+                            tracing::info!("membership confirmed by the Consul servers again");
+                            membership.set_consul_error(None);
+                        }
+                        failing = false;
+                    }
+                    Err(e) => {
+                        metrics::counter!("halo_ecmp_confirm_failures_total").increment(1);
+                        if !failing {
+                            tracing::warn!(error = %e, "cannot confirm the membership with the Consul servers; announcing until the lease runs out");
+                        }
+                        failing = true;
+                        membership.set_consul_error(Some(e.to_string()));
+                    }
+                }
+            }
+            _ = read_tick.tick() => {
+                if reads.len() < READS_IN_FLIGHT {
+                    let (client, prefix, lease) = (client.clone(), membership.prefix(), ecmp.lease);
+                    reads.spawn(async move {
+                        let sent = Instant::now();
+                        let read = client.kv_list(&prefix, QueryOptions::with_consistency(Consistency::Consistent));
+                        // A read older than a lease can no longer extend it.
+                        let result = match tokio::time::timeout(lease, read).await {
+                            Ok(result) => result.map(|r| r.value),
+                            Err(_) => Err(ConsulError::Config(format!("no answer within {}", halo_consul::duration::format(lease)))),
+                        };
+                        (sent, result)
+                    });
+                }
+                continue;
+            }
+            _ = evaluate_tick.tick() => {}
+        }
+        // Decide what to announce now.
+        let now = Instant::now();
+        let (wanted, reason, withheld) = if lease_until.is_none_or(|until| until <= now) {
+            let why = if lease_until.is_some() {
+                format!(
+                    "lease ran out: no read of the membership confirmed by the Consul servers in the last {}",
+                    halo_consul::duration::format(ecmp.lease)
+                )
+            } else {
+                "waiting for the Consul servers to confirm the membership".to_owned()
+            };
+            if lease_until.is_some() {
+                lease_until = None;
+                membership.state().lease_until = None;
+                tracing::warn!("{why}; withdrawing");
+            }
+            (BTreeSet::new(), Withdrawal::LeaseExpired, Some(why))
+        } else if let Some((rank, cap)) = ecmp
+            .max_announcing
+            .and_then(|cap| membership.rank().map(|rank| (rank, cap)))
+            .filter(|(rank, cap)| *rank >= *cap as usize)
+        {
+            (
+                BTreeSet::new(),
+                Withdrawal::OverCap,
+                Some(format!(
+                    "hot spare: {rank} longer-standing members may announce and max_announcing is {cap}"
+                )),
+            )
+        } else {
+            let addresses = server.announceable();
+            let wanted: BTreeSet<IpAddr> = addresses
+                .iter()
+                .filter(|(_, why)| why.is_none())
+                .map(|(ip, _)| *ip)
+                .collect();
+            let withheld: Vec<String> = addresses
+                .iter()
+                .filter_map(|(ip, why)| why.as_ref().map(|why| format!("{ip}: {why}")))
+                .collect();
+            (
+                wanted,
+                Withdrawal::NotReady,
+                (!withheld.is_empty()).then(|| withheld.join("; ")),
+            )
+        };
+        apply(membership, announcer, &wanted, reason, withheld);
+        let state = if announcer.announced().is_empty() {
+            MemberState::Ready
+        } else {
+            MemberState::Announcing
+        };
+        if membership.set_member_state(state) {
+            publish.send_replace(membership.value());
+        }
+    }
+}
+
+/// Makes the announced set `wanted`, recording and counting what changed.
+fn apply(
+    membership: &Membership,
+    announcer: &mut Announcer,
+    wanted: &BTreeSet<IpAddr>,
+    reason: Withdrawal,
+    withheld: Option<String>,
+) {
+    let result = announcer.set(wanted);
+    let cluster = membership.settings.cluster.clone();
+    metrics::gauge!("halo_ecmp_announced_addresses", "cluster" => cluster).set(announcer.announced().len() as f64);
+    let withheld = match result {
+        Ok(changed) => {
+            if !changed.is_empty() {
+                let why = if changed.withdrawn.is_empty() {
+                    "ready"
+                } else {
+                    metrics::counter!("halo_ecmp_withdrawals_total", "reason" => reason.as_str()).increment(1);
+                    reason.as_str()
+                };
+                tracing::info!(announced = ?changed.announced, withdrawn = ?changed.withdrawn, reason = why, "announcements changed");
+                membership.record(&changed.announced, &changed.withdrawn, why);
+            }
+            withheld
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot change the announced addresses");
+            Some(e.to_string())
+        }
+    };
+    let mut state = membership.state();
+    state.announced = announcer.announced().clone();
+    state.withheld = withheld;
+}
+
+/// Writes the latest member value to the member key (with our session),
+/// retrying a failed write until a newer value or success.
+async fn publish_value(client: Client, key: String, session: String, mut values: watch::Receiver<String>) {
+    loop {
+        if values.changed().await.is_err() {
+            return;
+        }
+        loop {
+            let value = values.borrow_and_update().clone();
+            match client.kv_acquire(&key, value, &session).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot write the member value; retrying");
+                    tokio::time::sleep(CONSUL_RETRY).await;
+                }
+            }
+        }
+    }
+}
+
+/// Creates a session bound to our check and the node's `serfHealth`, once
+/// the check passes; its keys are deleted when it ends. Retries until it
+/// succeeds or `stop`.
+async fn open_session(
+    membership: &Membership,
+    client: &Client,
+    check: &mut watch::Receiver<Option<Instant>>,
+    stop: &CancellationToken,
+) -> Option<String> {
+    let mut retry = CONSUL_RETRY;
+    let mut failing = false;
+    loop {
+        while check.borrow_and_update().is_none_or(|until| until <= Instant::now()) {
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                changed = check.changed() => if changed.is_err() { return None },
+            }
+        }
+        let request = SessionRequest {
+            name: Some(format!(
+                "halo-lb {}/{} (ecmp)",
+                membership.settings.cluster, membership.settings.id
+            )),
+            node: None,
+            // A member key is nobody else's to take: no lock delay, so a
+            // restarted instance joins at once.
+            lock_delay: Some(Duration::ZERO),
+            behavior: Some(SessionBehavior::Delete),
+            ttl: None,
+            checks: SessionChecks::Bound {
+                node_checks: vec!["serfHealth".to_owned()],
+                service_checks: vec![membership.check_id()],
+            },
+        };
+        match client.session_create(&request).await {
+            Ok(id) => {
+                tracing::info!(session = %id, "session created");
+                return Some(id);
+            }
+            Err(e) => {
+                if failing {
+                    tracing::debug!(error = %e, "still cannot create a session");
+                } else {
+                    tracing::warn!(error = %e, "cannot create a session; retrying");
+                }
+                failing = true;
+                membership.set_consul_error(Some(e.to_string()));
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(CONSUL_RETRY_MAX);
+    }
+}
+
+async fn close_session(client: &Client, session: &str) {
+    match client.session_destroy(session).await {
+        Ok(()) | Err(ConsulError::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(session, error = %e, "cannot destroy the session; it ends with the check"),
+    }
+}
+
+/// Registers the instance (service `halo-lb`, with a TTL check), then passes
+/// its check four times per TTL, publishing until when it is known to pass.
+/// Re-registers when the agent no longer knows the check. (This keeps the
+/// session valid; only the servers' confirmation extends the lease.)
+async fn heartbeat(
+    membership: Arc<Membership>,
+    client: Client,
+    check: watch::Sender<Option<Instant>>,
+    stop: CancellationToken,
+) {
+    let settings = membership.settings.clone();
+    let check_id = membership.check_id();
+    let mut registered = false;
+    let mut failing = false;
+    let mut tick = tokio::time::interval(settings.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sent = Instant::now();
+        let result = if registered {
+            match client.check_pass(&check_id, "").await {
+                Err(e) if e.is_not_found() => {
+                    tracing::warn!("the agent lost our check; registering again");
+                    registered = false;
+                    register(&membership, &client).await
+                }
+                other => other,
+            }
+        } else {
+            register(&membership, &client).await
+        };
+        match result {
+            Ok(()) => {
+                registered = true;
+                check.send_replace(Some(sent + settings.check_ttl));
+                failing = false;
+            }
+            Err(e) => {
+                metrics::counter!("halo_ha_heartbeat_failures_total").increment(1);
+                if !failing {
+                    tracing::warn!(error = %e, "heartbeat failed; the check goes critical unless one succeeds");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+async fn register(membership: &Membership, client: &Client) -> Result<(), ConsulError> {
+    let settings = &membership.settings;
+    let mut check = CheckRegistration::ttl(
+        membership.check_id(),
+        "halo-lb heartbeat",
+        settings.check_ttl,
+        CheckStatus::Passing,
+    );
+    check.deregister_critical_service_after = Some(DEREGISTER_AFTER);
+    let registration = ServiceRegistration {
+        id: membership.service_id(),
+        name: "halo-lb".to_owned(),
+        tags: vec![format!("cluster-{}", settings.cluster), "ecmp".to_owned()],
+        address: Some(membership.admin.ip().to_string()),
+        port: Some(membership.admin.port()),
+        meta: BTreeMap::from([
+            ("cluster".to_owned(), settings.cluster.clone()),
+            ("id".to_owned(), settings.id.clone()),
+            ("instance".to_owned(), membership.instance.clone()),
+            ("mode".to_owned(), "ecmp".to_owned()),
+        ])
+        .into_iter()
+        .collect(),
+        weights: None,
+        checks: vec![check],
+    };
+    client.register_service(&registration).await
+}
