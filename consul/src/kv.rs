@@ -64,10 +64,15 @@ impl Client {
     /// there are none (Consul answers 404). Blocking if `options` carries an
     /// index.
     pub async fn kv_list(&self, prefix: &str, options: QueryOptions) -> Result<Response<Vec<KvPair>>, Error> {
-        let answer = self.send(Call::get(kv_path(prefix)).flag("recurse").options(options)).await?;
+        let answer = self
+            .send(Call::get(kv_path(prefix)).flag("recurse").options(options))
+            .await?;
         let meta = answer.meta();
         let Some(answer) = present(answer)? else {
-            return Ok(Response { value: Vec::new(), meta });
+            return Ok(Response {
+                value: Vec::new(),
+                meta,
+            });
         };
         let pairs: Vec<WirePair> = decode_json(&answer.path, &answer.body)?;
         let pairs = pairs

@@ -13,6 +13,8 @@
 //! | `client` | .10 | a client agent; the test's load generator goes here |
 //! | `lb1`..`lbN` | .11 – .(10+N), N ≤ 9 | a client agent; halo-lb goes here |
 //! | `backend1`..`backendM` | .21 – .(20+M), M ≤ 50 | a client agent; backends and halo-sidecar go here |
+//! | `router` (with [`DcSpec::router`]) | .254 | no agent; forwards between the bridge and `outside` |
+//! | `outside` (with [`DcSpec::router`]) | 198.19.x.10/25, behind `router` | no agent; clients that reach VIPs through the router go here |
 //!
 //! Each host also has 2001:2::N/64 with the same last number N (see
 //! [`crate::netns`]); 2001:2::100 is free for an IPv6 floating VIP.
@@ -132,6 +134,12 @@ pub const SERVERS: [&str; 3] = ["server1", "server2", "server3"];
 /// Where a process inside a host reaches its own host's agent.
 pub const AGENT_HTTP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8500));
 
+/// The router host of a [`DcSpec::router`] datacenter, and the host behind
+/// it.
+pub const ROUTER: &str = "router";
+/// The host behind [`ROUTER`].
+pub const OUTSIDE: &str = "outside";
+
 /// The servers' RPC port (Consul's default), as `/v1/status/leader` names it.
 const SERVER_RPC_PORT: u16 = 8300;
 
@@ -208,6 +216,11 @@ pub struct DcSpec {
     /// More configuration for every agent, each one `-hcl=` argument.
     /// Default none.
     pub extra_hcl: Vec<String>,
+    /// A `router` host (.254, no Consul agent) on the bridge, and an
+    /// `outside` host behind it on a link of its own (see
+    /// [`Topology::add_outside`]): for tests where clients reach the VIPs
+    /// through a router. Default off.
+    pub router: bool,
 }
 
 impl Default for DcSpec {
@@ -218,6 +231,7 @@ impl Default for DcSpec {
             raft_multiplier: None,
             gossip_lan: None,
             extra_hcl: Vec::new(),
+            router: false,
         }
     }
 }
@@ -319,6 +333,11 @@ impl Datacenter {
         for i in 1..=spec.backends {
             hosts.push((format!("backend{i}"), 20 + i as u8));
         }
+        // Hosts without an agent, on the bridge.
+        let mut plain: Vec<(String, u8)> = Vec::new();
+        if spec.router {
+            plain.push((ROUTER.to_owned(), 254));
+        }
         let dir = tempfile::Builder::new()
             .prefix("halo-dc-")
             .tempdir()
@@ -326,7 +345,10 @@ impl Datacenter {
         std::fs::create_dir(dir.path().join("logs")).expect("create the datacenter's log dir");
         // Resolved before anything starts, so a missing binary fails fast.
         consul_binary();
-        let net = Topology::with_hosts(&hosts);
+        let mut net = Topology::with_hosts(&[hosts.as_slice(), plain.as_slice()].concat());
+        if spec.router {
+            net.add_outside(OUTSIDE, ROUTER);
+        }
         let network = began.elapsed();
         let agents = hosts
             .iter()

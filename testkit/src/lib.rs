@@ -38,6 +38,7 @@
 
 pub mod dc;
 pub mod dnsd;
+pub mod ecmp;
 pub mod fault;
 pub mod forge;
 pub mod http;

@@ -694,6 +694,80 @@ impl Topology {
         topology
     }
 
+    /// Adds host `name` behind host `router` on a link of their own: the
+    /// router's `eth1` is 198.19.x.1/25, the new host's `eth0` 198.19.x.10/25
+    /// with its default route via the router (x as in [`Topology::addr`]);
+    /// IPv6 2001:2:0:1::1 and ::10, /64. The router forwards (IPv4 and
+    /// IPv6). [`Topology::outside_addr`] gives more addresses of that
+    /// link. The host is not on the bridge: the bridge faults do not apply
+    /// to it.
+    pub(crate) fn add_outside(&mut self, name: &str, router: &str) {
+        let router_ns = self.host(router).netns.clone();
+        let netns = self.add_namespace(name);
+        ip_run([
+            "link", "add", INTERFACE, "netns", &netns, "type", "veth", "peer", "name", "eth1", "netns", &router_ns,
+        ]);
+        let (router_ip, ip) = (self.outside_addr(1), self.outside_addr(10));
+        ip_run([
+            "-n",
+            &router_ns,
+            "addr",
+            "add",
+            &format!("{router_ip}/25"),
+            "dev",
+            "eth1",
+        ]);
+        ip_run([
+            "-n",
+            &router_ns,
+            "addr",
+            "add",
+            "2001:2:0:1::1/64",
+            "dev",
+            "eth1",
+            "nodad",
+        ]);
+        ip_run(["-n", &router_ns, "link", "set", "eth1", "up"]);
+        ip_run(["-n", &netns, "addr", "add", &format!("{ip}/25"), "dev", INTERFACE]);
+        ip_run([
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            "2001:2:0:1::10/64",
+            "dev",
+            INTERFACE,
+            "nodad",
+        ]);
+        ip_run(["-n", &netns, "link", "set", INTERFACE, "up"]);
+        ip_run(["-n", &netns, "route", "add", "default", "via", &router_ip.to_string()]);
+        let link = ip_run(["-n", &netns, "-o", "link", "show", "dev", INTERFACE]);
+        let mut words = link.split_whitespace();
+        let mac = words
+            .find(|w| *w == "link/ether")
+            .and_then(|_| words.next())
+            .unwrap_or_else(|| panic!("no MAC in `ip link show` of {netns}: {link}"))
+            .to_owned();
+        let host = Host {
+            name: name.to_owned(),
+            netns,
+            ip,
+            ip6: "2001:2:0:1::10".parse().expect("an IPv6 address"),
+            mac,
+            spawned: Arc::default(),
+        };
+        let router = self.host(router);
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv6.conf.all.forwarding", "1");
+        self.hosts.push(host);
+    }
+
+    /// 198.19.x.`last`: an address on the link [`Topology::add_outside`]
+    /// makes (.1 – .127: the link; .128 – .255 are free for VIPs, routed).
+    pub fn outside_addr(&self, last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 19, self.subnet, last)
+    }
+
     fn add_namespace(&mut self, name: &str) -> String {
         let netns = format!("{}{name}", self.prefix);
         ip_run(["netns", "add", &netns]);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use super::ha::validate_ha;
 use super::{
     listens_conflict, Backend, BackendSource, BackendSpec, CheckSpec, Config, ConsulConfig, ConsulSettings,
-    ConsulTarget, DataPlane, DnsTarget, Protocol, ProxyProtocol, UdpSettings, Validated, ValidatedVip, VipConfig,
-    VipSettings, ZonePolicy, DEFAULT_CONSUL_WAIT, DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_WEIGHT, MAX_WORKERS,
+    ConsulTarget, DataPlane, DnsTarget, HaMode, Protocol, ProxyProtocol, UdpSettings, Validated, ValidatedVip,
+    VipConfig, VipSettings, ZonePolicy, DEFAULT_CONSUL_WAIT, DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_WEIGHT, MAX_WORKERS,
 };
 
 impl Config {
@@ -40,7 +40,7 @@ impl Config {
         let needs_consul = self.ha.is_some() || self.vips.iter().any(|v| v.service.is_some());
         let consul = validate_consul(&self.consul, needs_consul, &mut problems);
         let ha = self.ha.as_ref().and_then(|ha| validate_ha(ha, admin, &mut problems));
-        if ha.as_ref().is_some_and(|ha| ha.ecmp.is_some()) {
+        if self.ha.as_ref().is_some_and(|ha| ha.mode == HaMode::Ecmp) {
             // An ECMP instance announces each VIP by its address.
             for vip in &vips {
                 let i = self.vips.iter().position(|v| v.name == vip.name).unwrap_or_default();
@@ -732,6 +732,66 @@ mod tests {
         ));
         assert!(e.contains("ha.vip_address: \"198.18.0.100/33\""), "{e}");
     }
+
+    /// `mode = "ecmp"`: its defaults, its fields refused on a pair, the
+    /// pair's floating and probe addresses refused on it, and VIPs that
+    /// cannot be announced.
+    #[test]
+    fn ecmp_mode_is_checked() {
+        let vip = "[[vip]]\nname = \"web\"\nlisten = \"198.19.0.200:80\"\nbackends = [\"127.0.0.1:9001\"]\n";
+        let base = format!("[admin]\nlisten = \"127.0.0.1:9901\"\n[consul]\naddress = \"127.0.0.1:8500\"\n{vip}");
+        let v = Config::parse(&format!("{base}[ha]\nmode = \"ecmp\"\nid = \"lb1\"\n"), "ok.toml").unwrap();
+        let ecmp = v.ha.unwrap().ecmp.unwrap();
+        assert_eq!(ecmp.interface, "halo-vips");
+        assert_eq!(ecmp.lease, Duration::from_secs(3));
+        assert_eq!(ecmp.confirm_every, Duration::from_millis(600));
+        assert_eq!(ecmp.withdraw_wait, Duration::from_secs(1));
+        assert_eq!((ecmp.max_announcing, ecmp.expect_announcing), (None, None));
+        let v = Config::parse(
+            &format!("{base}[ha]\nmode = \"ecmp\"\nid = \"lb1\"\nmax_announcing = 2\n"),
+            "ok.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            v.ha.unwrap().ecmp.unwrap().expect_announcing,
+            Some(2),
+            "expect follows the cap"
+        );
+        let v = Config::parse(&format!("{base}[ha]\nid = \"lb1\"\n"), "ok.toml").unwrap();
+        assert!(v.ha.unwrap().ecmp.is_none(), "a pair by default");
+
+        let e = err(&format!(
+            "{base}[ha]\nid = \"lb1\"\nannounce_lease = \"3s\"\nmax_announcing = 2\n"
+        ));
+        for needle in [
+            "ha.announce_lease: only for mode = \"ecmp\"",
+            "ha.max_announcing: only for mode = \"ecmp\"",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        }
+        let e = err(&format!(
+            "{base}[ha]\nmode = \"ecmp\"\nvip_address = \"198.18.0.100/24\"\nvip_interface = \"eth0\"\nprobe_listen = \"127.0.0.1:9\"\n\
+             announce_interface = \"a/b\"\nannounce_lease = \"100ms\"\nwithdraw_wait = \"1m\"\nmax_announcing = 2\nexpect_announcing = 3\n"
+        ));
+        for needle in [
+            "ha.vip_address: only for a pair",
+            "ha.vip_interface: only for a pair",
+            "ha.probe_listen: only for a pair",
+            "ha.announce_interface: \"a/b\"",
+            "ha.announce_lease: 100ms",
+            "ha.withdraw_wait: 60s is over 30s",
+            "ha.expect_announcing: 3 is more than max_announcing (2)",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        }
+        let e = err(&format!(
+            "{base}[ha]\nmode = \"ecmp\"\nmax_announcing = 0\n[[vip]]\nname = \"any\"\nlisten = \"0.0.0.0:81\"\nbackends = [\"127.0.0.1:9001\"]\n"
+        ));
+        assert!(e.contains("ha.max_announcing: 0"), "{e}");
+        assert!(e.contains("vip[1].listen: 0.0.0.0:81 cannot be announced"), "{e}");
+        let e = err(&format!("{base}[ha]\nmode = \"anycast\"\n"));
+        assert!(e.contains("anycast"), "{e}");
+    }
 }
 
 /// The loader against random and mangled files: it never panics, and every
@@ -743,13 +803,14 @@ mod fuzz {
 
     use super::*;
 
-    const EXAMPLES: [&str; 6] = [
+    const EXAMPLES: [&str; 7] = [
         include_str!("../../../packaging/examples/lb.toml"),
         include_str!("../../../packaging/examples/lb-consul.toml"),
         include_str!("../../../packaging/examples/lb-dns.toml"),
         include_str!("../../../packaging/examples/lb-udp.toml"),
         include_str!("../../../packaging/examples/lb-ha-1.toml"),
         include_str!("../../../packaging/examples/lb-ha-2.toml"),
+        include_str!("../../../packaging/examples/lb-ecmp.toml"),
     ];
 
     const VALUES: [&str; 16] = [

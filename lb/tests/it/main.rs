@@ -9,6 +9,7 @@ mod config;
 mod data_plane;
 mod discovery;
 mod dns;
+mod ecmp;
 mod exhaustion;
 mod floating;
 mod floating_ha;

@@ -291,8 +291,11 @@ impl Membership {
         state.state = new;
         state.since = SystemTime::now();
         let cluster = self.settings.cluster.clone();
-        metrics::gauge!("halo_ecmp_announcing", "cluster" => cluster)
-            .set(if new == MemberState::Announcing { 1.0 } else { 0.0 });
+        metrics::gauge!("halo_ecmp_announcing", "cluster" => cluster).set(if new == MemberState::Announcing {
+            1.0
+        } else {
+            0.0
+        });
         true
     }
 
