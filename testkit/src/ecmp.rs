@@ -5,7 +5,7 @@
 //! | host | runs |
 //! |---|---|
 //! | `server1`..`server3`, `lb1`..`lbN`, `backend1`..`backendM` | as in [`crate::dc`] (raft_multiplier 1) |
-//! | `lb1`..`lbN` | also BIRD 2 with `packaging/bird/bird-halo-lb.conf`: eBGP (and BFD) to the router, exporting the `halo-vips` interface |
+//! | `lb1`..`lbN` | also BIRD 2 with `packaging/bird/bird-halo-lb.conf`: eBGP (and BFD) to the router, exporting the `halo-vips` interface; `net.ipv4.tcp_tw_reuse = 1` |
 //! | `router` (.254) | BIRD 2 with `packaging/bird/bird-router.conf`: a dynamic eBGP neighbour range over the balancers, routes merged into one multipath route; the kernel hashes on L4 (`fib_multipath_hash_policy = 1`) |
 //! | `outside` (198.19.x.10/25, behind the router) | the clients; [`Fabric::client_ips`] are its addresses |
 //!
@@ -123,6 +123,11 @@ impl Fabric {
         // L4 hashing: one client address's connections spread too.
         router.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
         for i in 1..=balancers {
+            // A proxy that closes its backend connections first keeps them
+            // in TIME_WAIT for 60 s; at thousands of new connections a
+            // second, connect(2) then spends its time searching the port
+            // range. Operators of any L4 proxy set this (README, ECMP).
+            fabric.dc.lb(i).sysctl("net.ipv4.tcp_tw_reuse", "1");
             // Clients are behind the router.
             fabric.dc.lb(i).run(
                 "ip",
@@ -223,6 +228,45 @@ impl Fabric {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(host.to_owned(), process);
+    }
+
+    /// Starts a [`Whoami`] on each backend host (`backend<i>`, its address,
+    /// `port`) and registers it with the host's own agent as service `web`
+    /// with a TCP check every second; returns once Consul lists them all
+    /// passing.
+    pub async fn start_backends(&self, port: u16) -> Vec<Whoami> {
+        let dc = &self.dc;
+        let count = dc.spec().backends;
+        let mut whoamis = Vec::new();
+        for i in 1..=count {
+            let host = dc.backend(i);
+            whoamis.push(Whoami::start(
+                host,
+                SocketAddr::from((host.ip(), port)),
+                &format!("backend{i}"),
+            ));
+            let registration = format!(
+                r#"{{"ID": "web-backend{i}", "Name": "web", "Address": "{ip}", "Port": {port},
+                    "Check": {{"TCP": "{ip}:{port}", "Interval": "1s", "Timeout": "1s"}}}}"#,
+                ip = host.ip()
+            );
+            let answer = dc
+                .consul(
+                    &format!("backend{i}"),
+                    "PUT",
+                    "/v1/agent/service/register",
+                    &registration,
+                )
+                .await;
+            assert_eq!(answer.map(|(code, _)| code), Some(200), "register backend{i}");
+        }
+        crate::eventually(Duration::from_secs(60), "every backend passing in Consul", || async {
+            let body = dc.get("server1", "/v1/health/service/web?passing").await?;
+            let list: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (list.as_array()?.len() == count).then_some(())
+        })
+        .await;
+        whoamis
     }
 
     /// `birdc show protocols all` etc. on `host`, for diagnostics.

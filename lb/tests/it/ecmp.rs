@@ -60,33 +60,7 @@ impl Bed {
     /// no halo-lb yet.
     async fn start(balancers: usize, backends: usize) -> Bed {
         let fabric = Fabric::start(balancers, backends).await;
-        let dc = fabric.dc();
-        let mut whoamis = Vec::new();
-        for i in 1..=backends {
-            let host = dc.backend(i);
-            let addr = SocketAddr::from((host.ip(), BACKEND_PORT));
-            whoamis.push(Whoami::start(host, addr, &format!("backend{i}")));
-            let registration = format!(
-                r#"{{"ID": "web-backend{i}", "Name": "web", "Address": "{ip}", "Port": {BACKEND_PORT},
-                    "Check": {{"TCP": "{ip}:{BACKEND_PORT}", "Interval": "1s", "Timeout": "1s"}}}}"#,
-                ip = host.ip()
-            );
-            let answer = dc
-                .consul(
-                    &format!("backend{i}"),
-                    "PUT",
-                    "/v1/agent/service/register",
-                    &registration,
-                )
-                .await;
-            assert_eq!(answer.map(|(code, _)| code), Some(200), "register backend{i}");
-        }
-        eventually(WAIT, "every backend passing in Consul", || async {
-            let body = dc.get("server1", "/v1/health/service/web?passing").await?;
-            let list: Value = serde_json::from_str(&body).ok()?;
-            (list.as_array()?.len() == backends).then_some(())
-        })
-        .await;
+        let whoamis = fabric.start_backends(BACKEND_PORT).await;
         Bed {
             fabric,
             _backends: whoamis,
