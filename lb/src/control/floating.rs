@@ -633,6 +633,44 @@ impl Netlink {
         }
     }
 
+    /// Adds (`add`) or removes a host route of type `local` for `address`
+    /// on an interface, in the `local` table: the kernel delivers what is
+    /// sent to the address to this host's sockets, with no interface
+    /// address for a routing daemon to export. Adding one that exists, or
+    /// removing one that does not, is success.
+    pub(crate) fn change_local_route(&mut self, index: u32, address: IpAddr, add: bool) -> io::Result<()> {
+        use netlink_packet_route::route::{
+            RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+        };
+        /// The kernel's `local` table (RT_TABLE_LOCAL).
+        const LOCAL_TABLE: u8 = 255;
+        let mut message = RouteMessage::default();
+        message.header.address_family = if address.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        message.header.destination_prefix_length = if address.is_ipv4() { 32 } else { 128 };
+        message.header.table = LOCAL_TABLE;
+        message.header.protocol = RouteProtocol::Static;
+        message.header.scope = RouteScope::Host;
+        message.header.kind = RouteType::Local;
+        message
+            .attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(address)));
+        message.attributes.push(RouteAttribute::Oif(index));
+        let result = if add {
+            self.request(RouteNetlinkMessage::NewRoute(message), NLM_F_CREATE | NLM_F_EXCL)
+        } else {
+            self.request(RouteNetlinkMessage::DelRoute(message), 0)
+        };
+        match result {
+            Err(e) if add && e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) if !add && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
     /// Looks an interface up by name (RTM_GETLINK; needs no privilege).
     fn link(&mut self, name: &str) -> io::Result<Link> {
         let mut message = LinkMessage::default();

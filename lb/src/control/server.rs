@@ -454,6 +454,23 @@ impl Server {
         addresses
     }
 
+    /// The address and port of every TCP VIP on IPv4 (what the ECMP
+    /// handoff marks and forwards, see `control::ecmp`).
+    pub(crate) fn tcp_vips_v4(&self) -> Vec<(std::net::Ipv4Addr, u16)> {
+        let vips = self.vips.lock().expect("vip registry poisoned");
+        let mut out: Vec<(std::net::Ipv4Addr, u16)> = vips
+            .values()
+            .filter(|r| r.protocol == Protocol::Tcp)
+            .filter_map(|r| match r.listen {
+                SocketAddr::V4(v4) => Some((*v4.ip(), v4.port())),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Binds a VIP's sockets: one TCP listener, or one UDP socket per
     /// worker (see [`udp::bind`]).
     fn bind(&self, protocol: Protocol, listen: SocketAddr, backlog: u32) -> std::io::Result<Bound> {

@@ -78,6 +78,17 @@ pub struct EcmpStatus {
     /// Another live process holds this instance's membership key (the same
     /// `ha.cluster` and `ha.id`): this one stays out.
     pub id_conflict: Option<String>,
+    /// The address its peers hand a draining instance's packets to (the
+    /// one its Consul agent advertises), once known.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// The draining member this instance hands over packets of connections
+    /// it does not know to, while one drains.
+    #[serde(default)]
+    pub handoff_to: Option<String>,
+    /// Why this instance cannot hand over (no `nft`, say), if it cannot.
+    #[serde(default)]
+    pub handoff_off: Option<String>,
     /// Its recent announcements and withdrawals, oldest first, on its own
     /// clock.
     pub changes: Vec<AnnounceChange>,
@@ -96,6 +107,12 @@ pub struct EcmpMember {
     pub state: MemberState,
     /// When it said so (RFC 3339).
     pub since: String,
+    /// Its address for the handoff of a drain.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// The draining member it hands over to (its instance), if any.
+    #[serde(default)]
+    pub handoff: Option<String>,
 }
 
 /// What a member of an ECMP cluster does.

@@ -577,10 +577,13 @@ async fn ecmp_a_killed_balancer_is_withdrawn_at_once() {
     assert!(gap < Duration::from_millis(2500), "new connections waited {gap:?}");
 }
 
-/// SIGTERM: the instance says `draining`, withdraws, and only after the
-/// router dropped its path (seen in the router's table while its listener
-/// still listens) closes its listeners; no new connection fails. Then a
-/// balancer cut off from the Consul servers withdraws within its lease.
+/// SIGTERM: the instance says `draining`, waits for its peers to set up
+/// the handoff, withdraws, and only after the router dropped its path
+/// (seen in the router's table while its listener still listens) closes
+/// its listeners; no new connection fails, and its own connections, whose
+/// packets the router now sends to the others, finish through the handoff
+/// with no reset. Then a balancer cut off from the Consul servers withdraws
+/// within its lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ecmp_a_drained_balancer_withdraws_before_its_listeners_close() {
     if !halo_testkit::netns::required("ecmp::ecmp_a_drained_balancer_withdraws_before_its_listeners_close") {
@@ -611,20 +614,20 @@ async fn ecmp_a_drained_balancer_withdraws_before_its_listeners_close() {
     bed.lbs
         .lock()
         .unwrap()
-        .get_mut(&2)
+        .get_mut(&1)
         .unwrap()
         .signal(nix::sys::signal::Signal::SIGTERM)
         .unwrap();
     let withdrawn = bed
         .fabric
-        .wait_paths(vip, &[bed.lb_ip(1), bed.lb_ip(3)], Duration::from_secs(5))
+        .wait_paths(vip, &[bed.lb_ip(2), bed.lb_ip(3)], Duration::from_secs(10))
         .await
         .expect("the drained balancer's path withdrawn");
     let gone_us = unix_us(SystemTime::now());
-    let still_listening = bed.fabric.listening("lb2", bed.vip());
+    let still_listening = bed.fabric.listening("lb1", bed.vip());
     // Its own account: withdrawn, then the listeners closed.
-    let status = eventually(WAIT, "lb2 recording its listeners closed", || async {
-        let status = bed.status(2).await?;
+    let status = eventually(WAIT, "lb1 recording its listeners closed", || async {
+        let status = bed.status(1).await?;
         let changes = status["ecmp"]["changes"].as_array()?;
         changes
             .iter()
@@ -641,10 +644,10 @@ async fn ecmp_a_drained_balancer_withdraws_before_its_listeners_close() {
             .unwrap_or_else(|| panic!("no {reason} change: {changes:?}"))
     };
     let (drain_us, closed_us) = (at("drain"), at("listeners_closed"));
-    let seen = eventually(WAIT, "lb1 seeing lb2 draining or gone", || async {
-        let status = bed.status(1).await?;
+    let seen = eventually(WAIT, "lb2 seeing lb1 draining", || async {
+        let status = bed.status(2).await?;
         let members = status["ecmp"]["members"].as_array()?.clone();
-        (members.len() == 2 || members.iter().any(|m| m["state"] == "draining")).then_some(members)
+        members.iter().any(|m| m["state"] == "draining").then_some(members)
     })
     .await;
     let after = Instant::now();
@@ -654,34 +657,54 @@ async fn ecmp_a_drained_balancer_withdraws_before_its_listeners_close() {
     .await;
     holder.pinged(2).await;
     let probes = prober.stop().await;
+    // Closing them lets lb1's drain end: their FINs reach it through the
+    // handoff too.
     let held = holder.stop().await;
     let failed = probes.iter().filter(|p| !p.ok && p.at >= term_at).count();
-    let (own, own_reset) = held_counts(&bed, &held, |lb| lb == 2);
-    let (others, others_reset) = held_counts(&bed, &held, |lb| lb != 2);
+    let (own, own_reset) = held_counts(&bed, &held, |lb| lb == 1);
+    let (others, others_reset) = held_counts(&bed, &held, |lb| lb != 1);
+    let exited = eventually(WAIT, "lb1 to finish draining and exit", || async {
+        let mut lbs = bed.lbs.lock().unwrap();
+        let process = lbs.get_mut(&1).unwrap();
+        (!process.is_running()).then(|| term_at.elapsed())
+    })
+    .await;
     println!(
-        "FIGURE ecmp SIGTERM: path withdrawn from the router {} ms after the signal, listeners closed {} ms after the withdrawal; \
-         {failed} new connections failed; its own {own} connections: {own_reset} reset (their packets now reach the others); \
-         the others' {others}: {others_reset} reset",
+        "FIGURE ecmp SIGTERM: path withdrawn from the router {} ms after the signal (after the peers set up the handoff), \
+         listeners closed {} ms after the withdrawal; {failed} new connections failed; its own {own} connections: {own_reset} reset; \
+         the others' {others}: {others_reset} reset; exited {} ms after the signal, once its connections were closed",
         withdrawn.as_millis(),
-        closed_us.saturating_sub(gone_us) / 1000
+        closed_us.saturating_sub(gone_us) / 1000,
+        exited.as_millis()
+    );
+    assert_eq!(own_reset, 0, "connections of the drained balancer were reset: {held:?}");
+    // lb1 is the router's first next hop: hash-threshold moves a sixth of
+    // all flows from lb2 to lb3, whose owner nobody knows (resilient
+    // hashing moves none).
+    assert!(
+        others_reset * 2 <= others,
+        "more than half the other balancers' connections reset: {others_reset} of {others}"
     );
     assert!(
         still_listening,
-        "lb2's listener was closed before the router dropped its path"
+        "lb1's listener was closed before the router dropped its path"
     );
     assert!(
         drain_us < gone_us && gone_us < closed_us,
         "withdraw {drain_us} < route gone {gone_us} < listeners closed {closed_us}"
     );
-    assert_eq!(failed, 0, "new connections failed during the drain");
-    println!("FIGURE ecmp SIGTERM: lb1's view of the members during the drain: {seen:?}");
+    // Only a handshake under way at the instant of the withdrawal can fail
+    // (one per prober thread at most): hash-threshold may move it from lb2
+    // to lb3 between its SYN and its ACK.
+    assert!(failed <= 4, "{failed} new connections failed during the drain");
+    println!("FIGURE ecmp SIGTERM: lb2's view of the members during the drain: {seen:?}");
 
     // Cut off from the Consul servers: lb3 withdraws within its lease
     // (announce_lease, 3 s, plus one read interval).
     bed.fabric.dc().cut_from_servers("lb3");
     let withdrawn = bed
         .fabric
-        .wait_paths(vip, &[bed.lb_ip(1)], Duration::from_secs(10))
+        .wait_paths(vip, &[bed.lb_ip(2)], Duration::from_secs(10))
         .await
         .expect("the cut-off balancer's path withdrawn");
     println!(
@@ -693,5 +716,5 @@ async fn ecmp_a_drained_balancer_withdraws_before_its_listeners_close() {
         "withdrawn {withdrawn:?} after the cut"
     );
     bed.fabric.dc().heal_all();
-    bed.wait_serving(&[1, 3], 3).await;
+    bed.wait_serving(&[2, 3], 3).await;
 }

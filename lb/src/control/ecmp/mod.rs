@@ -56,11 +56,22 @@
 //! - **Host death, a cable pull**: BFD between the daemon and the router
 //!   (300 ms in the example config).
 //! - **Cut off from Consul**: within `announce_lease` (3 s by default).
-//! - **SIGTERM** (drain): the member key says `draining`, the addresses are
-//!   withdrawn, and the listeners keep accepting for `withdraw_wait` (1 s)
-//!   while the routers stop sending new flows; only then do they close, and
-//!   the usual drain waits for the connections to finish. The route is gone
-//!   before the listeners close, so no client is refused.
+//! - **SIGTERM** (drain): the member key says `draining`; the instance
+//!   waits (up to 3 s) until every announcing peer says it hands over to
+//!   it ([`handoff`]: the peers pass on the packets of connections they do
+//!   not know, which after the withdrawal are the drained instance's);
+//!   then the addresses are withdrawn but kept local, and the listeners
+//!   keep accepting for `withdraw_wait` (1 s) while the routers stop
+//!   sending new flows; only then do they close, and the usual drain waits
+//!   for the connections to finish, their packets arriving through the
+//!   peers. The route is gone before the listeners close, so no client is
+//!   refused, and the drained instance's connections finish unbroken.
+//!
+//! What no instance can prevent: a router that hashes by hash-threshold
+//! (Linux, BIRD 2) moves some flows *between the other instances* when a
+//! next hop leaves or joins, and nobody knows those flows' owner; they are
+//! reset. Routers with resilient hashing move only the leaving one's
+//! flows (README, "ECMP").
 //!
 //! # The same backend whichever balancer the router picks
 //!
@@ -78,11 +89,12 @@
 //! authenticated (ACL token, TLS) client. The routing daemon's sessions are
 //! the daemon's to protect (BGP MD5/TCP-AO or GTSM in its config).
 
+mod handoff;
 mod tun;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use halo_consul::{
@@ -130,6 +142,16 @@ struct MemberValue {
     state: MemberState,
     /// When `state` began (RFC 3339).
     since: String,
+    /// Where peers hand this member's packets to while it drains.
+    #[serde(default)]
+    address: Option<String>,
+    /// The draining member (its instance) this member hands over to.
+    #[serde(default)]
+    handoff: Option<String>,
+    /// Whether this member can hand over at all (a draining member waits
+    /// for the acknowledgement of those that can).
+    #[serde(default)]
+    can_handoff: bool,
 }
 
 #[derive(Debug)]
@@ -145,6 +167,10 @@ struct State {
     consul_error: Option<String>,
     id_conflict: Option<String>,
     changes: VecDeque<AnnounceChange>,
+    /// The draining member handed over to: its instance and address.
+    handoff_to: Option<(String, Ipv4Addr)>,
+    /// Why this instance cannot hand over, if it cannot.
+    handoff_off: Option<String>,
 }
 
 /// One instance's view of its ECMP cluster: shared by the membership thread
@@ -157,6 +183,9 @@ pub(crate) struct Membership {
     /// Random, new with every process (see the pair's
     /// [`crate::control::ha`]: the same identity scheme).
     instance: String,
+    /// This host's address as its Consul agent advertises it: where peers
+    /// hand over this instance's packets while it drains.
+    address: OnceLock<IpAddr>,
     state: Mutex<State>,
 }
 
@@ -179,6 +208,7 @@ impl Membership {
             ecmp,
             admin,
             instance: format!("{:016x}", fastrand::u64(..)),
+            address: OnceLock::new(),
             state: Mutex::new(State {
                 state: MemberState::Ready,
                 since: SystemTime::now(),
@@ -190,6 +220,8 @@ impl Membership {
                 consul_error: None,
                 id_conflict: None,
                 changes: VecDeque::new(),
+                handoff_to: None,
+                handoff_off: Some("not started".to_owned()),
             }),
         })
     }
@@ -237,6 +269,9 @@ impl Membership {
             admin: self.admin.to_string(),
             state: state.state,
             since: halo_health::server::rfc3339(state.since),
+            address: self.address.get().map(ToString::to_string),
+            handoff: state.handoff_to.as_ref().map(|(instance, _)| instance.clone()),
+            can_handoff: state.handoff_off.is_none(),
         })
         .expect("a struct of strings serialises")
     }
@@ -269,10 +304,15 @@ impl Membership {
                     admin: m.admin.clone(),
                     state: m.state,
                     since: m.since.clone(),
+                    address: m.address.clone(),
+                    handoff: m.handoff.clone(),
                 })
                 .collect(),
             consul_error: state.consul_error.clone(),
             id_conflict: state.id_conflict.clone(),
+            address: self.address.get().map(ToString::to_string),
+            handoff_to: state.handoff_to.as_ref().map(|(_, address)| address.to_string()),
+            handoff_off: state.handoff_off.clone(),
             changes: state.changes.iter().cloned().collect(),
         }
     }
@@ -341,6 +381,23 @@ impl Membership {
         self.state().members = members;
     }
 
+    /// The member to hand over to: the longest-standing draining one other
+    /// than us with an IPv4 address; none while we drain ourselves.
+    fn handoff_target(&self) -> Option<(String, Ipv4Addr)> {
+        let state = self.state();
+        if state.state == MemberState::Draining {
+            return None;
+        }
+        state
+            .members
+            .iter()
+            .filter(|(_, m)| m.state == MemberState::Draining && m.instance != self.instance)
+            .find_map(|(_, m)| {
+                let address = m.address.as_deref()?.parse::<Ipv4Addr>().ok()?;
+                Some((m.instance.clone(), address))
+            })
+    }
+
     /// This instance's place among the members that are not draining,
     /// by age (0: the longest-standing), as the last confirmed read listed
     /// them; `None` if that read did not list it.
@@ -366,6 +423,7 @@ fn register_metrics(membership: &Membership) {
         metrics::gauge!("halo_ecmp_expected_announcing", "cluster" => cluster.clone()).set(f64::from(expect));
     }
     metrics::counter!("halo_ecmp_confirm_failures_total").increment(0);
+    metrics::gauge!("halo_ecmp_handoff_active").set(0.0);
     for reason in Withdrawal::ALL {
         metrics::counter!("halo_ecmp_withdrawals_total", "reason" => reason.as_str()).increment(0);
     }
@@ -436,6 +494,20 @@ pub(crate) async fn run(
 ) {
     register_metrics(&membership);
     let Shutdown { stop, withdrawn, exit } = shutdown;
+    let mut handoff = match handoff::Handoff::start(server.tcp_vips_v4()) {
+        Ok(handoff) => {
+            membership.state().handoff_off = None;
+            Some(handoff)
+        }
+        Err(why) => {
+            tracing::warn!(
+                why,
+                "no handoff of draining members' connections: a drain here resets the connections the routers move"
+            );
+            membership.state().handoff_off = Some(why);
+            None
+        }
+    };
     let (check_tx, mut check) = watch::channel(None);
     let _heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
         Arc::clone(&membership),
@@ -451,6 +523,21 @@ pub(crate) async fn run(
         let Some(id) = open_session(&membership, &client, &mut check, &stop).await else {
             break;
         };
+        if membership.address.get().is_none() {
+            // Where peers hand our packets to while we drain: the address
+            // our agent advertises, which is how the other hosts reach us.
+            match tokio::time::timeout(Duration::from_secs(2), client.agent_self()).await {
+                Ok(Ok(agent)) => {
+                    let _ = membership.address.set(agent.address);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot ask the agent for this host's address; asking again with the next session")
+                }
+                Err(_) => tracing::warn!(
+                    "the agent did not say this host's address in 2s; asking again with the next session"
+                ),
+            }
+        }
         membership.state().session = Some(id.clone());
         session = Some(id.clone());
         match client.kv_acquire(&membership.key(), membership.value(), &id).await {
@@ -476,23 +563,60 @@ pub(crate) async fn run(
             }
         }
         tracing::info!(key = %membership.key(), session = %id, "member of the ecmp cluster");
-        if !member(&membership, &client, &server, &mut announcer, &id, &stop).await {
+        if !member(
+            &membership,
+            &client,
+            &server,
+            &mut announcer,
+            handoff.as_mut(),
+            &id,
+            &stop,
+        )
+        .await
+        {
             // Lost: withdrawn already; start over with a new session.
             continue;
         }
     }
-    // Shutdown: withdraw, let the routers stop sending, close the
-    // listeners; the caller drains.
+    // Shutdown: say so, let the peers set up the handoff, withdraw (keeping
+    // the addresses local for the connections we still carry), let the
+    // routers stop sending, close the listeners; the caller drains.
     membership.set_member_state(MemberState::Draining);
+    membership.state().handoff_to = None;
+    if let Some(handoff) = handoff.as_mut() {
+        if let Err(e) = handoff.set(&server.tcp_vips_v4(), None) {
+            tracing::warn!(error = %e, "cannot stop handing over");
+        }
+    }
     if let Some(id) = &session {
         let (key, value) = (membership.key(), membership.value());
         match tokio::time::timeout(DRAINING_WRITE, client.kv_acquire(&key, value, id)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "cannot say draining in the member key"),
-            Err(_) => tracing::debug!("saying draining in the member key takes too long; withdrawing anyway"),
+            Ok(Ok(_)) => await_handoff(&membership, &client).await,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot say draining in the member key; withdrawing without a handoff")
+            }
+            Err(_) => tracing::warn!("saying draining in the member key takes too long; withdrawing without a handoff"),
         }
     }
-    apply(&membership, &mut announcer, &BTreeSet::new(), Withdrawal::Drain, None);
+    match announcer.withdraw_keeping_local() {
+        Ok(withdrawn) => {
+            if !withdrawn.is_empty() {
+                metrics::counter!("halo_ecmp_withdrawals_total", "reason" => Withdrawal::Drain.as_str()).increment(1);
+                tracing::info!(withdrawn = ?withdrawn, reason = "drain", "announcements changed");
+                membership.record(&[], &withdrawn, Withdrawal::Drain.as_str());
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot withdraw while keeping the addresses local; withdrawing them");
+            apply(&membership, &mut announcer, &BTreeSet::new(), Withdrawal::Drain, None);
+        }
+    }
+    {
+        let mut state = membership.state();
+        state.announced.clear();
+        state.withheld = Some("draining".to_owned());
+    }
+    metrics::gauge!("halo_ecmp_announced_addresses", "cluster" => membership.settings.cluster.clone()).set(0.0);
     tracing::info!(
         wait = %halo_consul::duration::format(membership.ecmp.withdraw_wait),
         "withdrawn for shutdown; accepting until the routers have stopped sending"
@@ -508,9 +632,50 @@ pub(crate) async fn run(
     if let Some(id) = session {
         close_session(&client, &id).await;
     }
+    if let Some(handoff) = &handoff {
+        handoff.remove();
+    }
     match client.deregister_service(&membership.service_id()).await {
         Ok(()) => {}
         Err(e) => tracing::debug!(error = %e, "cannot deregister; the agent removes the instance later"),
+    }
+}
+
+/// How long a draining instance waits for its peers to set up the handoff
+/// before it withdraws anyway (their reads come every `announce_lease / 5`).
+const HANDOFF_WAIT: Duration = Duration::from_secs(3);
+
+/// Waits until every announcing peer that can hand over says it hands over
+/// to us (or [`HANDOFF_WAIT`] passes): only then do our withdrawn flows
+/// reach peers that pass them on instead of resetting them.
+async fn await_handoff(membership: &Membership, client: &Client) {
+    let began = Instant::now();
+    let prefix = membership.prefix();
+    loop {
+        let read = client.kv_list(&prefix, QueryOptions::with_consistency(Consistency::Consistent));
+        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), read).await {
+            let waiting: Vec<String> = answer
+                .value
+                .iter()
+                .filter(|p| p.session.is_some())
+                .filter_map(|p| serde_json::from_slice::<MemberValue>(p.value.as_ref()?).ok())
+                .filter(|m| m.instance != membership.instance && m.state == MemberState::Announcing && m.can_handoff)
+                .filter(|m| m.handoff.as_deref() != Some(membership.instance.as_str()))
+                .map(|m| m.id)
+                .collect();
+            if waiting.is_empty() {
+                tracing::info!(took = ?began.elapsed(), "every announcing peer hands our connections over");
+                return;
+            }
+            if began.elapsed() >= HANDOFF_WAIT {
+                tracing::warn!(?waiting, "peers did not set up the handoff in time; withdrawing: the connections the routers move to them are reset");
+                return;
+            }
+        } else if began.elapsed() >= HANDOFF_WAIT {
+            tracing::warn!("cannot read the members to see the handoff set up; withdrawing");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -531,6 +696,7 @@ async fn member(
     client: &Client,
     server: &Arc<Server>,
     announcer: &mut Announcer,
+    mut handoff: Option<&mut handoff::Handoff>,
     session: &str,
     stop: &CancellationToken,
 ) -> bool {
@@ -665,10 +831,41 @@ async fn member(
         } else {
             MemberState::Announcing
         };
-        if membership.set_member_state(state) {
+        let mut changed = membership.set_member_state(state);
+        if let Some(handoff) = handoff.as_deref_mut() {
+            changed |= update_handoff(membership, server, handoff);
+        }
+        if changed {
             publish.send_replace(membership.value());
         }
     }
+}
+
+/// Hands over to the draining member the last confirmed read names, if
+/// any; true if the member value changed.
+fn update_handoff(membership: &Membership, server: &Server, handoff: &mut handoff::Handoff) -> bool {
+    let target = membership.handoff_target();
+    let address = target.as_ref().map(|(_, address)| *address);
+    match handoff.set(&server.tcp_vips_v4(), address) {
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot change the handoff rules");
+            return false;
+        }
+    }
+    let mut state = membership.state();
+    if state.handoff_to == target {
+        return false;
+    }
+    match &target {
+        Some((instance, address)) => {
+            tracing::info!(%address, instance, "a member drains: handing over packets of connections we do not know to it");
+        }
+        None => tracing::info!("no member drains any more: handoff off"),
+    }
+    metrics::gauge!("halo_ecmp_handoff_active").set(if handoff.target().is_some() { 1.0 } else { 0.0 });
+    state.handoff_to = target;
+    true
 }
 
 /// Makes the announced set `wanted`, recording and counting what changed.

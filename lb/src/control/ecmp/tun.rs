@@ -185,6 +185,30 @@ impl Announcer {
         Ok(changed)
     }
 
+    /// Withdraws every address but keeps each one local to this host (a
+    /// `local` route on the device, which the routing daemon does not
+    /// export), so the connections a draining instance still carries,
+    /// whose packets its peers hand over (see [`super::handoff`]), keep
+    /// arriving. The routes go with the device. Returns what was withdrawn.
+    pub(crate) fn withdraw_keeping_local(&mut self) -> Result<Vec<IpAddr>, Error> {
+        let addresses: Vec<IpAddr> = self.announced.iter().copied().collect();
+        for &address in &addresses {
+            // The address goes first: its removal takes the kernel's own
+            // local route with it, which would take an identical one of
+            // ours too. For the microseconds between the two, a packet to
+            // the address is dropped, and TCP sends it again.
+            self.change(address, false)?;
+            self.netlink
+                .change_local_route(self.index, address, true)
+                .map_err(|source| Error::Io {
+                    interface: self.name.clone(),
+                    action: format!("keep {address} local"),
+                    source,
+                })?;
+        }
+        Ok(addresses)
+    }
+
     fn change(&mut self, address: IpAddr, add: bool) -> Result<(), Error> {
         let prefix = if address.is_ipv4() { 32 } else { 128 };
         self.netlink
