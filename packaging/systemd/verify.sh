@@ -139,6 +139,23 @@ for u in "${units[@]}"; do
     fi
 done
 
+# halo-lb.service once more with the ECMP drop-in, where systemd reads
+# drop-ins of a packaged unit: /etc/systemd/system/<unit>.d/.
+dropin="$here/halo-lb.service.d/ecmp.conf"
+mkdir -p "$root/etc/systemd/system/halo-lb.service.d"
+cp "$dropin" "$root/etc/systemd/system/halo-lb.service.d/ecmp.conf"
+set +e
+out=$(cd "$root" && systemd-analyze verify --root="$root" halo-lb.service 2>&1)
+rc=$?
+set -e
+if [ $rc -ne 0 ] || [ -n "$out" ]; then
+    fail "systemd-analyze verify halo-lb.service with halo-lb.service.d/ecmp.conf (exit $rc):"
+    printf '   %s\n' "$out" >&2
+else
+    ok "systemd-analyze verify halo-lb.service with halo-lb.service.d/ecmp.conf: no error, no warning"
+fi
+rm -r "$root/etc/systemd/system/halo-lb.service.d"
+
 # The Exec*= lines of a unit file, as "KEY<TAB>command line", with
 # systemd's prefixes (-, @, :, +, !) removed from the command.
 exec_lines() {
@@ -163,6 +180,15 @@ for u in "${units[@]}"; do
         esac
     done < <(exec_lines "$here/$u")
 done
+
+while IFS=$'\t' read -r key cmd; do
+    prog=${cmd%% *}
+    if [ -x "$prog" ]; then
+        ok "halo-lb.service.d/ecmp.conf $key: $prog (on this host)"
+    else
+        fail "halo-lb.service.d/ecmp.conf $key: $prog is not an executable on this host"
+    fi
+done < <(exec_lines "$dropin")
 
 # ---- 2b. what verify accepts silently
 echo "== 2b. capability names and [Install] targets"

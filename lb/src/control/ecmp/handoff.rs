@@ -74,8 +74,20 @@ impl Handoff {
             .map(PathBuf::from)
             .find(|p| p.exists())
             .ok_or_else(|| "nft is not installed (Debian package nftables)".to_owned())?;
-        std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
-            .map_err(|e| format!("cannot set net.ipv4.tcp_fwmark_accept: {e}"))?;
+        const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+        if let Err(write) = std::fs::write(FWMARK_ACCEPT, "1") {
+            // Set already (packaging/systemd/halo-lb.service.d/ecmp.conf
+            // does, as root, for a process that may not)?
+            match std::fs::read_to_string(FWMARK_ACCEPT) {
+                Ok(value) if value.trim() == "1" => {}
+                Ok(_) => return Err(format!("net.ipv4.tcp_fwmark_accept is 0 and cannot be set: {write}")),
+                Err(read) => {
+                    return Err(format!(
+                        "cannot set net.ipv4.tcp_fwmark_accept ({write}) nor read it ({read})"
+                    ))
+                }
+            }
+        }
         let mut handoff = Handoff {
             nft,
             vips: Vec::new(),

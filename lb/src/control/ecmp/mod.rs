@@ -356,9 +356,10 @@ impl Membership {
 
     /// Takes in a confirmed read of the members.
     fn set_members(&self, pairs: &[KvPair]) {
+        let prefix = self.prefix();
         let mut members: Vec<(u64, MemberValue)> = pairs
             .iter()
-            .filter(|p| p.session.is_some())
+            .filter(|p| p.session.is_some() && p.key.starts_with(&prefix))
             .filter_map(|p| {
                 let value = p.value.as_ref()?;
                 match serde_json::from_slice::<MemberValue>(value) {
@@ -718,6 +719,7 @@ async fn member(
     )));
     let mut lease_until: Option<Instant> = None;
     let mut failing = false;
+    let mut pair_conflict = false;
     loop {
         let lease_end = lease_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -745,6 +747,10 @@ async fn member(
                             membership.state().lease_until = Some(until);
                         }
                         membership.set_members(&pairs);
+                        // The same cluster name run as a pair would serve
+                        // the VIPs too, from its own active.
+                        let leader = format!("halo/{}/leader", membership.settings.cluster);
+                        pair_conflict = pairs.iter().any(|p| p.key == leader && p.session.is_some());
                         if failing {
                             tracing::info!("membership confirmed by the Consul servers again");
                             membership.set_consul_error(None);
@@ -763,7 +769,9 @@ async fn member(
             }
             _ = read_tick.tick() => {
                 if reads.len() < READS_IN_FLIGHT {
-                    let (client, prefix, lease) = (client.clone(), membership.prefix(), ecmp.lease);
+                    // The cluster's whole tree: the members, and a pair's
+                    // lock should someone run the cluster as a pair.
+                    let (client, prefix, lease) = (client.clone(), format!("halo/{}/", membership.settings.cluster), ecmp.lease);
                     reads.spawn(async move {
                         let sent = Instant::now();
                         let read = client.kv_list(&prefix, QueryOptions::with_consistency(Consistency::Consistent));
@@ -796,6 +804,15 @@ async fn member(
                 tracing::warn!("{why}; withdrawing");
             }
             (BTreeSet::new(), Withdrawal::LeaseExpired, Some(why))
+        } else if pair_conflict {
+            (
+                BTreeSet::new(),
+                Withdrawal::NotReady,
+                Some(format!(
+                    "halo/{}/leader is held: an instance runs cluster {0:?} as a pair; give the ECMP cluster another name",
+                    membership.settings.cluster
+                )),
+            )
         } else if let Some((rank, cap)) = ecmp
             .max_announcing
             .and_then(|cap| membership.rank().map(|rank| (rank, cap)))
@@ -1065,4 +1082,94 @@ async fn register(membership: &Membership, client: &Client) -> Result<(), Consul
         checks: vec![check],
     };
     client.register_service(&registration).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::ProbeListen;
+
+    fn membership(cap: Option<u32>) -> Arc<Membership> {
+        let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
+        let settings = HaSettings {
+            cluster: "edge".into(),
+            id: "b".into(),
+            id_is_default: false,
+            check_ttl: Duration::from_secs(1),
+            lock_delay: Duration::from_millis(300),
+            heartbeat: Duration::from_millis(250),
+            margin: Duration::from_millis(60),
+            lease: Duration::from_millis(240),
+            confirm_every: Duration::from_millis(60),
+            probe: ProbeListen::AgentAddress { port: 9901, admin },
+            probe_interval: Duration::from_millis(100),
+            probe_misses: 3,
+            floating: None,
+            ecmp: Some(EcmpSettings {
+                interface: "halo-vips".into(),
+                lease: Duration::from_secs(3),
+                confirm_every: Duration::from_millis(600),
+                withdraw_wait: Duration::from_secs(1),
+                max_announcing: cap,
+                expect_announcing: cap,
+            }),
+        };
+        Membership::new(settings, admin)
+    }
+
+    fn pair(index: u64, id: &str, instance: &str, state: MemberState, address: Option<&str>) -> KvPair {
+        let value = MemberValue {
+            id: id.into(),
+            instance: instance.into(),
+            admin: "127.0.0.1:9901".into(),
+            state,
+            since: "2026-12-04T00:00:00Z".into(),
+            address: address.map(str::to_owned),
+            handoff: None,
+            can_handoff: true,
+        };
+        KvPair {
+            key: format!("halo/edge/members/{id}"),
+            create_index: index,
+            modify_index: index,
+            lock_index: 1,
+            flags: 0,
+            value: Some(serde_json::to_vec(&value).unwrap().into()),
+            session: Some(format!("session-{id}")),
+        }
+    }
+
+    /// The cap counts the longer-standing members that are not draining;
+    /// the handoff goes to the longest-standing draining member, never to
+    /// ourselves, and not while we drain.
+    #[test]
+    fn rank_and_handoff_target_follow_the_confirmed_members() {
+        let m = membership(Some(2));
+        let ours = m.instance.clone();
+        let leader = KvPair {
+            key: "halo/edge/leader".into(),
+            ..pair(1, "x", "x", MemberState::Ready, None)
+        };
+        m.set_members(&[
+            leader,
+            pair(30, "b", &ours, MemberState::Announcing, Some("198.18.0.12")),
+            pair(10, "a", "ia", MemberState::Announcing, Some("198.18.0.11")),
+            pair(20, "c", "ic", MemberState::Draining, Some("198.18.0.13")),
+            pair(25, "d", "id", MemberState::Draining, Some("2001:2::14")),
+        ]);
+        assert_eq!(m.status().members.len(), 4, "the pair's lock key is no member");
+        assert_eq!(m.rank(), Some(1), "a counts, draining c and d do not");
+        assert_eq!(
+            m.handoff_target(),
+            Some(("ic".to_owned(), Ipv4Addr::new(198, 18, 0, 13))),
+            "the longest-standing draining member with an IPv4 address"
+        );
+        m.set_member_state(MemberState::Draining);
+        assert_eq!(m.handoff_target(), None, "a draining member never forwards");
+
+        let m = membership(None);
+        m.set_members(&[pair(10, "a", "ia", MemberState::Announcing, None)]);
+        assert_eq!(m.rank(), None, "a read that does not list us gives no rank");
+        assert_eq!(m.handoff_target(), None);
+    }
 }
