@@ -21,7 +21,8 @@
 //! others too. The tests measure it.
 //!
 //! [`Whoami`] is a backend that names itself and the balancer a connection
-//! came through, then echoes.
+//! came through, then echoes; [`UdpWhoami`] answers each datagram the same
+//! way.
 //!
 //! Needs root, `HALO_NETNS_TESTS=1`, and BIRD 2 (`scripts/bird.sh`
 //! installs Debian's `bird2` as root when missing).
@@ -230,43 +231,47 @@ impl Fabric {
             .insert(host.to_owned(), process);
     }
 
-    /// Starts a [`Whoami`] on each backend host (`backend<i>`, its address,
-    /// `port`) and registers it with the host's own agent as service `web`
-    /// with a TCP check every second; returns once Consul lists them all
-    /// passing.
-    pub async fn start_backends(&self, port: u16) -> Vec<Whoami> {
+    /// Starts a [`Whoami`] (TCP, `tcp_port`) and a [`UdpWhoami`]
+    /// (`udp_port`) on each backend host (`backend<i>`, its address) and
+    /// registers them with the host's own agent as services `web` and
+    /// `dns`, each with a TCP check of the TCP one every second (Consul 1.8
+    /// has no UDP check); returns once Consul lists them all passing.
+    pub async fn start_backends(&self, tcp_port: u16, udp_port: u16) -> Backends {
         let dc = &self.dc;
         let count = dc.spec().backends;
-        let mut whoamis = Vec::new();
+        let mut backends = Backends::default();
         for i in 1..=count {
             let host = dc.backend(i);
-            whoamis.push(Whoami::start(
-                host,
-                SocketAddr::from((host.ip(), port)),
-                &format!("backend{i}"),
-            ));
-            let registration = format!(
-                r#"{{"ID": "web-backend{i}", "Name": "web", "Address": "{ip}", "Port": {port},
-                    "Check": {{"TCP": "{ip}:{port}", "Interval": "1s", "Timeout": "1s"}}}}"#,
-                ip = host.ip()
-            );
-            let answer = dc
-                .consul(
-                    &format!("backend{i}"),
-                    "PUT",
-                    "/v1/agent/service/register",
-                    &registration,
-                )
-                .await;
-            assert_eq!(answer.map(|(code, _)| code), Some(200), "register backend{i}");
+            let name = format!("backend{i}");
+            backends
+                .tcp
+                .push(Whoami::start(host, SocketAddr::from((host.ip(), tcp_port)), &name));
+            backends
+                .udp
+                .push(UdpWhoami::start(host, SocketAddr::from((host.ip(), udp_port)), &name));
+            for (service, port) in [("web", tcp_port), ("dns", udp_port)] {
+                let registration = format!(
+                    r#"{{"ID": "{service}-{name}", "Name": "{service}", "Address": "{ip}", "Port": {port},
+                        "Check": {{"TCP": "{ip}:{tcp_port}", "Interval": "1s", "Timeout": "1s"}}}}"#,
+                    ip = host.ip()
+                );
+                let answer = dc
+                    .consul(&name, "PUT", "/v1/agent/service/register", &registration)
+                    .await;
+                assert_eq!(answer.map(|(code, _)| code), Some(200), "register {service} on {name}");
+            }
         }
-        crate::eventually(Duration::from_secs(60), "every backend passing in Consul", || async {
-            let body = dc.get("server1", "/v1/health/service/web?passing").await?;
-            let list: serde_json::Value = serde_json::from_str(&body).ok()?;
-            (list.as_array()?.len() == count).then_some(())
-        })
-        .await;
-        whoamis
+        for service in ["web", "dns"] {
+            crate::eventually(Duration::from_secs(60), "every backend passing in Consul", || async {
+                let body = dc
+                    .get("server1", &format!("/v1/health/service/{service}?passing"))
+                    .await?;
+                let list: serde_json::Value = serde_json::from_str(&body).ok()?;
+                (list.as_array()?.len() == count).then_some(())
+            })
+            .await;
+        }
+        backends
     }
 
     /// `birdc show protocols all` etc. on `host`, for diagnostics.
@@ -285,34 +290,29 @@ impl Fabric {
 
     /// The router's next hops for `vip` now (empty: no route).
     pub fn paths(&self, vip: Ipv4Addr) -> Vec<Ipv4Addr> {
-        let out = self.router().run("ip", ["-4", "route", "show", &format!("{vip}/32")]);
-        let mut hops = Vec::new();
-        let mut words = out.split_whitespace();
-        while let Some(word) = words.next() {
-            if word == "via" {
-                if let Some(hop) = words.next().and_then(|w| w.parse().ok()) {
-                    hops.push(hop);
-                }
-            }
-        }
-        hops.sort_unstable();
-        hops
+        paths_in(self.router().netns(), vip)
     }
 
-    /// Polls (every 2 ms) until the router's next hops for `vip` are
-    /// exactly `want` (sorted), up to `timeout`; how long that took, or
-    /// `None`.
+    /// Polls (every 5 ms, off the async threads) until the router's next
+    /// hops for `vip` are exactly `want` (sorted), up to `timeout`; how long
+    /// that took, or `None`. One `ip route` takes a few milliseconds here,
+    /// so the figure is good to about 10 ms.
     pub async fn wait_paths(&self, vip: Ipv4Addr, want: &[Ipv4Addr], timeout: Duration) -> Option<Duration> {
         let mut want = want.to_vec();
         want.sort_unstable();
         let began = Instant::now();
-        while began.elapsed() < timeout {
-            if self.paths(vip) == want {
-                return Some(began.elapsed());
+        let router = self.router().netns().to_owned();
+        tokio::task::spawn_blocking(move || {
+            while began.elapsed() < timeout {
+                if paths_in(&router, vip) == want {
+                    return Some(began.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        None
+            None
+        })
+        .await
+        .expect("the route poller panicked")
     }
 
     /// Whether `host` has a TCP socket listening on `addr`.
@@ -320,6 +320,91 @@ impl Fabric {
         let out = self.dc.host(host).run("ss", ["-Hltn", "src", &addr.to_string()]);
         !out.trim().is_empty()
     }
+}
+
+/// The backends [`Fabric::start_backends`] runs; they stop when dropped.
+#[derive(Debug, Default)]
+pub struct Backends {
+    /// Service `web`.
+    pub tcp: Vec<Whoami>,
+    /// Service `dns`.
+    pub udp: Vec<UdpWhoami>,
+}
+
+/// A UDP backend that answers every datagram with `<name> <peer ip>\n`
+/// (the peer being the balancer the flow came through). Runs on a thread
+/// inside its host's namespace; stops when dropped.
+#[derive(Debug)]
+pub struct UdpWhoami {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpWhoami {
+    /// Listens on `addr` in `host`.
+    pub fn start(host: &Host, addr: SocketAddr, name: &str) -> UdpWhoami {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (path, name, flag) = (
+            format!("/var/run/netns/{}", host.netns()),
+            name.to_owned(),
+            Arc::clone(&stop),
+        );
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the namespace");
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+            let socket = std::net::UdpSocket::bind(addr).expect("bind the UDP whoami backend");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("a read timeout");
+            ready_tx.send(()).expect("the starter waits");
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let reply = format!("{name} {}\n", peer.ip());
+                    if socket.send_to(reply.as_bytes(), peer).is_err() {
+                        // A full queue: the client's retry will do.
+                    }
+                }
+            }
+        });
+        ready.recv().expect("the UDP whoami backend started");
+        UdpWhoami {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpWhoami {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                eprintln!("testkit: the UDP whoami backend's thread panicked");
+            }
+        }
+    }
+}
+
+/// The next hops of the route to `vip`/32 in namespace `netns`, sorted.
+fn paths_in(netns: &str, vip: Ipv4Addr) -> Vec<Ipv4Addr> {
+    let out = Command::new(crate::netns::ip())
+        .args(["-n", netns, "-4", "route", "show", &format!("{vip}/32")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut hops = Vec::new();
+    let mut words = out.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "via" {
+            if let Some(hop) = words.next().and_then(|w| w.parse().ok()) {
+                hops.push(hop);
+            }
+        }
+    }
+    hops.sort_unstable();
+    hops
 }
 
 /// A backend that writes `<name> <peer ip>\n` on every connection (the

@@ -128,7 +128,7 @@ fn ip_binary() -> Result<&'static PathBuf, String> {
     .map_err(Clone::clone)
 }
 
-fn ip() -> &'static PathBuf {
+pub(crate) fn ip() -> &'static PathBuf {
     ip_binary().unwrap_or_else(|e| panic!("{e}"))
 }
 

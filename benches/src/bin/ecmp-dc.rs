@@ -27,7 +27,7 @@ use halo_testkit::eventually;
 
 const VIP_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
-const EXAMPLE_VIP: &str = "198.19.0.200:80";
+const EXAMPLE_VIP: &str = "198.19.0.200";
 const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
 
 fn request(target: SocketAddr, source: Ipv4Addr) -> bool {
@@ -126,7 +126,7 @@ async fn main() {
         "set HALO_NETNS_TESTS=1 and run as root"
     );
     let fabric = Fabric::start(3, 3).await;
-    let _backends = fabric.start_backends(BACKEND_PORT).await;
+    let _backends = fabric.start_backends(BACKEND_PORT, BACKEND_PORT + 1).await;
     let dc = fabric.dc();
     let vip = SocketAddr::from((fabric.vip(), VIP_PORT));
     let sources = fabric.client_ips(20);
@@ -145,7 +145,7 @@ async fn main() {
     }
     let example = std::fs::read_to_string(halo_testkit::workspace_root().join("packaging/examples/lb-ecmp.toml"))
         .expect("read packaging/examples/lb-ecmp.toml");
-    let config = example.replace(EXAMPLE_VIP, &vip.to_string());
+    let config = example.replace(EXAMPLE_VIP, &fabric.vip().to_string());
     let direct: Vec<SocketAddr> = (1..=3)
         .map(|i| SocketAddr::from((dc.backend(i).ip(), BACKEND_PORT)))
         .collect();
@@ -169,8 +169,11 @@ async fn main() {
             let stream = dc.lb(n).connect(ADMIN).await.ok()?;
             let (_, body) = halo_testkit::http::request_over(stream, ADMIN, "GET", "/status").await?;
             let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-            (status["ecmp"]["state"] == "announcing" && status["vips"][0]["backends"].as_array()?.len() == 3)
-                .then_some(())
+            let full = status["vips"]
+                .as_array()?
+                .iter()
+                .all(|v| v["backends"].as_array().is_some_and(|b| b.len() == 3));
+            (status["ecmp"]["state"] == "announcing" && full).then_some(())
         })
         .await;
         let want: Vec<Ipv4Addr> = (1..=n).map(|i| dc.lb(i).ip()).collect();

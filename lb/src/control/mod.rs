@@ -246,7 +246,9 @@ pub async fn run(config_path: PathBuf, config: Validated, prometheus: Option<Pro
         // Withdraw, let the routers stop sending, close the listeners; then
         // drain while the member key says `draining`; then leave.
         stop_ha.cancel();
-        let bound = membership.withdraw_wait() + Duration::from_secs(5);
+        // The draining write (300 ms at most), the peers' handoff (3 s at
+        // most), withdraw_wait, and room for the netlink and nft calls.
+        let bound = membership.withdraw_wait() + ecmp::HANDOFF_WAIT + Duration::from_secs(5);
         match tokio::time::timeout(bound, withdrawn).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => tracing::error!("the membership thread ended without withdrawing"),

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use halo_testkit::ecmp::{Fabric, Whoami};
+use halo_testkit::ecmp::{Backends, Fabric};
 use halo_testkit::eventually;
 use halo_testkit::netns::HostProcess;
 use serde_json::Value;
@@ -36,11 +36,14 @@ use serde_json::Value;
 /// few seconds to establish).
 const WAIT: Duration = Duration::from_secs(60);
 const VIP_PORT: u16 = 80;
+/// The example's UDP VIP (DNS's port).
+const UDP_VIP_PORT: u16 = 53;
 const BACKEND_PORT: u16 = 8080;
+const UDP_BACKEND_PORT: u16 = 8053;
 /// halo-lb's admin API, on loopback as the example has it.
 const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9901);
 /// The address the shipped example announces, which the tests replace.
-const EXAMPLE_VIP: &str = "198.19.0.200:80";
+const EXAMPLE_VIP: &str = "198.19.0.200";
 
 fn unix_us(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_micros()).unwrap()
@@ -49,7 +52,7 @@ fn unix_us(t: SystemTime) -> u64 {
 /// The testbed with halo-lb on its balancers.
 struct Bed {
     fabric: Fabric,
-    _backends: Vec<Whoami>,
+    _backends: Backends,
     lbs: Mutex<BTreeMap<usize, HostProcess>>,
     balancers: usize,
 }
@@ -60,7 +63,7 @@ impl Bed {
     /// no halo-lb yet.
     async fn start(balancers: usize, backends: usize) -> Bed {
         let fabric = Fabric::start(balancers, backends).await;
-        let whoamis = fabric.start_backends(BACKEND_PORT).await;
+        let whoamis = fabric.start_backends(BACKEND_PORT, UDP_BACKEND_PORT).await;
         Bed {
             fabric,
             _backends: whoamis,
@@ -82,7 +85,7 @@ impl Bed {
         let example = std::fs::read_to_string(halo_testkit::workspace_root().join("packaging/examples/lb-ecmp.toml"))
             .expect("read packaging/examples/lb-ecmp.toml");
         assert!(example.contains(EXAMPLE_VIP), "the example announces {EXAMPLE_VIP}");
-        example.replace(EXAMPLE_VIP, &self.vip().to_string())
+        example.replace(EXAMPLE_VIP, &self.fabric.vip().to_string())
     }
 
     /// Starts halo-lb on `lb<i>`.
@@ -121,8 +124,11 @@ impl Bed {
             eventually(WAIT, &format!("lb{i} announcing with {backends} backends"), || async {
                 let status = self.status(i).await?;
                 let announcing = status["ecmp"]["state"] == "announcing";
-                let backends_now = status["vips"][0]["backends"].as_array()?.len();
-                (announcing && backends_now == backends).then_some(())
+                let vips = status["vips"].as_array()?;
+                let full = vips
+                    .iter()
+                    .all(|v| v["backends"].as_array().is_some_and(|b| b.len() == backends));
+                (announcing && full).then_some(())
             })
             .await;
         }
@@ -353,6 +359,60 @@ impl Holder {
     }
 }
 
+/// UDP flows from the outside host: one socket per flow (its own client
+/// port), each sending to the UDP VIP and reading which backend, through
+/// which balancer, answered.
+struct Flows {
+    sockets: Vec<std::net::UdpSocket>,
+}
+
+impl Flows {
+    async fn open(bed: &Bed, sources: &[Ipv4Addr], count: usize) -> Flows {
+        let (target, sources) = (SocketAddr::from((bed.fabric.vip(), UDP_VIP_PORT)), sources.to_vec());
+        let sockets = bed
+            .fabric
+            .outside()
+            .within(move || {
+                (0..count)
+                    .map(|n| {
+                        let socket = std::net::UdpSocket::bind((sources[n % sources.len()], 0))?;
+                        socket.connect(target)?;
+                        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+                        Ok(socket)
+                    })
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .expect("open the UDP flows");
+        Flows { sockets }
+    }
+
+    /// Each flow's answer (a few tries each: a datagram may be lost while
+    /// the routers change), or `None`.
+    async fn ask(&self) -> Vec<Option<Hello>> {
+        let sockets: Vec<std::net::UdpSocket> = self.sockets.iter().map(|s| s.try_clone().unwrap()).collect();
+        tokio::task::spawn_blocking(move || {
+            sockets
+                .iter()
+                .map(|socket| {
+                    let mut buf = [0u8; 256];
+                    (0..5).find_map(|_| {
+                        socket.send(b"who?").ok()?;
+                        let n = socket.recv(&mut buf).ok()?;
+                        let text = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+                        let (backend, balancer) = text.split_once(' ')?;
+                        Some(Hello {
+                            backend: backend.to_owned(),
+                            balancer: balancer.parse().ok()?,
+                        })
+                    })
+                })
+                .collect()
+        })
+        .await
+        .unwrap()
+    }
+}
+
 /// Held connections through balancer `lb` (or through any other), and how
 /// many of those failed.
 fn held_counts(bed: &Bed, held: &[Held], through: impl Fn(usize) -> bool) -> (usize, usize) {
@@ -494,6 +554,12 @@ async fn ecmp_a_killed_balancer_is_withdrawn_at_once() {
 
     // kill -9 of lb1, the first next hop: with hash-threshold the worst
     // place for the others' flows.
+    let flows = Flows::open(&bed, &sources, 60).await;
+    let before = flows.ask().await;
+    assert!(
+        before.iter().all(Option::is_some),
+        "every UDP flow answered: {before:?}"
+    );
     let holder = Holder::start(&bed, &sources, 90).await;
     let prober = Prober::start(&bed, &sources, 4);
     let warm = Instant::now();
@@ -501,8 +567,11 @@ async fn ecmp_a_killed_balancer_is_withdrawn_at_once() {
         (prober.successes_since(warm) >= 50).then_some(())
     })
     .await;
-    let killed_at = Instant::now();
+    // The event is over once kill() returns: the process is dead and
+    // reaped, its announce interface gone. New connections are those
+    // started after that.
     bed.lbs.lock().unwrap().get_mut(&1).unwrap().kill();
+    let killed_at = Instant::now();
     let withdrawn = bed
         .fabric
         .wait_paths(vip, &[bed.lb_ip(2), bed.lb_ip(3)], Duration::from_secs(10))
@@ -540,6 +609,36 @@ async fn ecmp_a_killed_balancer_is_withdrawn_at_once() {
         others_reset * 2 <= others,
         "more than half the surviving balancers' connections reset: {others_reset} of {others}"
     );
+    // UDP flows the router moved (those of lb1 and some of the others')
+    // reach another balancer, which picks the same backend (Maglev on the
+    // client address and port, the same table everywhere).
+    let after_kill = flows.ask().await;
+    let mut moved = 0;
+    for (n, (was, now)) in before.iter().zip(&after_kill).enumerate() {
+        let (was, now) = (
+            was.as_ref().unwrap(),
+            now.as_ref()
+                .unwrap_or_else(|| panic!("UDP flow {n} got no answer after the kill")),
+        );
+        assert_eq!(
+            was.backend, now.backend,
+            "UDP flow {n} moved from {} to {} and changed backend",
+            was.balancer, now.balancer
+        );
+        if was.balancer != now.balancer {
+            moved += 1;
+        }
+    }
+    let on_lb1 = before
+        .iter()
+        .flatten()
+        .filter(|h| bed.lb_of(h.balancer) == Some(1))
+        .count();
+    println!("FIGURE ecmp kill -9: {moved} of {} UDP flows moved to another balancer ({on_lb1} were on lb1), every one kept its backend", before.len());
+    assert!(
+        moved >= on_lb1 && on_lb1 > 0,
+        "lb1's {on_lb1} UDP flows must have moved; {moved} did"
+    );
 
     // lb2's cable pulled (its port on the bridge down; its processes run
     // on, as on a host that died without a word): BFD.
@@ -551,8 +650,10 @@ async fn ecmp_a_killed_balancer_is_withdrawn_at_once() {
         (prober.successes_since(warm) >= 50).then_some(())
     })
     .await;
-    let off_at = Instant::now();
+    // As above: the cable is out once unplug() returns; a connection whose
+    // handshake got through just before is one of lb2's own.
     bed.fabric.dc().unplug("lb2");
+    let off_at = Instant::now();
     let withdrawn = bed
         .fabric
         .wait_paths(vip, &[bed.lb_ip(1), bed.lb_ip(3)], Duration::from_secs(10))
@@ -644,10 +745,15 @@ async fn ecmp_a_drained_balancer_withdraws_before_its_listeners_close() {
             .unwrap_or_else(|| panic!("no {reason} change: {changes:?}"))
     };
     let (drain_us, closed_us) = (at("drain"), at("listeners_closed"));
-    let seen = eventually(WAIT, "lb2 seeing lb1 draining", || async {
+    let seen = eventually(WAIT, "lb2 seeing lb1 draining and the peers handing over", || async {
         let status = bed.status(2).await?;
         let members = status["ecmp"]["members"].as_array()?.clone();
-        members.iter().any(|m| m["state"] == "draining").then_some(members)
+        let drained = members.iter().find(|m| m["state"] == "draining")?["instance"].clone();
+        members
+            .iter()
+            .filter(|m| m["state"] == "announcing")
+            .all(|m| m["handoff"] == drained)
+            .then_some(members)
     })
     .await;
     let after = Instant::now();
@@ -677,7 +783,20 @@ async fn ecmp_a_drained_balancer_withdraws_before_its_listeners_close() {
         closed_us.saturating_sub(gone_us) / 1000,
         exited.as_millis()
     );
+    assert!(own > 0, "no held connection went through lb1");
     assert_eq!(own_reset, 0, "connections of the drained balancer were reset: {held:?}");
+    let drained = seen
+        .iter()
+        .find(|m| m["state"] == "draining")
+        .and_then(|m| m["instance"].as_str())
+        .unwrap()
+        .to_owned();
+    assert!(
+        seen.iter()
+            .filter(|m| m["state"] == "announcing")
+            .all(|m| m["handoff"].as_str() == Some(drained.as_str())),
+        "every announcing peer hands over to the draining lb1: {seen:?}"
+    );
     // lb1 is the router's first next hop: hash-threshold moves a sixth of
     // all flows from lb2 to lb3, whose owner nobody knows (resilient
     // hashing moves none).

@@ -38,6 +38,16 @@
 //!   draining ones): of two members draining at once, the second's
 //!   connections are reset when its routes go. Drain one at a time.
 //! - A draining member never forwards, so packets cannot loop.
+//! - SYN cookies: while A's listener overflows (a SYN flood), a
+//!   handshake's last ACK finds no request socket, only the listener, so
+//!   during a drain it is passed to B, which resets it: under a SYN flood,
+//!   a drain costs A some new connections.
+//! - A reload that adds a VIP port on an announced address: for up to
+//!   100 ms (until the next evaluation writes the set), its connections
+//!   carry no mark and would be passed to a member draining right then.
+//! - `nft flush ruleset` (a reload of nftables.service) deletes the table:
+//!   it is written again within 30 s ([`REFRESH`]), and at once whenever
+//!   a member starts or stops draining.
 //! - A is killed (-9) with the forward rule in place: the table stays
 //!   behind, harmless (A's addresses left with its process, so no VIP
 //!   traffic reaches A's host), and the next start replaces it.
@@ -48,7 +58,10 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// The mark of VIP packets, and so of the sockets of this instance's own
 /// VIP connections ("HA").
@@ -57,18 +70,35 @@ pub(crate) const MARK: u32 = 0x4841;
 /// The nftables table this module owns.
 const TABLE: &str = "halo_ecmp";
 
+/// Longest an `nft` run may take before it is killed (it answers in
+/// milliseconds; the membership loop, which times the lease, waits on it).
+const NFT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The rules are written again this often even when nothing changed: an
+/// `nft flush ruleset` (a reload of nftables.service) would otherwise
+/// leave this instance's connections unmarked without anyone noticing.
+const REFRESH: Duration = Duration::from_secs(30);
+
+/// After a failed `nft` run, the next try waits this long.
+const RETRY: Duration = Duration::from_secs(5);
+
 /// The rules in force, and what they were made from.
 #[derive(Debug)]
 pub(crate) struct Handoff {
     nft: PathBuf,
     vips: Vec<(Ipv4Addr, u16)>,
     target: Option<Ipv4Addr>,
+    /// When the rules were last written, or last failed to be.
+    applied: Instant,
+    failed: bool,
 }
 
 impl Handoff {
-    /// Finds `nft`, turns on `tcp_fwmark_accept` and installs the marking
-    /// rule for `vips`; an error says why the handoff is off.
-    pub(crate) fn start(vips: Vec<(Ipv4Addr, u16)>) -> Result<Handoff, String> {
+    /// Finds `nft`, turns on `tcp_fwmark_accept`, checks that the kernel
+    /// has what the forwarding rule needs (`nft -c`: the `socket` and `dup`
+    /// expressions) and installs the marking rule for `vips`; an error says
+    /// why the handoff is off.
+    pub(crate) async fn start(vips: Vec<(Ipv4Addr, u16)>) -> Result<Handoff, String> {
         let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
             .into_iter()
             .map(PathBuf::from)
@@ -88,26 +118,46 @@ impl Handoff {
                 }
             }
         }
-        let mut handoff = Handoff {
+        // The forwarding rule as it will be, checked but not applied.
+        run(&nft, &["-c", "-f", "-"], &ruleset(&vips, Some(Ipv4Addr::LOCALHOST)))
+            .await
+            .map_err(|e| format!("the kernel or nft cannot run the handoff rules: {e}"))?;
+        run(&nft, &["-f", "-"], &ruleset(&vips, None)).await?;
+        Ok(Handoff {
             nft,
-            vips: Vec::new(),
+            vips,
             target: None,
-        };
-        handoff.apply(&vips, None)?;
-        handoff.vips = vips;
-        Ok(handoff)
+            applied: Instant::now(),
+            failed: false,
+        })
     }
 
     /// Makes the rules match `vips` and hand over to `target` (none: no
-    /// forwarding). Does nothing if neither changed; true if it did.
-    pub(crate) fn set(&mut self, vips: &[(Ipv4Addr, u16)], target: Option<Ipv4Addr>) -> Result<bool, String> {
-        if vips == self.vips && target == self.target {
+    /// forwarding); writes them again every [`REFRESH`] too. After a
+    /// failure, waits [`RETRY`] before the next try. True if the rules now
+    /// hand over to `target`.
+    pub(crate) async fn set(&mut self, vips: &[(Ipv4Addr, u16)], target: Option<Ipv4Addr>) -> Result<bool, String> {
+        let changed = vips != self.vips || target != self.target;
+        let now = Instant::now();
+        if self.failed && now.duration_since(self.applied) < RETRY {
             return Ok(false);
         }
-        self.apply(vips, target)?;
-        self.vips = vips.to_vec();
-        self.target = target;
-        Ok(true)
+        if !changed && !self.failed && now.duration_since(self.applied) < REFRESH {
+            return Ok(target == self.target);
+        }
+        self.applied = now;
+        match run(&self.nft, &["-f", "-"], &ruleset(vips, target)).await {
+            Ok(()) => {
+                self.failed = false;
+                self.vips = vips.to_vec();
+                self.target = target;
+                Ok(true)
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
     }
 
     /// The member handed over to now.
@@ -115,47 +165,49 @@ impl Handoff {
         self.target
     }
 
-    /// Replaces the whole table in one transaction (`nft -f`).
-    fn apply(&self, vips: &[(Ipv4Addr, u16)], target: Option<Ipv4Addr>) -> Result<(), String> {
-        let script = ruleset(vips, target);
-        let mut child = Command::new(&self.nft)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.nft.display()))?;
-        {
-            use std::io::Write as _;
-            let mut stdin = child.stdin.take().ok_or("nft has no stdin")?;
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|e| format!("cannot write to nft: {e}"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("cannot wait for nft: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "nft refused the handoff rules ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
+    /// Deletes the table (on a clean exit).
+    pub(crate) async fn remove(&self) {
+        if let Err(e) = run(&self.nft, &["delete", "table", "ip", TABLE], "").await {
+            tracing::debug!(error = %e, "cannot delete the handoff table; the next start replaces it");
         }
     }
+}
 
-    /// Deletes the table (on a clean exit).
-    pub(crate) fn remove(&self) {
-        let result = Command::new(&self.nft)
-            .args(["delete", "table", "ip", TABLE])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !result.is_ok_and(|s| s.success()) {
-            tracing::debug!("cannot delete the handoff table; the next start replaces it");
-        }
+/// Runs `nft args…` with `input` on its stdin, within [`NFT_TIMEOUT`]
+/// (killed past it).
+async fn run(nft: &PathBuf, args: &[&str], input: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = tokio::process::Command::new(nft)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", nft.display()))?;
+    let mut stdin = child.stdin.take().ok_or("nft has no stdin")?;
+    let work = async move {
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .map_err(|e| format!("cannot write to nft: {e}"))?;
+        drop(stdin);
+        child
+            .wait_with_output()
+            .await
+            .map_err(|e| format!("cannot wait for nft: {e}"))
+    };
+    let out = tokio::time::timeout(NFT_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("nft did not finish in {NFT_TIMEOUT:?}; killed"))??;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft refused the handoff rules ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 

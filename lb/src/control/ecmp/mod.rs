@@ -46,7 +46,11 @@
 //!
 //! The lease is checked by its own timer, not only after reads: a read
 //! that hangs (a server that accepted the connection and went silent)
-//! cannot keep a stale instance announcing.
+//! cannot keep a stale instance announcing. Reads run as tasks of their
+//! own; what the loop itself awaits is bounded (an `nft` run is killed
+//! after 2 s; netlink requests are answered by the kernel at once, 2 s at
+//! most). A drain does not extend the lease: the wait for the peers'
+//! handoff ends when the lease does.
 //!
 //! # What withdraws, and how fast
 //!
@@ -399,16 +403,16 @@ impl Membership {
             })
     }
 
-    /// This instance's place among the members that are not draining,
-    /// by age (0: the longest-standing), as the last confirmed read listed
-    /// them; `None` if that read did not list it.
+    /// How many longer-standing members announce, as the last confirmed
+    /// read listed them (a member that cannot serve does not hold a place
+    /// under the cap); `None` if that read did not list us.
     fn rank(&self) -> Option<usize> {
         let state = self.state();
         let ours = state.members.iter().position(|(_, m)| m.instance == self.instance)?;
         Some(
             state.members[..ours]
                 .iter()
-                .filter(|(_, m)| m.state != MemberState::Draining)
+                .filter(|(_, m)| m.state == MemberState::Announcing)
                 .count(),
         )
     }
@@ -495,7 +499,7 @@ pub(crate) async fn run(
 ) {
     register_metrics(&membership);
     let Shutdown { stop, withdrawn, exit } = shutdown;
-    let mut handoff = match handoff::Handoff::start(server.tcp_vips_v4()) {
+    let mut handoff = match handoff::Handoff::start(server.tcp_vips_v4()).await {
         Ok(handoff) => {
             membership.state().handoff_off = None;
             Some(handoff)
@@ -517,6 +521,8 @@ pub(crate) async fn run(
         exit.clone(),
     )));
     let mut session: Option<String> = None;
+    let mut lease_at_stop: Option<Instant> = None;
+    let _resolver = AbortOnDrop(tokio::spawn(resolve_address(Arc::clone(&membership), client.clone())));
     while !stop.is_cancelled() {
         if let Some(old) = session.take() {
             close_session(&client, &old).await;
@@ -524,24 +530,14 @@ pub(crate) async fn run(
         let Some(id) = open_session(&membership, &client, &mut check, &stop).await else {
             break;
         };
-        if membership.address.get().is_none() {
-            // Where peers hand our packets to while we drain: the address
-            // our agent advertises, which is how the other hosts reach us.
-            match tokio::time::timeout(Duration::from_secs(2), client.agent_self()).await {
-                Ok(Ok(agent)) => {
-                    let _ = membership.address.set(agent.address);
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot ask the agent for this host's address; asking again with the next session")
-                }
-                Err(_) => tracing::warn!(
-                    "the agent did not say this host's address in 2s; asking again with the next session"
-                ),
-            }
-        }
         membership.state().session = Some(id.clone());
         session = Some(id.clone());
-        match client.kv_acquire(&membership.key(), membership.value(), &id).await {
+        let key = membership.key();
+        let acquired = tokio::select! {
+            () = stop.cancelled() => break,
+            acquired = client.kv_acquire(&key, membership.value(), &id) => acquired,
+        };
+        match acquired {
             Ok(true) => {
                 membership.state().id_conflict = None;
                 membership.set_consul_error(None);
@@ -564,7 +560,7 @@ pub(crate) async fn run(
             }
         }
         tracing::info!(key = %membership.key(), session = %id, "member of the ecmp cluster");
-        if !member(
+        match member(
             &membership,
             &client,
             &server,
@@ -575,8 +571,9 @@ pub(crate) async fn run(
         )
         .await
         {
-            // Lost: withdrawn already; start over with a new session.
-            continue;
+            Left::Shutdown(lease) => lease_at_stop = lease,
+            // Withdrawn already; start over with a new session.
+            Left::Lost => continue,
         }
     }
     // Shutdown: say so, let the peers set up the handoff, withdraw (keeping
@@ -585,14 +582,18 @@ pub(crate) async fn run(
     membership.set_member_state(MemberState::Draining);
     membership.state().handoff_to = None;
     if let Some(handoff) = handoff.as_mut() {
-        if let Err(e) = handoff.set(&server.tcp_vips_v4(), None) {
+        if let Err(e) = handoff.set(&server.tcp_vips_v4(), None).await {
             tracing::warn!(error = %e, "cannot stop handing over");
         }
     }
     if let Some(id) = &session {
         let (key, value) = (membership.key(), membership.value());
         match tokio::time::timeout(DRAINING_WRITE, client.kv_acquire(&key, value, id)).await {
-            Ok(Ok(_)) => await_handoff(&membership, &client).await,
+            Ok(Ok(true)) if membership.address.get().is_some_and(IpAddr::is_ipv4) => {
+                await_handoff(&membership, &client, id, lease_at_stop).await;
+            }
+            Ok(Ok(true)) => tracing::warn!("this host's IPv4 address is not known: withdrawing without a handoff"),
+            Ok(Ok(false)) => tracing::warn!("the member key is no longer ours: withdrawing without a handoff"),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot say draining in the member key; withdrawing without a handoff")
             }
@@ -634,7 +635,7 @@ pub(crate) async fn run(
         close_session(&client, &id).await;
     }
     if let Some(handoff) = &handoff {
-        handoff.remove();
+        handoff.remove().await;
     }
     match client.deregister_service(&membership.service_id()).await {
         Ok(()) => {}
@@ -644,39 +645,90 @@ pub(crate) async fn run(
 
 /// How long a draining instance waits for its peers to set up the handoff
 /// before it withdraws anyway (their reads come every `announce_lease / 5`).
-const HANDOFF_WAIT: Duration = Duration::from_secs(3);
+pub(crate) const HANDOFF_WAIT: Duration = Duration::from_secs(3);
 
 /// Waits until every announcing peer that can hand over says it hands over
-/// to us (or [`HANDOFF_WAIT`] passes): only then do our withdrawn flows
-/// reach peers that pass them on instead of resetting them.
-async fn await_handoff(membership: &Membership, client: &Client) {
+/// to us, or [`HANDOFF_WAIT`] passes, or our lease ends (`lease_until`:
+/// announcing is not extended by a drain): only then do our withdrawn
+/// flows reach peers that pass them on instead of resetting them. Writes
+/// `draining` again should a member value written before it (a write in
+/// flight when the membership loop ended) have landed after it.
+async fn await_handoff(membership: &Membership, client: &Client, session: &str, lease_until: Option<Instant>) {
     let began = Instant::now();
+    let deadline = lease_until.map_or(began, |until| until.min(began + HANDOFF_WAIT));
     let prefix = membership.prefix();
+    let key = membership.key();
     loop {
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                "peers did not set up the handoff in time (or the lease ran out); withdrawing: the connections the routers move to them are reset"
+            );
+            return;
+        }
         let read = client.kv_list(&prefix, QueryOptions::with_consistency(Consistency::Consistent));
-        if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(1), read).await {
-            let waiting: Vec<String> = answer
+        if let Ok(Ok(answer)) = tokio::time::timeout(deadline - now, read).await {
+            let members: Vec<(String, MemberValue)> = answer
                 .value
                 .iter()
                 .filter(|p| p.session.is_some())
-                .filter_map(|p| serde_json::from_slice::<MemberValue>(p.value.as_ref()?).ok())
+                .filter_map(|p| {
+                    Some((
+                        p.key.clone(),
+                        serde_json::from_slice::<MemberValue>(p.value.as_ref()?).ok()?,
+                    ))
+                })
+                .collect();
+            if members
+                .iter()
+                .any(|(k, m)| *k == key && m.state != MemberState::Draining)
+            {
+                if let Err(e) = client.kv_acquire(&key, membership.value(), session).await {
+                    tracing::debug!(error = %e, "cannot write draining again");
+                }
+            }
+            let waiting: Vec<&str> = members
+                .iter()
+                .map(|(_, m)| m)
                 .filter(|m| m.instance != membership.instance && m.state == MemberState::Announcing && m.can_handoff)
                 .filter(|m| m.handoff.as_deref() != Some(membership.instance.as_str()))
-                .map(|m| m.id)
+                .map(|m| m.id.as_str())
                 .collect();
             if waiting.is_empty() {
                 tracing::info!(took = ?began.elapsed(), "every announcing peer hands our connections over");
                 return;
             }
-            if began.elapsed() >= HANDOFF_WAIT {
-                tracing::warn!(?waiting, "peers did not set up the handoff in time; withdrawing: the connections the routers move to them are reset");
-                return;
-            }
-        } else if began.elapsed() >= HANDOFF_WAIT {
-            tracing::warn!("cannot read the members to see the handoff set up; withdrawing");
-            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asks the agent for this host's address (where peers hand our packets
+/// to while we drain: the address the agent advertises, which is how the
+/// other hosts reach us) until it answers, every 5 s.
+async fn resolve_address(membership: Arc<Membership>, client: Client) {
+    let mut failing = false;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), client.agent_self()).await {
+            Ok(Ok(agent)) => {
+                if membership.address.set(agent.address).is_err() {
+                    tracing::debug!("the address was known already");
+                }
+                if !agent.address.is_ipv4() {
+                    tracing::warn!(address = %agent.address, "the agent advertises an IPv6 address: peers cannot hand this instance's connections over on a drain (IPv4 only)");
+                }
+                return;
+            }
+            Ok(Err(e)) if !failing => {
+                tracing::warn!(error = %e, "cannot ask the agent for this host's address; asking again every 5s");
+            }
+            Err(_) if !failing => {
+                tracing::warn!("the agent did not say this host's address in 2s; asking again every 5s")
+            }
+            _ => {}
+        }
+        failing = true;
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
@@ -688,10 +740,17 @@ async fn wait(stop: &CancellationToken, pause: Duration) {
     }
 }
 
+/// How a membership ended.
+enum Left {
+    /// Shutdown: the addresses are still announced, for the drain to
+    /// withdraw; with the lease in force.
+    Shutdown(Option<Instant>),
+    /// The membership was lost: everything is withdrawn.
+    Lost,
+}
+
 /// One membership (one session): reads the members, keeps the lease,
-/// announces and withdraws. Returns true on shutdown (addresses still
-/// announced, for the drain to withdraw), false when the membership was
-/// lost (everything withdrawn).
+/// announces and withdraws.
 async fn member(
     membership: &Arc<Membership>,
     client: &Client,
@@ -700,7 +759,7 @@ async fn member(
     mut handoff: Option<&mut handoff::Handoff>,
     session: &str,
     stop: &CancellationToken,
-) -> bool {
+) -> Left {
     let ecmp = membership.ecmp.clone();
     let key = membership.key();
     let mut reads: JoinSet<(Instant, Result<Vec<KvPair>, ConsulError>)> = JoinSet::new();
@@ -724,7 +783,7 @@ async fn member(
         let lease_end = lease_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             biased;
-            () = stop.cancelled() => return true,
+            () = stop.cancelled() => return Left::Shutdown(lease_until),
             () = tokio::time::sleep_until(lease_end), if lease_until.is_some() => {}
             Some(done) = reads.join_next() => {
                 let Ok((sent, result)) = done else { continue };
@@ -739,7 +798,7 @@ async fn member(
                             membership.state().lease_until = None;
                             apply(membership, announcer, &BTreeSet::new(), Withdrawal::MembershipLost, Some("membership lost; joining again".to_owned()));
                             membership.set_member_state(MemberState::Ready);
-                            return false;
+                            return Left::Lost;
                         }
                         let until = sent + ecmp.lease;
                         if lease_until.is_none_or(|current| until > current) {
@@ -850,7 +909,7 @@ async fn member(
         };
         let mut changed = membership.set_member_state(state);
         if let Some(handoff) = handoff.as_deref_mut() {
-            changed |= update_handoff(membership, server, handoff);
+            changed |= update_handoff(membership, server, handoff).await;
         }
         if changed {
             publish.send_replace(membership.value());
@@ -860,16 +919,19 @@ async fn member(
 
 /// Hands over to the draining member the last confirmed read names, if
 /// any; true if the member value changed.
-fn update_handoff(membership: &Membership, server: &Server, handoff: &mut handoff::Handoff) -> bool {
+async fn update_handoff(membership: &Membership, server: &Server, handoff: &mut handoff::Handoff) -> bool {
     let target = membership.handoff_target();
     let address = target.as_ref().map(|(_, address)| *address);
-    match handoff.set(&server.tcp_vips_v4(), address) {
-        Ok(_) => {}
+    match handoff.set(&server.tcp_vips_v4(), address).await {
+        Ok(true) => {}
+        // Retrying later (after a failure, not before RETRY).
+        Ok(false) => return false,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot change the handoff rules");
+            tracing::warn!(error = %e, "cannot change the handoff rules; trying again in 5s");
             return false;
         }
     }
+    let target = if handoff.target() == address { target } else { None };
     let mut state = membership.state();
     if state.handoff_to == target {
         return false;

@@ -192,12 +192,15 @@ impl Announcer {
     /// arriving. The routes go with the device. Returns what was withdrawn.
     pub(crate) fn withdraw_keeping_local(&mut self) -> Result<Vec<IpAddr>, Error> {
         let addresses: Vec<IpAddr> = self.announced.iter().copied().collect();
+        // Every address first, then every route: removing an address takes
+        // the kernel's own local route for it, and removing the device's
+        // last IPv4 address flushes every route through the device, ours
+        // too. For the microseconds between the two steps a packet to an
+        // address is dropped, and TCP sends it again.
         for &address in &addresses {
-            // The address goes first: its removal takes the kernel's own
-            // local route with it, which would take an identical one of
-            // ours too. For the microseconds between the two, a packet to
-            // the address is dropped, and TCP sends it again.
             self.change(address, false)?;
+        }
+        for &address in &addresses {
             self.netlink
                 .change_local_route(self.index, address, true)
                 .map_err(|source| Error::Io {
