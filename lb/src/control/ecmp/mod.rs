@@ -32,16 +32,17 @@
 //!   servers decided and never extend the lease.
 //! - **Able to serve.** Every VIP on the address has its listener bound and
 //!   at least one backend it may pick ([`Server::announceable`]).
-//! - **Within the cap.** With `max_announcing = N`, only the N
-//!   longest-standing members that are not draining (ordered by the
-//!   `CreateIndex` of their member keys, as the last confirmed read listed
-//!   them) announce; the others serve nothing and wait as hot spares. A
-//!   member's place only moves forward (older members can only leave), so a
-//!   spare starts announcing once a confirmed read shows it within the cap.
-//!   While a member that was cut off is still inside its own lease, one
-//!   more than N may announce, for at most one lease; nothing is unsafe
-//!   about that (every instance picks the same backends, see below), the
-//!   cap is for the routers' path limits and for capacity, not a lock.
+//! - **Within the cap.** With `max_announcing = N`, a member announces
+//!   only while fewer than N longer-standing members (ordered by the
+//!   `CreateIndex` of their member keys) announce, as the last confirmed
+//!   read listed them; the others serve nothing and wait as hot spares. A
+//!   member that cannot serve (no backend, no lease) holds no place, so a
+//!   spare takes over from it. The cap can be passed by a read interval or
+//!   two: when an older member becomes able to serve again, or while a
+//!   member that was cut off is still inside its own lease (at most one
+//!   lease). Nothing is unsafe about that (every instance picks the same
+//!   backends, see below): the cap is for the routers' path limits and for
+//!   capacity, not a lock.
 //! - **Not draining.**
 //!
 //! The lease is checked by its own timer, not only after reads: a read
