@@ -13,7 +13,7 @@
 //!
 //! # How A tells its own connections from others'
 //!
-//! An nftables table `ip halo_ecmp`, one chain at the `prerouting` hook:
+//! An nftables table `ip haloecmp`, one chain at the `prerouting` hook:
 //!
 //! 1. every packet to a VIP's address and TCP port gets the mark
 //!    [`MARK`]; with `net.ipv4.tcp_fwmark_accept = 1` (set at start) a
@@ -68,7 +68,7 @@ use tokio::time::Instant;
 pub(crate) const MARK: u32 = 0x4841;
 
 /// The nftables table this module owns.
-const TABLE: &str = "halo_ecmp";
+const TABLE: &str = "haloecmp";
 
 /// Longest an `nft` run may take before it is killed (it answers in
 /// milliseconds; the membership loop, which times the lease, waits on it).
@@ -244,7 +244,7 @@ mod tests {
         ];
         let quiet = ruleset(&vips, None);
         assert!(
-            quiet.starts_with("table ip halo_ecmp\ndelete table ip halo_ecmp\n"),
+            quiet.starts_with("table ip haloecmp\ndelete table ip haloecmp\n"),
             "{quiet}"
         );
         assert!(
