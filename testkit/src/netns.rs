@@ -199,6 +199,17 @@ fn link_flags(line: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The MAC of [`INTERFACE`] in `netns`, as `ip` prints it.
+fn link_mac(netns: &str) -> String {
+    let link = ip_run(["-n", netns, "-o", "link", "show", "dev", INTERFACE]);
+    let mut words = link.split_whitespace();
+    words
+        .find(|w| *w == "link/ether")
+        .and_then(|_| words.next())
+        .unwrap_or_else(|| panic!("no MAC in `ip link show` of {netns}: {link}"))
+        .to_owned()
+}
+
 /// A pid as nix wants it.
 pub(crate) fn pid_of(pid: u32) -> Pid {
     Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"))
@@ -675,13 +686,7 @@ impl Topology {
                 "nodad",
             ]);
             ip_run(["-n", &netns, "link", "set", INTERFACE, "up"]);
-            let link = ip_run(["-n", &netns, "-o", "link", "show", "dev", INTERFACE]);
-            let mut words = link.split_whitespace();
-            let mac = words
-                .find(|w| *w == "link/ether")
-                .and_then(|_| words.next())
-                .unwrap_or_else(|| panic!("no MAC in `ip link show` of {netns}: {link}"))
-                .to_owned();
+            let mac = link_mac(&netns);
             topology.hosts.push(Host {
                 name: name.clone(),
                 netns,
@@ -741,13 +746,7 @@ impl Topology {
         ]);
         ip_run(["-n", &netns, "link", "set", INTERFACE, "up"]);
         ip_run(["-n", &netns, "route", "add", "default", "via", &router_ip.to_string()]);
-        let link = ip_run(["-n", &netns, "-o", "link", "show", "dev", INTERFACE]);
-        let mut words = link.split_whitespace();
-        let mac = words
-            .find(|w| *w == "link/ether")
-            .and_then(|_| words.next())
-            .unwrap_or_else(|| panic!("no MAC in `ip link show` of {netns}: {link}"))
-            .to_owned();
+        let mac = link_mac(&netns);
         let host = Host {
             name: name.to_owned(),
             netns,

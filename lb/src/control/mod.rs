@@ -12,6 +12,8 @@
 //! - [`ha`]: the active/standby election, its server-confirmed lease,
 //!   step-down, and the standby's failure detector.
 //! - [`floating`]: the floating VIP address (netlink, gratuitous ARP).
+//! - [`instance`]: the `halo-lb` service instance and TTL check either mode
+//!   registers with its agent, and the heartbeat.
 //! - [`ecmp`]: `ha.mode = "ecmp"`: every instance serves, and announces the
 //!   VIP addresses (through a routing daemon) while it can.
 //!
@@ -22,6 +24,7 @@ pub(crate) mod admin;
 pub(crate) mod ecmp;
 pub(crate) mod floating;
 pub(crate) mod ha;
+pub(crate) mod instance;
 pub(crate) mod series;
 pub(crate) mod server;
 pub mod status;

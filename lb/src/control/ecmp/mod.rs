@@ -103,8 +103,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use halo_consul::{
-    CheckRegistration, CheckStatus, Client, Consistency, Error as ConsulError, KvPair, QueryOptions,
-    ServiceRegistration, SessionBehavior, SessionChecks, SessionRequest,
+    Client, Consistency, Error as ConsulError, KvPair, QueryOptions, SessionBehavior, SessionChecks, SessionRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
@@ -113,6 +112,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use self::tun::Announcer;
+use crate::control::instance::{self, close_session, unix_us, AbortOnDrop};
 use crate::control::server::Server;
 pub(crate) use crate::control::status::MemberState;
 use crate::control::status::{AnnounceChange, EcmpMember, EcmpStatus};
@@ -132,9 +132,6 @@ const TWIN_RETRY: Duration = Duration::from_secs(2);
 /// How long the `draining` value may take to reach Consul before the
 /// withdrawal goes ahead without it.
 const DRAINING_WRITE: Duration = Duration::from_millis(300);
-/// Deregister the `halo-lb` instance of a process that died without
-/// cleaning up (Consul's minimum).
-const DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 /// Changes kept for `/status`.
 const HISTORY: usize = 64;
 
@@ -194,11 +191,6 @@ pub(crate) struct Membership {
     state: Mutex<State>,
 }
 
-fn unix_us(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -212,7 +204,7 @@ impl Membership {
             settings,
             ecmp,
             admin,
-            instance: format!("{:016x}", fastrand::u64(..)),
+            instance: instance::new_instance(),
             address: OnceLock::new(),
             state: Mutex::new(State {
                 state: MemberState::Ready,
@@ -245,17 +237,8 @@ impl Membership {
         &self.ecmp.interface
     }
 
-    fn service_id(&self) -> String {
-        format!(
-            "halo-lb-{}-{}-{}",
-            self.settings.cluster,
-            self.settings.id,
-            &self.instance[..8]
-        )
-    }
-
-    fn check_id(&self) -> String {
-        format!("{}:ttl", self.service_id())
+    fn ids(&self) -> instance::Ids {
+        instance::Ids::new(&self.settings, &self.instance)
     }
 
     fn prefix(&self) -> String {
@@ -471,15 +454,6 @@ impl Withdrawal {
     }
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// How the shutdown goes: `stop` begins it (withdraw, wait, close the
 /// listeners, then say so on `withdrawn`); `exit` ends it once the caller
 /// drained the connections (the member key says `draining` until then).
@@ -638,7 +612,7 @@ pub(crate) async fn run(
     if let Some(handoff) = &handoff {
         handoff.remove().await;
     }
-    match client.deregister_service(&membership.service_id()).await {
+    match client.deregister_service(&membership.ids().service).await {
         Ok(()) => {}
         Err(e) => tracing::debug!(error = %e, "cannot deregister; the agent removes the instance later"),
     }
@@ -1034,7 +1008,7 @@ async fn open_session(
             ttl: None,
             checks: SessionChecks::Bound {
                 node_checks: vec!["serfHealth".to_owned()],
-                service_checks: vec![membership.check_id()],
+                service_checks: vec![membership.ids().check],
             },
         };
         match client.session_create(&request).await {
@@ -1060,179 +1034,31 @@ async fn open_session(
     }
 }
 
-async fn close_session(client: &Client, session: &str) {
-    match client.session_destroy(session).await {
-        Ok(()) | Err(ConsulError::NotFound { .. }) => {}
-        Err(e) => tracing::warn!(session, error = %e, "cannot destroy the session; it ends with the check"),
-    }
-}
-
-/// Registers the instance (service `halo-lb`, with a TTL check), then passes
-/// its check four times per TTL, publishing until when it is known to pass.
-/// Re-registers when the agent no longer knows the check. (This keeps the
-/// session valid; only the servers' confirmation extends the lease.)
+/// Registers the instance and heartbeats its check
+/// ([`instance::heartbeat`]). (This keeps the session valid; only the
+/// servers' confirmation extends the lease.)
 async fn heartbeat(
     membership: Arc<Membership>,
     client: Client,
     check: watch::Sender<Option<Instant>>,
     stop: CancellationToken,
 ) {
-    let settings = membership.settings.clone();
-    let check_id = membership.check_id();
-    let mut registered = false;
-    let mut failing = false;
-    let mut tick = tokio::time::interval(settings.heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let sent = Instant::now();
-        let result = if registered {
-            match client.check_pass(&check_id, "").await {
-                Err(e) if e.is_not_found() => {
-                    tracing::warn!("the agent lost our check; registering again");
-                    registered = false;
-                    register(&membership, &client).await
-                }
-                other => other,
-            }
-        } else {
-            register(&membership, &client).await
-        };
-        match result {
-            Ok(()) => {
-                registered = true;
-                check.send_replace(Some(sent + settings.check_ttl));
-                failing = false;
-            }
-            Err(e) => {
-                metrics::counter!("halo_ha_heartbeat_failures_total").increment(1);
-                if !failing {
-                    tracing::warn!(error = %e, "heartbeat failed; the check goes critical unless one succeeds");
-                }
-                failing = true;
-            }
-        }
-    }
-}
-
-async fn register(membership: &Membership, client: &Client) -> Result<(), ConsulError> {
-    let settings = &membership.settings;
-    let mut check = CheckRegistration::ttl(
-        membership.check_id(),
-        "halo-lb heartbeat",
-        settings.check_ttl,
-        CheckStatus::Passing,
-    );
-    check.deregister_critical_service_after = Some(DEREGISTER_AFTER);
-    let registration = ServiceRegistration {
-        id: membership.service_id(),
-        name: "halo-lb".to_owned(),
-        tags: vec![format!("cluster-{}", settings.cluster), "ecmp".to_owned()],
-        address: Some(membership.admin.ip().to_string()),
-        port: Some(membership.admin.port()),
-        meta: BTreeMap::from([
-            ("cluster".to_owned(), settings.cluster.clone()),
-            ("id".to_owned(), settings.id.clone()),
-            ("instance".to_owned(), membership.instance.clone()),
-            ("mode".to_owned(), "ecmp".to_owned()),
-        ])
-        .into_iter()
-        .collect(),
-        weights: None,
-        checks: vec![check],
-    };
-    client.register_service(&registration).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::settings::ProbeListen;
-
-    fn membership(cap: Option<u32>) -> Arc<Membership> {
-        let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
-        let settings = HaSettings {
-            cluster: "edge".into(),
-            id: "b".into(),
-            id_is_default: false,
-            check_ttl: Duration::from_secs(1),
-            lock_delay: Duration::from_millis(300),
-            heartbeat: Duration::from_millis(250),
-            margin: Duration::from_millis(60),
-            lease: Duration::from_millis(240),
-            confirm_every: Duration::from_millis(60),
-            probe: ProbeListen::AgentAddress { port: 9901, admin },
-            probe_interval: Duration::from_millis(100),
-            probe_misses: 3,
-            floating: None,
-            ecmp: Some(EcmpSettings {
-                interface: "halo-vips".into(),
-                lease: Duration::from_secs(3),
-                confirm_every: Duration::from_millis(600),
-                withdraw_wait: Duration::from_secs(1),
-                max_announcing: cap,
-                expect_announcing: cap,
-            }),
-        };
-        Membership::new(settings, admin)
-    }
-
-    fn pair(index: u64, id: &str, instance: &str, state: MemberState, address: Option<&str>) -> KvPair {
-        let value = MemberValue {
-            id: id.into(),
-            instance: instance.into(),
-            admin: "127.0.0.1:9901".into(),
-            state,
-            since: "2026-12-04T00:00:00Z".into(),
-            address: address.map(str::to_owned),
-            handoff: None,
-            can_handoff: true,
-        };
-        KvPair {
-            key: format!("halo/edge/members/{id}"),
-            create_index: index,
-            modify_index: index,
-            lock_index: 1,
-            flags: 0,
-            value: Some(serde_json::to_vec(&value).unwrap().into()),
-            session: Some(format!("session-{id}")),
-        }
-    }
-
-    /// The cap counts the longer-standing members that are not draining;
-    /// the handoff goes to the longest-standing draining member, never to
-    /// ourselves, and not while we drain.
-    #[test]
-    fn rank_and_handoff_target_follow_the_confirmed_members() {
-        let m = membership(Some(2));
-        let ours = m.instance.clone();
-        let leader = KvPair {
-            key: "halo/edge/leader".into(),
-            ..pair(1, "x", "x", MemberState::Ready, None)
-        };
-        m.set_members(&[
-            leader,
-            pair(30, "b", &ours, MemberState::Announcing, Some("198.18.0.12")),
-            pair(10, "a", "ia", MemberState::Announcing, Some("198.18.0.11")),
-            pair(20, "c", "ic", MemberState::Draining, Some("198.18.0.13")),
-            pair(25, "d", "id", MemberState::Draining, Some("2001:2::14")),
-        ]);
-        assert_eq!(m.status().members.len(), 4, "the pair's lock key is no member");
-        assert_eq!(m.rank(), Some(1), "a counts, draining c and d do not");
-        assert_eq!(
-            m.handoff_target(),
-            Some(("ic".to_owned(), Ipv4Addr::new(198, 18, 0, 13))),
-            "the longest-standing draining member with an IPv4 address"
-        );
-        m.set_member_state(MemberState::Draining);
-        assert_eq!(m.handoff_target(), None, "a draining member never forwards");
-
-        let m = membership(None);
-        m.set_members(&[pair(10, "a", "ia", MemberState::Announcing, None)]);
-        assert_eq!(m.rank(), None, "a read that does not list us gives no rank");
-        assert_eq!(m.handoff_target(), None);
-    }
+    let (settings, ids) = (membership.settings.clone(), membership.ids());
+    let meta = BTreeMap::from([
+        ("cluster".to_owned(), settings.cluster.clone()),
+        ("id".to_owned(), settings.id.clone()),
+        ("instance".to_owned(), membership.instance.clone()),
+        ("mode".to_owned(), "ecmp".to_owned()),
+    ]);
+    let registration = instance::registration(&settings, &ids, membership.admin, &["ecmp"], meta);
+    instance::heartbeat(
+        client,
+        settings,
+        ids,
+        || registration.clone(),
+        |error| membership.set_consul_error(error),
+        check,
+        stop,
+    )
+    .await;
 }

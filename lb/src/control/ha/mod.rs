@@ -151,8 +151,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use halo_consul::{
-    CheckRegistration, CheckStatus, Client, Consistency, Error as ConsulError, HealthQuery, QueryOptions,
-    ServiceRegistration, SessionBehavior, SessionChecks, SessionRequest, Watch,
+    Client, Consistency, Error as ConsulError, HealthQuery, QueryOptions, ServiceRegistration, SessionBehavior,
+    SessionChecks, SessionRequest, Watch,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
@@ -169,6 +169,7 @@ use pair_key::KeyRing;
 pub(crate) use advertise::Advertised;
 
 use crate::control::floating::{FloatingIp, Outcome};
+use crate::control::instance::{self, close_session, unix_us, AbortOnDrop};
 use crate::control::server::Server;
 use crate::control::status::{DetectorStatus, HaStatus, LeaderStatus, VipConflict};
 pub(crate) use crate::control::status::{Role, StepDown, Term};
@@ -201,9 +202,6 @@ const BIND_BACKOFF_MAX: Duration = Duration::from_secs(30);
 const CONFLICT_CHECK: Duration = Duration::from_secs(1);
 /// Terms kept for `/status`.
 const HISTORY: usize = 64;
-/// Deregister the `halo-lb` instance of a process that died without
-/// cleaning up (Consul's minimum).
-const DEREGISTER_AFTER: Duration = Duration::from_secs(60);
 
 /// The lock key's value: who holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,11 +298,6 @@ pub(crate) struct Leadership {
     state: Mutex<State>,
 }
 
-fn unix_us(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
 impl Leadership {
     /// The view of a new instance (role: starting).
     pub(crate) fn new(settings: HaSettings, admin: SocketAddr) -> Arc<Leadership> {
@@ -314,7 +307,7 @@ impl Leadership {
             admin,
             started: halo_health::server::rfc3339(now),
             started_us: unix_us(now),
-            instance: format!("{:016x}", fastrand::u64(..)),
+            instance: instance::new_instance(),
             probe: OnceLock::new(),
             node: OnceLock::new(),
             keys: OnceLock::new(),
@@ -337,20 +330,20 @@ impl Leadership {
         })
     }
 
+    /// This process's service and check IDs at the agent.
+    pub(crate) fn ids(&self) -> instance::Ids {
+        instance::Ids::new(&self.settings, &self.instance)
+    }
+
     /// This process's service ID at the agent:
     /// `halo-lb-<cluster>-<id>-<instance>`.
     pub(crate) fn service_id(&self) -> String {
-        format!(
-            "halo-lb-{}-{}-{}",
-            self.settings.cluster,
-            self.settings.id,
-            &self.instance[..8]
-        )
+        self.ids().service
     }
 
     /// This process's TTL check ID at the agent.
     pub(crate) fn check_id(&self) -> String {
-        format!("{}:ttl", self.service_id())
+        self.ids().check
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -968,13 +961,6 @@ async fn open_session(
             () = tokio::time::sleep(retry) => {}
         }
         retry = (retry * 2).min(Duration::from_secs(2));
-    }
-}
-
-async fn close_session(client: &Client, session: &str) {
-    match client.session_destroy(session).await {
-        Ok(()) | Err(ConsulError::NotFound { .. }) => {}
-        Err(e) => tracing::warn!(session, error = %e, "cannot destroy the session"),
     }
 }
 
@@ -1848,69 +1834,26 @@ async fn suspend(
     }
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Registers the instance, then passes its check every `heartbeat`,
-/// publishing until when the check is known to pass. Re-registers when the
-/// agent no longer knows the check. (This keeps the session valid; it does
-/// not extend the active's lease: only the servers can.)
+/// Registers the instance and heartbeats its check ([`instance::heartbeat`]),
+/// reporting Consul errors into `/status`. (This keeps the session valid;
+/// it does not extend the active's lease: only the servers can.)
 async fn heartbeat(
     leadership: Arc<Leadership>,
     client: Client,
     check: watch::Sender<Option<Instant>>,
     stop: CancellationToken,
 ) {
-    let settings = leadership.settings.clone();
-    let check_id = leadership.check_id();
-    let mut registered = false;
-    let mut failing = false;
-    let mut tick = tokio::time::interval(settings.heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let sent = Instant::now();
-        let result = if registered {
-            match client.check_pass(&check_id, "").await {
-                Err(e) if e.is_not_found() => {
-                    tracing::warn!("the agent lost our check; registering again");
-                    registered = false;
-                    register(&leadership, &client).await
-                }
-                other => other,
-            }
-        } else {
-            register(&leadership, &client).await
-        };
-        match result {
-            Ok(()) => {
-                registered = true;
-                check.send_replace(Some(sent + settings.check_ttl));
-                if failing {
-                    tracing::info!("heartbeats reach the agent again");
-                    leadership.set_consul_error(None);
-                }
-                failing = false;
-            }
-            Err(e) => {
-                metrics::counter!("halo_ha_heartbeat_failures_total").increment(1);
-                if !failing {
-                    tracing::warn!(error = %e, "heartbeat failed; the check goes critical unless one succeeds");
-                }
-                leadership.set_consul_error(Some(e.to_string()));
-                failing = true;
-            }
-        }
-    }
+    let (settings, ids) = (leadership.settings.clone(), leadership.ids());
+    instance::heartbeat(
+        client,
+        settings,
+        ids,
+        || registration(&leadership),
+        |error| leadership.set_consul_error(error),
+        check,
+        stop,
+    )
+    .await;
 }
 
 /// Another live (passing) instance registered with our cluster and id that
@@ -2030,37 +1973,23 @@ async fn wait_out_twin(leadership: &Leadership, client: &Client, stop: &Cancella
     }
 }
 
-async fn register(leadership: &Leadership, client: &Client) -> Result<(), ConsulError> {
+/// This instance's registration; its probe address is known only once the
+/// election has chosen it, so it is made anew for every registration.
+fn registration(leadership: &Leadership) -> ServiceRegistration {
     let settings = &leadership.settings;
-    let mut check = CheckRegistration::ttl(
-        leadership.check_id(),
-        "halo-lb heartbeat",
-        settings.check_ttl,
-        CheckStatus::Passing,
-    );
-    check.deregister_critical_service_after = Some(DEREGISTER_AFTER);
-    let registration = ServiceRegistration {
-        id: leadership.service_id(),
-        name: "halo-lb".to_owned(),
-        tags: vec![format!("cluster-{}", settings.cluster)],
-        address: Some(leadership.admin.ip().to_string()),
-        port: Some(leadership.admin.port()),
-        meta: [
-            ("cluster".to_owned(), settings.cluster.clone()),
-            ("id".to_owned(), settings.id.clone()),
-            ("instance".to_owned(), leadership.instance.clone()),
-            ("start_us".to_owned(), leadership.started_us.to_string()),
-            (
-                "probe".to_owned(),
-                leadership.probe.get().map(|p| p.addr.to_string()).unwrap_or_default(),
-            ),
-        ]
-        .into_iter()
-        .collect(),
-        weights: None,
-        checks: vec![check],
-    };
-    client.register_service(&registration).await
+    let meta = [
+        ("cluster".to_owned(), settings.cluster.clone()),
+        ("id".to_owned(), settings.id.clone()),
+        ("instance".to_owned(), leadership.instance.clone()),
+        ("start_us".to_owned(), leadership.started_us.to_string()),
+        (
+            "probe".to_owned(),
+            leadership.probe.get().map(|p| p.addr.to_string()).unwrap_or_default(),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    instance::registration(settings, &leadership.ids(), leadership.admin, &[], meta)
 }
 
 /// Watches the lock key with consistent blocking reads, publishing what it
