@@ -36,6 +36,21 @@ async fn udp_status(lb: &Lb) -> serde_json::Value {
     lb.status().await["vips"][0]["udp"].clone()
 }
 
+/// The UDP status once `counter` has reached `at_least`: a worker counts a
+/// reply after `sendmmsg` returns, which may be after the client has read
+/// it; every other counter is as of that moment (or later).
+async fn udp_status_once(lb: &Lb, counter: &str, at_least: u64) -> serde_json::Value {
+    eventually(
+        DEADLINE,
+        &format!("the UDP {counter} counter to reach {at_least}"),
+        || async {
+            let udp = udp_status(lb).await;
+            (n(&udp[counter]) >= at_least).then_some(udp)
+        },
+    )
+    .await
+}
+
 fn n(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
@@ -147,7 +162,7 @@ async fn a_flow_sticks_to_one_backend_and_flows_spread_over_all() {
         seen.insert(first);
     }
     assert_eq!(seen.len(), 3, "24 flows reached every backend: {seen:?}");
-    let udp = udp_status(&lb).await;
+    let udp = udp_status_once(&lb, "datagrams_out", 96).await;
     assert_eq!(n(&udp["flows_created"]), 96, "{udp}");
     assert_eq!(n(&udp["flows_ended"]["answered"]), 96, "{udp}");
     assert_eq!(n(&udp["datagrams_in"]), 96);
@@ -289,7 +304,7 @@ async fn empty_and_largest_datagrams_pass_and_a_flood_stays_within_the_flow_limi
         Some(big.clone()),
         "a 65,507-byte datagram"
     );
-    let udp = udp_status(&lb).await;
+    let udp = udp_status_once(&lb, "datagrams_out", 2).await;
     assert_eq!(n(&udp["datagrams_in"]), 2, "{udp}");
     assert_eq!(n(&udp["datagrams_out"]), 2, "{udp}");
 
@@ -549,7 +564,7 @@ async fn a_udp_vip_serves_ipv6_clients_and_backends() {
     let client = UdpSocket::bind("[::1]:0").unwrap();
     let back = round_trip(&client, vip, b"six").expect("an answer over IPv6");
     assert_eq!(back, b"six via ::1");
-    assert_eq!(n(&udp_status(&lb).await["datagrams_out"]), 1);
+    assert_eq!(n(&udp_status_once(&lb, "datagrams_out", 1).await["datagrams_out"]), 1);
 }
 
 #[tokio::test]
