@@ -57,6 +57,8 @@
 //! - `query`: consistency modes, response metadata, and [`Watch`], the
 //!   blocking-query loop every watcher uses.
 //! - [`duration`]: Go duration strings, shared with halo's config files.
+//! - `section`: [`Section`], the `[consul]` table of both programs' config
+//!   files, with its own deserializer and the problems a config check reports.
 //! - `error`: the [`Error`] enum.
 //! - `fuzz` (tests only): property tests of the JSON decoders.
 
@@ -70,6 +72,7 @@ pub mod file;
 mod health;
 mod kv;
 mod query;
+mod section;
 mod session;
 mod tls;
 mod token;
@@ -92,6 +95,7 @@ pub use query::{
     AclPolicy, Consistency, QueryMeta, QueryOptions, Response, Watch, DEFAULT_BACKOFF_MAX, DEFAULT_BACKOFF_MIN,
     DEFAULT_WATCH_BURST, DEFAULT_WATCH_RATE,
 };
+pub use section::Section;
 pub use session::{ServiceCheckRef, SessionBehavior, SessionChecks, SessionInfo, SessionRequest};
 pub use tls::TlsConfig;
 pub use token::{Token, MAX_TOKEN_FILE_BYTES};

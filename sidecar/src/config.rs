@@ -94,79 +94,11 @@ pub struct Config {
     pub drain: DrainSection,
 }
 
-/// `[consul]`: the local agent. Every field left unset falls back to
-/// Consul's own environment variable (named on the field); a value here (or
-/// its `HALO_CONSUL_*` variable) wins over the environment, as a flag does
-/// with Consul's CLI.
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsulSection {
-    /// The local agent: `host:port`, `http://host:port`, `https://host:port`
-    /// (TLS) or `unix:///path`. Unset: `CONSUL_HTTP_ADDR`, else
-    /// 127.0.0.1:8500.
-    pub address: Option<String>,
-    /// ACL token. Unset: `CONSUL_HTTP_TOKEN`, else none. Prefer `token_file`.
-    pub token: Option<String>,
-    /// File holding the ACL token; wins over `token`; read at start and
-    /// again on SIGHUP (a bad file then keeps the old token, logged).
-    /// Unset: `CONSUL_HTTP_TOKEN_FILE`.
-    pub token_file: Option<std::path::PathBuf>,
-    /// CA certificate(s) (PEM) the agent's certificate must chain to. Unset:
-    /// `CONSUL_CACERT`; with no CA file or directory, the system store.
-    pub ca_file: Option<std::path::PathBuf>,
-    /// Directory of CA certificates (PEM). Unset: `CONSUL_CAPATH`.
-    pub ca_path: Option<std::path::PathBuf>,
-    /// Client certificate (PEM) for agents with `verify_incoming`. Unset:
-    /// `CONSUL_CLIENT_CERT`.
-    pub cert_file: Option<std::path::PathBuf>,
-    /// The client certificate's key (PEM). Unset: `CONSUL_CLIENT_KEY`.
-    pub key_file: Option<std::path::PathBuf>,
-    /// Name the agent's certificate must carry. Unset:
-    /// `CONSUL_TLS_SERVER_NAME`, else the address's host.
-    pub tls_server_name: Option<String>,
-    /// `true` turns off verification of the agent's certificate (logged at
-    /// warn). Unset: `CONSUL_HTTP_SSL_VERIFY=false` turns it off, else verify.
-    pub tls_skip_verify: Option<bool>,
-}
-
-impl std::fmt::Debug for ConsulSection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsulSection")
-            .field("address", &self.address.as_deref().map(halo_consul::redact_address))
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("token_file", &self.token_file)
-            .field("ca_file", &self.ca_file)
-            .field("ca_path", &self.ca_path)
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .field("tls_server_name", &self.tls_server_name)
-            .field("tls_skip_verify", &self.tls_skip_verify)
-            .finish()
-    }
-}
-
-impl ConsulSection {
-    /// The client configuration this section gives (the environment fills
-    /// in what is unset when the client is made).
-    pub fn client_config(&self, timeout: Option<std::time::Duration>) -> halo_consul::Config {
-        halo_consul::Config {
-            address: self.address.clone(),
-            token: self.token.clone(),
-            token_file: self.token_file.clone(),
-            tls: halo_consul::TlsConfig {
-                enabled: None,
-                ca_file: self.ca_file.clone(),
-                ca_path: self.ca_path.clone(),
-                cert_file: self.cert_file.clone(),
-                key_file: self.key_file.clone(),
-                server_name: self.tls_server_name.clone(),
-                skip_verify: self.tls_skip_verify,
-            },
-            timeout,
-            ..halo_consul::Config::default()
-        }
-    }
-}
+/// `[consul]`: the local agent, as both programs write it
+/// ([`halo_consul::Section`]). A value here or in its `HALO_CONSUL_*`
+/// variable wins over Consul's own `CONSUL_*` variables. The sidecar makes no
+/// blocking queries, so it takes no `wait`.
+pub type ConsulSection = halo_consul::Section<false>;
 
 /// `[service]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -795,34 +727,10 @@ fn validate_meta(meta: &BTreeMap<String, String>, problems: &mut Vec<String>) {
 
 /// The Consul settings as the client will see them (config first, then
 /// Consul's `CONSUL_*` variables), checked by the client itself so `check`
-/// and `run` agree. halo-consul's reason starts with the setting or variable
-/// at fault: a config field becomes `consul.<field>`, a variable stays.
+/// and `run` agree; each problem names the key (`consul.<key>`) or the
+/// variable at fault.
 fn validate_consul(consul: &ConsulSection, env: impl Fn(&str) -> Option<String>, problems: &mut Vec<String>) {
-    const FIELDS: &[&str] = &[
-        "address",
-        "token_file",
-        "token",
-        "ca_file",
-        "ca_path",
-        "cert_file",
-        "key_file",
-        "tls_server_name",
-    ];
-    let result = halo_consul::Client::with_env(consul.client_config(None), &env);
-    if let Err(e) = result {
-        let reason = match e {
-            halo_consul::Error::Config(reason) => reason,
-            other => other.to_string(),
-        };
-        let reason = shorten(&reason);
-        if FIELDS.iter().any(|f| reason.starts_with(f)) || reason.starts_with("tls_skip_verify") {
-            problems.push(format!("consul.{reason}"));
-        } else if reason.starts_with("CONSUL_") {
-            problems.push(reason);
-        } else {
-            problems.push(format!("consul: {reason}"));
-        }
-    }
+    problems.extend(consul.problems(env).into_iter().map(|p| shorten(&p)));
 }
 
 /// At most 100 characters of `s` (user strings copied into errors).

@@ -235,61 +235,10 @@ impl Default for AdminConfig {
     }
 }
 
-/// `[consul]`: the agent halo-lb asks (normally the local one). Every field
-/// left unset falls back to Consul's own environment variable (named on the
-/// field); a value here wins over the environment, as a flag does with
-/// Consul's CLI.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsulConfig {
-    /// Agent address: `host:port`, `http://host:port`, `https://host:port`
-    /// (TLS) or `unix:///path`. Unset: `CONSUL_HTTP_ADDR`, else
-    /// 127.0.0.1:8500.
-    pub address: Option<String>,
-    /// ACL token. Unset: `CONSUL_HTTP_TOKEN`, else none. Prefer `token_file`.
-    pub token: Option<String>,
-    /// File holding the ACL token; wins over `token`; read at start and
-    /// again on SIGHUP (a new token reaches discovery and the election at
-    /// once). Unset: `CONSUL_HTTP_TOKEN_FILE`.
-    pub token_file: Option<std::path::PathBuf>,
-    /// CA certificate(s) (PEM) the agent's certificate must chain to. Unset:
-    /// `CONSUL_CACERT`; with no CA file or directory, the system store.
-    pub ca_file: Option<std::path::PathBuf>,
-    /// Directory of CA certificates (PEM). Unset: `CONSUL_CAPATH`.
-    pub ca_path: Option<std::path::PathBuf>,
-    /// Client certificate (PEM) for agents with `verify_incoming`. Unset:
-    /// `CONSUL_CLIENT_CERT`.
-    pub cert_file: Option<std::path::PathBuf>,
-    /// The client certificate's key (PEM). Unset: `CONSUL_CLIENT_KEY`.
-    pub key_file: Option<std::path::PathBuf>,
-    /// Name the agent's certificate must carry. Unset:
-    /// `CONSUL_TLS_SERVER_NAME`, else the address's host.
-    pub tls_server_name: Option<String>,
-    /// `true` turns off verification of the agent's certificate (logged at
-    /// warn on every start and reload). Unset: `CONSUL_HTTP_SSL_VERIFY=false`
-    /// turns it off, else verify.
-    pub tls_skip_verify: Option<bool>,
-    /// Longest blocking-query wait. Unset: [`DEFAULT_CONSUL_WAIT`].
-    #[serde(default, with = "halo_consul::duration::serde_opt_str")]
-    pub wait: Option<Duration>,
-}
-
-impl fmt::Debug for ConsulConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConsulConfig")
-            .field("address", &self.address)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("token_file", &self.token_file)
-            .field("ca_file", &self.ca_file)
-            .field("ca_path", &self.ca_path)
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .field("tls_server_name", &self.tls_server_name)
-            .field("tls_skip_verify", &self.tls_skip_verify)
-            .field("wait", &self.wait)
-            .finish()
-    }
-}
+/// `[consul]`: the agent halo-lb asks (normally the local one), as both
+/// programs write it ([`halo_consul::Section`]); halo-lb makes blocking
+/// queries, so it also takes `wait` (unset: [`DEFAULT_CONSUL_WAIT`]).
+pub type ConsulConfig = halo_consul::Section<true>;
 
 /// How a VIP picks a backend for a new connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]

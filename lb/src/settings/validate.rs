@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use super::ha::validate_ha;
 use super::{
@@ -368,32 +367,18 @@ fn valid_domain_name(v: &str) -> bool {
 /// `[consul]`, checked once, and only when something uses it (a VIP with
 /// `service`, or `[ha]`): one bad address is one problem.
 fn validate_consul(c: &ConsulConfig, needed: bool, problems: &mut Vec<String>) -> ConsulSettings {
-    if c.wait
-        .is_some_and(|w| w < Duration::from_secs(1) || w > Duration::from_secs(600))
-    {
-        problems.push("consul.wait: must be between 1s and 10m".to_owned());
-    }
     let settings = ConsulSettings {
         address: c.address.clone(),
         token: c.token.clone(),
         token_file: c.token_file.clone(),
-        tls: halo_consul::TlsConfig {
-            enabled: None,
-            ca_file: c.ca_file.clone(),
-            ca_path: c.ca_path.clone(),
-            cert_file: c.cert_file.clone(),
-            key_file: c.key_file.clone(),
-            server_name: c.tls_server_name.clone(),
-            skip_verify: c.tls_skip_verify,
-        },
+        tls: c.tls(),
         wait: c.wait.unwrap_or(DEFAULT_CONSUL_WAIT),
     };
+    problems.extend(c.wait_problem());
     if needed {
-        if let Err(e) = settings.client() {
-            // halo-consul's text names the setting or variable at fault
-            // (address, token_file, ca_file, CONSUL_CACERT, …).
-            problems.push(format!("consul: {e}"));
-        }
+        // Each problem names the key (`consul.ca_file …`) or the `CONSUL_*`
+        // variable at fault.
+        problems.extend(c.client_problem(|name| std::env::var(name).ok()));
     }
     settings
 }
@@ -424,8 +409,9 @@ fn validate_zone_routing(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::super::ha::{default_id, is_name};
-    use super::*;
     use crate::settings::*;
 
     const GOOD: &str = r#"
