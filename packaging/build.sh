@@ -55,6 +55,14 @@ if [ "$what" = debs ] || [ "$what" = all ]; then
     deb=$(scripts/cargo-tool.sh cargo-deb "$CARGO_DEB_VERSION")
     echo "== Debian packages"
     mkdir -p "$target_dir/debian"
+    # The man pages, from the CLI definitions of the binaries just built
+    # (the packages' assets take them from here).
+    rm -rf "$bin/man" && mkdir -p "$bin/man"
+    "$bin/halo-lb" generate-man "$bin/man"
+    "$bin/halo-sidecar" generate-man "$bin/man"
+    # Compressed as Debian policy wants, without a name or time stamp in
+    # the header (the same pages give the same bytes).
+    gzip -9n "$bin"/man/*.1
     for p in halo-lb halo-sidecar; do
         # --no-build: the static binaries above. --dbgsym: the debug
         # symbols (release has debug = 1) go into <package>-dbgsym.ddeb,

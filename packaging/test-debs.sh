@@ -81,6 +81,18 @@ for p in halo-lb halo-sidecar; do
                grep -B2 'deb-systemd-helper enable' '$tmp/$p.control/postinst' | grep -q was-enabled"
     check "$p: section net" \
         sh -c "grep -q '^ Section: net' '$tmp/$p.info'"
+    # One page per command and subcommand, written from the CLI definitions
+    # (`<binary> generate-man`), compressed, and readable by man(1).
+    case $p in
+        halo-lb) pages="halo-lb halo-lb-check halo-lb-healthcheck halo-lb-release-vip" ;;
+        halo-sidecar) pages="halo-sidecar halo-sidecar-check halo-sidecar-healthcheck halo-sidecar-drain" ;;
+    esac
+    for page in $pages; do
+        check "$p: man page $page(1) installed" test -f "$tmp/$p/usr/share/man/man1/$page.1.gz"
+    done
+    check "$p: $p(1) renders, with its FILES and SIGNALS" \
+        sh -c "zcat '$tmp/$p/usr/share/man/man1/$p.1.gz' | MANWIDTH=80 man -l - 2>/dev/null | grep -q '^SIGNALS' &&
+               zcat '$tmp/$p/usr/share/man/man1/$p.1.gz' | MANWIDTH=80 man -l - 2>/dev/null | grep -q '^FILES'"
 done
 
 # Install and purge on this host, as root: the maintainer scripts run for

@@ -24,10 +24,12 @@
 //!   loopback, `Host`/`Origin` checks against browsers), and token files.
 //! - [`service`]: life under a service manager: systemd's readiness
 //!   protocol and watchdog, and the `healthcheck` subcommand's request.
+//! - [`man`]: the man pages both binaries write from their CLI definitions.
 //! - [`host_name`]: the host name both binaries derive default ids from.
 
 pub mod auth;
 pub mod checker;
+pub mod man;
 pub mod probe;
 pub mod server;
 pub mod service;

@@ -40,7 +40,60 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Write the man pages into DIR (for the packages) and exit.
+    #[command(hide = true)]
+    GenerateMan {
+        /// Where the pages go.
+        dir: PathBuf,
+    },
 }
+
+/// What the main man page says beyond `--help`.
+const MAN: halo_health::man::Sections<'static> = halo_health::man::Sections {
+    exit_status: &[
+        ("0", "Stopped on SIGTERM or SIGINT after draining, or the subcommand succeeded."),
+        (
+            "1",
+            "The config is invalid (every problem is printed, each naming its field), the balancer could not start or failed, or the subcommand failed.",
+        ),
+    ],
+    environment: &[
+        (
+            "CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE",
+            "The Consul agent and ACL token, for every [consul] key left unset, as Consul's own CLI reads them.",
+        ),
+        (
+            "CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_TLS_SERVER_NAME, CONSUL_HTTP_SSL_VERIFY",
+            "TLS to the agent, for every [consul] key left unset.",
+        ),
+        ("HALO_DATA_PLANE", "auto, io_uring or epoll: overrides data_plane in the config file."),
+        (
+            "HALO_ADMIN_TOKEN_FILE",
+            "File holding the bearer token the admin API's write endpoints require.",
+        ),
+        ("RUST_LOG", "Log filter (default info), e.g. halo_lb=debug."),
+        (
+            "NOTIFY_SOCKET, WATCHDOG_USEC",
+            "Set by systemd: halo-lb reports READY=1 once it serves or has its place in the pair, STOPPING=1 on SIGTERM, and pings the watchdog.",
+        ),
+    ],
+    files: &[
+        ("/etc/halo/halo-lb.toml", "The config file (--config)."),
+        ("/etc/default/halo-lb", "Environment of the packaged unit (mode 600: it may hold CONSUL_HTTP_TOKEN)."),
+        ("/usr/share/doc/halo-lb/", "The operator's book: tutorial, configuration reference, runbooks."),
+    ],
+    signals: &[
+        (
+            "SIGHUP",
+            "Reload: read the config file and token files again and swap the tables; a bad file keeps the running config and is logged.",
+        ),
+        (
+            "SIGTERM, SIGINT",
+            "Drain: an active stops serving and hands the lock over (in ECMP mode the instance first withdraws its routes), the listeners close, and live connections get drain_timeout to finish.",
+        ),
+    ],
+    see_also: &["halo-sidecar(1)", "consul(1)"],
+};
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     halo_consul::duration::parse(text).map_err(|e| e.to_string())
@@ -85,6 +138,16 @@ fn release_vip(config: &halo_lb::Validated) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::GenerateMan { dir }) = &cli.command {
+        use clap::CommandFactory;
+        return match halo_health::man::write_pages(Cli::command(), &MAN, dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("halo-lb: cannot write the man pages into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {

@@ -53,7 +53,64 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Write the man pages into DIR (for the packages) and exit.
+    #[command(hide = true)]
+    GenerateMan {
+        /// Where the pages go.
+        dir: PathBuf,
+    },
 }
+
+/// What the main man page says beyond `--help`.
+const MAN: halo_health::man::Sections<'static> = halo_health::man::Sections {
+    exit_status: &[
+        (
+            "0",
+            "Drained and deregistered after SIGTERM, SIGINT or POST /drain, or the subcommand succeeded.",
+        ),
+        (
+            "1",
+            "The configuration is invalid (every problem is printed, each naming its field or HALO_ variable), the sidecar failed, or the subcommand failed.",
+        ),
+    ],
+    environment: &[
+        (
+            "HALO_<SECTION>_<KEY>",
+            "Any config key: HALO_SERVICE_PORT=9001 is [service] port = 9001, HALO_SERVICE_META_ZONE=zone-a is [service.meta] zone, HALO_CHECK_0_URL is the first [[check]]'s url. A variable wins over the file; an unknown one in a sidecar section is an error.",
+        ),
+        (
+            "CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE",
+            "The Consul agent and ACL token, for every [consul] key left unset, as Consul's own CLI reads them.",
+        ),
+        (
+            "CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_TLS_SERVER_NAME, CONSUL_HTTP_SSL_VERIFY",
+            "TLS to the agent, for every [consul] key left unset.",
+        ),
+        ("RUST_LOG", "Log filter (default info), e.g. halo_sidecar=debug."),
+        (
+            "NOTIFY_SOCKET, WATCHDOG_USEC",
+            "Set by systemd: the sidecar reports READY=1 once registered, STOPPING=1 when it drains, and pings the watchdog.",
+        ),
+    ],
+    files: &[
+        ("/etc/halo/sidecar-NAME.toml", "The config of halo-sidecar@NAME.service (--config)."),
+        (
+            "/etc/default/halo-sidecar",
+            "Environment of the packaged units (mode 600: it may hold CONSUL_HTTP_TOKEN).",
+        ),
+    ],
+    signals: &[
+        (
+            "SIGTERM, SIGINT",
+            "Drain: the instance goes into maintenance in Consul, the sidecar waits drain.grace, deregisters it and exits.",
+        ),
+        (
+            "SIGHUP",
+            "Read the Consul token file again (the only thing reloaded); a bad file keeps the old token, logged.",
+        ),
+    ],
+    see_also: &["halo-lb(1)", "consul(1)"],
+};
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     halo_consul::duration::parse(text).map_err(|e| e.to_string())
@@ -187,6 +244,16 @@ fn ask_consul(settings: &halo_sidecar::config::Settings) -> Result<String, Strin
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::GenerateMan { dir }) = &cli.command {
+        use clap::CommandFactory;
+        return match halo_health::man::write_pages(Cli::command(), &MAN, dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("halo-sidecar: cannot write the man pages into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let settings = match halo_sidecar::config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(s) => s,
         Err(e) => {
@@ -200,7 +267,8 @@ fn main() -> ExitCode {
             return halo_health::service::healthcheck("halo-sidecar", settings.admin, path, timeout);
         }
         Some(Command::Drain { wait, timeout }) => return drain(&settings, wait, timeout),
-        Some(Command::Check) | None => {}
+        // `generate-man` returned before the configuration was loaded.
+        Some(Command::Check | Command::GenerateMan { .. }) | None => {}
     }
     if let Some(Command::Check) = cli.command {
         for warning in &settings.warnings {

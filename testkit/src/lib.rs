@@ -35,6 +35,8 @@
 //!   servers, a client agent on every other host (balancers, backends, a
 //!   client), and fault primitives (power off, cable pull, partitions,
 //!   pause, leader kill).
+//! - [`reference`]: the configuration reference in `docs/reference/` held
+//!   against the schema serde really reads.
 
 pub mod dc;
 pub mod dnsd;
@@ -46,6 +48,7 @@ pub mod netns;
 pub mod notify;
 mod ports;
 mod process;
+pub mod reference;
 pub mod tls;
 
 use std::future::Future;
