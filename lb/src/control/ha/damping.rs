@@ -27,10 +27,22 @@
 //! from Consul, frozen, its cable pulled) deserved the takeover and is not
 //! damped: the next real failure of the other side is handled as fast as
 //! the first.
+//!
+//! The election tells [`Damping`] of an incident through
+//! [`Leadership::lost_lock`] and [`Leadership::observe_holder`]: a loss
+//! while serving counts only once the next holder's value says that it
+//! forced our session out. A session Consul ended (our node failed in
+//! gossip, our check went critical) is no incident.
+//!
+//! Damping only ever holds a forced takeover back, so it cannot make two
+//! actives; the safety argument is in [the module docs](super).
 
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::key::KeyState;
+use super::Leadership;
 
 /// The first damping window after an incident.
 pub(super) const DAMP_BASE: Duration = Duration::from_secs(30);
@@ -103,6 +115,49 @@ impl Damping {
     /// Whether forced takeovers wait to hear the active first.
     pub(super) fn waits_to_hear(&self) -> bool {
         self.unheard
+    }
+}
+
+impl Leadership {
+    /// This instance lost `session`'s lock while serving under a valid
+    /// lease. Whether that was a peer's forced takeover (an incident for
+    /// damping: the link between us may be what broke) or Consul
+    /// invalidating the session (our node failed in gossip, our check went
+    /// critical: nothing to damp) is known once the next holder's value is
+    /// seen.
+    pub(super) fn lost_lock(&self, session: &str) {
+        self.state().lost_while_serving = Some((session.to_owned(), Instant::now()));
+    }
+
+    /// A holder of the lock as the key watch sees it: if it forced out the
+    /// session we lost while serving, that loss was an incident.
+    pub(super) fn observe_holder(&self, key: Option<&KeyState>) {
+        let mut state = self.state();
+        let Some((lost, at)) = state.lost_while_serving.clone() else {
+            return;
+        };
+        let Some(key) = key.filter(|k| k.session.is_some()) else {
+            // Free: nobody has acquired yet.
+            return;
+        };
+        if key.session.as_deref() == Some(lost.as_str()) {
+            // A view from before the loss: undecided yet.
+            return;
+        }
+        let Some(holder) = key.holder.as_ref() else {
+            return;
+        };
+        if holder.instance == self.instance {
+            // We took it again ourselves: nobody forced us out.
+            state.lost_while_serving = None;
+        } else if holder.forced.as_deref() == Some(lost.as_str()) {
+            state.lost_while_serving = None;
+            state.damping.incident(at);
+            tracing::warn!(holder = %holder.id, "we were forced out by a peer while serving: damping our own forced takeovers until we hear the active again");
+        } else {
+            state.lost_while_serving = None;
+            tracing::info!(holder = %holder.id, "the lock went to a peer that did not force us out (Consul ended our session): not damped");
+        }
     }
 }
 

@@ -9,7 +9,9 @@
 //! decides, with the same rule on both sides, which of two live claimers
 //! keeps the address. [`wait_until_free`] is what a new lock holder does
 //! before its term: it probes, and does not claim while a live claimer
-//! announces the address.
+//! announces the address. [`claim`] and [`release_address`] add and remove
+//! the address off the election's thread (netlink and packet sockets
+//! block).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -19,8 +21,11 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{AbortOnDrop, KeyState, Leadership, Role, StepDown, CONFLICT_CHECK};
-use crate::control::floating::{self, FloatingIp, Heard, Listener, Probed, Removals};
+use super::key::KeyState;
+use super::lease::lapsed;
+use super::{Leadership, Role, StepDown, CONFLICT_CHECK};
+use crate::control::floating::{self, FloatingIp, Heard, Listener, Outcome, Probed, Removals};
+use crate::control::instance::AbortOnDrop;
 use crate::control::status::VipConflict;
 
 /// How long a probe before a claim listens: a kernel that has the address
@@ -249,13 +254,13 @@ pub(super) async fn wait_until_free(
             biased;
             () = tokio::time::sleep_until(deadline) => {
                 if *lease.borrow() <= Instant::now() {
-                    return Err(super::lapsed(lost));
+                    return Err(lapsed(lost));
                 }
             }
             () = stop.cancelled() => return Err(StepDown::Shutdown),
             changed = lease.changed() => {
                 if changed.is_err() {
-                    return Err(super::lapsed(lost));
+                    return Err(lapsed(lost));
                 }
                 leadership.set_lease(Some(*lease.borrow()));
             }
@@ -309,6 +314,36 @@ pub(super) async fn wait_until_free(
                 }
             }
         }
+    }
+}
+
+/// Adds the floating address and announces it, off this thread (netlink and
+/// packet sockets block); logged, not fatal: the active retries.
+pub(super) async fn claim(floating: &Arc<FloatingIp>) -> bool {
+    let f = Arc::clone(floating);
+    let started = std::time::Instant::now();
+    match tokio::task::spawn_blocking(move || f.claim()).await {
+        Ok(Ok(_)) => {
+            tracing::info!(address = %floating.address(), interface = floating.interface(), took = ?started.elapsed(), "floating address claimed and announced");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot claim the floating address; retrying");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the claim task failed; retrying");
+            false
+        }
+    }
+}
+
+/// Removes the floating address, off this thread.
+pub(super) async fn release_address(floating: &Arc<FloatingIp>) -> Result<Outcome, crate::control::floating::Error> {
+    let f = Arc::clone(floating);
+    match tokio::task::spawn_blocking(move || f.release()).await {
+        Ok(result) => result,
+        Err(e) => Err(crate::control::floating::Error::Task(e.to_string())),
     }
 }
 
