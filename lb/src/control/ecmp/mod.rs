@@ -93,24 +93,37 @@
 //! decision uses only this process's own state and Consul reads over the
 //! authenticated (ACL token, TLS) client. The routing daemon's sessions are
 //! the daemon's to protect (BGP MD5/TCP-AO or GTSM in its config).
+//!
+//! # Layout
+//!
+//! [`run`] takes one membership after another and drains on shutdown:
+//!
+//! - [`registration`]: the instance's registration, TTL check and session.
+//! - [`member`]: one membership: the confirming reads, the lease, and what
+//!   to announce.
+//! - [`drain`]: what a drain waits for from the peers.
+//! - [`handoff`]: passing a draining member's packets on to it.
+//! - [`tun`]: the announce interface the routing daemon exports.
 
+mod drain;
 mod handoff;
+mod member;
+mod registration;
 mod tun;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use halo_consul::{
-    Client, Consistency, Error as ConsulError, KvPair, QueryOptions, SessionBehavior, SessionChecks, SessionRequest,
-};
+use halo_consul::Client;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use self::drain::HANDOFF_WAIT;
+use self::member::Left;
 pub(crate) use self::tun::Announcer;
 use crate::control::instance::{self, close_session, unix_us, AbortOnDrop};
 use crate::control::server::Server;
@@ -118,11 +131,6 @@ pub(crate) use crate::control::status::MemberState;
 use crate::control::status::{AnnounceChange, EcmpMember, EcmpStatus};
 use crate::settings::{EcmpSettings, HaSettings};
 
-/// How often what may be announced is looked at again between reads (a
-/// table that lost its last backend, a listener that came up).
-const EVALUATE_EVERY: Duration = Duration::from_millis(100);
-/// Membership reads in flight at once, at most.
-const READS_IN_FLIGHT: usize = 4;
 /// Back-off after a failed Consul call, doubling up to [`CONSUL_RETRY_MAX`].
 const CONSUL_RETRY: Duration = Duration::from_millis(100);
 const CONSUL_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -341,65 +349,6 @@ impl Membership {
             state.changes.pop_front();
         }
     }
-
-    /// Takes in a confirmed read of the members.
-    fn set_members(&self, pairs: &[KvPair]) {
-        let prefix = self.prefix();
-        let mut members: Vec<(u64, MemberValue)> = pairs
-            .iter()
-            .filter(|p| p.session.is_some() && p.key.starts_with(&prefix))
-            .filter_map(|p| {
-                let value = p.value.as_ref()?;
-                match serde_json::from_slice::<MemberValue>(value) {
-                    Ok(v) => Some((p.create_index, v)),
-                    Err(e) => {
-                        tracing::debug!(key = %p.key, error = %e, "a member key holds no member value; ignored");
-                        None
-                    }
-                }
-            })
-            .collect();
-        members.sort_by_key(|(index, _)| *index);
-        let cluster = self.settings.cluster.clone();
-        metrics::gauge!("halo_ecmp_members", "cluster" => cluster.clone()).set(members.len() as f64);
-        for state in [MemberState::Ready, MemberState::Announcing, MemberState::Draining] {
-            let count = members.iter().filter(|(_, m)| m.state == state).count();
-            metrics::gauge!("halo_ecmp_members_by_state", "cluster" => cluster.clone(), "state" => state.as_str())
-                .set(count as f64);
-        }
-        self.state().members = members;
-    }
-
-    /// The member to hand over to: the longest-standing draining one other
-    /// than us with an IPv4 address; none while we drain ourselves.
-    fn handoff_target(&self) -> Option<(String, Ipv4Addr)> {
-        let state = self.state();
-        if state.state == MemberState::Draining {
-            return None;
-        }
-        state
-            .members
-            .iter()
-            .filter(|(_, m)| m.state == MemberState::Draining && m.instance != self.instance)
-            .find_map(|(_, m)| {
-                let address = m.address.as_deref()?.parse::<Ipv4Addr>().ok()?;
-                Some((m.instance.clone(), address))
-            })
-    }
-
-    /// How many longer-standing members announce, as the last confirmed
-    /// read listed them (a member that cannot serve does not hold a place
-    /// under the cap); `None` if that read did not list us.
-    fn rank(&self) -> Option<usize> {
-        let state = self.state();
-        let ours = state.members.iter().position(|(_, m)| m.instance == self.instance)?;
-        Some(
-            state.members[..ours]
-                .iter()
-                .filter(|(_, m)| m.state == MemberState::Announcing)
-                .count(),
-        )
-    }
 }
 
 /// Registers the metrics at their starting values.
@@ -489,7 +438,7 @@ pub(crate) async fn run(
         }
     };
     let (check_tx, mut check) = watch::channel(None);
-    let _heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
+    let _heartbeat = AbortOnDrop(tokio::spawn(registration::heartbeat(
         Arc::clone(&membership),
         client.clone(),
         check_tx,
@@ -497,12 +446,15 @@ pub(crate) async fn run(
     )));
     let mut session: Option<String> = None;
     let mut lease_at_stop: Option<Instant> = None;
-    let _resolver = AbortOnDrop(tokio::spawn(resolve_address(Arc::clone(&membership), client.clone())));
+    let _resolver = AbortOnDrop(tokio::spawn(drain::resolve_address(
+        Arc::clone(&membership),
+        client.clone(),
+    )));
     while !stop.is_cancelled() {
         if let Some(old) = session.take() {
             close_session(&client, &old).await;
         }
-        let Some(id) = open_session(&membership, &client, &mut check, &stop).await else {
+        let Some(id) = registration::open_session(&membership, &client, &mut check, &stop).await else {
             break;
         };
         membership.state().session = Some(id.clone());
@@ -535,7 +487,7 @@ pub(crate) async fn run(
             }
         }
         tracing::info!(key = %membership.key(), session = %id, "member of the ecmp cluster");
-        match member(
+        match member::member(
             &membership,
             &client,
             &server,
@@ -565,7 +517,7 @@ pub(crate) async fn run(
         let (key, value) = (membership.key(), membership.value());
         match tokio::time::timeout(DRAINING_WRITE, client.kv_acquire(&key, value, id)).await {
             Ok(Ok(true)) if membership.address.get().is_some_and(IpAddr::is_ipv4) => {
-                await_handoff(&membership, &client, id, lease_at_stop).await;
+                drain::await_handoff(&membership, &client, id, lease_at_stop).await;
             }
             Ok(Ok(true)) => tracing::warn!("this host's IPv4 address is not known: withdrawing without a handoff"),
             Ok(Ok(false)) => tracing::warn!("the member key is no longer ours: withdrawing without a handoff"),
@@ -585,7 +537,7 @@ pub(crate) async fn run(
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot withdraw while keeping the addresses local; withdrawing them");
-            apply(&membership, &mut announcer, &BTreeSet::new(), Withdrawal::Drain, None);
+            member::apply(&membership, &mut announcer, &BTreeSet::new(), Withdrawal::Drain, None);
         }
     }
     {
@@ -618,447 +570,10 @@ pub(crate) async fn run(
     }
 }
 
-/// How long a draining instance waits for its peers to set up the handoff
-/// before it withdraws anyway (their reads come every `announce_lease / 5`).
-pub(crate) const HANDOFF_WAIT: Duration = Duration::from_secs(3);
-
-/// Waits until every announcing peer that can hand over says it hands over
-/// to us, or [`HANDOFF_WAIT`] passes, or our lease ends (`lease_until`:
-/// announcing is not extended by a drain): only then do our withdrawn
-/// flows reach peers that pass them on instead of resetting them. Writes
-/// `draining` again should a member value written before it (a write in
-/// flight when the membership loop ended) have landed after it.
-async fn await_handoff(membership: &Membership, client: &Client, session: &str, lease_until: Option<Instant>) {
-    let began = Instant::now();
-    let deadline = lease_until.map_or(began, |until| until.min(began + HANDOFF_WAIT));
-    let prefix = membership.prefix();
-    let key = membership.key();
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            tracing::warn!(
-                "peers did not set up the handoff in time (or the lease ran out); withdrawing: the connections the routers move to them are reset"
-            );
-            return;
-        }
-        let read = client.kv_list(&prefix, QueryOptions::with_consistency(Consistency::Consistent));
-        if let Ok(Ok(answer)) = tokio::time::timeout(deadline - now, read).await {
-            let members: Vec<(String, MemberValue)> = answer
-                .value
-                .iter()
-                .filter(|p| p.session.is_some())
-                .filter_map(|p| {
-                    Some((
-                        p.key.clone(),
-                        serde_json::from_slice::<MemberValue>(p.value.as_ref()?).ok()?,
-                    ))
-                })
-                .collect();
-            if members
-                .iter()
-                .any(|(k, m)| *k == key && m.state != MemberState::Draining)
-            {
-                if let Err(e) = client.kv_acquire(&key, membership.value(), session).await {
-                    tracing::debug!(error = %e, "cannot write draining again");
-                }
-            }
-            let waiting: Vec<&str> = members
-                .iter()
-                .map(|(_, m)| m)
-                .filter(|m| m.instance != membership.instance && m.state == MemberState::Announcing && m.can_handoff)
-                .filter(|m| m.handoff.as_deref() != Some(membership.instance.as_str()))
-                .map(|m| m.id.as_str())
-                .collect();
-            if waiting.is_empty() {
-                tracing::info!(took = ?began.elapsed(), "every announcing peer hands our connections over");
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Asks the agent for this host's address (where peers hand our packets
-/// to while we drain: the address the agent advertises, which is how the
-/// other hosts reach us) until it answers, every 5 s.
-async fn resolve_address(membership: Arc<Membership>, client: Client) {
-    let mut failing = false;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(2), client.agent_self()).await {
-            Ok(Ok(agent)) => {
-                if membership.address.set(agent.address).is_err() {
-                    tracing::debug!("the address was known already");
-                }
-                if !agent.address.is_ipv4() {
-                    tracing::warn!(address = %agent.address, "the agent advertises an IPv6 address: peers cannot hand this instance's connections over on a drain (IPv4 only)");
-                }
-                return;
-            }
-            Ok(Err(e)) if !failing => {
-                tracing::warn!(error = %e, "cannot ask the agent for this host's address; asking again every 5s");
-            }
-            Err(_) if !failing => {
-                tracing::warn!("the agent did not say this host's address in 2s; asking again every 5s")
-            }
-            _ => {}
-        }
-        failing = true;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    }
-}
-
 /// Sleeps for `pause` unless `stop` comes first.
 async fn wait(stop: &CancellationToken, pause: Duration) {
     tokio::select! {
         () = stop.cancelled() => {}
         () = tokio::time::sleep(pause) => {}
     }
-}
-
-/// How a membership ended.
-enum Left {
-    /// Shutdown: the addresses are still announced, for the drain to
-    /// withdraw; with the lease in force.
-    Shutdown(Option<Instant>),
-    /// The membership was lost: everything is withdrawn.
-    Lost,
-}
-
-/// One membership (one session): reads the members, keeps the lease,
-/// announces and withdraws.
-async fn member(
-    membership: &Arc<Membership>,
-    client: &Client,
-    server: &Arc<Server>,
-    announcer: &mut Announcer,
-    mut handoff: Option<&mut handoff::Handoff>,
-    session: &str,
-    stop: &CancellationToken,
-) -> Left {
-    let ecmp = membership.ecmp.clone();
-    let key = membership.key();
-    let mut reads: JoinSet<(Instant, Result<Vec<KvPair>, ConsulError>)> = JoinSet::new();
-    let mut read_tick = tokio::time::interval(ecmp.confirm_every);
-    read_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut evaluate_tick = tokio::time::interval(EVALUATE_EVERY);
-    evaluate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The member key's value, written by a task of its own so a slow write
-    // never holds up a withdrawal; the latest value wins.
-    let (publish, published) = watch::channel(membership.value());
-    let _publisher = AbortOnDrop(tokio::spawn(publish_value(
-        client.clone(),
-        key.clone(),
-        session.to_owned(),
-        published,
-    )));
-    let mut lease_until: Option<Instant> = None;
-    let mut failing = false;
-    let mut pair_conflict = false;
-    loop {
-        let lease_end = lease_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return Left::Shutdown(lease_until),
-            () = tokio::time::sleep_until(lease_end), if lease_until.is_some() => {}
-            Some(done) = reads.join_next() => {
-                let Ok((sent, result)) = done else { continue };
-                match result {
-                    Ok(pairs) => {
-                        let ours = pairs.iter().find(|p| p.key == key);
-                        if ours.and_then(|p| p.session.as_deref()) != Some(session) {
-                            tracing::warn!(
-                                holder = ?ours.and_then(|p| p.session.clone()),
-                                "the servers no longer list this instance's membership (its session ended: node failed in gossip, or its check went critical); withdrawing"
-                            );
-                            membership.state().lease_until = None;
-                            apply(membership, announcer, &BTreeSet::new(), Withdrawal::MembershipLost, Some("membership lost; joining again".to_owned()));
-                            membership.set_member_state(MemberState::Ready);
-                            return Left::Lost;
-                        }
-                        let until = sent + ecmp.lease;
-                        if lease_until.is_none_or(|current| until > current) {
-                            lease_until = Some(until);
-                            membership.state().lease_until = Some(until);
-                        }
-                        membership.set_members(&pairs);
-                        // The same cluster name run as a pair would serve
-                        // the VIPs too, from its own active.
-                        let leader = format!("halo/{}/leader", membership.settings.cluster);
-                        pair_conflict = pairs.iter().any(|p| p.key == leader && p.session.is_some());
-                        if failing {
-                            tracing::info!("membership confirmed by the Consul servers again");
-                            membership.set_consul_error(None);
-                        }
-                        failing = false;
-                    }
-                    Err(e) => {
-                        metrics::counter!("halo_ecmp_confirm_failures_total").increment(1);
-                        if !failing {
-                            tracing::warn!(error = %e, "cannot confirm the membership with the Consul servers; announcing until the lease runs out");
-                        }
-                        failing = true;
-                        membership.set_consul_error(Some(e.to_string()));
-                    }
-                }
-            }
-            _ = read_tick.tick() => {
-                if reads.len() < READS_IN_FLIGHT {
-                    // The cluster's whole tree: the members, and a pair's
-                    // lock should someone run the cluster as a pair.
-                    let (client, prefix, lease) = (client.clone(), format!("halo/{}/", membership.settings.cluster), ecmp.lease);
-                    reads.spawn(async move {
-                        let sent = Instant::now();
-                        let read = client.kv_list(&prefix, QueryOptions::with_consistency(Consistency::Consistent));
-                        // A read older than a lease can no longer extend it.
-                        let result = match tokio::time::timeout(lease, read).await {
-                            Ok(result) => result.map(|r| r.value),
-                            Err(_) => Err(ConsulError::Config(format!("no answer within {}", halo_consul::duration::format(lease)))),
-                        };
-                        (sent, result)
-                    });
-                }
-                continue;
-            }
-            _ = evaluate_tick.tick() => {}
-        }
-        // Decide what to announce now.
-        let now = Instant::now();
-        let (wanted, reason, withheld) = if lease_until.is_none_or(|until| until <= now) {
-            let why = if lease_until.is_some() {
-                format!(
-                    "lease ran out: no read of the membership confirmed by the Consul servers in the last {}",
-                    halo_consul::duration::format(ecmp.lease)
-                )
-            } else {
-                "waiting for the Consul servers to confirm the membership".to_owned()
-            };
-            if lease_until.is_some() {
-                lease_until = None;
-                membership.state().lease_until = None;
-                tracing::warn!("{why}; withdrawing");
-            }
-            (BTreeSet::new(), Withdrawal::LeaseExpired, Some(why))
-        } else if pair_conflict {
-            (
-                BTreeSet::new(),
-                Withdrawal::NotReady,
-                Some(format!(
-                    "halo/{}/leader is held: an instance runs cluster {0:?} as a pair; give the ECMP cluster another name",
-                    membership.settings.cluster
-                )),
-            )
-        } else if let Some((rank, cap)) = ecmp
-            .max_announcing
-            .and_then(|cap| membership.rank().map(|rank| (rank, cap)))
-            .filter(|(rank, cap)| *rank >= *cap as usize)
-        {
-            (
-                BTreeSet::new(),
-                Withdrawal::OverCap,
-                Some(format!(
-                    "hot spare: {rank} longer-standing members may announce and max_announcing is {cap}"
-                )),
-            )
-        } else {
-            let addresses = server.announceable();
-            let wanted: BTreeSet<IpAddr> = addresses
-                .iter()
-                .filter(|(_, why)| why.is_none())
-                .map(|(ip, _)| *ip)
-                .collect();
-            let withheld: Vec<String> = addresses
-                .iter()
-                .filter_map(|(ip, why)| why.as_ref().map(|why| format!("{ip}: {why}")))
-                .collect();
-            (
-                wanted,
-                Withdrawal::NotReady,
-                (!withheld.is_empty()).then(|| withheld.join("; ")),
-            )
-        };
-        apply(membership, announcer, &wanted, reason, withheld);
-        let state = if announcer.announced().is_empty() {
-            MemberState::Ready
-        } else {
-            MemberState::Announcing
-        };
-        let mut changed = membership.set_member_state(state);
-        if let Some(handoff) = handoff.as_deref_mut() {
-            changed |= update_handoff(membership, server, handoff).await;
-        }
-        if changed {
-            publish.send_replace(membership.value());
-        }
-    }
-}
-
-/// Hands over to the draining member the last confirmed read names, if
-/// any; true if the member value changed.
-async fn update_handoff(membership: &Membership, server: &Server, handoff: &mut handoff::Handoff) -> bool {
-    let target = membership.handoff_target();
-    let address = target.as_ref().map(|(_, address)| *address);
-    match handoff.set(&server.tcp_vips_v4(), address).await {
-        Ok(true) => {}
-        // Retrying later (after a failure, not before RETRY).
-        Ok(false) => return false,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot change the handoff rules; trying again in 5s");
-            return false;
-        }
-    }
-    let target = if handoff.target() == address { target } else { None };
-    let mut state = membership.state();
-    if state.handoff_to == target {
-        return false;
-    }
-    match &target {
-        Some((instance, address)) => {
-            tracing::info!(%address, instance, "a member drains: handing over packets of connections we do not know to it");
-        }
-        None => tracing::info!("no member drains any more: handoff off"),
-    }
-    metrics::gauge!("halo_ecmp_handoff_active").set(if handoff.target().is_some() { 1.0 } else { 0.0 });
-    state.handoff_to = target;
-    true
-}
-
-/// Makes the announced set `wanted`, recording and counting what changed.
-fn apply(
-    membership: &Membership,
-    announcer: &mut Announcer,
-    wanted: &BTreeSet<IpAddr>,
-    reason: Withdrawal,
-    withheld: Option<String>,
-) {
-    let result = announcer.set(wanted);
-    let cluster = membership.settings.cluster.clone();
-    metrics::gauge!("halo_ecmp_announced_addresses", "cluster" => cluster).set(announcer.announced().len() as f64);
-    let withheld = match result {
-        Ok(changed) => {
-            if !changed.is_empty() {
-                let why = if changed.withdrawn.is_empty() {
-                    "ready"
-                } else {
-                    metrics::counter!("halo_ecmp_withdrawals_total", "reason" => reason.as_str()).increment(1);
-                    reason.as_str()
-                };
-                tracing::info!(announced = ?changed.announced, withdrawn = ?changed.withdrawn, reason = why, "announcements changed");
-                membership.record(&changed.announced, &changed.withdrawn, why);
-            }
-            withheld
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot change the announced addresses");
-            Some(e.to_string())
-        }
-    };
-    let mut state = membership.state();
-    state.announced = announcer.announced().clone();
-    state.withheld = withheld;
-}
-
-/// Writes the latest member value to the member key (with our session),
-/// retrying a failed write until a newer value or success.
-async fn publish_value(client: Client, key: String, session: String, mut values: watch::Receiver<String>) {
-    loop {
-        if values.changed().await.is_err() {
-            return;
-        }
-        loop {
-            let value = values.borrow_and_update().clone();
-            match client.kv_acquire(&key, value, &session).await {
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot write the member value; retrying");
-                    tokio::time::sleep(CONSUL_RETRY).await;
-                }
-            }
-        }
-    }
-}
-
-/// Creates a session bound to our check and the node's `serfHealth`, once
-/// the check passes; its keys are deleted when it ends. Retries until it
-/// succeeds or `stop`.
-async fn open_session(
-    membership: &Membership,
-    client: &Client,
-    check: &mut watch::Receiver<Option<Instant>>,
-    stop: &CancellationToken,
-) -> Option<String> {
-    let mut retry = CONSUL_RETRY;
-    let mut failing = false;
-    loop {
-        while check.borrow_and_update().is_none_or(|until| until <= Instant::now()) {
-            tokio::select! {
-                () = stop.cancelled() => return None,
-                changed = check.changed() => if changed.is_err() { return None },
-            }
-        }
-        let request = SessionRequest {
-            name: Some(format!(
-                "halo-lb {}/{} (ecmp)",
-                membership.settings.cluster, membership.settings.id
-            )),
-            node: None,
-            // A member key is nobody else's to take: no lock delay, so a
-            // restarted instance joins at once.
-            lock_delay: Some(Duration::ZERO),
-            behavior: Some(SessionBehavior::Delete),
-            ttl: None,
-            checks: SessionChecks::Bound {
-                node_checks: vec!["serfHealth".to_owned()],
-                service_checks: vec![membership.ids().check],
-            },
-        };
-        match client.session_create(&request).await {
-            Ok(id) => {
-                tracing::info!(session = %id, "session created");
-                return Some(id);
-            }
-            Err(e) => {
-                if failing {
-                    tracing::debug!(error = %e, "still cannot create a session");
-                } else {
-                    tracing::warn!(error = %e, "cannot create a session; retrying");
-                }
-                failing = true;
-                membership.set_consul_error(Some(e.to_string()));
-            }
-        }
-        tokio::select! {
-            () = stop.cancelled() => return None,
-            () = tokio::time::sleep(retry) => {}
-        }
-        retry = (retry * 2).min(CONSUL_RETRY_MAX);
-    }
-}
-
-/// Registers the instance and heartbeats its check
-/// ([`instance::heartbeat`]). (This keeps the session valid; only the
-/// servers' confirmation extends the lease.)
-async fn heartbeat(
-    membership: Arc<Membership>,
-    client: Client,
-    check: watch::Sender<Option<Instant>>,
-    stop: CancellationToken,
-) {
-    let (settings, ids) = (membership.settings.clone(), membership.ids());
-    let meta = BTreeMap::from([
-        ("cluster".to_owned(), settings.cluster.clone()),
-        ("id".to_owned(), settings.id.clone()),
-        ("instance".to_owned(), membership.instance.clone()),
-        ("mode".to_owned(), "ecmp".to_owned()),
-    ]);
-    let registration = instance::registration(&settings, &ids, membership.admin, &["ecmp"], meta);
-    instance::heartbeat(
-        client,
-        settings,
-        ids,
-        || registration.clone(),
-        |error| membership.set_consul_error(error),
-        check,
-        stop,
-    )
-    .await;
 }
