@@ -5,8 +5,12 @@
   docs/runbooks/<alert>.md, its `runbook_url` annotation names that page,
   and docs/runbooks/README.md lists it.
 - Every relative link in the Markdown files of the repository (README.md,
-  docs/, packaging/, benches/, scripts/) resolves to a file or directory
-  that exists; links to a heading of a Markdown file name a heading it has.
+  every file under docs/, packaging/, benches/, scripts/) resolves to a
+  file or directory that exists; links to a heading (`page.md#heading`, or
+  `#heading` within a page) name a heading the page has.
+- docs/README.md, the book's index, links every page under docs/ (the
+  runbooks excepted: docs/runbooks/README.md lists them, and the index
+  links that).
 
 Prints one line per problem and exits 1 if there is any.
 """
@@ -58,15 +62,31 @@ for md in files:
     text = re.sub(r"```.*?```", "", text, flags=re.S)
     text = re.sub(r"`[^`\n]*`", "", text)
     for target in LINK.findall(text):
-        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"^[a-z]+:", target):
             continue
         path, _, anchor = target.partition("#")
-        resolved = (md.parent / path).resolve()
+        resolved = (md.parent / path).resolve() if path else md
         where = md.relative_to(ROOT)
         if not resolved.exists():
             problems.append(f"{where}: link to {target}: no such file")
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             problems.append(f"{where}: link to {target}: no such heading")
+
+# ---- the book's index
+book = ROOT / "docs/README.md"
+if not book.exists():
+    problems.append("docs/README.md: missing (the book's index)")
+else:
+    text = re.sub(r"```.*?```", "", book.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    linked = {(book.parent / t.partition("#")[0]).resolve()
+              for t in LINK.findall(text) if not re.match(r"^[a-z]+:", t)}
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        rel = page.relative_to(ROOT / "docs")
+        if page == book or rel.parts[0] == "runbooks" and rel.name != "README.md":
+            continue
+        if page.resolve() not in linked:
+            problems.append(f"docs/README.md: does not link docs/{rel.as_posix()}")
 
 for p in problems:
     print(f"docs-check: {p}")

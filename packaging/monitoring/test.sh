@@ -4,7 +4,8 @@
 #   - promtool check rules halo.rules.yml
 #   - promtool test rules halo.rules.test.yml (a unit test for every alert)
 #   - halo-dashboard.json is valid JSON with a query in every panel
-#   - README.md's "Monitoring" tables list exactly the metrics in the code
+#   - docs/monitoring.md's "Every metric" tables list exactly the metrics in
+#     the code
 #   - e2e.py: Consul, two sidecars, a halo-lb pair and Prometheus scraping
 #     them; every dashboard query and alert expression evaluated, and the
 #     "no active instance" alert seen pending once both balancers stop.
@@ -45,19 +46,20 @@ bad = [p["title"] for p in panels if p["type"] not in ("timeseries", "stat", "ta
 assert not bad, f"panels of no Grafana type: {bad}"
 ' "$here/halo-dashboard.json"
 
-step "README's Monitoring tables list every metric the code exports" python3 -c '
+step "docs/monitoring.md's Every metric tables list every metric the code exports" python3 -c '
 import re, sys, pathlib
 code = set()
 for crate in ("lb/src", "sidecar/src", "health/src", "consul/src"):
     for p in pathlib.Path(crate).rglob("*.rs"):
         code |= set(re.findall(r"\"(halo_[a-z0-9_]+)\"", p.read_text()))
-readme = pathlib.Path("README.md").read_text()
-section = readme[readme.index("## Monitoring"):]
-section = section[:section.index("\n## ", 1)]
+page = pathlib.Path("docs/monitoring.md").read_text()
+section = page[page.index("## Every metric"):]
+end = section.find("\n## ", 1)
+section = section if end < 0 else section[:end]
 listed = set(re.findall(r"^\| `(halo_[a-z0-9_]+)` \|", section, re.M))
 missing, stale = sorted(code - listed), sorted(listed - code)
 if missing or stale:
-    sys.exit(f"not in the README: {missing}; in the README, not in the code: {stale}")
+    sys.exit(f"not in docs/monitoring.md: {missing}; in docs/monitoring.md, not in the code: {stale}")
 '
 
 cargo build --quiet -p halo-lb --bin halo-lb --example demo-backend -p halo-sidecar --bin halo-sidecar
