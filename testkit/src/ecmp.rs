@@ -127,7 +127,7 @@ impl Fabric {
             // A proxy that closes its backend connections first keeps them
             // in TIME_WAIT for 60 s; at thousands of new connections a
             // second, connect(2) then spends its time searching the port
-            // range. Operators of any L4 proxy set this (README, ECMP).
+            // range. Operators of any L4 proxy set this (docs/ecmp.md, set-up).
             fabric.dc.lb(i).sysctl("net.ipv4.tcp_tw_reuse", "1");
             // Clients are behind the router.
             fabric.dc.lb(i).run(

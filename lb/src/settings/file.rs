@@ -155,8 +155,9 @@ pub struct HaConfig {
     /// "default".
     #[serde(default = "default_cluster")]
     pub cluster: String,
-    /// This instance's name, unique in the pair. Unset: the host name and
-    /// the admin port, `<host>-<port>`.
+    /// This instance's name, unique in the pair. Unset:
+    /// `<hostname>-<admin port>-<network namespace inode, hex>`, unique per
+    /// host and stable across restarts (see `settings::ha::default_id`).
     pub id: Option<String>,
     /// TTL of this instance's `halo-lb` service check, which the session is
     /// bound to, heartbeated four times per TTL: how long Consul alone takes

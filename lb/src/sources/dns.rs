@@ -892,7 +892,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        // Cases: proptest's default (256), or PROPTEST_CASES; see README.
+        // Cases: proptest's default (256), or PROPTEST_CASES; see docs/testing.md.
         #[test]
         fn random_answers_never_panic_stay_bounded_and_never_turn_errors_into_an_empty_table(
             srv_shape in shape(),

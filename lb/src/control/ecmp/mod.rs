@@ -76,7 +76,7 @@
 //! (Linux, BIRD 2) moves some flows *between the other instances* when a
 //! next hop leaves or joins, and nobody knows those flows' owner; they are
 //! reset. Routers with resilient hashing move only the leaving one's
-//! flows (README, "ECMP").
+//! flows (docs/ecmp.md, "What the router's hashing costs").
 //!
 //! # The same backend whichever balancer the router picks
 //!
