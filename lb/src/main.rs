@@ -80,7 +80,7 @@ const MAN: halo_health::man::Sections<'static> = halo_health::man::Sections {
     files: &[
         ("/etc/halo/halo-lb.toml", "The config file (--config)."),
         ("/etc/default/halo-lb", "Environment of the packaged unit (mode 600: it may hold CONSUL_HTTP_TOKEN)."),
-        ("/usr/share/doc/halo-lb/", "The operator's book: tutorial, configuration reference, runbooks."),
+        ("/usr/share/doc/halo-lb/docs/", "The operator's book: tutorial, configuration reference, runbooks."),
     ],
     signals: &[
         (

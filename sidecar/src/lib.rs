@@ -24,6 +24,9 @@
 pub mod config;
 pub mod sync;
 
+#[cfg(test)]
+mod reference;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -89,11 +89,15 @@ const MAN: halo_health::man::Sections<'static> = halo_health::man::Sections {
         ("RUST_LOG", "Log filter (default info), e.g. halo_sidecar=debug."),
         (
             "NOTIFY_SOCKET, WATCHDOG_USEC",
-            "Set by systemd: the sidecar reports READY=1 once registered, STOPPING=1 when it drains, and pings the watchdog.",
+            "Set by systemd: the sidecar reports READY=1 once registered, STATUS=draining when the drain starts, STOPPING=1 when it deregisters, and pings the watchdog.",
         ),
     ],
     files: &[
         ("/etc/halo/sidecar-NAME.toml", "The config of halo-sidecar@NAME.service (--config)."),
+        (
+            "/usr/share/doc/halo-sidecar/docs/",
+            "The operator's book: tutorial, configuration reference, runbooks.",
+        ),
         (
             "/etc/default/halo-sidecar",
             "Environment of the packaged units (mode 600: it may hold CONSUL_HTTP_TOKEN).",

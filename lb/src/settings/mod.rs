@@ -22,6 +22,9 @@ mod ha;
 mod validate;
 mod zone;
 
+#[cfg(test)]
+mod reference;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
