@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use halo_testkit::reference::{accepted_keys, compare, PROBE_KEY, TOP_LEVEL};
+use halo_testkit::reference::{accepted_keys, compare, config_blocks, PROBE_KEY, TOP_LEVEL};
 
 /// Each table as the reference names it, and the file text that opens it.
 const TABLES: &[(&str, &str)] = &[
@@ -41,4 +41,17 @@ fn the_reference_documents_every_key_and_no_other() {
         "the reference and the schema disagree:\n{}",
         problems.join("\n")
     );
+}
+
+#[test]
+fn the_books_halo_sidecar_files_pass_check() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let blocks = config_blocks(&docs, "halo-sidecar");
+    assert!(!blocks.is_empty(), "the tutorial shows a halo-sidecar file");
+    for (at, text) in blocks {
+        // No HALO_* variables: the file alone.
+        if let Err(e) = crate::config::load_str(&at, Some(&text), []) {
+            panic!("{e}");
+        }
+    }
 }

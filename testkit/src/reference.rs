@@ -107,6 +107,44 @@ pub fn compare(page: &Path, schema: &BTreeMap<String, BTreeSet<String>>) -> Vec<
     problems
 }
 
+/// The whole config files the book shows for `program`: every code block
+/// opened with ```` ```toml <program> ```` in the Markdown under `docs`, as
+/// (`page:line`, text). Such a block is a file a reader may copy, so a test
+/// runs each through the program's own validation.
+pub fn config_blocks(docs: &Path, program: &str) -> Vec<(String, String)> {
+    fn pages(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pages(&path, out);
+            } else if path.extension().is_some_and(|e| e == "md") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    pages(docs, &mut files);
+    files.sort();
+    let opening = format!("```toml {program}");
+    let mut blocks = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut lines = text.lines().enumerate();
+        while let Some((at, line)) = lines.next() {
+            if line.trim_end() != opening {
+                continue;
+            }
+            let body: Vec<&str> = lines
+                .by_ref()
+                .map(|(_, l)| l)
+                .take_while(|l| !l.starts_with("```"))
+                .collect();
+            blocks.push((format!("{}:{}", file.display(), at + 1), body.join("\n")));
+        }
+    }
+    blocks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use halo_testkit::reference::{accepted_keys, compare, PROBE_KEY, TOP_LEVEL};
+use halo_testkit::reference::{accepted_keys, compare, config_blocks, PROBE_KEY, TOP_LEVEL};
 
 /// Each table as the reference names it, and the file text that opens it.
 const TABLES: &[(&str, &str)] = &[
@@ -42,4 +42,16 @@ fn the_reference_documents_every_key_and_no_other() {
         "the reference and the schema disagree:\n{}",
         problems.join("\n")
     );
+}
+
+#[test]
+fn the_books_halo_lb_files_pass_check() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let blocks = config_blocks(&docs, "halo-lb");
+    assert!(!blocks.is_empty(), "the tutorial shows a halo-lb file");
+    for (at, text) in blocks {
+        if let Err(e) = super::Config::parse(&text, &at) {
+            panic!("{e}");
+        }
+    }
 }
