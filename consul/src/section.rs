@@ -28,20 +28,8 @@ use crate::client::{redact_address, Config};
 use crate::error::Error;
 use crate::tls::TlsConfig;
 
-/// The keys both programs accept, in the order the reference lists them.
-const KEYS: &[&str] = &[
-    "address",
-    "token",
-    "token_file",
-    "ca_file",
-    "ca_path",
-    "cert_file",
-    "key_file",
-    "tls_server_name",
-    "tls_skip_verify",
-];
-
-/// [`KEYS`] and `wait`: halo-lb's keys.
+/// halo-lb's keys, in the order the reference lists them: every key both
+/// programs accept, then `wait`.
 const KEYS_WITH_WAIT: &[&str] = &[
     "address",
     "token",
@@ -54,6 +42,9 @@ const KEYS_WITH_WAIT: &[&str] = &[
     "tls_skip_verify",
     "wait",
 ];
+
+/// The keys both programs accept: all but the last, `wait`.
+const KEYS: &[&str] = KEYS_WITH_WAIT.split_at(KEYS_WITH_WAIT.len() - 1).0;
 
 /// Shortest and longest `wait`.
 const WAIT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(600));

@@ -68,6 +68,28 @@ pub fn documented_keys(markdown: &str) -> BTreeMap<String, BTreeSet<String>> {
     tables
 }
 
+/// The schema of a config file: for each table (its name as the reference
+/// writes it, and the file text that opens it), the keys `parse` (the
+/// program's deserializer, its error as text) lists when the table is given
+/// [`PROBE_KEY`].
+pub fn schema(
+    tables: &[(&str, &str)],
+    parse: impl Fn(&str) -> Result<(), String>,
+) -> BTreeMap<String, BTreeSet<String>> {
+    tables
+        .iter()
+        .map(|(name, opening)| {
+            let error = match parse(&format!("{opening}{PROBE_KEY} = 1\n")) {
+                Ok(()) => panic!("{name}: {PROBE_KEY} was accepted"),
+                Err(e) => e,
+            };
+            let keys = accepted_keys(&error).unwrap_or_else(|| panic!("{name}: not an unknown-field error: {error}"));
+            assert!(!keys.is_empty(), "{name}: no keys");
+            (name.to_string(), keys)
+        })
+        .collect()
+}
+
 /// Every way the reference and the schema disagree, in words; empty when
 /// they agree. `schema` maps each table's name (as the reference writes it)
 /// to the keys it accepts. A key that names a sub-table with a heading of
