@@ -6,11 +6,11 @@
 //! [`crate::balance::selection::PickContext::by_port`], so every balancer
 //! of a pair, and the new active after a failover, sends the same flow to
 //! the same backend while the backend set is the same) and opens one
-//! socket connected to it; the flow's later datagrams go through that
-//! socket, and what the backend sends back on it goes to the client from
-//! the VIP's address (for a wildcard listener, from the address the client
-//! sent to: `IP_PKTINFO`/`IPV6_PKTINFO`). A flow ends when it has been
-//! idle for `udp_idle_timeout`, once each of its datagrams had
+//! socket connected to it ([`upstream`]); the flow's later datagrams go
+//! through that socket, and what the backend sends back on it goes to the
+//! client from the VIP's address (for a wildcard listener, from the address
+//! the client sent to: `IP_PKTINFO`/`IPV6_PKTINFO`). A flow ends when it
+//! has been idle for `udp_idle_timeout`, once each of its datagrams had
 //! `udp_responses` replies (when set), when its backend answers with an
 //! ICMP error, or when it is evicted.
 //!
@@ -78,6 +78,7 @@
 #![allow(unsafe_code)]
 
 mod batch;
+mod upstream;
 mod worker;
 
 use std::io;
