@@ -2,7 +2,7 @@
 //! token (from the file, from `HALO_ADMIN_TOKEN_FILE`, re-read on SIGHUP),
 //! loopback-only writes without one, and what stops a browser (a form POST
 //! from another origin, a DNS-rebinding Host). The standby's forwarding
-//! with the token is in `ha.rs`.
+//! with the token is in `ha/election.rs`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
