@@ -35,7 +35,8 @@ pub(crate) fn tail(path: &std::path::Path, max: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// One host of a [`Topology`]: a namespace with `lo` and `eth0` up.
+/// One host of a [`Topology`](super::Topology): a namespace with `lo` and
+/// `eth0` up.
 #[derive(Debug)]
 pub struct Host {
     pub(super) name: String,
@@ -50,9 +51,9 @@ pub struct Host {
 }
 
 impl Host {
-    /// `client`, `lb1`, `lb2` or `backend` in a [`Topology::start`]; see
-    /// [`crate::dc`] for a datacenter's names. Also the name of its port on
-    /// the bridge.
+    /// `client`, `lb1`, `lb2` or `backend` in a
+    /// [`Topology::start`](super::Topology::start); see [`crate::dc`] for a
+    /// datacenter's names. Also the name of its port on the bridge.
     pub fn name(&self) -> &str {
         &self.name
     }

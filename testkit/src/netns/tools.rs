@@ -79,8 +79,8 @@ pub(super) fn run_with_input(cmd: &mut Command, input: &str) {
     }
 }
 
-/// nftables' `nft`, for [`Topology::cut`]; panics naming the package if
-/// it is missing.
+/// nftables' `nft`, for [`Topology::cut`](super::Topology::cut); panics
+/// naming the package if it is missing.
 pub(super) fn nft() -> &'static PathBuf {
     static NFT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     NFT.get_or_init(|| {
