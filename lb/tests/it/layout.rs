@@ -181,3 +181,51 @@ fn no_crate_of_the_workspace_has_an_import_circle() {
         }
     }
 }
+
+/// The longest a source file may run before its unit tests (issue 21): a
+/// file past it holds more than one concern, and is split by concern.
+const MAX_LINES_BEFORE_TESTS: usize = 900;
+
+/// No Rust file of the workspace (sources, tests, benches, the testkit)
+/// runs over [`MAX_LINES_BEFORE_TESTS`] lines before its `#[cfg(test)]`
+/// module (the whole file, if it has none).
+#[test]
+fn no_source_file_is_over_900_lines_before_its_tests() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut files = Vec::new();
+    for dir in [
+        "lb/src",
+        "lb/tests",
+        "sidecar/src",
+        "sidecar/tests",
+        "consul/src",
+        "consul/tests",
+        "health/src",
+        "testkit/src",
+        "benches/src",
+    ] {
+        let dir = root.join(dir);
+        if dir.is_dir() {
+            rust_files(&dir, &mut files);
+        }
+    }
+    assert!(
+        files.len() > 50,
+        "found only {} files under {}",
+        files.len(),
+        root.display()
+    );
+    let long: Vec<String> = files
+        .iter()
+        .filter_map(|file| {
+            let text = std::fs::read_to_string(file).unwrap();
+            let before = text.lines().take_while(|l| l.trim() != "#[cfg(test)]").count();
+            (before > MAX_LINES_BEFORE_TESTS)
+                .then(|| format!("{} ({before} lines)", file.strip_prefix(root).unwrap().display()))
+        })
+        .collect();
+    assert!(
+        long.is_empty(),
+        "over {MAX_LINES_BEFORE_TESTS} lines before the unit tests: {long:?}"
+    );
+}
