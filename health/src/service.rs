@@ -157,7 +157,7 @@ pub fn local_address(listen: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Largest answer [`http`] reads.
+/// Largest answer [`http()`] reads.
 const MAX_ANSWER: u64 = 64 * 1024;
 
 /// One HTTP/1.1 request to `addr` with a deadline for the whole exchange:

@@ -218,7 +218,7 @@ pub struct DcSpec {
     pub extra_hcl: Vec<String>,
     /// A `router` host (.254, no Consul agent) on the bridge, and an
     /// `outside` host behind it on a link of its own (see
-    /// [`Topology::add_outside`]): for tests where clients reach the VIPs
+    /// `Topology::add_outside`): for tests where clients reach the VIPs
     /// through a router. Default off.
     pub router: bool,
 }

@@ -35,7 +35,7 @@
 //!   servers, a client agent on every other host (balancers, backends, a
 //!   client), and fault primitives (power off, cable pull, partitions,
 //!   pause, leader kill).
-//! - [`reference`]: the configuration reference in `docs/reference/` held
+//! - [`reference`](mod@reference): the configuration reference in `docs/reference/` held
 //!   against the schema serde really reads.
 
 pub mod dc;

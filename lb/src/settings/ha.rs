@@ -142,7 +142,7 @@ pub(super) fn default_id(host: &str, port: u16, netns: Option<u64>) -> String {
 }
 
 /// This process's network namespace inode, from `/proc/self/ns/net`
-/// ("net:[4026531992]").
+/// (`net:[4026531992]`).
 fn netns_inode() -> Option<u64> {
     let link = std::fs::read_link("/proc/self/ns/net").ok()?;
     let text = link.to_str()?;

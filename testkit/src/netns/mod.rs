@@ -321,7 +321,7 @@ impl Topology {
         self.hosts.push(host);
     }
 
-    /// 198.19.x.`last`: an address on the link [`Topology::add_outside`]
+    /// 198.19.x.`last`: an address on the link `Topology::add_outside`
     /// makes (.1 – .127: the link; .128 – .255 are free for VIPs, routed).
     pub fn outside_addr(&self, last: u8) -> Ipv4Addr {
         Ipv4Addr::new(198, 19, self.subnet, last)

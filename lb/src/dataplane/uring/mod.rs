@@ -15,10 +15,10 @@
 //! # What a worker does
 //! - **Accept**: one single-shot accept per listener at a time, armed only
 //!   when the VIP has a connection slot, the process is not out of
-//!   descriptors ([`pressure`]) and a backend socket is ready (the same
+//!   descriptors ([`pressure`](super::pressure)) and a backend socket is ready (the same
 //!   "spare" rule as the epoll path: under a descriptor shortage clients
 //!   wait in the backlog, not in a process that cannot reach a backend).
-//!   Every accepted client is checked against the HA lease ([`lease`]).
+//!   Every accepted client is checked against the HA lease ([`lease`](super::lease)).
 //! - **Connect**: a connect linked to a timeout (`IORING_OP_LINK_TIMEOUT`),
 //!   retried on other backends as the VIP's `retries` say; failures feed
 //!   passive ejection; local errors (no port, no descriptor) blame no
@@ -53,7 +53,7 @@
 //! delay: from then on no client reaches this process, whatever a worker
 //! is doing; the pending accept completes with an error and the worker
 //! drops its clone (a tick cancels it if it did not). And every accepted
-//! client is checked against the lease deadline ([`lease::valid`]) before
+//! client is checked against the lease deadline ([`lease::valid`](super::lease::valid)) before
 //! anything is sent to a backend, so a worker that was frozen past the
 //! lease closes the clients the kernel queued for it instead of serving
 //! them.
