@@ -37,7 +37,16 @@ pub fn accepted_keys(error: &str) -> Option<BTreeSet<String>> {
 pub fn documented_keys(markdown: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut tables = BTreeMap::new();
     let mut current: Option<String> = None;
+    let mut in_code = false;
     for line in markdown.lines() {
+        // A `#` inside a fenced block is a comment (TOML, shell), not a heading.
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if in_code {
+            continue;
+        }
         if let Some(heading) = line.strip_prefix('#') {
             let heading = heading.trim_start_matches('#').trim();
             current = if heading == TOP_LEVEL {
@@ -186,10 +195,14 @@ mod tests {
     fn headings_and_first_columns_are_read() {
         let md = "# Ref\n\n## Top level\n\n| key | default |\n|---|---|\n| `workers` | cores |\n\n\
                   Some text with | `pipes` | in it.\n\n## The `[consul]` table\n\n| `address` | x |\n\
+                  ```toml\n# `[ha]` in a comment\n| `in_code` |\n```\n| `tls_server_name` | z |\n\
                   ### Notes\n| `not_a_key` | y |\n";
         let tables = documented_keys(md);
         assert_eq!(tables[TOP_LEVEL], ["workers"].map(String::from).into());
-        assert_eq!(tables["[consul]"], ["address"].map(String::from).into());
+        assert_eq!(
+            tables["[consul]"],
+            ["address", "tls_server_name"].map(String::from).into()
+        );
         assert_eq!(tables.len(), 2);
     }
 }
