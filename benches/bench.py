@@ -11,6 +11,7 @@ Subcommands (see `main` at the bottom):
   idle-client PORT N READYFILE [--hold S] [--timeout S]
   rss PID                          VmRSS in KiB, summed over PID and descendants
   cpu PID                          CPU seconds (utime + stime, all threads) of PID and descendants
+  cpu-kernel PID                   the same, stime only (time in the kernel)
   pids PID                         PID and its descendants, comma-separated (for perf stat -p)
   perf-count FILE                  the count from `perf stat -x,` output
   per-unit CPU0 CPU1 UNITS SCALE   (CPU1 - CPU0) * SCALE / UNITS, or "failed"
@@ -315,10 +316,13 @@ def rss_kib(pid):
     return total
 
 
-def cpu_seconds(pid):
+def cpu_seconds(pid, kernel_only=False):
     """utime + stime of PID and its descendants, in seconds: every thread,
     including threads that have exited (the process's own counters keep
-    them), from /proc/PID/stat fields 14 and 15 (clock ticks)."""
+    them), from /proc/PID/stat fields 14 and 15 (clock ticks). With
+    `kernel_only`, stime alone: the time spent in the kernel on the
+    process's behalf (system calls, and the softirq work the kernel does in
+    its context, such as delivering what it sends over loopback)."""
     hz = os.sysconf("SC_CLK_TCK")
     total = 0
     for p in descendants(pid):
@@ -326,7 +330,7 @@ def cpu_seconds(pid):
             with open(f"/proc/{p}/stat") as f:
                 s = f.read()
             fields = s[s.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])
+            total += int(fields[12]) if kernel_only else int(fields[11]) + int(fields[12])
         except (OSError, ValueError, IndexError):
             pass
     return total / hz
@@ -492,6 +496,8 @@ ROWS = [
     ("cpu_gb", "CPU per GB bulk (one iperf3 stream), ms (lower is better)", False, "{:.0f}"),
     ("cpu_cps", "CPU per new connection, µs (lower is better)", False, "{:.2f}"),
     ("cpu_ka", "CPU per keep-alive request, µs (lower is better)", False, "{:.2f}"),
+    ("kcpu_cps", "of which in the kernel (system time), per new connection, µs (lower is better)", False, "{:.2f}"),
+    ("kcpu_ka", "of which in the kernel (system time), per keep-alive request, µs (lower is better)", False, "{:.2f}"),
     ("sys_cps", "syscalls per new connection (lower is better)", False, "{:.2f}"),
     ("sys_ka", "syscalls per keep-alive request (lower is better)", False, "{:.2f}"),
     ("swap_p50", "keep-alive latency p50 while tables swap {rate}/s, ms (lower is better)", False, "{:.3f}"),
@@ -741,6 +747,9 @@ def main():
         return 0
     if cmd == "cpu":
         print(f"{cpu_seconds(int(args[0])):.2f}")
+        return 0
+    if cmd == "cpu-kernel":
+        print(f"{cpu_seconds(int(args[0]), kernel_only=True):.2f}")
         return 0
     if cmd == "pids":
         print(",".join(str(p) for p in descendants(int(args[0]))))

@@ -511,6 +511,14 @@ cpu_of() { # PID: CPU seconds of the proxy (all threads and processes), "" for n
   if [ -n "${1:-}" ]; then "$PY" "$BENCH" cpu "$1"; fi
 }
 
+kcpu_of() { # PID: the same, kernel (system) time only
+  if [ -n "${1:-}" ]; then "$PY" "$BENCH" cpu-kernel "$1"; fi
+}
+
+add_cpu() { # SUM C0 C1: SUM + C1 - C0
+  "$PY" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))' "$1" "$2" "$3"
+}
+
 per_unit() { # KEY PROXY CPU0 CPU1 UNITS SCALE: record (CPU1-CPU0)*SCALE/UNITS
   local v
   v=$("$PY" "$BENCH" per-unit "${3:-x}" "${4:-x}" "${5:-x}" "$6")
@@ -600,7 +608,7 @@ EOF
 # whichever ran in a slow minute, which is what a ratio between proxies
 # needs. Rates are all requests over all measured time, CPU per unit is all
 # CPU over all units, latency percentiles are the median of the rounds'.
-declare -A HTTP_CPU_CPS HTTP_CPU_KA HTTP_FAILED
+declare -A HTTP_CPU_CPS HTTP_CPU_KA HTTP_KCPU_CPS HTTP_KCPU_KA HTTP_FAILED
 
 http_round() { # PROXY ROUND: one pass of conn/s and keep-alive for one proxy
   local p=$1 r=$2
@@ -612,24 +620,26 @@ http_round() { # PROXY ROUND: one pass of conn/s and keep-alive for one proxy
     HTTP_FAILED[$p]=1
     return
   }
-  local url="http://127.0.0.1:$PROXY_PORT/" c0 c1 one="$TMP/wrk-round.txt"
+  local url="http://127.0.0.1:$PROXY_PORT/" c0 c1 k0 k1 one="$TMP/wrk-round.txt"
   log "$p: round $r/$ROUNDS: wrk Connection: close -c $CPS_CONNS, ${ROUND_DUR}s"
   wrk_run "$OUTDIR/warm-cps-$p.txt" "$WARM" "$CPS_CONNS" -H "Connection: close" "$url" || true
-  c0=$(cpu_of "$PROXY_PID")
+  c0=$(cpu_of "$PROXY_PID"); k0=$(kcpu_of "$PROXY_PID")
   wrk_run "$one" "$ROUND_DUR" "$CPS_CONNS" -H "Connection: close" "$url" || true
-  c1=$(cpu_of "$PROXY_PID")
+  c1=$(cpu_of "$PROXY_PID"); k1=$(kcpu_of "$PROXY_PID")
   cat "$one" >>"$OUTDIR/cps-$p.txt"
   if [ -n "$PROXY_PID" ]; then
-    HTTP_CPU_CPS[$p]=$("$PY" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))' "${HTTP_CPU_CPS[$p]:-0}" "$c0" "$c1")
+    HTTP_CPU_CPS[$p]=$(add_cpu "${HTTP_CPU_CPS[$p]:-0}" "$c0" "$c1")
+    HTTP_KCPU_CPS[$p]=$(add_cpu "${HTTP_KCPU_CPS[$p]:-0}" "$k0" "$k1")
   fi
   log "$p: round $r/$ROUNDS: wrk keep-alive --latency -c $CONNS, ${ROUND_DUR}s"
   wrk_run "$OUTDIR/warm-ka-$p.txt" "$WARM" "$CONNS" "$url" || true
-  c0=$(cpu_of "$PROXY_PID")
+  c0=$(cpu_of "$PROXY_PID"); k0=$(kcpu_of "$PROXY_PID")
   wrk_run "$one" "$ROUND_DUR" "$CONNS" --latency "$url" || true
-  c1=$(cpu_of "$PROXY_PID")
+  c1=$(cpu_of "$PROXY_PID"); k1=$(kcpu_of "$PROXY_PID")
   cat "$one" >>"$OUTDIR/ka-$p.txt"
   if [ -n "$PROXY_PID" ]; then
-    HTTP_CPU_KA[$p]=$("$PY" -c 'import sys; print(float(sys.argv[1]) + float(sys.argv[3]) - float(sys.argv[2]))' "${HTTP_CPU_KA[$p]:-0}" "$c0" "$c1")
+    HTTP_CPU_KA[$p]=$(add_cpu "${HTTP_CPU_KA[$p]:-0}" "$c0" "$c1")
+    HTTP_KCPU_KA[$p]=$(add_cpu "${HTTP_KCPU_KA[$p]:-0}" "$k0" "$k1")
   fi
   if [ "$r" -eq 1 ] && [ -n "$PROXY_PID" ]; then
     # System calls are counted (not timed) once, on a separate run each, so
@@ -650,7 +660,7 @@ http_results() { # PROXY: the rows from all rounds
   v=$(record_wrk cps "$p" "$OUTDIR/cps-$p.txt" rps)
   n=$("$PY" "$BENCH" wrk "$OUTDIR/cps-$p.txt" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("requests") or "x")')
   if [ -n "${HTTP_CPU_CPS[$p]:-}" ]; then
-    log "$p: $v conn/s, $(per_unit cpu_cps "$p" 0 "${HTTP_CPU_CPS[$p]}" "$n" 1e6) µs CPU per connection"
+    log "$p: $v conn/s, $(per_unit cpu_cps "$p" 0 "${HTTP_CPU_CPS[$p]}" "$n" 1e6) µs CPU per connection, $(per_unit kcpu_cps "$p" 0 "${HTTP_KCPU_CPS[$p]}" "$n" 1e6) of it in the kernel"
   else
     log "$p: $v conn/s"
   fi
@@ -661,7 +671,7 @@ http_results() { # PROXY: the rows from all rounds
   log "$p: $v req/s, p50 $p50 ms, p99 $p99 ms"
   if [ -n "${HTTP_CPU_KA[$p]:-}" ]; then
     n=$("$PY" "$BENCH" wrk "$OUTDIR/ka-$p.txt" | "$PY" -c 'import json,sys; print(json.load(sys.stdin).get("requests") or "x")')
-    log "$p: $(per_unit cpu_ka "$p" 0 "${HTTP_CPU_KA[$p]}" "$n" 1e6) µs CPU per keep-alive request"
+    log "$p: $(per_unit cpu_ka "$p" 0 "${HTTP_CPU_KA[$p]}" "$n" 1e6) µs CPU per keep-alive request, $(per_unit kcpu_ka "$p" 0 "${HTTP_KCPU_KA[$p]}" "$n" 1e6) of it in the kernel"
   fi
 }
 

@@ -100,7 +100,7 @@ pub(crate) async fn accept_loop(vip: Arc<Vip>, listener: TcpListener, stop: Canc
         };
         // Carrying clearly more than another worker: leave this connection
         // to it for a moment (see `workers`), then take it regardless.
-        if workers::should_defer_accept() {
+        if let Some(_turn) = workers::should_defer_accept() {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(workers::ACCEPT_DEFER) => {}

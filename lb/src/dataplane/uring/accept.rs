@@ -56,6 +56,9 @@ pub(super) struct Listener {
     pub(super) spare: Option<Spare>,
     /// Already left one connection to the other workers.
     pub(super) deferred: bool,
+    /// This worker's turn at leaving connections to the others, held for
+    /// the wait.
+    pub(super) yielding: Option<workers::Yield>,
     /// The connection-limit pause was counted.
     pub(super) at_limit: bool,
     pub(super) errors: RateLimit,
@@ -71,6 +74,8 @@ impl Worker {
         if l.pending || l.paused {
             return;
         }
+        // A wait for the other workers (if this was one) is over.
+        l.yielding = None;
         if l.stop.is_cancelled() {
             self.remove_listener(index);
             return;
@@ -114,9 +119,12 @@ impl Worker {
         }
         // Carrying clearly more than another worker: leave this connection
         // to it for a moment (see `workers`), then take it regardless.
-        if !l.deferred && workers::should_defer_accept() {
-            l.deferred = true;
-            return self.pause_listener(index, workers::ACCEPT_DEFER);
+        if !l.deferred {
+            if let Some(turn) = workers::should_defer_accept() {
+                l.deferred = true;
+                l.yielding = Some(turn);
+                return self.pause_listener(index, workers::ACCEPT_DEFER);
+            }
         }
         l.pending = true;
         l.addr.1 = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;

@@ -430,6 +430,7 @@ impl Worker {
                     slot: None,
                     spare: None,
                     deferred: false,
+                    yielding: None,
                     at_limit: false,
                     errors: RateLimit::new(Duration::from_secs(1)),
                 });
