@@ -7,8 +7,9 @@
 //!   al., NSDI '16). Every backend walks its own permutation of the slots
 //!   (an offset and a skip from its address) and, in turn, claims its next
 //!   free slot. The result depends on the backend set and weights only. It
-//!   costs about `m·ln m` probes of random memory: 30 ms for 1,000
-//!   backends, 90 ms for 10,000 here. It runs when a VIP starts, when the
+//!   costs about `m·ln m` probes, each a test of one bit in a bitmap of
+//!   taken slots that stays in the cache: `table-bench` measures 26 ms for
+//!   1,000 backends and 57 ms for 10,000 here. It runs when a VIP starts, when the
 //!   algorithm becomes Maglev, and when the table size changes.
 //! - **Update** ([`Maglev::update`]): every other change starts from the
 //!   published table and moves only the slots that must move. A backend
@@ -531,6 +532,11 @@ pub(crate) fn populate(entries: &[Entry], selectable: &[u32], size: usize) -> Re
         })
         .collect();
     let mut lookup = vec![NONE; size];
+    // Which slots are taken, one bit each: the probes read this instead of
+    // `lookup`. Most probes of the fill's tail find a taken slot, and at
+    // 10,000 backends `lookup` is 5 MiB of random reads while this is 160
+    // KiB, which stays in the cache. The result is the same table.
+    let mut taken = vec![0u64; size.div_ceil(64)];
     let mut filled = 0u64;
     let mut round = 0u64;
     // Termination: every round, the backend of the highest weight claims a
@@ -556,7 +562,9 @@ pub(crate) fn populate(entries: &[Entry], selectable: &[u32], size: usize) -> Re
                     *pos -= m;
                 }
                 *next += 1;
-                if lookup[slot] == NONE {
+                let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+                if taken[word] & bit == 0 {
+                    taken[word] |= bit;
                     break slot;
                 }
             };
@@ -767,6 +775,59 @@ mod tests {
         assert_eq!(size_for(13_108), 2_620_199);
         assert_eq!(size_for(20_000), 2_620_199);
         assert_eq!(size_for(1_000_000), 10_480_831);
+    }
+
+    /// Maglev's population as the paper writes it, reading the table
+    /// itself to find a free slot.
+    fn populate_by_the_paper(entries: &[Entry], selectable: &[u32], size: usize) -> Vec<u32> {
+        let m = size as u64;
+        let max_weight = selectable
+            .iter()
+            .map(|&i| u64::from(entries[i as usize].backend.weight.max(1)))
+            .max()
+            .unwrap();
+        let mut perms: Vec<(u64, u64, u64)> = selectable
+            .iter()
+            .map(|&i| {
+                let b = &entries[i as usize].backend;
+                let offset = addr_hash(b.addr, 0x9e37_79b9_7f4a_7c15) % m;
+                let skip = addr_hash(b.addr, 0xc2b2_ae3d_27d4_eb4f) % (m - 1) + 1;
+                (offset, skip, u64::from(b.weight.max(1)))
+            })
+            .collect();
+        let mut lookup = vec![NONE; size];
+        let (mut filled, mut round) = (0, 0u64);
+        while filled < size {
+            for (k, (pos, skip, weight)) in perms.iter_mut().enumerate() {
+                if filled == size || (round + 1) * *weight / max_weight == round * *weight / max_weight {
+                    continue;
+                }
+                while lookup[*pos as usize] != NONE {
+                    *pos = (*pos + *skip) % m;
+                }
+                lookup[*pos as usize] = selectable[k];
+                *pos = (*pos + *skip) % m;
+                filled += 1;
+            }
+            round += 1;
+        }
+        lookup
+    }
+
+    #[test]
+    fn the_fill_gives_the_papers_table() {
+        // The bitmap of taken slots is a speed-up only: instances of
+        // different versions must still build the same table from the
+        // same set.
+        for (n, size) in [(1, 65_537), (7, 65_537), (100, 65_537), (1_000, 655_373)] {
+            let e = entries(n, |i| (i % 4 + 1) as u32);
+            let sel: Vec<u32> = all(&e).into_iter().filter(|i| i % 5 != 3).collect();
+            assert_eq!(
+                populate(&e, &sel, size).unwrap(),
+                populate_by_the_paper(&e, &sel, size),
+                "{n} backends"
+            );
+        }
     }
 
     #[test]
