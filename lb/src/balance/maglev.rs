@@ -9,8 +9,9 @@
 //!   free slot. The result depends on the backend set and weights only. It
 //!   costs about `m·ln m` probes, each a test of one bit in a bitmap of
 //!   taken slots that stays in the cache: `table-bench` measures 26 ms for
-//!   1,000 backends and 57 ms for 10,000 here. It runs when a VIP starts, when the
-//!   algorithm becomes Maglev, and when the table size changes.
+//!   1,000 backends and 57-60 ms for 10,000 here. It runs when a VIP
+//!   starts, when the algorithm becomes Maglev, and when the table size
+//!   changes.
 //! - **Update** ([`Maglev::update`]): every other change starts from the
 //!   published table and moves only the slots that must move. A backend
 //!   that goes (or is disabled) frees exactly its slots; a new or heavier
