@@ -23,7 +23,9 @@
 //!
 //! At most one worker waits at a time ([`Yield`]): while one leaves new
 //! connections to the others, the others take them whatever their own
-//! load. Without that rule, under churn the roles flipped within the
+//! load. The turn is one for the whole process, so with several VIPs only
+//! one listener waits at a time; the rest accept as if balanced, which
+//! costs at most some imbalance, never a connection. Without that rule, under churn the roles flipped within the
 //! wait (the waiting worker's connections ended, the other's piled up, and
 //! it began to wait too), so for up to [`ACCEPT_DEFER`] nobody accepted:
 //! measured, a fifth of the two cores idle under a closed-loop load of new
